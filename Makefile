@@ -1,0 +1,44 @@
+# marketflow: `make run` starts everything, `make test` checks everything.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PORT ?= 8080
+CONFIG ?= config.toml
+
+.PHONY: run test lint typecheck unit server-binaries bench bench-fix clean
+
+$(STAMP): pyproject.toml
+	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## run: three exchange simulators on 40101-40103, a FIX venue on 40111, the daemon on $(PORT)
+run: $(STAMP)
+	@$(BIN)/python -m marketflow.devstack --port $(PORT) --config $(CONFIG)
+
+## server-binaries: PostgreSQL and Redis servers for the integration tests (apt-get if missing)
+server-binaries:
+	@bash scripts/ensure-servers.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check marketflow tests bench
+	$(BIN)/ruff format --check marketflow tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP) server-binaries lint typecheck
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP) server-binaries
+	$(BIN)/python -m bench.ingest
+
+bench-fix: $(STAMP) server-binaries
+	$(BIN)/python -m bench.fix
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

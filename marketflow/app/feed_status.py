@@ -1,0 +1,48 @@
+"""What /health and the metrics say about one source: connection, freshness, counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from marketflow.domain.ticks import RejectCounts
+
+
+@dataclass(slots=True)
+class FeedStatus:
+    """Mutable status of one source, updated by its producer (connection) and workers (ticks)."""
+
+    name: str
+    protocol: str  # "json" | "fix" | "generator" | "file"
+    address: str = ""
+    connected: bool = False
+    stale: bool = False
+    reconnects: int = 0
+    connect_attempts: int = 0
+    last_error: str = ""
+    last_tick_received_ms: int = 0
+    last_tick_exchange_ms: int = 0
+    ticks: int = 0
+    chunks: int = 0
+    bytes_in: int = 0
+    rejects: RejectCounts = field(default_factory=RejectCounts)
+
+    def snapshot(self, now_ms: int) -> dict[str, object]:
+        age = (now_ms - self.last_tick_received_ms) / 1000 if self.last_tick_received_ms else None
+        skew = (
+            (self.last_tick_received_ms - self.last_tick_exchange_ms) / 1000
+            if self.last_tick_received_ms
+            else None
+        )
+        return {
+            "protocol": self.protocol,
+            "address": self.address,
+            "connected": self.connected,
+            "stale": self.stale,
+            "last_tick_age_s": age,
+            "clock_skew_s": skew,
+            "reconnects": self.reconnects,
+            "last_error": self.last_error or None,
+            "ticks": self.ticks,
+            "rejected": self.rejects.total(),
+            "rejected_by_reason": dict(self.rejects.counts),
+        }

@@ -1,0 +1,105 @@
+"""Ingest: per-source producer -> bounded source queue -> worker pool -> fan-in queue.
+
+A source is a producer (a task that connects, reads and puts raw items on the source queue,
+reconnecting by itself) and a parser (a pure function of one item into one TickBatch). Five
+workers per source parse items concurrently with the producer's reads; the fan-in queue
+carries whole batches to the aggregator. Both queues are bounded: when the aggregator falls
+behind, workers block, the source queue fills, the producer stops reading and TCP flow
+control pushes back on the exchange. Nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from marketflow.app.feed_status import FeedStatus
+from marketflow.domain.ticks import TickBatch
+
+log = logging.getLogger("marketflow.ingest")
+
+ItemT = TypeVar("ItemT")
+ItemT_contra = TypeVar("ItemT_contra", contravariant=True)
+
+Clock = Callable[[], int]
+"""Wall clock in Unix epoch milliseconds (injected so tests control time)."""
+
+
+class Producer(Protocol[ItemT]):
+    """Puts ``(item, received_ms)`` on ``out`` until cancelled; handles its own reconnects."""
+
+    async def run(self, out: asyncio.Queue[tuple[ItemT, int]], status: FeedStatus) -> None: ...
+
+
+class Parser(Protocol[ItemT_contra]):
+    def parse(self, item: ItemT_contra, received_ms: int) -> TickBatch: ...
+
+
+@dataclass
+class Source(Generic[ItemT]):
+    """One exchange connection (or generator, or file) with its own queue and worker pool."""
+
+    status: FeedStatus
+    producer: Producer[ItemT]
+    parser: Parser[ItemT]
+
+
+class RunningSource:
+    """A started source: its producer task, its queue and its workers."""
+
+    def __init__(
+        self,
+        source: Source[object],
+        fanin: asyncio.Queue[TickBatch],
+        workers: int,
+        queue_size: int,
+    ) -> None:
+        self.source = source
+        self.queue: asyncio.Queue[tuple[object, int]] = asyncio.Queue(queue_size)
+        self._fanin = fanin
+        name = source.status.name
+        self._producer = asyncio.create_task(
+            source.producer.run(self.queue, source.status), name=f"producer:{name}"
+        )
+        self._workers = [
+            asyncio.create_task(self._work(), name=f"worker:{name}:{i}") for i in range(workers)
+        ]
+
+    @property
+    def name(self) -> str:
+        return self.source.status.name
+
+    async def _work(self) -> None:
+        parse = self.source.parser.parse
+        status = self.source.status
+        queue = self.queue
+        while True:
+            item, received_ms = await queue.get()
+            try:
+                batch = parse(item, received_ms)
+                if batch.count or batch.books:
+                    status.ticks += batch.count
+                    status.last_tick_received_ms = received_ms
+                    await self._fanin.put(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A parser bug must not kill the pool: count the item as rejected and go on.
+                log.exception("parser_failed source=%s", status.name)
+                status.rejects.add("parser_error", repr(item)[:200].encode())
+            finally:
+                # Only after the batch is on the fan-in queue: stop() joins on this.
+                queue.task_done()
+
+    async def stop(self) -> None:
+        """Stop reading, let the workers drain what was read, then stop them."""
+        self._producer.cancel()
+        await asyncio.gather(self._producer, return_exceptions=True)
+        await self.queue.join()
+        for w in self._workers:
+            w.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self.source.status.connected = False

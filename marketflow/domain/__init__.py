@@ -1,0 +1,1 @@
+"""Pure domain: ticks, per-second windows, minute aggregates and the ports adapters implement."""

@@ -1,0 +1,84 @@
+"""Ticks as they travel through the pipeline.
+
+A tick is a plain ``(symbol, price, timestamp_ms)`` tuple: creating a dataclass per tick would
+cost more than parsing it. Ticks travel in batches, one batch per parsed chunk of one source.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+Tick = tuple[str, float, int]
+"""(symbol, price, exchange timestamp in Unix epoch milliseconds)."""
+
+PricePoint = tuple[float, int]
+"""(price, exchange timestamp in Unix epoch milliseconds) of one tick of a known symbol."""
+
+# Timestamps outside this range are not epoch milliseconds (seconds, nanoseconds or junk).
+MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+MAX_TS_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
+
+
+@dataclass(frozen=True, slots=True)
+class BookUpdate:
+    """Top of book of one venue for one symbol (from FIX bid/offer entries)."""
+
+    exchange: str
+    symbol: str
+    bid: float | None
+    ask: float | None
+    timestamp_ms: int
+
+
+@dataclass(slots=True)
+class TickBatch:
+    """The valid ticks of one chunk of one source, grouped by symbol, in arrival order.
+
+    Grouping happens while parsing, so the aggregator looks a window up once per symbol per
+    batch instead of once per tick.
+    """
+
+    exchange: str
+    by_symbol: dict[str, list[PricePoint]]
+    received_ms: int
+    count: int
+    books: list[BookUpdate] = field(default_factory=list)  # top-of-book changes (FIX venues)
+
+    def ticks(self) -> list[Tick]:
+        return [(sym, p, ts) for sym, points in self.by_symbol.items() for p, ts in points]
+
+
+@dataclass(slots=True)
+class RejectCounts:
+    """Rejected input per reason, with one raw sample per reason for the log."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    samples: dict[str, bytes] = field(default_factory=dict)
+
+    def add(self, reason: str, raw: bytes, n: int = 1) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + n
+        if reason not in self.samples:
+            self.samples[reason] = raw[:200]
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def price_reject_reason(price: object) -> str | None:
+    """Why ``price`` is not a positive finite number, or None when it is one.
+
+    ``bool`` is rejected explicitly: ``True`` is an ``int`` in Python.
+    """
+    kind = type(price)
+    if kind is float:
+        assert isinstance(price, float)
+        if not math.isfinite(price):
+            return "price_not_finite"
+        return None if price > 0.0 else "price_not_positive"
+    if kind is int:
+        assert isinstance(price, int)
+        return None if price > 0 else "price_not_positive"
+    if price is None:
+        return "price_missing"
+    return "price_not_number"

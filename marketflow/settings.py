@@ -1,0 +1,192 @@
+"""All configuration, in one typed object: config.toml, overridden by MARKETFLOW_* env vars.
+
+Nested keys use a double underscore: ``MARKETFLOW_POSTGRES__DSN``, ``MARKETFLOW_HTTP__PORT``.
+Nothing else in marketflow reads the environment: each adapter receives its own sub-model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from marketflow.domain.errors import ConfigError
+
+DEFAULT_PAIRS = ("BTCUSDT", "DOGEUSDT", "TONUSDT", "SOLUSDT", "ETHUSDT")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class HttpSettings(_Frozen):
+    """The REST API. Binds to loopback unless told otherwise: it has control endpoints."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class PostgresSettings(_Frozen):
+    """PostgreSQL for minute rows. Empty dsn: use the embedded SQLite file."""
+
+    dsn: str = ""
+    password: SecretStr | None = None  # kept out of the dsn so it can come from the env only
+    connect_timeout_s: float = Field(3.0, gt=0)
+    # When PostgreSQL is configured but unreachable at start: "embedded" falls back to SQLite,
+    # "wait" keeps retrying (for a service started before its database).
+    unreachable_at_start: Literal["embedded", "wait"] = "embedded"
+
+
+class RedisSettings(_Frozen):
+    """Redis for latest prices and the per-second window. Empty url: in-process cache."""
+
+    url: str = ""
+    password: SecretStr | None = None
+    connect_timeout_s: float = Field(2.0, gt=0)
+    unreachable_at_start: Literal["embedded", "wait"] = "embedded"
+
+
+class EmbeddedSettings(_Frozen):
+    """Where the embedded fallbacks keep their files."""
+
+    data_dir: Path = Path("var")
+
+
+class ExchangeSettings(_Frozen):
+    """One live venue. ``protocol = "fix"`` venues are FIX 4.4 acceptors we log on to."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+    protocol: Literal["json", "fix"] = "json"
+    sender_comp_id: str = "MARKETFLOW"
+    target_comp_id: str = ""  # empty: the venue name upper-cased
+    heartbeat_s: int = Field(30, ge=1, le=3600)
+
+    @field_validator("name")
+    @classmethod
+    def _not_test_name(cls, value: str) -> str:
+        if value.startswith("test-"):
+            msg = "live exchange names must not start with 'test-' (reserved for test mode)"
+            raise ValueError(msg)
+        return value
+
+
+class PipelineSettings(_Frozen):
+    """Queue sizes, worker pools and timings of the ingest pipeline."""
+
+    workers_per_source: int = Field(5, ge=1, le=64)
+    source_queue_chunks: int = Field(64, ge=1)  # 64 KiB chunks per source: backpressure point
+    fanin_queue_batches: int = Field(1024, ge=1)
+    read_chunk_bytes: int = Field(65536, ge=1024)
+    max_line_bytes: int = Field(65536, ge=256)
+    flush_interval_ms: int = Field(100, ge=5, le=10_000)
+    minute_grace_ms: int = Field(2000, ge=0, le=60_000)
+    window_retention_s: int = Field(600, ge=300, le=86_400)  # >= 5 minutes of seconds
+    stale_after_s: float = Field(5.0, gt=0)  # connected but silent this long: reconnect
+    reconnect_initial_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+    spill_max_rows_in_memory: int = Field(100_000, ge=1)
+
+
+class TestModeSettings(_Frozen):
+    """The synthetic generator used in test mode."""
+
+    sources: int = Field(3, ge=1, le=16)  # named test-exchange1 .. test-exchangeN
+    interval_ms: int = Field(100, ge=1)  # one line per pair per interval per source
+    seed: int | None = None
+
+
+class Settings(BaseSettings):
+    """The whole configuration; see config.toml for every key with its default."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MARKETFLOW_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    mode: Literal["live", "test"] = "live"
+    pairs: tuple[str, ...] = DEFAULT_PAIRS
+    log_format: Literal["kv", "json"] = "kv"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    http: HttpSettings = HttpSettings()
+    postgres: PostgresSettings = PostgresSettings()
+    redis: RedisSettings = RedisSettings()
+    embedded: EmbeddedSettings = EmbeddedSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    test_mode: TestModeSettings = TestModeSettings()
+    exchanges: tuple[ExchangeSettings, ...] = (
+        ExchangeSettings(name="exchange1", port=40101),
+        ExchangeSettings(name="exchange2", port=40102),
+        ExchangeSettings(name="exchange3", port=40103),
+    )
+
+    @field_validator("exchanges")
+    @classmethod
+    def _unique_names(
+        cls, value: tuple[ExchangeSettings, ...]
+    ) -> tuple[ExchangeSettings, ...]:
+        names = [e.name for e in value]
+        if len(set(names)) != len(names):
+            msg = f"exchange names must be unique, got {names}"
+            raise ValueError(msg)
+        return value
+
+    @field_validator("pairs")
+    @classmethod
+    def _pairs_upper(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or any(not p.isalnum() or p.upper() != p for p in value):
+            msg = "pairs must be non-empty upper-case alphanumeric symbols"
+            raise ValueError(msg)
+        return value
+
+    def test_source_names(self) -> tuple[str, ...]:
+        return tuple(f"test-exchange{i}" for i in range(1, self.test_mode.sources + 1))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments, then env vars, then the TOML file.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _TOML_PATH is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_TOML_PATH))
+        return tuple(sources)
+
+
+_TOML_PATH: Path | None = None
+
+
+def load_settings(path: Path | None, **overrides: object) -> Settings:
+    """Read ``path`` (TOML) under the env vars; raise ConfigError with one readable line."""
+    global _TOML_PATH  # noqa: PLW0603 - pydantic-settings takes sources from the class
+    if path is not None and not path.is_file():
+        msg = f"config file {path} is not a readable file"
+        raise ConfigError(msg)
+    _TOML_PATH = path
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        msg = f"config error at {where or 'top level'}: {first['msg']}"
+        raise ConfigError(msg) from exc
+    except (OSError, ValueError) as exc:  # a TOML syntax error is a ValueError
+        msg = f"cannot read config {path}: {exc}"
+        raise ConfigError(msg) from exc
+    finally:
+        _TOML_PATH = None

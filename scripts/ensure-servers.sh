@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Make sure PostgreSQL and Redis *server binaries* exist for the integration tests. The tests
+# start their own throwaway servers on free ports; nothing here starts a service.
+set -euo pipefail
+
+have_pg() {
+  command -v initdb >/dev/null 2>&1 && command -v postgres >/dev/null 2>&1 && return 0
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
+}
+have_redis() { command -v redis-server >/dev/null 2>&1; }
+
+missing=()
+have_pg || missing+=(postgresql)
+have_redis || missing+=(redis-server)
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "installing ${missing[*]} with apt-get (server binaries for the integration tests)"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
