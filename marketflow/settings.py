@@ -9,7 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -60,15 +68,21 @@ class EmbeddedSettings(_Frozen):
 
 
 class ExchangeSettings(_Frozen):
-    """One live venue. ``protocol = "fix"`` venues are FIX 4.4 acceptors we log on to."""
+    """One live source. ``type = "tcp"``: a venue's feed, newline JSON (``protocol = "json"``)
+    or FIX 4.4 (``protocol = "fix"``, we are the initiator). ``type = "file"``: a FIX log or
+    JSONL tick capture replayed at start, ``speed`` times the original pace (0 = as fast as
+    possible)."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    type: Literal["tcp", "file"] = "tcp"
     host: str = "127.0.0.1"
-    port: int = Field(ge=1, le=65535)
+    port: int = Field(0, ge=0, le=65535)
     protocol: Literal["json", "fix"] = "json"
     sender_comp_id: str = "MARKETFLOW"
     target_comp_id: str = ""  # empty: the venue name upper-cased
     heartbeat_s: int = Field(30, ge=1, le=3600)
+    path: Path | None = None
+    speed: float = Field(1.0, ge=0)
 
     @field_validator("name")
     @classmethod
@@ -77,6 +91,36 @@ class ExchangeSettings(_Frozen):
             msg = "live exchange names must not start with 'test-' (reserved for test mode)"
             raise ValueError(msg)
         return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> ExchangeSettings:
+        if self.type == "tcp" and self.port == 0:
+            msg = f"exchange {self.name}: a tcp source needs a port"
+            raise ValueError(msg)
+        if self.type == "file" and self.path is None:
+            msg = f"exchange {self.name}: a file source needs a path"
+            raise ValueError(msg)
+        return self
+
+
+class CaptureFilter(_Frozen):
+    """Keep (``include``) or drop (``exclude``) messages whose ``tag`` has one of ``values``."""
+
+    tag: int = Field(ge=1)
+    values: tuple[str, ...]
+    action: Literal["include", "exclude"] = "include"
+
+
+class CaptureSettings(_Frozen):
+    """The FIX capture listener (audit trail). Loopback by default."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9876, ge=0, le=65535)
+    filters: tuple[CaptureFilter, ...] = ()
+    batch_max: int = Field(5000, ge=1)
+    flush_interval_ms: int = Field(50, ge=1)
+    max_message_bytes: int = Field(65536, ge=256)
 
 
 class PipelineSettings(_Frozen):
@@ -124,6 +168,7 @@ class Settings(BaseSettings):
     embedded: EmbeddedSettings = EmbeddedSettings()
     pipeline: PipelineSettings = PipelineSettings()
     test_mode: TestModeSettings = TestModeSettings()
+    capture: CaptureSettings = CaptureSettings()
     exchanges: tuple[ExchangeSettings, ...] = (
         ExchangeSettings(name="exchange1", port=40101),
         ExchangeSettings(name="exchange2", port=40102),
@@ -132,9 +177,7 @@ class Settings(BaseSettings):
 
     @field_validator("exchanges")
     @classmethod
-    def _unique_names(
-        cls, value: tuple[ExchangeSettings, ...]
-    ) -> tuple[ExchangeSettings, ...]:
+    def _unique_names(cls, value: tuple[ExchangeSettings, ...]) -> tuple[ExchangeSettings, ...]:
         names = [e.name for e in value]
         if len(set(names)) != len(names):
             msg = f"exchange names must be unique, got {names}"
@@ -173,7 +216,7 @@ _TOML_PATH: Path | None = None
 
 def load_settings(path: Path | None, **overrides: object) -> Settings:
     """Read ``path`` (TOML) under the env vars; raise ConfigError with one readable line."""
-    global _TOML_PATH  # noqa: PLW0603 - pydantic-settings takes sources from the class
+    global _TOML_PATH  # pydantic-settings takes its sources from the class
     if path is not None and not path.is_file():
         msg = f"config file {path} is not a readable file"
         raise ConfigError(msg)

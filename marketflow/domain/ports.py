@@ -48,9 +48,7 @@ class PriceCache(Protocol):
         (overwritten whole). Seconds expire after the retention. Raises CacheUnavailable."""
         ...
 
-    async def load(
-        self, since_second: int
-    ) -> tuple[list[LatestPrice], list[SecondBucket]]:
+    async def load(self, since_second: int) -> tuple[list[LatestPrice], list[SecondBucket]]:
         """Everything cached: latest prices and seconds at or after ``since_second``."""
         ...
 

@@ -118,9 +118,7 @@ class PairWindow:
             b = seconds.get(sec)
             if b is None:
                 continue
-            out.append(
-                SecondBucket(self.exchange, self.symbol, sec, b[0], b[1], b[2], int(b[3]))
-            )
+            out.append(SecondBucket(self.exchange, self.symbol, sec, b[0], b[1], b[2], int(b[3])))
             self.pending_minutes.add(sec // 60 * 60_000)
         self.dirty_seconds.clear()
         return out
