@@ -24,9 +24,12 @@ class MinuteStore(Protocol):
         """
         ...
 
-    async def history(self, symbol: str, before: Mapping[str, int]) -> Aggregate | None:
+    async def history(
+        self, symbol: str, before: Mapping[str, int], since_ms: int | None = None
+    ) -> Aggregate | None:
         """Merge of every row of ``symbol`` for each exchange in ``before`` whose minute starts
-        before that exchange's bound (Unix ms). None when there is no such row."""
+        before that exchange's bound (Unix ms) and, when ``since_ms`` is given, ends after it
+        (minute start > since_ms - 60000). None when there is no such row."""
         ...
 
     async def minutes_since(self, since_ms: int) -> list[MinuteRow]:
