@@ -15,24 +15,30 @@ class Aggregate:
     high: float
     total: float
     count: int
+    low_ms: int = 0  # start of the second (or minute) where the low / high was seen
+    high_ms: int = 0
 
     @property
     def average(self) -> float:
         return self.total / self.count
 
     def merge(self, other: Aggregate) -> None:
-        if other.low < self.low:
+        if other.low < self.low or (other.low == self.low and other.low_ms > self.low_ms):
             self.low = other.low
-        if other.high > self.high:
+            self.low_ms = other.low_ms
+        if other.high > self.high or (other.high == self.high and other.high_ms > self.high_ms):
             self.high = other.high
+            self.high_ms = other.high_ms
         self.total += other.total
         self.count += other.count
 
     @classmethod
     def merged(cls, parts: list[Aggregate]) -> Aggregate | None:
+        """One aggregate of all parts (None for none); the latest time wins a tie."""
         if not parts:
             return None
-        out = cls(parts[0].low, parts[0].high, parts[0].total, parts[0].count)
+        p = parts[0]
+        out = cls(p.low, p.high, p.total, p.count, p.low_ms, p.high_ms)
         for part in parts[1:]:
             out.merge(part)
         return out
@@ -55,7 +61,8 @@ class MinuteRow:
         return (self.exchange, self.symbol, self.minute_ms)
 
     def aggregate(self) -> Aggregate:
-        return Aggregate(self.low, self.high, self.average * self.count, self.count)
+        m = self.minute_ms
+        return Aggregate(self.low, self.high, self.average * self.count, self.count, m, m)
 
     @classmethod
     def of(cls, exchange: str, symbol: str, minute_ms: int, agg: Aggregate) -> MinuteRow:

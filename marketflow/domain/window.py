@@ -131,11 +131,7 @@ class PairWindow:
 
     def minute_aggregate(self, minute_ms: int) -> Aggregate | None:
         start = minute_ms // 1000
-        parts = [
-            Aggregate(b[0], b[1], b[2], int(b[3]))
-            for s, b in self.seconds.items()
-            if start <= s < start + 60
-        ]
+        parts = [_agg(s, b) for s, b in self.seconds.items() if start <= s < start + 60]
         base = self.bases.get(minute_ms)
         if base is not None:
             parts.append(base)
@@ -185,14 +181,15 @@ class PairWindow:
         return min(starts) if starts else None
 
     def period(self, from_second: int, to_second: int) -> Aggregate | None:
-        parts = [
-            Aggregate(b[0], b[1], b[2], int(b[3]))
-            for s, b in self.seconds.items()
-            if from_second <= s <= to_second
-        ]
+        parts = [_agg(s, b) for s, b in self.seconds.items() if from_second <= s <= to_second]
         return Aggregate.merged(parts)
 
     def everything(self) -> Aggregate | None:
-        parts = [Aggregate(b[0], b[1], b[2], int(b[3])) for b in self.seconds.values()]
+        parts = [_agg(s, b) for s, b in self.seconds.items()]
         parts.extend(self.bases.values())
         return Aggregate.merged(parts)
+
+
+def _agg(second: int, b: Bucket) -> Aggregate:
+    ms = second * 1000
+    return Aggregate(b[0], b[1], b[2], int(b[3]), ms, ms)

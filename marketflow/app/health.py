@@ -1,0 +1,67 @@
+"""The daemon's own view of itself: what /health answers and /metrics exports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from marketflow.app.aggregator import Aggregator
+from marketflow.app.modes import ModeController
+
+
+class WriterStatus(Protocol):
+    def status(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class HealthReport:
+    """Builds the /health document from the live components."""
+
+    aggregator: Aggregator
+    modes: ModeController
+    writer: WriterStatus
+    storage_embedded: bool
+    cache_embedded: bool
+    fanin_depth: Callable[[], int]
+    clock: Callable[[], int]
+    extra: Callable[[], dict[str, Any]] | None = None
+
+    def build(self) -> dict[str, Any]:
+        now = self.clock()
+        exchanges: dict[str, Any] = {}
+        queues: dict[str, int] = {"fanin": self.fanin_depth()}
+        feeds_ok = True
+        for r in self.modes.running():
+            st = r.source.status
+            exchanges[st.name] = st.snapshot(now)
+            queues[st.name] = r.queue.qsize()
+            feeds_ok = feeds_ok and st.connected and not st.stale
+        writer = self.writer.status()
+        storage = {
+            **writer,
+            "state": "embedded"
+            if self.storage_embedded and writer["state"] == "up"
+            else writer["state"],
+        }
+        cache = {
+            "kind": self.aggregator.cache_kind,
+            "state": "down"
+            if not self.aggregator.cache_up
+            else ("embedded" if self.cache_embedded else "up"),
+            "last_error": self.aggregator.cache_error or None,
+        }
+        ok = feeds_ok and writer["state"] == "up" and self.aggregator.cache_up
+        doc: dict[str, Any] = {
+            "status": "ok" if ok else "degraded",
+            "mode": self.modes.mode,
+            "exchanges": exchanges,
+            "postgres": storage,
+            "redis": cache,
+            "queues": queues,
+            "ticks": self.aggregator.ticks_folded,
+            "late_ticks": self.aggregator.late_ticks(),
+        }
+        if self.extra is not None:
+            doc.update(self.extra())
+        return doc

@@ -1,0 +1,115 @@
+"""Price queries: latest, highest, lowest and average, per exchange or across the mode's
+exchanges, over a period or over all stored history.
+
+Recent seconds come from the in-memory windows (restored from the cache at start); minutes
+older than what the windows hold come from the minute store, merged exactly (min of mins,
+max of maxes, sum and count).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from marketflow.app.aggregator import Aggregator
+from marketflow.domain.aggregates import Aggregate, LatestPrice
+from marketflow.domain.errors import NotFound, StoreUnavailable
+from marketflow.domain.ports import MinuteStore
+
+Stat = Literal["highest", "lowest", "average"]
+Clock = Callable[[], int]
+
+
+@dataclass(frozen=True, slots=True)
+class StatAnswer:
+    symbol: str
+    exchange: str  # "all" across exchanges
+    stat: Stat
+    price: float
+    timestamp_ms: int
+    period: str  # "1m", or "all" for all stored history
+    count: int
+    partial: bool  # True when the minute store could not be read
+
+
+class PriceQueries:
+    """Answers price questions from the aggregator's windows and the minute store."""
+
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        store: Callable[[], MinuteStore],
+        exchanges: Callable[[], Sequence[str]],
+        known_exchanges: Callable[[], Sequence[str]],
+        pairs: Sequence[str],
+        clock: Clock,
+    ) -> None:
+        self._agg = aggregator
+        self._store = store
+        self._exchanges = exchanges  # those of the mode in force: "all" means these
+        self._known = known_exchanges
+        self._pairs = frozenset(pairs)
+        self._clock = clock
+
+    def _scope(self, symbol: str, exchange: str | None) -> list[str]:
+        if symbol not in self._pairs:
+            raise NotFound(f"unknown symbol {symbol[:32]!r}")
+        if exchange is None:
+            return list(self._exchanges())
+        if exchange not in self._known():
+            raise NotFound(f"unknown exchange {exchange[:64]!r}")
+        return [exchange]
+
+    def latest(self, symbol: str, exchange: str | None) -> tuple[LatestPrice, str]:
+        """The newest tick, and the exchange label to answer with ("all" across exchanges)."""
+        best: LatestPrice | None = None
+        for ex in self._scope(symbol, exchange):
+            w = self._agg.window(ex, symbol)
+            lp = w.latest() if w is not None else None
+            if lp is not None and (best is None or lp.timestamp_ms > best.timestamp_ms):
+                best = lp
+        if best is None:
+            raise NotFound(f"no price yet for {symbol} on {exchange or 'any exchange'}")
+        return best, exchange or "all"
+
+    async def stat(
+        self, stat: Stat, symbol: str, exchange: str | None, period_s: int | None, label: str
+    ) -> StatAnswer:
+        scope = self._scope(symbol, exchange)
+        now = self._clock()
+        from_s = None if period_s is None else (now - period_s * 1000) // 1000
+        parts: list[Aggregate] = []
+        bounds: dict[str, int] = {}
+        for ex in scope:
+            w = self._agg.window(ex, symbol)
+            if w is None:
+                bounds[ex] = now + 1
+                continue
+            part = w.everything() if from_s is None else w.period(from_s, now // 1000)
+            if part is not None:
+                parts.append(part)
+            oldest = w.oldest_minute_ms()
+            bounds[ex] = oldest if oldest is not None else now + 1
+        partial = False
+        needs_store = from_s is None or any(from_s * 1000 < b for b in bounds.values())
+        if needs_store:
+            try:
+                stored = await self._store().history(
+                    symbol, bounds, since_ms=None if from_s is None else from_s * 1000
+                )
+            except StoreUnavailable:
+                partial = True
+            else:
+                if stored is not None:
+                    parts.append(stored)
+        agg = Aggregate.merged(parts)
+        if agg is None:
+            raise NotFound(f"no data for {symbol} on {exchange or 'any exchange'} in {label}")
+        if stat == "highest":
+            price, ts = agg.high, agg.high_ms
+        elif stat == "lowest":
+            price, ts = agg.low, agg.low_ms
+        else:
+            price, ts = agg.average, now
+        return StatAnswer(symbol, exchange or "all", stat, price, ts, label, agg.count, partial)

@@ -1,0 +1,145 @@
+"""The REST API (aiohttp): prices, statistics, mode switch, health and metrics. JSON only.
+
+User input never produces a 500: unknown symbols/exchanges and missing data answer 404, a bad
+period 400, both with ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from marketflow.app.health import HealthReport
+from marketflow.app.modes import ModeController
+from marketflow.app.queries import PriceQueries, Stat
+from marketflow.domain.errors import BadRequest, NotFound
+from marketflow.domain.periods import parse_period
+
+log = logging.getLogger("marketflow.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+QUERIES: web.AppKey[PriceQueries] = web.AppKey("queries", PriceQueries)
+MODES: web.AppKey[ModeController] = web.AppKey("modes", ModeController)
+HEALTH: web.AppKey[HealthReport] = web.AppKey("health", HealthReport)
+METRICS: web.AppKey[Callable[[], bytes]] = web.AppKey("metrics")
+
+
+def rfc3339(ms: int) -> str:
+    return (
+        datetime.fromtimestamp(ms / 1000, tz=UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except BadRequest as exc:
+        return json_response({"error": str(exc)}, 400)
+    except NotFound as exc:
+        return json_response({"error": str(exc)}, 404)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return json_response({"error": exc.reason}, exc.status)
+        raise
+
+
+async def latest(request: web.Request) -> web.Response:
+    symbol = request.match_info["symbol"]
+    exchange = request.match_info.get("exchange")
+    lp, label = request.app[QUERIES].latest(symbol, exchange)
+    body: dict[str, Any] = {
+        "symbol": lp.symbol,
+        "exchange": label,
+        "price": lp.price,
+        "timestamp": rfc3339(lp.timestamp_ms),
+    }
+    if label == "all":
+        body["source"] = lp.exchange
+    return json_response(body)
+
+
+def _stat_handler(stat: Stat) -> Handler:
+    async def handle(request: web.Request) -> web.Response:
+        symbol = request.match_info["symbol"]
+        exchange = request.match_info.get("exchange")
+        period_text = request.query.get("period")
+        unknown = set(request.query) - {"period"}
+        if unknown:
+            raise BadRequest(f"unknown query parameter(s): {', '.join(sorted(unknown))[:100]}")
+        period_s = None if period_text is None else parse_period(period_text)
+        label = period_text if period_text is not None else "all"
+        ans = await request.app[QUERIES].stat(stat, symbol, exchange, period_s, label)
+        body: dict[str, Any] = {
+            "symbol": ans.symbol,
+            "exchange": ans.exchange,
+            "price": ans.price,
+            "timestamp": rfc3339(ans.timestamp_ms),
+            "period": ans.period,
+        }
+        if stat == "average":
+            body["count"] = ans.count
+        if ans.partial:
+            body["partial"] = True  # the minute store was down: memory only
+        return json_response(body)
+
+    return handle
+
+
+async def switch_mode(request: web.Request) -> web.Response:
+    mode = request.match_info["mode"]
+    if mode not in ("live", "test"):
+        raise NotFound(f"unknown mode {mode[:16]!r}: use /mode/live or /mode/test")
+    now = await request.app[MODES].switch("live" if mode == "live" else "test")
+    return json_response({"mode": now})
+
+
+async def get_mode(request: web.Request) -> web.Response:
+    return json_response({"mode": request.app[MODES].mode})
+
+
+async def health(request: web.Request) -> web.Response:
+    return json_response(request.app[HEALTH].build())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS]()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+def build_app(
+    queries: PriceQueries,
+    modes: ModeController,
+    health_report: HealthReport,
+    metrics_text: Callable[[], bytes],
+) -> web.Application:
+    """The aiohttp application; more routes (e.g. /api/messages) may be added before start."""
+    app = web.Application(middlewares=[errors_as_json])
+    app[QUERIES] = queries
+    app[MODES] = modes
+    app[HEALTH] = health_report
+    app[METRICS] = metrics_text
+    r = app.router
+    r.add_get("/prices/latest/{symbol}", latest)
+    r.add_get("/prices/latest/{exchange}/{symbol}", latest)
+    for stat in ("highest", "lowest", "average"):
+        handler = _stat_handler(stat)
+        r.add_get(f"/prices/{stat}/{{symbol}}", handler)
+        r.add_get(f"/prices/{stat}/{{exchange}}/{{symbol}}", handler)
+    r.add_post("/mode/{mode}", switch_mode)
+    r.add_get("/mode", get_mode)
+    r.add_get("/health", health)
+    r.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,91 @@
+"""Prometheus exposition, computed at scrape time from the live status objects.
+
+Nothing is incremented per tick for metrics: counters already kept by the pipeline are read
+when Prometheus scrapes, so exporting costs nothing on the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from marketflow.app.health import HealthReport
+
+
+class DaemonCollector(Collector):
+    """Feeds, queues, cache and storage figures from one HealthReport."""
+
+    def __init__(self, report: HealthReport, extra: Callable[[], dict[str, Any]] | None) -> None:
+        self._report = report
+        self._extra = extra
+
+    def collect(self) -> Iterator[Metric]:
+        doc = self._report.build()
+        ticks = CounterMetricFamily(
+            "marketflow_ticks", "Valid ticks received per source", labels=["source"]
+        )
+        rejected = CounterMetricFamily(
+            "marketflow_rejected",
+            "Rejected input per source and reason",
+            labels=["source", "reason"],
+        )
+        reconnects = CounterMetricFamily(
+            "marketflow_reconnects", "Reconnects per source", labels=["source"]
+        )
+        connected = GaugeMetricFamily(
+            "marketflow_source_connected",
+            "1 when the source is connected and fresh",
+            labels=["source"],
+        )
+        age = GaugeMetricFamily(
+            "marketflow_last_tick_age_seconds", "Seconds since the last tick", labels=["source"]
+        )
+        for name, ex in doc["exchanges"].items():
+            ticks.add_metric([name], ex["ticks"])
+            reconnects.add_metric([name], ex["reconnects"])
+            connected.add_metric([name], 1.0 if ex["connected"] and not ex["stale"] else 0.0)
+            if ex["last_tick_age_s"] is not None:
+                age.add_metric([name], ex["last_tick_age_s"])
+            for reason, n in ex["rejected_by_reason"].items():
+                rejected.add_metric([name, reason], n)
+        depth = GaugeMetricFamily(
+            "marketflow_queue_depth", "Items waiting per queue", labels=["queue"]
+        )
+        for q, n in doc["queues"].items():
+            depth.add_metric([q], n)
+        yield from (ticks, rejected, reconnects, connected, age, depth)
+        yield CounterMetricFamily(
+            "marketflow_late_ticks", "Ticks older than the window", value=doc["late_ticks"]
+        )
+        pg = doc["postgres"]
+        yield GaugeMetricFamily(
+            "marketflow_storage_up",
+            "1 when minute storage accepts writes",
+            value=1.0 if pg["state"] != "down" else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "marketflow_storage_pending_rows",
+            "Minute rows not yet written",
+            value=pg.get("pending_rows", 0),
+        )
+        yield GaugeMetricFamily(
+            "marketflow_cache_up",
+            "1 when the price cache accepts writes",
+            value=1.0 if doc["redis"]["state"] != "down" else 0.0,
+        )
+        if self._extra is not None:
+            for key, value in self._extra().items():
+                if isinstance(value, int | float):
+                    yield GaugeMetricFamily(f"marketflow_{key}", key.replace("_", " "), value=value)
+
+
+def metrics_renderer(
+    report: HealthReport, extra: Callable[[], dict[str, Any]] | None = None
+) -> Callable[[], bytes]:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DaemonCollector(report, extra))
+    return lambda: generate_latest(registry)
