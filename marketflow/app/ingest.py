@@ -94,6 +94,10 @@ class RunningSource:
                 # Only after the batch is on the fan-in queue: stop() joins on this.
                 queue.task_done()
 
+    async def finished(self) -> None:
+        """Wait until the producer ends by itself (a file source reaching its end)."""
+        await asyncio.wait([self._producer])
+
     async def stop(self) -> None:
         """Stop reading, let the workers drain what was read, then stop them."""
         self._producer.cancel()

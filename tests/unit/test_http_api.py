@@ -1,0 +1,180 @@
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from marketflow.app.aggregator import Aggregator
+from marketflow.app.feed_status import FeedStatus
+from marketflow.app.health import HealthReport
+from marketflow.app.ingest import Source
+from marketflow.app.modes import ModeController
+from marketflow.app.queries import PriceQueries
+from marketflow.domain.aggregates import MinuteRow
+from marketflow.domain.ticks import TickBatch
+from marketflow.entrypoints.http_api import build_app
+from marketflow.entrypoints.metrics import metrics_renderer
+from marketflow.settings import DEFAULT_PAIRS, PipelineSettings
+from tests.unit.fakes import FakeCache, FakeStore, ManualClock, RecordingSink
+
+T0 = 1_795_482_600_000
+
+
+class IdleProducer:
+    async def run(self, out: asyncio.Queue[tuple[bytes, int]], status: FeedStatus) -> None:
+        status.connected = True
+        await asyncio.Event().wait()
+
+
+class NullParser:
+    def parse(self, item: bytes, received_ms: int) -> TickBatch:
+        return TickBatch("x", {}, received_ms, 0)
+
+
+def sources(*names: str) -> list[Source[Any]]:
+    return [Source(FeedStatus(n, "json"), IdleProducer(), NullParser()) for n in names]
+
+
+class Api:
+    def __init__(
+        self, client: TestClient[Any, Any], agg: Aggregator, store: FakeStore, clock: ManualClock
+    ) -> None:
+        self.client, self.agg, self.store, self.clock = client, agg, store, clock
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        resp = await self.client.get(path)
+        return resp.status, await resp.json()
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[Api]:
+    clock = ManualClock(T0 + 30_000)
+    store = FakeStore()
+    fanin: asyncio.Queue[TickBatch] = asyncio.Queue()
+    agg = Aggregator(fanin, FakeCache(), RecordingSink(store), PipelineSettings(), clock)
+    live, test = ["exchange1", "exchange2"], ["test-exchange1"]
+    modes = ModeController(
+        {"live": lambda: sources(*live), "test": lambda: sources(*test)},
+        {"live": live, "test": test},
+        fanin,
+        5,
+        8,
+    )
+    await modes.switch("live")
+    writer = type("W", (), {"status": lambda self: {"state": "up", "kind": "fake"}})()
+    report = HealthReport(agg, modes, writer, False, False, fanin.qsize, clock)
+    queries = PriceQueries(
+        agg, lambda: store, modes.exchanges, modes.known_exchanges, DEFAULT_PAIRS, clock
+    )
+    app = build_app(queries, modes, report, metrics_renderer(report))
+    async with TestClient(TestServer(app)) as client:
+        yield Api(client, agg, store, clock)
+    await modes.stop()
+
+
+def fold(agg: Aggregator, exchange: str, *ticks: tuple[str, float, int]) -> None:
+    by: dict[str, list[tuple[float, int]]] = {}
+    for sym, p, ts in ticks:
+        by.setdefault(sym, []).append((p, ts))
+    agg.fold(TickBatch(exchange, by, T0, len(ticks)))
+
+
+async def test_latest_is_404_json_before_any_tick(api: Api) -> None:
+    status, body = await api.get("/prices/latest/BTCUSDT")
+    assert status == 404
+    assert "error" in body
+
+
+async def test_latest_across_exchanges_is_the_newest_tick(api: Api) -> None:
+    fold(api.agg, "exchange1", ("BTCUSDT", 100.0, T0 + 1000))
+    fold(api.agg, "exchange2", ("BTCUSDT", 101.5, T0 + 2000))
+    status, body = await api.get("/prices/latest/BTCUSDT")
+    assert status == 200
+    assert body == {
+        "symbol": "BTCUSDT",
+        "exchange": "all",
+        "price": 101.5,
+        "timestamp": "2026-11-24T01:10:02.000Z",
+        "source": "exchange2",
+    }
+    status, body = await api.get("/prices/latest/exchange1/BTCUSDT")
+    assert (status, body["price"], body["exchange"]) == (200, 100.0, "exchange1")
+
+
+async def test_unknown_symbol_and_exchange_are_404(api: Api) -> None:
+    assert (await api.get("/prices/latest/NOPE"))[0] == 404
+    assert (await api.get("/prices/latest/nowhere/BTCUSDT"))[0] == 404
+    assert (await api.get("/prices/highest/nowhere/BTCUSDT?period=1m"))[0] == 404
+
+
+@pytest.mark.parametrize("period", ["0s", "abc", "5x", "-1m", "1.5s", "", "99999999h"])
+async def test_bad_period_is_400_with_json_error(api: Api, period: str) -> None:
+    fold(api.agg, "exchange1", ("BTCUSDT", 100.0, T0 + 29_000))
+    status, body = await api.get(f"/prices/highest/BTCUSDT?period={period}")
+    assert status == 400
+    assert "period" in body["error"]
+
+
+async def test_period_stats_are_exact_over_the_window(api: Api) -> None:
+    fold(api.agg, "exchange1", ("BTCUSDT", 10.0, T0 + 1_000), ("BTCUSDT", 30.0, T0 + 28_000))
+    fold(api.agg, "exchange2", ("BTCUSDT", 20.0, T0 + 29_500))
+    s, hi = await api.get("/prices/highest/BTCUSDT?period=5s")
+    s2, lo = await api.get("/prices/lowest/BTCUSDT?period=5s")
+    s3, avg = await api.get("/prices/average/BTCUSDT?period=1m")
+    assert (s, hi["price"], hi["period"], hi["exchange"]) == (200, 30.0, "5s", "all")
+    assert hi["timestamp"] == "2026-11-24T01:10:28.000Z"
+    assert (s2, lo["price"]) == (200, 20.0)
+    assert (s3, avg["price"], avg["count"]) == (200, 20.0, 3)
+    s4, one = await api.get("/prices/average/exchange1/BTCUSDT?period=3s")
+    assert (s4, one["price"], one["count"]) == (200, 30.0, 1)
+
+
+async def test_no_period_merges_stored_minutes_with_the_window(api: Api) -> None:
+    api.store.rows[("exchange1", "BTCUSDT", T0 - 120_000)] = MinuteRow(
+        "exchange1", "BTCUSDT", T0 - 120_000, 2.0, 1.0, 3.0, 10
+    )
+    fold(api.agg, "exchange1", ("BTCUSDT", 5.0, T0 + 1_000))
+    status, body = await api.get("/prices/average/BTCUSDT")
+    assert (status, body["count"], body["period"]) == (200, 11, "all")
+    assert body["price"] == pytest.approx(25.0 / 11)
+    _, lo = await api.get("/prices/lowest/BTCUSDT")
+    assert lo["price"] == 1.0
+
+
+async def test_mode_switch_answers_mode_in_force_and_scopes_all(api: Api) -> None:
+    fold(api.agg, "exchange1", ("BTCUSDT", 100.0, T0 + 1000))
+    resp = await api.client.post("/mode/test")
+    assert (resp.status, await resp.json()) == (200, {"mode": "test"})
+    assert (await api.get("/prices/latest/BTCUSDT"))[0] == 404  # no test data yet
+    fold(api.agg, "test-exchange1", ("BTCUSDT", 7.0, T0 + 1000))
+    assert (await api.get("/prices/latest/BTCUSDT"))[1]["price"] == 7.0
+    resp = await api.client.post("/mode/bogus")
+    assert resp.status == 404
+    assert "error" in await resp.json()
+    resp = await api.client.post("/mode/live")
+    assert (await resp.json()) == {"mode": "live"}
+
+
+async def test_health_reports_mode_exchanges_and_status(api: Api) -> None:
+    await asyncio.sleep(0)  # let the idle producers mark themselves connected
+    status, body = await api.get("/health")
+    assert status == 200
+    assert body["mode"] == "live"
+    assert set(body["exchanges"]) == {"exchange1", "exchange2"}
+    assert body["status"] == "ok"
+    assert body["postgres"]["state"] == "up"
+    assert set(body["queues"]) == {"fanin", "exchange1", "exchange2"}
+
+
+async def test_metrics_exports_prometheus_text(api: Api) -> None:
+    resp = await api.client.get("/metrics")
+    text = await resp.text()
+    assert resp.status == 200
+    assert 'marketflow_queue_depth{queue="fanin"} 0.0' in text
+
+
+async def test_unknown_route_is_json_404(api: Api) -> None:
+    status, body = await api.get("/nope")
+    assert status == 404
+    assert "error" in body

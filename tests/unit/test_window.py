@@ -1,0 +1,76 @@
+from marketflow.domain.window import PairWindow
+
+T0 = 1_795_482_600_000  # a minute boundary
+
+
+def test_min_max_sum_count_per_second_and_latest_by_exchange_time() -> None:
+    w = PairWindow("ex", "BTCUSDT")
+    w.add([(10.0, T0 + 10), (12.0, T0 + 20), (8.0, T0 + 999), (11.0, T0 + 1000)], T0)
+    assert w.seconds[T0 // 1000] == [8.0, 12.0, 30.0, 3]
+    assert w.seconds[T0 // 1000 + 1] == [11.0, 11.0, 11.0, 1]
+    lp = w.latest()
+    assert lp is not None
+    assert (lp.price, lp.timestamp_ms) == (11.0, T0 + 1000)
+
+
+def test_out_of_order_tick_does_not_replace_newer_latest() -> None:
+    w = PairWindow("ex", "BTCUSDT")
+    w.add([(11.0, T0 + 5000)], T0)
+    w.add([(9.0, T0 + 1000)], T0)
+    lp = w.latest()
+    assert lp is not None
+    assert lp.price == 11.0
+
+
+def test_identical_ticks_in_same_millisecond_both_count() -> None:
+    w = PairWindow("ex", "BTCUSDT")
+    w.add([(10.0, T0), (10.0, T0)], T0)
+    agg = w.period(T0 // 1000, T0 // 1000)
+    assert agg is not None
+    assert agg.count == 2
+
+
+def test_minute_emitted_after_grace_and_reemitted_when_late_tick_changes_it() -> None:
+    w = PairWindow("ex", "BTCUSDT")
+    w.add([(10.0, T0 + 1), (20.0, T0 + 59_000)], T0)
+    w.take_dirty_seconds()
+    assert w.closed_minutes(T0 + 61_000, grace_ms=2000) == []
+    rows = w.closed_minutes(T0 + 62_000, grace_ms=2000)
+    assert [(r.minute_ms, r.average, r.low, r.high, r.count) for r in rows] == [
+        (T0, 15.0, 10.0, 20.0, 2)
+    ]
+    assert w.closed_minutes(T0 + 63_000, grace_ms=2000) == []
+    w.add([(30.0, T0 + 30_000)], T0 + 63_000)  # late, but within retention
+    w.take_dirty_seconds()
+    rows = w.closed_minutes(T0 + 63_100, grace_ms=2000)
+    assert [(r.average, r.high, r.count) for r in rows] == [(20.0, 30.0, 3)]
+
+
+def test_ticks_older_than_retention_are_counted_late_not_stored() -> None:
+    w = PairWindow("ex", "BTCUSDT")
+    w.add([(10.0, T0)], T0)
+    w.take_dirty_seconds()
+    w.closed_minutes(T0 + 700_000, 2000)
+    w.evict(T0 + 700_000, retention_s=300)
+    w.add([(10.0, T0 + 1)], T0 + 700_000)
+    assert w.late == 1
+    assert w.period(0, 10**12) is None
+
+
+def test_pending_minute_is_not_evicted_before_it_is_emitted() -> None:
+    w = PairWindow("ex", "BTCUSDT")
+    w.add([(10.0, T0)], T0)
+    w.take_dirty_seconds()
+    w.evict(T0 + 700_000, retention_s=300)
+    assert w.open_minutes()[0].count == 1
+
+
+def test_seeded_minute_base_is_merged_into_reemitted_row() -> None:
+    from marketflow.domain.aggregates import MinuteRow
+
+    w = PairWindow("ex", "BTCUSDT")
+    w.seed_minute(MinuteRow("ex", "BTCUSDT", T0, 10.0, 5.0, 15.0, 4))
+    w.add([(20.0, T0 + 50_000)], T0 + 50_000)
+    w.take_dirty_seconds()
+    (row,) = w.open_minutes()
+    assert (row.count, row.low, row.high, row.average) == (5, 5.0, 20.0, 12.0)
