@@ -1,0 +1,93 @@
+"""In-process price cache: the Redis cache's contract without Redis (embedded mode).
+
+Mirrors Redis semantics: the newest exchange timestamp wins for latest prices, seconds are
+overwritten whole, and each minute of seconds expires ``retention_s + 120`` s after its last
+write (by the injected monotonic clock, as a Redis TTL would).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Self
+
+from marketflow.domain.aggregates import LatestPrice, SecondBucket
+from marketflow.domain.errors import CacheUnavailable
+
+EXPIRY_MARGIN_S = 120
+
+_MinuteKey = tuple[str, str, int]  # (exchange, symbol, minute start in epoch seconds)
+
+
+class MemoryPriceCache:
+    """``PriceCache`` in a dict; lost on restart, like a Redis without persistence."""
+
+    kind = "memory"
+
+    def __init__(self, retention_s: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = retention_s + EXPIRY_MARGIN_S
+        self._clock = clock
+        self._latest: dict[tuple[str, str], LatestPrice] = {}
+        self._minutes: dict[_MinuteKey, dict[int, SecondBucket]] = {}
+        self._expires: dict[_MinuteKey, float] = {}
+        self._closed = False
+
+    async def write(self, latest: Sequence[LatestPrice], seconds: Sequence[SecondBucket]) -> None:
+        """Newest-wins latest prices; whole seconds; refresh their minute's expiry."""
+        self._check_open()
+        for p in latest:
+            key = (p.exchange, p.symbol)
+            current = self._latest.get(key)
+            if current is None or current.timestamp_ms <= p.timestamp_ms:
+                self._latest[key] = p
+        expires = self._clock() + self._ttl
+        for b in seconds:
+            mkey = (b.exchange, b.symbol, b.second // 60 * 60)
+            self._minutes.setdefault(mkey, {})[b.second] = b
+            self._expires[mkey] = expires
+        self._evict()
+
+    async def load(self, since_second: int) -> tuple[list[LatestPrice], list[SecondBucket]]:
+        """Every latest price and every unexpired second >= ``since_second``."""
+        self._check_open()
+        self._evict()
+        seconds = [
+            b
+            for (_, _, minute), buckets in self._minutes.items()
+            if minute + 60 > since_second
+            for b in buckets.values()
+            if b.second >= since_second
+        ]
+        return list(self._latest.values()), seconds
+
+    def _evict(self) -> None:
+        now = self._clock()
+        for mkey in [k for k, exp in self._expires.items() if exp <= now]:
+            del self._expires[mkey]
+            del self._minutes[mkey]
+
+    async def ping(self) -> bool:
+        return not self._closed
+
+    async def aclose(self) -> None:
+        """Forget everything; safe to call twice."""
+        self._closed = True
+        self._latest.clear()
+        self._minutes.clear()
+        self._expires.clear()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CacheUnavailable("memory: cache is closed")
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

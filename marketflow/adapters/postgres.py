@@ -1,0 +1,285 @@
+"""PostgreSQL minute store (asyncpg): one row per (exchange, pair, minute), written by upsert.
+
+Schema (``minute_prices``, primary key ``(exchange, pair_name, timestamp)``)::
+
+    pair_name text, exchange text, timestamp timestamptz (minute start, UTC),
+    average_price, min_price, max_price double precision, tick_count bigint
+
+A batch is ONE ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO UPDATE``: a retry or a
+restart rewrites a row, never doubles it. A batch refused for its data (a constraint, a NUL
+byte) is split until the bad rows are isolated, so one bad row never takes the rest with it.
+Connection failures surface as ``StoreUnavailable``: the minute writer keeps the rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from marketflow.domain.aggregates import Aggregate, MinuteRow
+from marketflow.domain.errors import StoreUnavailable
+from marketflow.settings import PostgresSettings
+
+log = logging.getLogger("marketflow.postgres")
+
+POOL_MAX = 4  # writer + API queries + restore; a few connections keep them from queueing
+COMMAND_TIMEOUT_S = 30.0  # a hung server must become StoreUnavailable, not a stuck writer
+_LOCK_ID = 0x6D666C6F  # advisory lock serialising concurrent migrations ("mflo")
+
+# Ordered, numbered, append-only: a released migration is never edited.
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (
+        1,
+        """
+        CREATE TABLE minute_prices (
+            pair_name text NOT NULL,
+            exchange text NOT NULL,
+            timestamp timestamptz NOT NULL,
+            average_price double precision NOT NULL,
+            min_price double precision NOT NULL,
+            max_price double precision NOT NULL,
+            tick_count bigint NOT NULL,
+            PRIMARY KEY (exchange, pair_name, timestamp),
+            -- 'Infinity' bounds also reject NaN (PostgreSQL sorts NaN above every number).
+            CONSTRAINT minute_prices_valid CHECK (
+                tick_count > 0
+                AND min_price > 0 AND min_price < 'Infinity'
+                AND max_price > 0 AND max_price < 'Infinity'
+                AND average_price > 0 AND average_price < 'Infinity'
+                AND min_price <= max_price
+            )
+        )
+        """,
+    ),
+    # minutes_since() scans by time across every exchange and pair.
+    (2, "CREATE INDEX minute_prices_timestamp_idx ON minute_prices (timestamp)"),
+)
+
+_UPSERT = """
+INSERT INTO minute_prices
+    (exchange, pair_name, timestamp, average_price, min_price, max_price, tick_count)
+SELECT e, p, to_timestamp(m / 1000.0), a, lo, hi, c
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::float8[], $5::float8[], $6::float8[],
+            $7::bigint[]) AS t(e, p, m, a, lo, hi, c)
+ON CONFLICT (exchange, pair_name, timestamp) DO UPDATE SET
+    average_price = EXCLUDED.average_price,
+    min_price = EXCLUDED.min_price,
+    max_price = EXCLUDED.max_price,
+    tick_count = EXCLUDED.tick_count
+"""
+
+_HISTORY = """
+SELECT min(r.min_price), max(r.max_price), sum(r.average_price * r.tick_count),
+       sum(r.tick_count)::bigint
+FROM unnest($2::text[], $3::bigint[]) AS b(exchange, bound_ms)
+JOIN minute_prices r ON r.exchange = b.exchange
+WHERE r.pair_name = $1
+  AND r.timestamp < to_timestamp(b.bound_ms / 1000.0)
+  AND ($4::bigint IS NULL OR r.timestamp > to_timestamp(($4::bigint - 60000) / 1000.0))
+"""
+
+_SINCE = """
+SELECT exchange, pair_name, (extract(epoch FROM timestamp) * 1000)::bigint,
+       average_price, min_price, max_price, tick_count
+FROM minute_prices
+WHERE timestamp >= to_timestamp($1::bigint / 1000.0)
+ORDER BY timestamp, exchange, pair_name
+"""
+
+# The server or the network is gone (as opposed to the data being refused).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,  # "connection is closed", "pool is closing"
+    asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+)
+# The statement was refused because of what a row contains.
+DATA_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+)
+# At open, a refusal (bad password, missing database) also means "not usable now".
+_OPEN_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
+
+Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+
+
+def _columns(rows: Sequence[MinuteRow]) -> tuple[list[Any], ...]:
+    return (
+        [r.exchange for r in rows],
+        [r.symbol for r in rows],
+        [r.minute_ms for r in rows],
+        [r.average for r in rows],
+        [r.low for r in rows],
+        [r.high for r in rows],
+        [r.count for r in rows],
+    )
+
+
+def dedupe(rows: Sequence[MinuteRow]) -> list[MinuteRow]:
+    """Last version per key: ON CONFLICT cannot touch one row twice in one statement."""
+    return list({r.key: r for r in rows}.values())
+
+
+class PostgresMinuteStore:
+    """``MinuteStore`` on PostgreSQL; safe for concurrent callers (one pool connection each)."""
+
+    kind = "postgres"
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._closed = False
+        self.rejected_rows = 0  # rows the database refused for their content (logged)
+
+    async def upsert_minutes(self, rows: Sequence[MinuteRow]) -> None:
+        """Write ``rows`` in one statement; overwrite existing keys. Bad rows are skipped."""
+        batch = dedupe(rows)
+        if not batch:
+            return
+        try:
+            async with self._connection() as conn:
+                await self._write(conn, batch)
+        except CONNECTION_ERRORS as exc:
+            raise StoreUnavailable(f"postgres: {_describe(exc)}") from exc
+
+    async def _write(self, conn: Conn, batch: list[MinuteRow]) -> None:
+        try:
+            await conn.execute(_UPSERT, *_columns(batch))
+        except DATA_ERRORS as exc:
+            if len(batch) == 1:
+                self.rejected_rows += 1
+                # The row is the useful part; a traceback of the split adds nothing.
+                log.error(  # noqa: TRY400
+                    "minute_row_rejected row=%r error=%s", batch[0], _describe(exc)
+                )
+                return
+            # Halving isolates k bad rows in O(k log n) statements instead of n.
+            mid = len(batch) // 2
+            await self._write(conn, batch[:mid])
+            await self._write(conn, batch[mid:])
+
+    async def history(
+        self, symbol: str, before: Mapping[str, int], since_ms: int | None = None
+    ) -> Aggregate | None:
+        """Merged rows of ``symbol`` per exchange before its bound (and after ``since_ms``)."""
+        if not before:
+            return None
+        exchanges = list(before)
+        bounds = [before[e] for e in exchanges]
+        try:
+            async with self._connection() as conn:
+                rec = await conn.fetchrow(_HISTORY, symbol, exchanges, bounds, since_ms)
+        except CONNECTION_ERRORS as exc:
+            raise StoreUnavailable(f"postgres: {_describe(exc)}") from exc
+        if rec is None or not rec[3]:
+            return None
+        return Aggregate(rec[0], rec[1], rec[2], rec[3])
+
+    async def minutes_since(self, since_ms: int) -> list[MinuteRow]:
+        """Rows whose minute starts at or after ``since_ms``, oldest first."""
+        try:
+            async with self._connection() as conn:
+                records = await conn.fetch(_SINCE, since_ms)
+        except CONNECTION_ERRORS as exc:
+            raise StoreUnavailable(f"postgres: {_describe(exc)}") from exc
+        return [MinuteRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in records]
+
+    async def ping(self) -> bool:
+        """True when a query round trip succeeds now."""
+        if self._closed:
+            return False
+        try:
+            async with self._connection() as conn:
+                await conn.fetchval("SELECT 1")
+        except CONNECTION_ERRORS:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        """Close the pool (waits for running queries); safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await asyncio.wait_for(self._pool.close(), COMMAND_TIMEOUT_S)
+        except TimeoutError:
+            self._pool.terminate()
+
+    def _connection(self) -> Any:
+        if self._closed:
+            raise StoreUnavailable("postgres: store is closed")
+        return self._pool.acquire()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def migrate(conn: Conn) -> list[int]:
+    """Apply the migrations this database lacks, in order; returns the versions applied."""
+    applied: list[int] = []
+    async with conn.transaction():
+        # Two daemons starting together must not both create the same table.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
+        for version, sql in MIGRATIONS:
+            if version <= current:
+                continue
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+            applied.append(version)
+    if applied:
+        log.info("postgres_migrated versions=%s", applied)
+    return applied
+
+
+async def open_postgres(settings: PostgresSettings) -> PostgresMinuteStore:
+    """Connect a small pool and bring the schema up to date.
+
+    Raises StoreUnavailable when the server cannot be reached or refuses us (bad password,
+    missing database): the caller decides between waiting and the embedded store.
+    """
+    password = settings.password.get_secret_value() if settings.password else None
+    timeout = settings.connect_timeout_s
+    pool: asyncpg.Pool | None = None
+    try:
+        async with asyncio.timeout(timeout * 2 + 1):
+            pool = await asyncpg.create_pool(
+                dsn=settings.dsn,
+                password=password,
+                min_size=1,
+                max_size=POOL_MAX,
+                timeout=timeout,
+                command_timeout=COMMAND_TIMEOUT_S,
+            )
+            async with pool.acquire() as conn:
+                await migrate(conn)
+    except _OPEN_ERRORS as exc:
+        if pool is not None:
+            pool.terminate()
+        raise StoreUnavailable(f"postgres: {_describe(exc)}") from exc
+    return PostgresMinuteStore(pool)

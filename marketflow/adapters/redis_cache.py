@@ -1,0 +1,256 @@
+"""Redis price cache (redis.asyncio + hiredis): latest prices and the per-second window.
+
+Key layout (other tools read it; change it only with a new prefix):
+
+``marketflow:latest`` (hash)
+    field ``"{exchange}:{symbol}"``, value JSON ``{"price": float, "timestamp": int,
+    "received": int}`` (Unix ms: exchange timestamp and local receipt time). A Lua script
+    replaces a field only when the new ``timestamp`` is >= the stored one, so the newest
+    exchange timestamp wins whichever writer (or retry) comes last. No expiry.
+
+``marketflow:window:{exchange}:{symbol}:{minute_start_epoch_s}`` (hash, one per minute)
+    field ``"{second}"`` (Unix epoch seconds), value ``"low,high,total,count"`` (floats as
+    Python ``repr``, count an integer). A second is always written whole, so it is
+    overwritten, never incremented. Each key expires ``retention_s + 120`` s after its last
+    write.
+
+A ``write()`` is one pipelined round trip (no MULTI): the script for every latest price plus
+HSET and EXPIRE per minute key.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Self, cast
+
+import orjson
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from marketflow.domain.aggregates import LatestPrice, SecondBucket
+from marketflow.domain.errors import CacheUnavailable
+from marketflow.settings import RedisSettings
+
+log = logging.getLogger("marketflow.redis")
+
+LATEST_KEY = "marketflow:latest"
+WINDOW_PREFIX = "marketflow:window:"
+EXPIRY_MARGIN_S = 120
+SCAN_COUNT = 1000
+
+# ARGV holds (field, timestamp, json) triples. A value that is not ours (unparsable) is
+# replaced rather than blocking updates forever.
+LATEST_SCRIPT = """
+local key = KEYS[1]
+for i = 1, #ARGV, 3 do
+  local current = redis.call('HGET', key, ARGV[i])
+  local newer = true
+  if current then
+    local ok, doc = pcall(cjson.decode, current)
+    if ok and type(doc) == 'table' and tonumber(doc['timestamp']) then
+      newer = tonumber(doc['timestamp']) <= tonumber(ARGV[i + 1])
+    end
+  end
+  if newer then
+    redis.call('HSET', key, ARGV[i], ARGV[i + 2])
+  end
+end
+return 0
+"""
+
+# Connection, timeout and OS errors mean "down now"; any other RedisError (WRONGTYPE from a
+# foreign key in our namespace, OOM) also makes the cache unusable until someone acts.
+CACHE_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    RedisError,
+    OSError,
+    TimeoutError,
+)
+
+
+def window_key(exchange: str, symbol: str, minute_start_s: int) -> str:
+    return f"{WINDOW_PREFIX}{exchange}:{symbol}:{minute_start_s}"
+
+
+def _encode_second(b: SecondBucket) -> str:
+    return f"{b.low!r},{b.high!r},{b.total!r},{b.count}"
+
+
+class RedisPriceCache:
+    """``PriceCache`` on Redis, in the layout documented above."""
+
+    kind = "redis"
+
+    def __init__(self, client: aioredis.Redis, retention_s: int, script_sha: str) -> None:
+        self._client = client
+        self._ttl = retention_s + EXPIRY_MARGIN_S
+        self._sha = script_sha
+        self._closed = False
+        self.bad_values = 0  # unparsable cache entries skipped by load()
+
+    async def write(self, latest: Sequence[LatestPrice], seconds: Sequence[SecondBucket]) -> None:
+        """One pipelined round trip: newest-wins latest prices, whole seconds, key expiry."""
+        if not latest and not seconds:
+            return
+        self._check_open()
+        args: list[str | int] = []
+        for p in latest:
+            doc = {"price": p.price, "timestamp": p.timestamp_ms, "received": p.received_ms}
+            args += [f"{p.exchange}:{p.symbol}", p.timestamp_ms, orjson.dumps(doc).decode()]
+        by_key: dict[str, dict[str, str]] = defaultdict(dict)
+        for b in seconds:
+            key = window_key(b.exchange, b.symbol, b.second // 60 * 60)
+            by_key[key][str(b.second)] = _encode_second(b)
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            if args:
+                pipe.evalsha(self._sha, 1, LATEST_KEY, *args)
+            for key, fields in by_key.items():
+                # The stub's Mapping key type is invariant: a dict[str, str] is refused.
+                pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+                pipe.expire(key, self._ttl)
+            results = await pipe.execute(raise_on_error=False)
+            if args and isinstance(results[0], NoScriptError):
+                # Redis restarted (its script cache is empty): load once more, apply once.
+                self._sha = await self._client.script_load(LATEST_SCRIPT)
+                await self._client.evalsha(self._sha, 1, LATEST_KEY, *args)
+        except CACHE_ERRORS as exc:
+            raise CacheUnavailable(f"redis: {_describe(exc)}") from exc
+        for result in results:
+            if isinstance(result, NoScriptError):
+                continue
+            if isinstance(result, RedisError):
+                # e.g. WRONGTYPE: someone else's key in our namespace. Not retryable here.
+                raise CacheUnavailable(f"redis: {_describe(result)}") from result
+
+    async def load(self, since_second: int) -> tuple[list[LatestPrice], list[SecondBucket]]:
+        """Every latest price and every cached second >= ``since_second``."""
+        self._check_open()
+        try:
+            # decode_responses=True: keys and values are str.
+            raw_latest = cast(dict[str, str], await self._client.hgetall(LATEST_KEY))
+            keys = [
+                key
+                async for key in self._client.scan_iter(match=f"{WINDOW_PREFIX}*", count=SCAN_COUNT)
+                if self._minute_of(key) + 60 > since_second
+            ]
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            hashes: list[dict[str, str]] = await pipe.execute() if keys else []
+        except CACHE_ERRORS as exc:
+            raise CacheUnavailable(f"redis: {_describe(exc)}") from exc
+        latest = [p for f, v in raw_latest.items() if (p := self._parse_latest(f, v)) is not None]
+        seconds: list[SecondBucket] = []
+        for key, fields in zip(keys, hashes, strict=True):
+            exchange, symbol, _ = key[len(WINDOW_PREFIX) :].rsplit(":", 2)
+            for sec, value in fields.items():
+                bucket = self._parse_second(exchange, symbol, sec, value)
+                if bucket is not None and bucket.second >= since_second:
+                    seconds.append(bucket)
+        return latest, seconds
+
+    def _minute_of(self, key: str) -> int:
+        try:
+            return int(key.rsplit(":", 1)[1])
+        except (IndexError, ValueError):
+            return -1  # not one of ours: skipped
+
+    def _parse_latest(self, field: str, value: str) -> LatestPrice | None:
+        exchange, sep, symbol = field.rpartition(":")
+        try:
+            doc: dict[str, Any] = orjson.loads(value)
+            price = float(doc["price"])
+            ts = int(doc["timestamp"])
+            received = int(doc.get("received", ts))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            doc = {}
+        if not sep or not doc:
+            self._bad(f"{LATEST_KEY} {field}", value)
+            return None
+        return LatestPrice(exchange, symbol, price, ts, received)
+
+    def _parse_second(
+        self, exchange: str, symbol: str, sec: str, value: str
+    ) -> SecondBucket | None:
+        try:
+            low, high, total, count = value.split(",")
+            return SecondBucket(
+                exchange, symbol, int(sec), float(low), float(high), float(total), int(count)
+            )
+        except ValueError:
+            self._bad(f"{exchange}:{symbol}:{sec}", value)
+            return None
+
+    def _bad(self, where: str, value: str) -> None:
+        self.bad_values += 1
+        log.warning("cache_value_skipped where=%s value=%r", where, value[:200])
+
+    async def ping(self) -> bool:
+        """True when Redis answers PING now."""
+        if self._closed:
+            return False
+        try:
+            return bool(await self._client.ping())
+        except CACHE_ERRORS:
+            return False
+
+    async def aclose(self) -> None:
+        """Close the connection pool; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._client.aclose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CacheUnavailable("redis: cache is closed")
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def open_redis(settings: RedisSettings, retention_s: int) -> RedisPriceCache:
+    """Connect, PING and register the latest-price script.
+
+    Raises CacheUnavailable when Redis cannot be reached: the caller falls back or waits.
+    """
+    password = settings.password.get_secret_value() if settings.password else None
+    timeout = settings.connect_timeout_s
+    client = aioredis.Redis.from_url(
+        settings.url,
+        password=password,
+        decode_responses=True,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        # One immediate retry reconnects a connection Redis dropped (a restart); more would
+        # only delay telling the aggregator that Redis is down.
+        retry=Retry(NoBackoff(), 1),
+    )
+    try:
+        await client.ping()
+        sha: str = await client.script_load(LATEST_SCRIPT)
+    except CACHE_ERRORS as exc:
+        await client.aclose()
+        raise CacheUnavailable(f"redis: {_describe(exc)}") from exc
+    return RedisPriceCache(client, retention_s, sha)

@@ -1,0 +1,88 @@
+"""Fixtures for real services: session-wide servers, a fresh database per test, and private
+servers that fault tests may stop and restart.
+
+Missing server binaries FAIL the tests that need them (with the command that installs them):
+a skipped integration suite looks green while testing nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from tests.harness.services import PostgresServer, RedisServer, ServerBinaryMissing
+
+
+def _postgres() -> PostgresServer:
+    try:
+        return PostgresServer()
+    except ServerBinaryMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+def _redis() -> RedisServer:
+    try:
+        return RedisServer()
+    except ServerBinaryMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL for the session; tests get their own database on it (``pg_dsn``)."""
+    with _postgres() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One Redis for the session; ``redis_url`` empties it before each test."""
+    with _redis() as server:
+        yield server
+
+
+@pytest.fixture
+async def pg_dsn(postgres_server: PostgresServer) -> AsyncIterator[str]:
+    """DSN of a database created for this test alone (dropped afterwards)."""
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(postgres_server.dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield postgres_server.dsn_for(name)
+    admin = await asyncpg.connect(postgres_server.dsn)
+    try:
+        # FORCE: a test that failed half-way may leave a pool connected.
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def redis_url(redis_server: RedisServer) -> str:
+    """URL of the session Redis, emptied for this test."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+    return redis_server.url
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of this test's own, free to be stopped and restarted."""
+    with _postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A Redis of this test's own, free to be stopped and restarted."""
+    with _redis() as server:
+        yield server

@@ -1,0 +1,1 @@
+"""Test harness: real throwaway PostgreSQL and Redis servers on free ports."""

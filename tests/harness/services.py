@@ -1,0 +1,332 @@
+"""Real PostgreSQL and Redis server processes for integration and fault tests.
+
+Each server lives in its own temporary directory on a free loopback port, started from the
+locally installed binaries (``make server-binaries`` installs them). ``stop()`` and
+``restart()`` keep the port and the data, so a test can take a service away mid-run and give
+it back. PostgreSQL refuses to run as root: under euid 0 it runs as the ``postgres`` system
+user (or ``nobody``) through ``setpriv``, with its directory chowned to that user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0
+
+
+class ServerBinaryMissing(RuntimeError):
+    """A server binary the integration tests need is not installed."""
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _version_key(path: Path) -> tuple[int, ...]:
+    # /usr/lib/postgresql/15/bin -> (15,): the newest installed major version wins.
+    return tuple(int(p) for p in re.findall(r"\d+", path.parent.name))
+
+
+def find_postgres_bin() -> Path:
+    """The directory holding ``initdb`` and ``postgres`` (PATH first, then Debian's layout)."""
+    on_path = shutil.which("initdb")
+    if on_path is not None:
+        bin_dir = Path(on_path).resolve().parent
+        if (bin_dir / "postgres").exists():
+            return bin_dir
+    candidates = sorted(
+        (p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "initdb").exists()),
+        key=_version_key,
+        reverse=True,
+    )
+    if candidates:
+        return candidates[0]
+    raise ServerBinaryMissing(
+        "PostgreSQL server binaries (initdb, postgres) not found on PATH or in "
+        "/usr/lib/postgresql/*/bin: run `make server-binaries` (scripts/ensure-servers.sh)"
+    )
+
+
+def find_redis_server() -> Path:
+    """The ``redis-server`` binary."""
+    found = shutil.which("redis-server")
+    if found is None:
+        raise ServerBinaryMissing(
+            "redis-server not found on PATH: run `make server-binaries` (scripts/ensure-servers.sh)"
+        )
+    return Path(found)
+
+
+def _unprivileged_user() -> pwd.struct_passwd | None:
+    """The user to run PostgreSQL as when we are root; None when we are not root."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    raise ServerBinaryMissing("running as root and neither a 'postgres' nor 'nobody' user exists")
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(lines[-n:])
+
+
+class _Server:
+    """Shared process handling: one child process, a log file, a temp directory."""
+
+    name = "server"
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix=f"marketflow-{self.name}-"))
+        self.port = free_port()
+        self.log_path = self.dir / f"{self.name}.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._started_once = False
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        if self._log is None:
+            self._log = self.log_path.open("ab")
+        # A new session: a Ctrl-C aimed at pytest must not reach the server before the
+        # fixtures stop it in order.
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def _is_ready(self) -> bool:
+        raise NotImplementedError
+
+    def _launch(self) -> subprocess.Popen[bytes]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Start the server on ``self.port`` and wait until it accepts connections."""
+        if self.running:
+            return
+        if self._started_once:
+            self._start_once()  # a restart must keep its port: clients reconnect to it
+            return
+        # Another process may grab the free port between choosing and binding it: retry on a
+        # new port, but only before anyone was told this one.
+        for attempt in range(3):
+            try:
+                self._start_once()
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+                self.port = free_port()
+            else:
+                break
+        self._started_once = True
+
+    def _start_once(self) -> None:
+        self._proc = self._launch()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                self._proc = None
+                raise RuntimeError(
+                    f"{self.name} on port {self.port} exited at start:\n{_tail(self.log_path)}"
+                )
+            if self._is_ready():
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.name} on port {self.port} not ready in {START_TIMEOUT_S}s")
+
+    def _stop_signal(self) -> signal.Signals:
+        return signal.SIGTERM
+
+    def stop(self) -> None:
+        """Stop the server quickly (data directory and port are kept for ``start()``)."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(self._stop_signal())
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def restart(self) -> None:
+        """Stop, then start again on the same port with the same data."""
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        """Stop and delete the temporary directory."""
+        self.stop()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+
+class PostgresServer(_Server):
+    """A throwaway PostgreSQL cluster (trust auth on loopback, fsync off: tests only)."""
+
+    name = "postgres"
+
+    def __init__(self) -> None:
+        self.bin_dir = find_postgres_bin()
+        self._user = _unprivileged_user()
+        super().__init__()
+        self.data_dir = self.dir / "data"
+        if self._user is not None:
+            os.chown(self.dir, self._user.pw_uid, self._user.pw_gid)
+        self._initdb()
+
+    def _as_user(self, argv: list[str]) -> list[str]:
+        if self._user is None:
+            return argv
+        # setpriv execs in place (no intermediate process), so signals reach the postmaster.
+        return [
+            "setpriv",
+            f"--reuid={self._user.pw_uid}",
+            f"--regid={self._user.pw_gid}",
+            "--clear-groups",
+            "--",
+            *argv,
+        ]
+
+    def _initdb(self) -> None:
+        argv = [
+            str(self.bin_dir / "initdb"),
+            "-D",
+            str(self.data_dir),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-locale",
+            "--no-sync",
+        ]
+        done = subprocess.run(self._as_user(argv), capture_output=True, check=False, cwd=self.dir)
+        if done.returncode != 0:
+            out = (done.stdout + done.stderr).decode(errors="replace")
+            raise RuntimeError(f"initdb failed ({done.returncode}):\n{out}")
+
+    def _launch(self) -> subprocess.Popen[bytes]:
+        argv = [
+            str(self.bin_dir / "postgres"),
+            "-D",
+            str(self.data_dir),
+            "-p",
+            str(self.port),
+            "-k",
+            str(self.dir),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            # Durability is irrelevant for throwaway data and costs seconds per test.
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+        ]
+        return self._spawn(self._as_user(argv))
+
+    def _is_ready(self) -> bool:
+        # Line 8 of postmaster.pid is the postmaster's status; "ready" once it accepts
+        # connections (PostgreSQL 10+). No client process needed.
+        try:
+            lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return False
+        return len(lines) >= 8 and lines[7].strip() == "ready"
+
+    def _stop_signal(self) -> signal.Signals:
+        return signal.SIGINT  # "fast" shutdown: roll back sessions, exit promptly
+
+    def dsn_for(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    @property
+    def dsn(self) -> str:
+        """DSN of the ``postgres`` maintenance database."""
+        return self.dsn_for("postgres")
+
+
+class RedisServer(_Server):
+    """A throwaway Redis without persistence: a restart empties it, like a real crash."""
+
+    name = "redis"
+
+    def __init__(self) -> None:
+        self.binary = find_redis_server()
+        super().__init__()
+
+    def _launch(self) -> subprocess.Popen[bytes]:
+        argv = [
+            str(self.binary),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.dir),
+            "--daemonize",
+            "no",
+        ]
+        return self._spawn(argv)
+
+    def _is_ready(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
