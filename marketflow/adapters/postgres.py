@@ -17,10 +17,9 @@ import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 
 from marketflow.domain.aggregates import Aggregate, MinuteRow
 from marketflow.domain.errors import StoreUnavailable
@@ -109,7 +108,10 @@ DATA_ERRORS: tuple[type[BaseException], ...] = (
 # At open, a refusal (bad password, missing database) also means "not usable now".
 _OPEN_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
 
-Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
+    from asyncpg.pool import PoolConnectionProxy
+
+    Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
 
 def _columns(rows: Sequence[MinuteRow]) -> tuple[list[Any], ...]:
