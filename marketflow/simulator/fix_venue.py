@@ -1,0 +1,332 @@
+"""A FIX 4.4 market-data venue (acceptor) for tests, demos and failover drills.
+
+``python -m marketflow.simulator --protocol fix --port 40111 [--rate N] [--gap-every N]
+[--trade-log PATH]``. It accepts Logon, answers TestRequests, sends a 35=W snapshot per symbol
+on MarketDataRequest and then 35=X incrementals: bid and offer around a random-walk mid price
+and trades between them. All clients share one market. ``--gap-every N`` skips a MsgSeqNum
+every N market-data messages per client; ``--trade-log`` appends every trade sent to at least
+one client as a JSON line ``{"symbol", "price", "timestamp"}``: the oracle of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import random
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import orjson
+
+from marketflow.adapters.fix.codec import FieldValue, FixFramer, encode, parse_fields
+from marketflow.adapters.fix.timestamps import format_utc, format_utc_time
+from marketflow.settings import DEFAULT_PAIRS
+
+log = logging.getLogger("marketflow.simulator.fix")
+
+_STARTS = {"BTCUSDT": 100000.0, "DOGEUSDT": 0.30, "TONUSDT": 3.9, "SOLUSDT": 200.0}
+_STARTS["ETHUSDT"] = 3050.0
+_MAX_CLIENT_BUFFER = 4 * 1024 * 1024  # a client this far behind is dropped, as venues do
+_TICK_S = 0.01
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _Client:
+    """One initiator connection: its comp id, sequence numbers and subscription."""
+
+    def __init__(self, writer: asyncio.StreamWriter, comp_id: str, gap_every: int) -> None:
+        self.writer = writer
+        self.comp_id = comp_id
+        self.peer = "?"
+        self.out_seq = 1
+        self.heartbeat_s = 30.0
+        self.last_sent = time.monotonic()
+        self.logged_on = False
+        self.md_req_id: str | None = None
+        self.symbols: frozenset[str] = frozenset()
+        self._gap_every = gap_every
+        self._md_sent = 0
+
+    def send(self, msg_type: str, fields: Sequence[tuple[int, FieldValue]], now_ms: int) -> None:
+        if msg_type in ("W", "X") and self._gap_every:
+            self._md_sent += 1
+            if self._md_sent % self._gap_every == 0:
+                self.out_seq += 1  # the injected gap: this MsgSeqNum is never sent
+        msg = encode(msg_type, fields, sender=self.comp_id, target=self.peer, seq=self.out_seq,
+                     sending_time=format_utc(now_ms))  # fmt: skip
+        self.out_seq += 1
+        self.last_sent = time.monotonic()
+        self.writer.write(msg)
+
+
+class FixVenue:
+    """The acceptor: ``await start()``, ``await stop()``; ``port`` is the bound port."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        symbols: Sequence[str] = DEFAULT_PAIRS,
+        seed: int | None = None,
+        rate: float = 50.0,
+        gap_every: int = 0,
+        trade_log: Path | None = None,
+        comp_id: str = "VENUE",
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.rate = rate
+        self.gap_every = gap_every
+        self.comp_id = comp_id
+        self.trades_sent = 0
+        self._rng = random.Random(seed)
+        self._mids = {s: _STARTS.get(s, 100.0) for s in symbols}
+        self._decimals = {s: max(2, 6 - math.floor(math.log10(m))) for s, m in self._mids.items()}
+        self._last_trade = {s: self._fmt(s, m) for s, m in self._mids.items()}
+        self._trade_log_path = trade_log
+        self._trade_log: TextIO | None = None
+        self._clients: set[_Client] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self._market: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._open_trade_log()
+        self._server = await asyncio.start_server(self._accept, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._market = asyncio.create_task(self._run_market(), name="fix-venue-market")
+        log.info("fix_venue_listening host=%s port=%d", self.host, self.port)
+
+    async def stop(self) -> None:
+        """Stop accepting, close every client after flushing what was sent, stop the market."""
+        if self._server is None:
+            return
+        self._server.close()
+        if self._market is not None:
+            self._market.cancel()
+            await asyncio.gather(self._market, return_exceptions=True)
+        # Closing a transport flushes what was written, then the handler reads EOF and ends;
+        # cancelling handlers instead would make asyncio log their CancelledError.
+        for client in list(self._clients):
+            client.writer.close()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=2.0)
+        await self._server.wait_closed()
+        self._server = None
+        if self._trade_log is not None:
+            self._trade_log.close()
+            self._trade_log = None
+
+    async def __aenter__(self) -> FixVenue:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _open_trade_log(self) -> None:
+        if self._trade_log_path is not None:
+            self._trade_log = self._trade_log_path.open("a", encoding="utf-8")
+
+    def _fmt(self, symbol: str, price: float) -> str:
+        return f"{price:.{self._decimals[symbol]}f}"
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        client = _Client(writer, self.comp_id, self.gap_every)
+        self._clients.add(client)
+        try:
+            await self._serve(reader, client)
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._clients.discard(client)
+            self._handlers.discard(task)
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, client: _Client) -> None:
+        framer = FixFramer()
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            for frame in framer.feed(data):
+                if not isinstance(frame, bytes):
+                    log.warning("fix_venue_bad_frame reason=%s", frame.reason)
+                    continue
+                if not self._on_message(client, parse_fields(frame)):
+                    await client.writer.drain()
+                    return
+            await client.writer.drain()
+
+    def _on_message(self, client: _Client, pairs: list[tuple[int, bytes]]) -> bool:
+        """Handle one message from the initiator; False to close the connection."""
+        fields = dict(pairs)
+        msg_type = fields.get(35, b"")
+        now = _now_ms()
+        if not client.logged_on:
+            if msg_type != b"A":
+                return False
+            client.peer = fields.get(49, b"?").decode(errors="replace")
+            client.heartbeat_s = float(fields.get(108, b"30") or b"30")
+            client.logged_on = True
+            client.send("A", [(98, 0), (108, fields.get(108, b"30")), (141, "Y")], now)
+        elif msg_type == b"1":
+            client.send("0", [(112, fields.get(112, b""))], now)
+        elif msg_type == b"2":
+            client.send("4", [(123, "Y"), (36, client.out_seq + 1)], now)
+        elif msg_type == b"5":
+            client.send("5", [], now)
+            return False
+        elif msg_type == b"V":
+            symbols = [value.decode(errors="replace") for tag, value in pairs if tag == 55]
+            self._on_md_request(client, fields, symbols, now)
+        return True
+
+    def _on_md_request(
+        self, client: _Client, fields: dict[int, bytes], requested: list[str], now: int
+    ) -> None:
+        req_id = fields.get(262, b"").decode(errors="replace")
+        if fields.get(263) == b"2":
+            if req_id == client.md_req_id:
+                client.md_req_id = None
+            return
+        symbols = [s for s in requested if s in self._mids]
+        if not symbols:
+            client.send("Y", [(262, req_id), (281, 0), (58, "unknown symbol")], now)
+            return
+        client.md_req_id = req_id
+        client.symbols = frozenset(symbols)
+        time_only = format_utc_time(now)
+        for symbol in symbols:
+            bid, ask = self._quote(symbol)
+            client.send(
+                "W",
+                [(262, req_id), (55, symbol), (268, 3),
+                 (269, 0), (270, bid), (271, 1), (269, 1), (270, ask), (271, 1),
+                 (269, 2), (270, self._last_trade[symbol]), (271, 1), (273, time_only)],
+                now,
+            )  # fmt: skip
+
+    def _quote(self, symbol: str) -> tuple[str, str]:
+        mid = self._mids[symbol]
+        half = mid * 0.0001
+        return self._fmt(symbol, mid - half), self._fmt(symbol, mid + half)
+
+    async def _run_market(self) -> None:
+        symbols = list(self._mids)
+        owed = 0.0
+        i = 0
+        while True:
+            await asyncio.sleep(_TICK_S)
+            self._heartbeats()
+            owed += self.rate * _TICK_S
+            while owed >= 1.0:
+                owed -= 1.0
+                self._update(symbols[i % len(symbols)])
+                i += 1
+            if self._trade_log is not None:
+                self._trade_log.flush()
+
+    def _heartbeats(self) -> None:
+        now = time.monotonic()
+        for client in list(self._clients):
+            if client.logged_on and now - client.last_sent >= client.heartbeat_s:
+                client.send("0", [], _now_ms())
+
+    def _update(self, symbol: str) -> None:
+        mid = self._mids[symbol] = self._mids[symbol] * (1 + self._rng.uniform(-1e-3, 1e-3))
+        bid, ask = self._quote(symbol)
+        now = _now_ms()
+        time_only = format_utc_time(now)
+        fields: list[tuple[int, FieldValue]] = [
+            (279, 1), (269, 0), (55, symbol), (270, bid), (271, 1), (273, time_only),
+            (279, 1), (269, 1), (55, symbol), (270, ask), (271, 1), (273, time_only),
+        ]  # fmt: skip
+        trade: str | None = None
+        if self._rng.random() < 0.6:
+            trade = self._fmt(symbol, mid * (1 + self._rng.uniform(-1e-4, 1e-4)))
+            fields += [(279, 0), (269, 2), (55, symbol), (270, trade), (271, 0.5)]
+            fields += [(273, time_only)]
+        fields.insert(0, (268, 2 if trade is None else 3))
+        delivered = False
+        for client in list(self._clients):
+            if client.md_req_id is None or symbol not in client.symbols:
+                continue
+            if client.writer.transport.get_write_buffer_size() > _MAX_CLIENT_BUFFER:
+                log.warning("fix_venue_slow_client_dropped peer=%s", client.peer)
+                client.writer.close()
+                self._clients.discard(client)
+                continue
+            client.send("X", fields, now)
+            delivered = True
+        if trade is not None and delivered:
+            self._last_trade[symbol] = trade
+            self.trades_sent += 1
+            if self._trade_log is not None:
+                line = {"symbol": symbol, "price": float(trade), "timestamp": now}
+                self._trade_log.write(orjson.dumps(line).decode() + "\n")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m marketflow.simulator --protocol fix",
+        description="A FIX 4.4 market-data venue (acceptor): snapshots and incrementals.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=40111)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--rate", type=float, default=50.0, help="MD updates per second")
+    parser.add_argument(
+        "--gap-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="skip a MsgSeqNum every N market-data messages (0: never)",
+    )
+    parser.add_argument(
+        "--trade-log",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="append every trade sent as a JSON line",
+    )
+    parser.add_argument("--pairs", default=",".join(DEFAULT_PAIRS))
+    parser.add_argument("--comp-id", default="VENUE", help="our SenderCompID")
+    return parser.parse_args(argv)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    venue = FixVenue(
+        args.host, args.port, symbols=[p for p in args.pairs.split(",") if p], seed=args.seed,
+        rate=args.rate, gap_every=args.gap_every, trade_log=args.trade_log, comp_id=args.comp_id,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with venue:
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the venue until SIGINT/SIGTERM; ``argv`` excludes the program name."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(_serve(args))
+    except OSError as exc:
+        log.error("fix_venue_failed error=%s", exc)  # noqa: TRY400 - one line, not a traceback
+        return 1
+    return 0
