@@ -1,0 +1,280 @@
+"""PostgreSQL audit trail of captured FIX messages (asyncpg, bulk COPY).
+
+Tables ``fix_messages`` and ``fix_rejects`` are created at start (idempotent, under an advisory
+lock so two starting daemons do not race). Batches go in with ``copy_records_to_table``. When
+PostgreSQL refuses a batch for its data (not for being unreachable), the rows are retried one
+by one so that a single bad row costs only itself: it is written to ``fix_rejects`` with the
+database's reason. ``raw`` is the lossless text form of domain.capture.raw_to_text; ``fields``
+is the JSON array of enriched ``[tag, name, value, meaning]`` rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+from asyncpg.pool import PoolConnectionProxy
+
+from marketflow.domain.capture import (
+    CapturedMessage,
+    CaptureReject,
+    MessageQuery,
+    StoredMessage,
+    StoredReject,
+    raw_to_text,
+)
+from marketflow.domain.errors import StoreUnavailable
+from marketflow.settings import PostgresSettings
+
+_SCHEMA = """
+SELECT pg_advisory_xact_lock(7354120);
+CREATE TABLE IF NOT EXISTS fix_messages (
+    id bigserial PRIMARY KEY,
+    received_at timestamptz NOT NULL,
+    peer text NOT NULL,
+    begin_string text NOT NULL,
+    msg_type text NOT NULL,
+    msg_type_name text,
+    sender text NOT NULL,
+    target text NOT NULL,
+    seq_num bigint NOT NULL,
+    symbol text,
+    raw text NOT NULL,
+    fields jsonb NOT NULL
+);
+CREATE INDEX IF NOT EXISTS fix_messages_msg_type_id ON fix_messages (msg_type, id);
+CREATE INDEX IF NOT EXISTS fix_messages_symbol_id ON fix_messages (symbol, id);
+CREATE INDEX IF NOT EXISTS fix_messages_received_at ON fix_messages (received_at);
+CREATE TABLE IF NOT EXISTS fix_rejects (
+    id bigserial PRIMARY KEY,
+    received_at timestamptz NOT NULL,
+    peer text NOT NULL,
+    reason text NOT NULL,
+    raw text NOT NULL
+);
+"""
+_MESSAGE_COLUMNS = (
+    "received_at", "peer", "begin_string", "msg_type", "msg_type_name", "sender", "target",
+    "seq_num", "symbol", "raw", "fields",
+)  # fmt: skip
+_REJECT_COLUMNS = ("received_at", "peer", "reason", "raw")
+_SELECT = (
+    "SELECT id, (extract(epoch FROM received_at) * 1000)::bigint AS received_ms, peer, raw,"
+    " begin_string, msg_type, msg_type_name, sender, target, seq_num, symbol, fields"
+    " FROM fix_messages"
+)
+# Driver errors meaning "cannot reach the database now", as opposed to "refused this data".
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # jsonb travels as bytes already serialised by orjson (binary format: a version byte, 1).
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=lambda data: b"\x01" + data,
+        decoder=lambda data: orjson.loads(data[1:]),
+        format="binary",
+    )
+
+
+def _ts(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _ms(ts: datetime) -> int:
+    return int(ts.timestamp() * 1000)
+
+
+class PostgresCaptureStore:
+    """CaptureStore on PostgreSQL; build with ``await PostgresCaptureStore.open(settings)``."""
+
+    kind = "postgres"
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._closed = False
+
+    @classmethod
+    async def open(cls, settings: PostgresSettings, *, max_size: int = 4) -> PostgresCaptureStore:
+        """Connect and create the tables; raises StoreUnavailable when unreachable."""
+        password = settings.password.get_secret_value() if settings.password else None
+        try:
+            pool = await asyncpg.create_pool(
+                settings.dsn,
+                password=password,
+                min_size=1,
+                max_size=max_size,
+                timeout=settings.connect_timeout_s,
+                init=_init_connection,
+            )
+        except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
+            raise StoreUnavailable(f"postgres unreachable: {exc}") from exc
+        store = cls(pool)
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(_SCHEMA)
+        except BaseException:
+            await pool.close()
+            raise
+        return store
+
+    async def __aenter__(self) -> PostgresCaptureStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the pool (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            await self._pool.close()
+
+    async def write(
+        self, messages: Sequence[CapturedMessage], rejects: Sequence[CaptureReject]
+    ) -> list[CaptureReject]:
+        """COPY both; a refused row is retried alone and, if refused again, becomes a reject."""
+        stamps: dict[int, datetime] = {}  # one receipt time per read chunk: convert it once
+
+        def ts(ms: int) -> datetime:
+            stamp = stamps.get(ms)
+            if stamp is None:
+                stamp = stamps[ms] = _ts(ms)
+            return stamp
+
+        rows = [
+            (
+                ts(m.received_ms), m.peer, m.begin_string, m.msg_type, m.msg_type_name, m.sender,
+                m.target, m.seq_num, m.symbol, raw_to_text(m.raw), m.fields_json,
+            )
+            for m in messages
+        ]  # fmt: skip
+        bad = [(ts(r.received_ms), r.peer, r.reason, raw_to_text(r.raw)) for r in rejects]
+        try:
+            async with self._pool.acquire() as conn:
+                try:
+                    async with conn.transaction():
+                        await _copy(conn, rows, bad)
+                except asyncpg.PostgresError as exc:
+                    if isinstance(exc, _UNAVAILABLE):
+                        raise
+                    return await self._one_by_one(conn, messages, rows, bad)
+                return []
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"postgres write failed: {exc}") from exc
+
+    async def _one_by_one(
+        self,
+        conn: PoolConnectionProxy[Any],
+        messages: Sequence[CapturedMessage],
+        rows: list[tuple[Any, ...]],
+        bad: list[tuple[Any, ...]],
+    ) -> list[CaptureReject]:
+        refused: list[CaptureReject] = []
+        for message, row in zip(messages, rows, strict=True):
+            try:
+                await conn.copy_records_to_table(
+                    "fix_messages", records=[row], columns=_MESSAGE_COLUMNS
+                )
+            except asyncpg.PostgresError as exc:
+                if isinstance(exc, _UNAVAILABLE):
+                    raise
+                reason = f"store_refused: {exc}"
+                refused.append(
+                    CaptureReject(message.received_ms, message.peer, reason, message.raw)
+                )
+                bad.append((row[0], row[1], reason, row[9]))
+        for reject_row in bad:
+            try:
+                await conn.copy_records_to_table(
+                    "fix_rejects", records=[reject_row], columns=_REJECT_COLUMNS
+                )
+            except asyncpg.PostgresError as exc:
+                if isinstance(exc, _UNAVAILABLE):
+                    raise
+                # Nothing left to fall back to for this row: keep the batch going.
+                continue
+        return refused
+
+    async def list_messages(self, query: MessageQuery) -> list[StoredMessage]:
+        """Newest first, filtered, paged by ``before_id`` (keyset) or ``offset``."""
+        where: list[str] = []
+        args: list[object] = []
+        for column, value in (
+            ("id <", query.before_id),
+            ("msg_type =", query.msg_type),
+            ("symbol =", query.symbol),
+            ("received_at >=", None if query.since_ms is None else _ts(query.since_ms)),
+        ):
+            if value is not None:
+                args.append(value)
+                where.append(f"{column} ${len(args)}")
+        sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        args += [query.limit, query.offset]
+        sql += f" ORDER BY id DESC LIMIT ${len(args) - 1} OFFSET ${len(args)}"
+        return [_message(r) for r in await self._fetch(sql, *args)]
+
+    async def get_message(self, message_id: int) -> StoredMessage | None:
+        """One message by id, or None."""
+        rows = await self._fetch(_SELECT + " WHERE id = $1", message_id)
+        return _message(rows[0]) if rows else None
+
+    async def list_rejects(self, limit: int, before_id: int | None) -> list[StoredReject]:
+        """Newest first."""
+        rows = await self._fetch(
+            "SELECT id, received_at, peer, reason, raw FROM fix_rejects"
+            " WHERE $1::bigint IS NULL OR id < $1 ORDER BY id DESC LIMIT $2",
+            before_id,
+            limit,
+        )
+        return [
+            StoredReject(r["id"], _ms(r["received_at"]), r["peer"], r["reason"], r["raw"])
+            for r in rows
+        ]
+
+    async def count(self) -> tuple[int, int]:
+        """(messages, rejects) stored."""
+        rows = await self._fetch(
+            "SELECT (SELECT count(*) FROM fix_messages), (SELECT count(*) FROM fix_rejects)"
+        )
+        return int(rows[0][0]), int(rows[0][1])
+
+    async def ping(self) -> bool:
+        """True when a trivial query succeeds."""
+        try:
+            await self._fetch("SELECT 1")
+        except StoreUnavailable:
+            return False
+        return True
+
+    async def _fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        try:
+            async with self._pool.acquire() as conn:
+                return list(await conn.fetch(sql, *args))
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"postgres query failed: {exc}") from exc
+
+
+async def _copy(conn: PoolConnectionProxy[Any], rows: list[Any], bad: list[Any]) -> None:
+    if rows:
+        await conn.copy_records_to_table("fix_messages", records=rows, columns=_MESSAGE_COLUMNS)
+    if bad:
+        await conn.copy_records_to_table("fix_rejects", records=bad, columns=_REJECT_COLUMNS)
+
+
+def _message(r: asyncpg.Record) -> StoredMessage:
+    return StoredMessage(
+        r["id"], r["received_ms"], r["peer"], r["raw"], r["begin_string"], r["msg_type"],
+        r["msg_type_name"], r["sender"], r["target"], r["seq_num"], r["symbol"], r["fields"],
+    )  # fmt: skip

@@ -1,0 +1,213 @@
+"""Embedded SQLite audit trail of captured FIX messages: the fallback when no PostgreSQL is
+configured or reachable. Same contract and same row forms as capture_postgres (raw as lossless
+text, fields as the JSON array of enriched rows, receipt time as Unix ms). One connection,
+used from worker threads through ``asyncio.to_thread`` and serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from marketflow.domain.capture import (
+    CapturedMessage,
+    CaptureReject,
+    MessageQuery,
+    StoredMessage,
+    StoredReject,
+    raw_to_text,
+)
+from marketflow.domain.errors import StoreUnavailable
+
+T = TypeVar("T")
+
+_SCHEMA = """
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = NORMAL;
+CREATE TABLE IF NOT EXISTS fix_messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_ms INTEGER NOT NULL,
+    peer TEXT NOT NULL,
+    begin_string TEXT NOT NULL,
+    msg_type TEXT NOT NULL,
+    msg_type_name TEXT,
+    sender TEXT NOT NULL,
+    target TEXT NOT NULL,
+    seq_num INTEGER NOT NULL,
+    symbol TEXT,
+    raw TEXT NOT NULL,
+    fields TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS fix_messages_msg_type_id ON fix_messages (msg_type, id);
+CREATE INDEX IF NOT EXISTS fix_messages_symbol_id ON fix_messages (symbol, id);
+CREATE INDEX IF NOT EXISTS fix_messages_received ON fix_messages (received_ms);
+CREATE TABLE IF NOT EXISTS fix_rejects (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_ms INTEGER NOT NULL,
+    peer TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    raw TEXT NOT NULL
+);
+"""
+_INSERT_MESSAGE = (
+    "INSERT INTO fix_messages (received_ms, peer, begin_string, msg_type, msg_type_name,"
+    " sender, target, seq_num, symbol, raw, fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_REJECT = "INSERT INTO fix_rejects (received_ms, peer, reason, raw) VALUES (?, ?, ?, ?)"
+_SELECT = (
+    "SELECT id, received_ms, peer, raw, begin_string, msg_type, msg_type_name, sender, target,"
+    " seq_num, symbol, fields FROM fix_messages"
+)
+
+
+class SqliteCaptureStore:
+    """CaptureStore on a local SQLite file; build with ``await SqliteCaptureStore.open(path)``."""
+
+    kind = "sqlite"
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteCaptureStore:
+        """Open (creating the file, its directory and the tables when missing)."""
+
+        def connect() -> sqlite3.Connection:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            conn.executescript(_SCHEMA)
+            return conn
+
+        try:
+            return cls(await asyncio.to_thread(connect))
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreUnavailable(f"sqlite {path}: {exc}") from exc
+
+    async def __aenter__(self) -> SqliteCaptureStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the file (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            async with self._lock:
+                await asyncio.to_thread(self._conn.close)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        async with self._lock:
+            if self._closed:
+                raise StoreUnavailable("sqlite capture store is closed")
+            try:
+                return await asyncio.to_thread(fn, self._conn)
+            except sqlite3.OperationalError as exc:  # disk full, locked, I/O error
+                raise StoreUnavailable(f"sqlite: {exc}") from exc
+
+    async def write(
+        self, messages: Sequence[CapturedMessage], rejects: Sequence[CaptureReject]
+    ) -> list[CaptureReject]:
+        """Insert both in one transaction; a refused row is retried alone, then a reject."""
+        rows = [
+            (
+                m.received_ms, m.peer, m.begin_string, m.msg_type, m.msg_type_name, m.sender,
+                m.target, m.seq_num, m.symbol, raw_to_text(m.raw), m.fields_json.decode(),
+            )
+            for m in messages
+        ]  # fmt: skip
+        bad = [(r.received_ms, r.peer, r.reason, raw_to_text(r.raw)) for r in rejects]
+
+        def write(conn: sqlite3.Connection) -> list[CaptureReject]:
+            try:
+                with conn:  # one transaction; rolled back on error
+                    conn.execute("BEGIN")
+                    conn.executemany(_INSERT_MESSAGE, rows)
+                    conn.executemany(_INSERT_REJECT, bad)
+            except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError):
+                return _one_by_one(conn, messages, rows, bad)
+            return []
+
+        return await self._run(write)
+
+    async def list_messages(self, query: MessageQuery) -> list[StoredMessage]:
+        """Newest first, filtered, paged by ``before_id`` (keyset) or ``offset``."""
+        where: list[str] = []
+        args: list[object] = []
+        for clause, value in (
+            ("id < ?", query.before_id),
+            ("msg_type = ?", query.msg_type),
+            ("symbol = ?", query.symbol),
+            ("received_ms >= ?", query.since_ms),
+        ):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
+        rows = await self._run(
+            lambda c: c.execute(sql, (*args, query.limit, query.offset)).fetchall()
+        )
+        return [_message(r) for r in rows]
+
+    async def get_message(self, message_id: int) -> StoredMessage | None:
+        """One message by id, or None."""
+        rows = await self._run(
+            lambda c: c.execute(_SELECT + " WHERE id = ?", (message_id,)).fetchall()
+        )
+        return _message(rows[0]) if rows else None
+
+    async def list_rejects(self, limit: int, before_id: int | None) -> list[StoredReject]:
+        """Newest first."""
+        sql = "SELECT id, received_ms, peer, reason, raw FROM fix_rejects"
+        sql += " WHERE ? IS NULL OR id < ? ORDER BY id DESC LIMIT ?"
+        rows = await self._run(lambda c: c.execute(sql, (before_id, before_id, limit)).fetchall())
+        return [StoredReject(*r) for r in rows]
+
+    async def count(self) -> tuple[int, int]:
+        """(messages, rejects) stored."""
+        sql = "SELECT (SELECT count(*) FROM fix_messages), (SELECT count(*) FROM fix_rejects)"
+        row = await self._run(lambda c: c.execute(sql).fetchone())
+        return int(row[0]), int(row[1])
+
+    async def ping(self) -> bool:
+        """True when a trivial query succeeds."""
+        try:
+            await self._run(lambda c: c.execute("SELECT 1").fetchone())
+        except StoreUnavailable:
+            return False
+        return True
+
+
+def _one_by_one(
+    conn: sqlite3.Connection,
+    messages: Sequence[CapturedMessage],
+    rows: list[tuple[Any, ...]],
+    bad: list[tuple[Any, ...]],
+) -> list[CaptureReject]:
+    refused: list[CaptureReject] = []
+    for message, row in zip(messages, rows, strict=True):
+        try:
+            conn.execute(_INSERT_MESSAGE, row)
+        except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError) as exc:
+            reason = f"store_refused: {exc}"
+            refused.append(CaptureReject(message.received_ms, message.peer, reason, message.raw))
+            bad.append((row[0], row[1], reason, row[9]))
+    for reject_row in bad:
+        try:
+            conn.execute(_INSERT_REJECT, reject_row)
+        except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError):
+            continue  # nothing left to fall back to for this row; keep the batch going
+    return refused
+
+
+def _message(r: Sequence[Any]) -> StoredMessage:
+    fields = orjson.loads(r[11])
+    return StoredMessage(*r[:11], fields)  # type: ignore[call-arg]

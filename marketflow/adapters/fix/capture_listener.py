@@ -1,0 +1,158 @@
+"""TCP listener of the FIX capture audit trail (PROTOCOLS.md section 3).
+
+Any number of clients, no session handshake. Each connection has its own FixFramer, reads
+64 KiB chunks and hands the frames of each read to the capture use case with the receipt time
+and the peer address. ``submit`` blocks while storage is behind, so a connection then stops
+reading and TCP flow control slows its sender: the listener never buffers without bound.
+A peer that sends garbage gets its bytes recorded as rejects; nothing it sends can end the
+listener or another connection. Bytes left incomplete when a peer disconnects are recorded as
+a ``truncated_at_disconnect`` reject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from marketflow.adapters.fix.codec import FixFramer, FrameReject
+from marketflow.settings import CaptureSettings
+
+log = logging.getLogger("marketflow.capture.listener")
+
+
+class FrameSink(Protocol):
+    """Where framed messages go (app.capture.CaptureService)."""
+
+    async def submit(
+        self,
+        peer: str,
+        received_ms: int,
+        frames: Sequence[bytes],
+        rejects: Sequence[tuple[str, bytes]] = (),
+    ) -> None: ...
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class CaptureListener:
+    """``async with CaptureListener(service, settings):`` accepts clients until closed."""
+
+    def __init__(
+        self,
+        sink: FrameSink,
+        settings: CaptureSettings,
+        *,
+        clock: Callable[[], int] = _wall_ms,
+        read_bytes: int = 65536,
+    ) -> None:
+        self._sink = sink
+        self._host = settings.host
+        self._port = settings.port
+        self._max_message = settings.max_message_bytes
+        self._clock = clock
+        self._read_bytes = read_bytes
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.connections_total = 0
+        self.bytes_received = 0
+
+    @property
+    def port(self) -> int:
+        """The bound port (the ephemeral one when configured with 0)."""
+        if self._server is None or not self._server.sockets:
+            return self._port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        """Bind and accept (idempotent); raises OSError when the address is taken."""
+        if self._server is None and not self._closed:
+            self._server = await asyncio.start_server(
+                self._serve, self._host, self._port, limit=self._read_bytes
+            )
+            log.info("capture_listening host=%s port=%d", self._host, self.port)
+
+    async def __aenter__(self) -> CaptureListener:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def stats(self) -> dict[str, int]:
+        """Connection counters for /health and metrics."""
+        return {
+            "connections_open": len(self._connections),
+            "connections_total": self.connections_total,
+            "bytes_received": self.bytes_received,
+        }
+
+    async def aclose(self) -> None:
+        """Stop accepting, end every connection (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        self.connections_total += 1
+        address = writer.get_extra_info("peername")
+        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        log.info("capture_connected peer=%s", peer)
+        try:
+            await self._read(reader, peer)
+        except (ConnectionError, OSError) as exc:
+            log.info("capture_connection_lost peer=%s error=%s", peer, exc)
+        except Exception:
+            # One connection's bug must not end the listener: log it and drop the connection.
+            log.exception("capture_connection_failed peer=%s", peer)
+        finally:
+            self._connections.discard(task)
+            writer.close()
+        log.info("capture_disconnected peer=%s", peer)
+
+    async def _read(self, reader: asyncio.StreamReader, peer: str) -> None:
+        framer = FixFramer(self._max_message)
+        submit = self._sink.submit
+        # Recent chunks that may still hold the framer's incomplete tail, so that bytes left
+        # over at disconnect can be recorded as a reject instead of vanishing.
+        tail_chunks: list[bytes] = []
+        while True:
+            data = await reader.read(self._read_bytes)
+            if not data:
+                break
+            received_ms = self._clock()
+            self.bytes_received += len(data)
+            items = framer.feed(data)
+            pending = framer.buffered
+            if pending:
+                tail_chunks.append(data)
+                while len(tail_chunks) > 1 and sum(map(len, tail_chunks[1:])) >= pending:
+                    del tail_chunks[0]
+            else:
+                tail_chunks.clear()
+            if not items:
+                continue
+            frames: Sequence[bytes] = items  # type: ignore[assignment]  # bytes, checked next
+            rejects: list[tuple[str, bytes]] = []
+            if not all(type(item) is bytes for item in items):
+                frames = [item for item in items if type(item) is bytes]
+                rejects = [(r.reason, r.raw) for r in items if isinstance(r, FrameReject)]
+            await submit(peer, received_ms, frames, rejects)
+        if framer.buffered:
+            tail = b"".join(tail_chunks)[-framer.buffered :]
+            await submit(peer, self._clock(), (), [("truncated_at_disconnect", tail)])
