@@ -1,0 +1,397 @@
+"""The outbox between the aggregator and the minute store.
+
+PostgreSQL down: minute rows are kept and written when it returns; none lost or written twice.
+
+``submit()`` never blocks the aggregator: rows wait in memory (a later version of the same
+(exchange, symbol, minute) replaces an earlier one) until the background task writes them in
+one ``upsert_minutes`` batch. When the store is unavailable the rows stay, the writer reports
+itself down, and it retries with exponential backoff and jitter. Past ``max_in_memory``
+pending rows, and at close while the store is still down, rows go to a spill file (JSON
+lines, fsynced) so that even a crash loses nothing; the next start writes that file first and
+deletes it only once every row in it is in the store. The store's upsert makes a row written
+twice (after a crash between write and delete) count once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from marketflow.domain.aggregates import MinuteRow
+from marketflow.domain.errors import StoreUnavailable
+from marketflow.domain.ports import MinuteStore
+
+log = logging.getLogger("marketflow.minute_writer")
+
+Clock = Callable[[], int]
+"""Wall clock in Unix epoch milliseconds."""
+
+Key = tuple[str, str, int]
+
+
+class MinuteWriter:
+    """Writes submitted minute rows to ``store`` at least once, in order, surviving outages."""
+
+    def __init__(
+        self,
+        store: MinuteStore,
+        spill_path: Path,
+        max_in_memory: int,
+        clock: Clock,
+        *,
+        retry_initial_s: float = 0.25,
+        retry_max_s: float = 4.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.spill_path = spill_path
+        self._max = max(1, max_in_memory)
+        self._clock = clock
+        self._retry_initial = retry_initial_s
+        self._retry_max = retry_max_s
+        self._rng = rng or random.Random()
+        self._pending: dict[Key, MinuteRow] = {}
+        self._spill_exists = False  # True from the first append until the file is deleted
+        self._spilled = 0
+        self._written = 0
+        self._failures = 0
+        self._state = "up"
+        self._last_error: str | None = None
+        self._down_since_ms: int | None = None
+        # flush(): every submit() has a sequence number; once an attempt that began after
+        # submit n succeeds (spill file included), rows of submits <= n are in the store.
+        self._submitted = 0
+        self._durable = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._flush_requested = False
+        self._wake = asyncio.Event()  # new rows
+        self._nudge = asyncio.Event()  # cut a backoff short: flush, close, or memory full
+        self._task: asyncio.Task[None] | None = None
+        self._running = False
+        self._exited = asyncio.Event()
+        self._closed = False
+        self._finished = False  # aclose() done: late rows go straight to the spill file
+
+    # -- the aggregator's side ------------------------------------------------------------
+
+    def submit(self, rows: Sequence[MinuteRow]) -> None:
+        """Queue rows for writing (never blocks, never raises for the store's sake)."""
+        if not rows:
+            return
+        if self._finished:
+            log.error("minute_rows_after_close rows=%d action=spill", len(rows))
+            _append_rows(self.spill_path, list(rows))
+            self._spill_exists = True
+            self._spilled += len(rows)
+            return
+        for row in rows:
+            self._pending[row.key] = row
+        self._submitted += 1
+        self._wake.set()
+        if len(self._pending) > self._max:
+            self._nudge.set()
+
+    async def flush(self) -> None:
+        """Wait until every row submitted so far is in the store.
+
+        Triggers an attempt now (skipping any backoff); raises StoreUnavailable if it fails.
+        """
+        target = self._submitted
+        if self._durable >= target and not self._pending and not self._spill_exists:
+            return
+        if self._finished:
+            raise StoreUnavailable(f"minute writer closed; {self._spilled} rows in spill file")
+        if self._task is None and not self._running:
+            raise RuntimeError("MinuteWriter.flush() needs run() or start() first")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((target, fut))
+        self._flush_requested = True
+        self._nudge.set()
+        self._wake.set()
+        try:
+            await fut
+        finally:
+            self._waiters = [(t, f) for t, f in self._waiters if f is not fut]
+
+    def status(self) -> dict[str, Any]:
+        """The /health view of the writer and its store."""
+        return {
+            "state": self._state,
+            "kind": self.store.kind,
+            "pending_rows": len(self._pending),
+            "spilled_rows": self._spilled,
+            "written_rows": self._written,
+            "last_error": self._last_error,
+            "down_since_ms": self._down_since_ms,
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Write a spill file left by an earlier run (one attempt), then run in the background.
+
+        Writing the spill first means rows the aggregator restores from the store at start
+        include those rows. A store still down leaves the file for the background task.
+        """
+        if self._task is not None:
+            return
+        if await asyncio.to_thread(self.spill_path.exists):
+            self._spill_exists = True
+            self._spilled = await asyncio.to_thread(_count_lines, self.spill_path)
+            log.warning("minute_spill_found path=%s rows=%d", self.spill_path, self._spilled)
+            await self._attempt()
+        self._task = asyncio.create_task(self.run(), name="minute-writer")
+
+    async def run(self) -> None:
+        """Write pending rows until ``aclose()``; retry with backoff while the store is down."""
+        if self._running:
+            raise RuntimeError("MinuteWriter.run() is already running")
+        self._running = True
+        self._exited.clear()
+        try:
+            while not self._closed:
+                if not (self._pending or self._spill_exists or self._flush_requested):
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                if await self._attempt():
+                    continue
+                delay = min(self._retry_max, self._retry_initial * 2 ** (self._failures - 1))
+                delay = delay / 2 + self._rng.uniform(0, delay / 2)  # jitter: no herd
+                log.warning(
+                    "minute_store_down kind=%s attempt=%d pending=%d spilled=%d "
+                    "retry_in_s=%.2f error=%s",
+                    self.store.kind,
+                    self._failures,
+                    len(self._pending),
+                    self._spilled,
+                    delay,
+                    self._last_error,
+                )
+                await self._backoff(delay)
+        finally:
+            self._running = False
+            self._exited.set()
+
+    async def aclose(self) -> None:
+        """Stop the task, make a last write attempt, spill what is left; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._nudge.set()
+        self._wake.set()
+        if self._running:
+            await self._exited.wait()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        if (self._pending or self._spill_exists) and not await self._attempt() and self._pending:
+            await self._spill_pending()
+        self._finished = True
+        if self._pending:
+            log.error("minute_rows_lost rows=%d reason=spill_failed", len(self._pending))
+        self._fail_waiters(StoreUnavailable("minute writer closed"))
+
+    # -- internals ------------------------------------------------------------------------
+
+    async def _attempt(self) -> bool:
+        """One write of the spill file then the pending rows. True when all of it landed."""
+        target = self._submitted
+        self._flush_requested = False
+        try:
+            if self._spill_exists:
+                await self._drain_spill()
+            batch, self._pending = self._pending, {}
+            if batch:
+                try:
+                    await self.store.upsert_minutes(list(batch.values()))
+                except BaseException:
+                    # Rows submitted meanwhile are newer versions: they win over the batch.
+                    batch.update(self._pending)
+                    self._pending = batch
+                    raise
+                self._written += len(batch)
+        except StoreUnavailable as exc:
+            self._mark_down(str(exc))
+            self._fail_waiters(exc)
+            return False
+        except Exception as exc:
+            # Not an outage we know: keep the rows (they are retried and, past the memory
+            # bound, spilled) rather than lose them to a bug; the log has the traceback.
+            log.exception("minute_write_failed kind=%s", self.store.kind)
+            self._mark_down(f"{type(exc).__name__}: {exc}")
+            self._fail_waiters(StoreUnavailable(self._last_error or "write failed"))
+            return False
+        self._mark_up()
+        self._durable = max(self._durable, target)
+        for t, fut in self._waiters:
+            if t <= self._durable and not fut.done():
+                fut.set_result(None)
+        return True
+
+    async def _drain_spill(self) -> None:
+        """Write the spill file in order, in chunks of ``max_in_memory`` rows, then delete it."""
+        offset = 0
+        while True:
+            rows, offset = await asyncio.to_thread(_read_chunk, self.spill_path, offset, self._max)
+            if not rows:
+                break
+            await self.store.upsert_minutes(rows)
+            self._written += len(rows)
+        await asyncio.to_thread(_unlink, self.spill_path)
+        log.info("minute_spill_written path=%s rows=%d", self.spill_path, self._spilled)
+        self._spill_exists = False
+        self._spilled = 0
+
+    async def _spill_pending(self) -> None:
+        """Move every pending row to the spill file (kept in memory if the file fails)."""
+        rows = list(self._pending.values())
+        if not rows:
+            return
+        self._spill_exists = True  # set first: a cancelled append may still land in the file
+        try:
+            await asyncio.to_thread(_append_rows, self.spill_path, rows)
+        except OSError as exc:
+            # Rows stay in memory; the OS error says it all, a traceback would not help.
+            log.error(  # noqa: TRY400
+                "minute_spill_failed path=%s rows=%d error=%s", self.spill_path, len(rows), exc
+            )
+            return
+        for row in rows:
+            # A newer version submitted during the append stays pending (written after).
+            if self._pending.get(row.key) is row:
+                del self._pending[row.key]
+        self._spilled += len(rows)
+        log.warning(
+            "minute_rows_spilled path=%s rows=%d total_spilled=%d",
+            self.spill_path,
+            len(rows),
+            self._spilled,
+        )
+
+    async def _backoff(self, delay: float) -> None:
+        """Sleep ``delay`` unless flushed or closed; spill whenever memory is over the bound."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay
+        while not (self._closed or self._flush_requested):
+            if len(self._pending) > self._max:
+                await self._spill_pending()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._nudge.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._nudge.wait()
+            except TimeoutError:
+                return
+
+    def _mark_down(self, error: str) -> None:
+        self._failures += 1
+        self._last_error = error
+        if self._state != "down":
+            self._state = "down"
+            self._down_since_ms = self._clock()
+
+    def _mark_up(self) -> None:
+        if self._state == "down":
+            log.info(
+                "minute_store_up kind=%s after_attempts=%d written=%d",
+                self.store.kind,
+                self._failures,
+                self._written,
+            )
+        self._state = "up"
+        self._failures = 0
+        self._down_since_ms = None
+
+    def _fail_waiters(self, exc: StoreUnavailable) -> None:
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(exc)
+
+
+# -- spill file (runs in worker threads) ----------------------------------------------------
+
+
+def _encode(row: MinuteRow) -> bytes:
+    return orjson.dumps(
+        {
+            "exchange": row.exchange,
+            "symbol": row.symbol,
+            "minute_ms": row.minute_ms,
+            "average": row.average,
+            "low": row.low,
+            "high": row.high,
+            "count": row.count,
+        }
+    )
+
+
+def _decode(line: bytes) -> MinuteRow:
+    d = orjson.loads(line)
+    return MinuteRow(
+        str(d["exchange"]),
+        str(d["symbol"]),
+        int(d["minute_ms"]),
+        float(d["average"]),
+        float(d["low"]),
+        float(d["high"]),
+        int(d["count"]),
+    )
+
+
+def _append_rows(path: Path, rows: list[MinuteRow]) -> None:
+    """Append rows as JSON lines and fsync, so they survive a crash right after."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    created = not path.exists()
+    with path.open("ab") as f:
+        f.write(b"".join(_encode(r) + b"\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+    if created:  # the new directory entry must be durable too
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _read_chunk(path: Path, offset: int, limit: int) -> tuple[list[MinuteRow], int]:
+    """Up to ``limit`` rows from byte ``offset``; unreadable lines are logged and skipped."""
+    rows: list[MinuteRow] = []
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return rows, offset
+    with f:
+        f.seek(offset)
+        while len(rows) < limit:
+            line = f.readline()
+            if not line:
+                break
+            if not line.strip():
+                continue
+            try:
+                rows.append(_decode(line))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                # A torn last line (crash mid-append) or a hand-edited file: skip, say so.
+                log.error(  # noqa: TRY400
+                    "minute_spill_bad_line path=%s line=%r error=%s", path, line[:200], exc
+                )
+        return rows, f.tell()
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
