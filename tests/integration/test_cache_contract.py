@@ -1,0 +1,167 @@
+"""One contract for both price caches: real Redis (harness server) and in-process memory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.connection import Connection
+
+from marketflow.adapters.memory_cache import MemoryPriceCache
+from marketflow.adapters.redis_cache import RedisPriceCache, open_redis
+from marketflow.domain.aggregates import LatestPrice, SecondBucket
+from marketflow.domain.errors import CacheUnavailable
+from marketflow.settings import RedisSettings
+from tests.harness.services import free_port
+
+pytestmark = pytest.mark.integration
+
+Cache = RedisPriceCache | MemoryPriceCache
+RETENTION_S = 600
+S0 = 1_700_000_040  # a minute start (epoch seconds)
+
+
+def latest(price: float, ts: int, exchange: str = "exchange1") -> LatestPrice:
+    return LatestPrice(exchange, "BTCUSDT", price, ts, ts + 5)
+
+
+def second(sec: int, low: float = 1.0, count: int = 2, exchange: str = "exchange1") -> SecondBucket:
+    return SecondBucket(exchange, "BTCUSDT", sec, low, low + 1.5, low * count + 0.25, count)
+
+
+class FakeMonotonic:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def redis_cache(redis_url: str) -> AsyncIterator[RedisPriceCache]:
+    async with await open_redis(RedisSettings(url=redis_url), RETENTION_S) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def memory_cache() -> AsyncIterator[MemoryPriceCache]:
+    async with MemoryPriceCache(RETENTION_S) as opened:
+        yield opened
+
+
+@pytest.fixture(params=["redis_cache", "memory_cache"])
+def cache(request: pytest.FixtureRequest) -> Cache:
+    """Each contract test runs once per cache."""
+    opened: Cache = request.getfixturevalue(request.param)
+    return opened
+
+
+async def test_newest_exchange_timestamp_wins_whatever_the_write_order(cache: Cache) -> None:
+    await cache.write([latest(10.0, 2000)], [])
+    await cache.write([latest(9.0, 1000)], [])  # older tick arriving late: ignored
+    await cache.write([latest(11.0, 3000, exchange="exchange2")], [])
+    got, _ = await cache.load(0)
+    assert sorted(got, key=lambda p: p.exchange) == [
+        latest(10.0, 2000),
+        latest(11.0, 3000, exchange="exchange2"),
+    ]
+
+
+async def test_newer_latest_price_replaces_older(cache: Cache) -> None:
+    await cache.write([latest(10.0, 2000)], [])
+    await cache.write([latest(12.5, 2001)], [])
+    got, _ = await cache.load(0)
+    assert got == [latest(12.5, 2001)]
+
+
+async def test_second_is_overwritten_whole_not_added(cache: Cache) -> None:
+    await cache.write([], [second(S0 + 1, low=1.0, count=2)])
+    await cache.write([], [second(S0 + 1, low=0.5, count=5)])
+    _, seconds = await cache.load(S0)
+    assert seconds == [second(S0 + 1, low=0.5, count=5)]
+
+
+async def test_load_returns_seconds_at_or_after_since_across_minutes(cache: Cache) -> None:
+    buckets = [second(S0 - 1), second(S0), second(S0 + 59), second(S0 + 60)]
+    buckets.append(second(S0 + 30, exchange="exchange2"))
+    await cache.write([latest(1.0, 1)], buckets)
+    _, seconds = await cache.load(S0)
+    assert sorted(seconds, key=lambda b: (b.exchange, b.second)) == [
+        second(S0),
+        second(S0 + 59),
+        second(S0 + 60),
+        second(S0 + 30, exchange="exchange2"),
+    ]
+    _, everything = await cache.load(0)
+    assert len(everything) == 5
+
+
+async def test_float_values_round_trip_exactly(cache: Cache) -> None:
+    b = SecondBucket("exchange1", "ETHUSDT", S0, 0.1 + 0.2, 1 / 3, 12345.678901234567, 7)
+    p = LatestPrice("exchange1", "ETHUSDT", 0.1 + 0.2, 1_700_000_000_123, 1_700_000_000_456)
+    await cache.write([p], [b])
+    assert await cache.load(S0) == ([p], [b])
+
+
+async def test_closed_cache_raises_cache_unavailable_and_closes_twice(cache: Cache) -> None:
+    await cache.aclose()
+    await cache.aclose()
+    with pytest.raises(CacheUnavailable):
+        await cache.write([latest(1.0, 1)], [])
+    assert await cache.ping() is False
+
+
+async def test_redis_window_keys_expire_after_retention_plus_margin(
+    redis_cache: RedisPriceCache, redis_url: str
+) -> None:
+    await redis_cache.write([latest(1.0, 1)], [second(S0 + 3)])
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        key = f"marketflow:window:exchange1:BTCUSDT:{S0}"
+        ttl = await client.ttl(key)
+        fields = await client.hgetall(key)
+        latest_raw = await client.hget("marketflow:latest", "exchange1:BTCUSDT")
+    finally:
+        await client.aclose()
+    assert RETENTION_S < ttl <= RETENTION_S + 120
+    assert fields == {str(S0 + 3): "1.0,2.5,2.25,2"}
+    assert latest_raw is not None
+    assert orjson.loads(latest_raw) == {"price": 1.0, "timestamp": 1, "received": 6}
+
+
+async def test_redis_write_is_one_round_trip(
+    redis_cache: RedisPriceCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await redis_cache.ping()  # connection established beforehand
+    sends: list[int] = []
+    original = Connection.send_packed_command
+
+    async def counting(self: Connection, command: Any, check_health: bool = True) -> None:
+        sends.append(1)
+        await original(self, command, check_health)
+
+    monkeypatch.setattr(Connection, "send_packed_command", counting)
+    await redis_cache.write(
+        [latest(1.0, 1), latest(2.0, 2, "exchange2")],
+        [second(S0), second(S0 + 61), second(S0 + 1)],
+    )
+    assert len(sends) == 1
+
+
+async def test_memory_cache_forgets_seconds_after_retention() -> None:
+    clock = FakeMonotonic()
+    cache = MemoryPriceCache(RETENTION_S, clock=clock)
+    await cache.write([latest(1.0, 1)], [second(S0)])
+    clock.now += RETENTION_S + 119
+    assert (await cache.load(0))[1] == [second(S0)]
+    clock.now += 2
+    assert await cache.load(0) == ([latest(1.0, 1)], [])
+
+
+async def test_redis_unreachable_at_open_raises_cache_unavailable() -> None:
+    settings = RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", connect_timeout_s=1.0)
+    with pytest.raises(CacheUnavailable):
+        await open_redis(settings, RETENTION_S)
