@@ -1,0 +1,211 @@
+"""The FIX initiator session state machine, driven with a fake transport and a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from marketflow.adapters.fix.codec import FieldValue, FixFramer, encode, parse_fields
+from marketflow.adapters.fix.session import (
+    FixSession,
+    FixSessionError,
+    LinkDead,
+    SessionConfig,
+    SessionState,
+)
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.sent: list[dict[int, bytes]] = []
+        self.raw: list[bytes] = []
+        self._framer = FixFramer()
+
+    def write(self, data: bytes, /) -> None:
+        for frame in self._framer.feed(data):
+            assert isinstance(frame, bytes)
+            self.raw.append(frame)
+            self.sent.append(dict(parse_fields(frame)))
+
+    def types(self) -> list[bytes]:
+        return [m[35] for m in self.sent]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def venue(msg_type: str, seq: int, fields: list[tuple[int, FieldValue]] | None = None) -> bytes:
+    return encode(msg_type, fields or [], sender="VENUE", target="MF", seq=seq,
+                  sending_time="20250102-12:00:00.000")  # fmt: skip
+
+
+def md(seq: int) -> bytes:
+    return venue("X", seq, [(268, 1), (279, 0), (269, 2), (55, "BTCUSDT"), (270, "1.5")])
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def make(clock: FakeClock, hb: int = 10) -> tuple[FixSession, FakeTransport]:
+    transport = FakeTransport()
+    config = SessionConfig("MF", "VENUE", ("BTCUSDT", "ETHUSDT"), heartbeat_s=hb)
+    session = FixSession(config, transport, monotonic=clock, wall_ms=lambda: 1_735_819_200_000)
+    return session, transport
+
+
+def logged_on(clock: FakeClock) -> tuple[FixSession, FakeTransport]:
+    session, transport = make(clock)
+    session.start()
+    assert session.on_frame(venue("A", 1, [(98, 0), (108, 10), (141, "Y")])) is False
+    return session, transport
+
+
+def test_logon_then_market_data_request(clock: FakeClock) -> None:
+    session, transport = logged_on(clock)
+    logon, request = transport.sent
+    assert (logon[35], logon[98], logon[108], logon[141], logon[34]) == (
+        b"A",
+        b"0",
+        b"10",
+        b"Y",
+        b"1",
+    )
+    assert session.state is SessionState.ACTIVE
+    assert request[35] == b"V"
+    assert (request[263], request[264], request[265], request[146]) == (b"1", b"1", b"1", b"2")
+    pairs = parse_fields(transport.raw[1])
+    assert [v for t, v in pairs if t == 269] == [b"0", b"1", b"2"]
+    assert [v for t, v in pairs if t == 55] == [b"BTCUSDT", b"ETHUSDT"]
+    assert request[34] == b"2"
+
+
+def test_market_data_is_handed_to_the_parser_in_sequence(clock: FakeClock) -> None:
+    session, _ = logged_on(clock)
+    assert session.on_frame(md(2)) is True
+    assert session.on_frame(md(3)) is True
+    assert session.expected_in_seq == 4
+
+
+def test_heartbeat_sent_when_idle(clock: FakeClock) -> None:
+    session, transport = logged_on(clock)
+    clock.now += 5
+    session.on_frame(venue("0", 2))
+    session.poll()
+    assert transport.types()[-1] == b"V"
+    clock.now += 5
+    session.on_frame(venue("0", 3))
+    session.poll()
+    assert transport.types()[-1] == b"0"
+
+
+def test_test_request_answered_with_its_id(clock: FakeClock) -> None:
+    session, transport = logged_on(clock)
+    session.on_frame(venue("1", 2, [(112, "PING-7")]))
+    assert transport.sent[-1][35] == b"0"
+    assert transport.sent[-1][112] == b"PING-7"
+
+
+def test_silence_sends_test_request_then_declares_link_dead(clock: FakeClock) -> None:
+    session, transport = logged_on(clock)
+    clock.now += 12.5  # past 1.2 x HeartBtInt
+    session.poll()
+    assert b"1" in transport.types()
+    assert session.stats.test_requests_sent == 1
+    clock.now += 3
+    session.poll()  # not dead yet (2 x HeartBtInt = 20 s), no second TestRequest
+    assert session.stats.test_requests_sent == 1
+    clock.now += 5
+    with pytest.raises(LinkDead):
+        session.poll()
+
+
+def test_answer_to_test_request_keeps_the_link(clock: FakeClock) -> None:
+    session, _ = logged_on(clock)
+    clock.now += 12.5
+    session.poll()
+    session.on_frame(venue("0", 2, [(112, "TEST-2")]))
+    clock.now += 10
+    session.poll()  # 10 s since the answer: alive
+
+
+def test_gap_resubscribes_with_a_fresh_request(clock: FakeClock) -> None:
+    session, transport = logged_on(clock)
+    session.on_frame(md(2))
+    assert session.on_frame(md(5)) is True  # still delivered: trades in it are real
+    assert session.stats.gaps == 1
+    assert session.stats.missed_messages == 2
+    assert session.rejects.counts["seq_gap"] == 2
+    cancel, again = transport.sent[-2:]
+    assert (cancel[35], cancel[263], cancel[262]) == (b"V", b"2", b"MD-1")
+    assert (again[35], again[263], again[262]) == (b"V", b"1", b"MD-2")
+    assert session.expected_in_seq == 6
+
+
+def test_sequence_reset_gap_fill_moves_expected_seq(clock: FakeClock) -> None:
+    session, transport = logged_on(clock)
+    session.on_frame(venue("4", 2, [(123, "Y"), (36, 10)]))
+    assert session.expected_in_seq == 10
+    assert session.on_frame(md(10)) is True
+    assert session.stats.gaps == 0
+    session.on_frame(venue("4", 99, [(36, 3)]))  # reset mode may move it anywhere
+    assert session.expected_in_seq == 3
+    assert b"2" not in transport.types()
+
+
+def test_seq_too_low_without_possdup_ends_the_session(clock: FakeClock) -> None:
+    session, transport = logged_on(clock)
+    session.on_frame(md(2))
+    dup = venue("X", 2, [(43, "Y"), (268, 0)])
+    assert session.on_frame(dup) is False
+    with pytest.raises(FixSessionError, match="lower"):
+        session.on_frame(md(2))
+    assert transport.types()[-1] == b"5"
+
+
+def test_reject_and_md_request_reject_are_counted(clock: FakeClock) -> None:
+    session, _ = logged_on(clock)
+    session.on_frame(venue("3", 2, [(45, 2), (58, "bad")]))
+    session.on_frame(venue("Y", 3, [(262, "MD-1"), (281, 0), (58, "unknown symbol")]))
+    assert session.stats.venue_rejects == 1
+    assert session.stats.md_request_rejects == 1
+    assert set(session.rejects.counts) == {"venue_reject", "md_request_reject"}
+
+
+def test_logout_waits_for_the_venue_answer(clock: FakeClock) -> None:
+    session, transport = logged_on(clock)
+    session.logout("shutdown")
+    assert transport.sent[-1][35] == b"5"
+    assert not session.closed
+    session.on_frame(venue("5", 2))
+    assert session.closed
+
+
+def test_venue_logout_is_answered_and_raises(clock: FakeClock) -> None:
+    session, transport = logged_on(clock)
+    with pytest.raises(FixSessionError, match="logged out"):
+        session.on_frame(venue("5", 2, [(58, "maintenance")]))
+    assert transport.types()[-1] == b"5"
+
+
+def test_logon_refused_and_logon_timeout(clock: FakeClock) -> None:
+    session, _ = make(clock)
+    session.start()
+    with pytest.raises(FixSessionError, match="refused"):
+        session.on_frame(venue("5", 1, [(58, "bad comp id")]))
+    session, _ = make(clock)
+    session.start()
+    clock.now += 11
+    with pytest.raises(LinkDead):
+        session.poll()
+
+
+def test_malformed_session_message_is_counted_not_raised(clock: FakeClock) -> None:
+    session, _ = logged_on(clock)
+    session.on_frame(venue("4", 2, [(36, "abc")]))
+    assert session.rejects.counts["bad_session_message"] == 1
