@@ -233,7 +233,7 @@ class CaptureService:
             return
         self._closed = True
         if self._tasks:
-            ticker, writer = self._tasks
+            writer, ticker = self._tasks
             ticker.cancel()
             try:
                 await asyncio.wait_for(self.flush(), self._drain_timeout_s)

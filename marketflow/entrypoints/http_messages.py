@@ -1,0 +1,187 @@
+"""REST routes of the FIX capture audit trail.
+
+    GET /api/messages?limit=&before_id=&offset=&msg_type=&symbol=&since=
+        newest first; limit 1..1000 (default 100); since is RFC 3339 with a zone, or Unix ms.
+        -> {"messages": [...], "next_before_id": id or null}
+    GET /api/messages/{id}       -> one message: raw, parsed and enriched forms
+    GET /api/messages/rejects?limit=&before_id=  -> {"rejects": [...], "next_before_id": ...}
+
+Bad input answers 400 and an unknown id 404, both with ``{"error": "..."}``; a store that cannot
+be reached answers 503. ``raw`` shows SOH as ``|`` for reading; ``raw_base64`` is exact.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+from aiohttp import web
+
+from marketflow.adapters.fix.capture_decoder import expand_fields
+from marketflow.domain.capture import (
+    MessageQuery,
+    StoredMessage,
+    StoredReject,
+    raw_display,
+    raw_from_text,
+)
+from marketflow.domain.errors import StoreUnavailable
+
+MAX_LIMIT = 1000
+MAX_OFFSET = 100_000
+_MAX_ID = 2**63 - 1  # bigint: a larger id is bad input, not a database error
+_LIST_PARAMS = frozenset({"limit", "before_id", "offset", "msg_type", "symbol", "since"})
+_REJECT_PARAMS = frozenset({"limit", "before_id"})
+
+
+class MessageQueries(Protocol):
+    """What the routes need (app.capture.CaptureService)."""
+
+    async def list_messages(self, query: MessageQuery) -> list[StoredMessage]: ...
+
+    async def get_message(self, message_id: int) -> StoredMessage | None: ...
+
+    async def list_rejects(
+        self, limit: int, before_id: int | None = None
+    ) -> list[StoredReject]: ...
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _json(body: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def _int(params: Mapping[str, str], name: str, lo: int, hi: int, default: int | None) -> int | None:
+    text = params.get(name)
+    if text is None or text == "":
+        return default
+    if not (text.isascii() and text.isdigit()) or not lo <= int(text) <= hi:
+        raise _BadRequest(f"{name} must be an integer from {lo} to {hi}")
+    return int(text)
+
+
+def _text(params: Mapping[str, str], name: str, max_len: int) -> str | None:
+    text = params.get(name)
+    if text is None or text == "":
+        return None
+    if len(text) > max_len or "\x00" in text:
+        raise _BadRequest(f"{name} must be at most {max_len} characters")
+    return text
+
+
+def parse_since(text: str) -> int:
+    """RFC 3339 (with a zone) or Unix epoch milliseconds -> Unix ms; ValueError otherwise."""
+    if text.isascii() and text.isdigit():
+        ms = int(text)
+    else:
+        stamp = datetime.fromisoformat(text.replace("z", "Z"))
+        if stamp.tzinfo is None:
+            raise ValueError("since needs a time zone (e.g. Z or +00:00)")
+        try:
+            ms = int(stamp.timestamp() * 1000)
+        except (OverflowError, OSError) as exc:
+            raise ValueError("since is out of range") from exc
+    if not 0 <= ms <= 253_402_300_799_999:  # up to 9999-12-31
+        raise ValueError("since is out of range")
+    return ms
+
+
+def _check_params(request: web.Request, allowed: frozenset[str]) -> None:
+    unknown = sorted(set(request.query) - allowed)
+    if unknown:
+        raise _BadRequest(f"unknown parameter(s): {', '.join(unknown)}")
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def _summary(m: StoredMessage) -> dict[str, Any]:
+    return {
+        "id": m.id, "received_at": _iso(m.received_ms), "received_ms": m.received_ms,
+        "peer": m.peer, "begin_string": m.begin_string, "msg_type": m.msg_type,
+        "msg_type_name": m.msg_type_name, "sender": m.sender, "target": m.target,
+        "seq_num": m.seq_num, "symbol": m.symbol, "raw": raw_display(m.raw),
+    }  # fmt: skip
+
+
+def _detail(m: StoredMessage) -> dict[str, Any]:
+    body = _summary(m)
+    body["raw_base64"] = base64.b64encode(raw_from_text(m.raw)).decode()
+    body["parsed"] = [[row[0], row[2]] for row in m.fields]
+    body["enriched"] = expand_fields(m.fields)
+    return body
+
+
+def add_message_routes(app: web.Application, service: MessageQueries) -> None:
+    """Add the audit-trail routes to ``app`` (the rejects route before the ``{id}`` one)."""
+
+    def guarded(
+        handler: Callable[[web.Request], Awaitable[web.Response]],
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def run(request: web.Request) -> web.Response:
+            try:
+                return await handler(request)
+            except _BadRequest as exc:
+                return _json({"error": str(exc)}, 400)
+            except StoreUnavailable:
+                return _json({"error": "message store unavailable, retry later"}, 503)
+
+        return run
+
+    async def list_messages(request: web.Request) -> web.Response:
+        params = request.query
+        _check_params(request, _LIST_PARAMS)
+        since_text = params.get("since")
+        try:
+            since = parse_since(since_text) if since_text else None
+        except ValueError as exc:
+            raise _BadRequest(f"since must be RFC 3339 with a zone or epoch ms: {exc}") from None
+        limit = _int(params, "limit", 1, MAX_LIMIT, 100)
+        assert limit is not None
+        query = MessageQuery(
+            limit=limit,
+            before_id=_int(params, "before_id", 1, _MAX_ID, None),
+            offset=_int(params, "offset", 0, MAX_OFFSET, 0) or 0,
+            msg_type=_text(params, "msg_type", 16),
+            symbol=_text(params, "symbol", 64),
+            since_ms=since,
+        )
+        messages = await service.list_messages(query)
+        next_id = messages[-1].id if len(messages) == limit else None
+        return _json({"messages": [_summary(m) for m in messages], "next_before_id": next_id})
+
+    async def get_message(request: web.Request) -> web.Response:
+        message_id = _int(request.match_info, "id", 1, _MAX_ID, None)
+        if message_id is None:
+            raise _BadRequest("id must be a positive integer")
+        message = await service.get_message(message_id)
+        if message is None:
+            return _json({"error": f"no message with id {message_id}"}, 404)
+        return _json(_detail(message))
+
+    async def list_rejects(request: web.Request) -> web.Response:
+        _check_params(request, _REJECT_PARAMS)
+        limit = _int(request.query, "limit", 1, MAX_LIMIT, 100)
+        assert limit is not None
+        before_id = _int(request.query, "before_id", 1, _MAX_ID, None)
+        rejects = await service.list_rejects(limit, before_id)
+        body = [
+            {
+                "id": r.id, "received_at": _iso(r.received_ms), "received_ms": r.received_ms,
+                "peer": r.peer, "reason": r.reason, "raw": raw_display(r.raw),
+            }
+            for r in rejects
+        ]  # fmt: skip
+        next_id = rejects[-1].id if len(rejects) == limit else None
+        return _json({"rejects": body, "next_before_id": next_id})
+
+    app.router.add_get("/api/messages", guarded(list_messages))
+    app.router.add_get("/api/messages/rejects", guarded(list_rejects))
+    app.router.add_get("/api/messages/{id}", guarded(get_message))
