@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import asyncpg
 
@@ -26,6 +26,8 @@ from marketflow.domain.errors import StoreUnavailable
 from marketflow.settings import PostgresSettings
 
 log = logging.getLogger("marketflow.postgres")
+
+T = TypeVar("T")
 
 POOL_MAX = 4  # writer + API queries + restore; a few connections keep them from queueing
 COMMAND_TIMEOUT_S = 30.0  # a hung server must become StoreUnavailable, not a stuck writer
@@ -100,6 +102,13 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, cannot connect now
     asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
 )
+# What a connection that died while idle in the pool reports on its next use.
+STALE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.exceptions.AdminShutdownError,
+    ConnectionResetError,
+    BrokenPipeError,
+)
 # The statement was refused because of what a row contains.
 DATA_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.DataError,
@@ -146,11 +155,7 @@ class PostgresMinuteStore:
         batch = dedupe(rows)
         if not batch:
             return
-        try:
-            async with self._connection() as conn:
-                await self._write(conn, batch)
-        except CONNECTION_ERRORS as exc:
-            raise StoreUnavailable(f"postgres: {_describe(exc)}") from exc
+        await self._run(lambda conn: self._write(conn, batch))
 
     async def _write(self, conn: Conn, batch: list[MinuteRow]) -> None:
         try:
@@ -176,22 +181,16 @@ class PostgresMinuteStore:
             return None
         exchanges = list(before)
         bounds = [before[e] for e in exchanges]
-        try:
-            async with self._connection() as conn:
-                rec = await conn.fetchrow(_HISTORY, symbol, exchanges, bounds, since_ms)
-        except CONNECTION_ERRORS as exc:
-            raise StoreUnavailable(f"postgres: {_describe(exc)}") from exc
+        rec = await self._run(
+            lambda conn: conn.fetchrow(_HISTORY, symbol, exchanges, bounds, since_ms)
+        )
         if rec is None or not rec[3]:
             return None
         return Aggregate(rec[0], rec[1], rec[2], rec[3])
 
     async def minutes_since(self, since_ms: int) -> list[MinuteRow]:
         """Rows whose minute starts at or after ``since_ms``, oldest first."""
-        try:
-            async with self._connection() as conn:
-                records = await conn.fetch(_SINCE, since_ms)
-        except CONNECTION_ERRORS as exc:
-            raise StoreUnavailable(f"postgres: {_describe(exc)}") from exc
+        records = await self._run(lambda conn: conn.fetch(_SINCE, since_ms))
         return [MinuteRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in records]
 
     async def ping(self) -> bool:
@@ -199,9 +198,8 @@ class PostgresMinuteStore:
         if self._closed:
             return False
         try:
-            async with self._connection() as conn:
-                await conn.fetchval("SELECT 1")
-        except CONNECTION_ERRORS:
+            await self._run(lambda conn: conn.fetchval("SELECT 1"))
+        except StoreUnavailable:
             return False
         return True
 
@@ -215,10 +213,27 @@ class PostgresMinuteStore:
         except TimeoutError:
             self._pool.terminate()
 
-    def _connection(self) -> Any:
-        if self._closed:
-            raise StoreUnavailable("postgres: store is closed")
-        return self._pool.acquire()
+    async def _run(self, op: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run ``op`` on a pooled connection, translating connection failures.
+
+        A pooled connection may have died with a server restart since its last use: that
+        first failure is retried once on a fresh connection (every operation here is
+        idempotent), so a quick restart is not reported as an outage.
+        """
+        for attempt in (1, 2):
+            if self._closed:
+                raise StoreUnavailable("postgres: store is closed")
+            try:
+                async with self._pool.acquire() as conn:
+                    return await op(conn)
+            except STALE_ERRORS as exc:
+                if attempt == 1:
+                    log.info("postgres_stale_connection error=%s action=retry", _describe(exc))
+                    continue
+                raise StoreUnavailable(f"postgres: {_describe(exc)}") from exc
+            except CONNECTION_ERRORS as exc:
+                raise StoreUnavailable(f"postgres: {_describe(exc)}") from exc
+        raise AssertionError("unreachable")
 
     async def __aenter__(self) -> Self:
         return self
