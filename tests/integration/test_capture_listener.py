@@ -1,0 +1,176 @@
+"""The FIX capture listener end to end over real PostgreSQL and SQLite, read back over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from marketflow.adapters.capture_postgres import PostgresCaptureStore
+from marketflow.adapters.capture_sqlite import SqliteCaptureStore
+from marketflow.adapters.fix.capture_decoder import FixCaptureDecoder
+from marketflow.adapters.fix.capture_listener import CaptureListener
+from marketflow.adapters.fix.codec import encode
+from marketflow.app.capture import CaptureService
+from marketflow.domain.capture import CaptureStore
+from marketflow.entrypoints.http_messages import add_message_routes
+from marketflow.settings import CaptureSettings, PostgresSettings
+
+pytestmark = pytest.mark.integration
+
+
+def order(seq: int, symbol: str = "AAPL", sender: str = "CLIENT", msg_type: str = "D") -> bytes:
+    return encode(
+        msg_type,
+        [(11, f"ORD{seq}"), (55, symbol), (54, 1), (38, 100), (40, 2), (44, "187.25")],
+        begin="FIX.4.2",
+        sender=sender,
+        target="MARKETFLOW",
+        seq=seq,
+        sending_time="20261126-11:45:30.123",
+    )
+
+
+class Capture:
+    def __init__(
+        self,
+        store: CaptureStore,
+        client: TestClient[Any, Any],
+        listener: CaptureListener,
+        service: CaptureService,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.listener = listener
+        self.service = service
+
+    async def send(self, *chunks: bytes, pause_s: float = 0.0) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", self.listener.port)
+        for chunk in chunks:
+            writer.write(chunk)
+            await writer.drain()
+            if pause_s:
+                await asyncio.sleep(pause_s)
+        writer.close()
+        await writer.wait_closed()
+
+    async def wait_stored(self, messages: int, rejects: int = 0) -> None:
+        async with asyncio.timeout(5.0):
+            # Polling is the point: the rows must be visible in the database itself.
+            while await self.store.count() < (messages, rejects):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        assert await self.store.count() == (messages, rejects)
+
+    async def get(self, path: str, status: int = 200) -> Any:
+        resp = await self.client.get(path)
+        assert resp.status == status, await resp.text()
+        return await resp.json()
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
+    """A fresh PostgreSQL database (its dsn) or a fresh SQLite file (its path)."""
+    if request.param == "postgres":
+        dsn: str = request.getfixturevalue("pg_dsn")
+        return dsn
+    return tmp_path / "capture.sqlite"
+
+
+@pytest.fixture
+async def capture(store_target: str | Path) -> AsyncIterator[Capture]:
+    store: CaptureStore
+    if isinstance(store_target, str):
+        store = await PostgresCaptureStore.open(PostgresSettings(dsn=store_target))
+    else:
+        store = await SqliteCaptureStore.open(store_target)
+    settings = CaptureSettings(port=0, batch_max=500, flush_interval_ms=10)
+    service = CaptureService(store, settings, FixCaptureDecoder())
+    app = web.Application()
+    add_message_routes(app, service)
+    async with (
+        store,
+        service,
+        CaptureListener(service, settings) as listener,
+        TestClient(TestServer(app)) as client,
+    ):
+        yield Capture(store, client, listener, service)
+
+
+async def test_message_written_to_socket_shows_in_api_within_a_second(capture: Capture) -> None:
+    await capture.send(order(1))
+
+    async with asyncio.timeout(1.0):
+        while not (body := await capture.get("/api/messages"))["messages"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+    [msg] = body["messages"]
+    assert (msg["msg_type"], msg["msg_type_name"], msg["symbol"]) == ("D", "NewOrderSingle", "AAPL")
+    assert msg["peer"].startswith("127.0.0.1:")
+    detail = await capture.get(f"/api/messages/{msg['id']}")
+    assert detail["raw"] == order(1).decode().replace("\x01", "|")
+    assert {"tag": 54, "name": "Side", "value": "1", "meaning": "Buy"} in detail["enriched"]
+    assert [55, "AAPL"] in detail["parsed"]
+
+
+async def test_many_messages_in_one_packet_and_one_split_over_many(capture: Capture) -> None:
+    await capture.send(b"".join(order(i) for i in range(1, 51)))
+    one = order(51)
+    await capture.send(*[one[i : i + 7] for i in range(0, len(one), 7)], pause_s=0.002)
+
+    await capture.wait_stored(51)
+    body = await capture.get("/api/messages?limit=1000")
+    seqs = [m["seq_num"] for m in body["messages"]]
+    assert seqs == list(range(51, 0, -1))  # newest first
+
+
+async def test_garbage_between_messages_and_bad_checksum_land_in_rejects(capture: Capture) -> None:
+    bad = order(3)[:-4] + b"000\x01"
+    await capture.send(
+        order(1) + b"\x00\xffgarbage!!" + order(2) + bad + order(4) + b"8=FIX.4.2\x019=5"
+    )
+
+    await capture.wait_stored(3, 3)
+    rejects = (await capture.get("/api/messages/rejects"))["rejects"]
+    reasons = sorted(r["reason"] for r in rejects)
+    assert reasons == ["bad_checksum", "garbage", "truncated_at_disconnect"]
+    stats = capture.service.stats()
+    assert stats["rejected"] == {"bad_checksum": 1, "garbage": 1, "truncated_at_disconnect": 1}
+    garbage = next(r for r in rejects if r["reason"] == "garbage")
+    assert garbage["raw"] == "\\x00\\xffgarbage!!"  # lossless escape of NUL and a non-UTF-8 byte
+
+
+async def test_twenty_concurrent_clients_then_filters_and_paging(capture: Capture) -> None:
+    async def client(n: int) -> None:
+        symbol = "MSFT" if n % 2 else "AAPL"
+        data = b"".join(order(i, symbol, f"C{n}") for i in range(1, 26))
+        await capture.send(data[:1000], data[1000:])
+
+    await asyncio.gather(*(client(n) for n in range(20)))
+    await capture.wait_stored(500)
+
+    msft = await capture.get("/api/messages?symbol=MSFT&msg_type=D&limit=1000")
+    assert len(msft["messages"]) == 250
+    assert {m["symbol"] for m in msft["messages"]} == {"MSFT"}
+    first = await capture.get("/api/messages?limit=200")
+    second = await capture.get(f"/api/messages?limit=200&before_id={first['next_before_id']}")
+    ids = [m["id"] for m in first["messages"] + second["messages"]]
+    assert ids == sorted(ids, reverse=True)
+    assert len(set(ids)) == 400
+    assert (await capture.get("/api/messages?since=2999-01-01T00:00:00Z"))["messages"] == []
+    assert len((await capture.get("/api/messages?since=0&limit=1000"))["messages"]) == 500
+
+
+async def test_bad_input_is_400_and_unknown_id_is_404(capture: Capture) -> None:
+    bad = ["limit=0", "limit=1001", "limit=x", "before_id=-1", "since=yesterday", "nope=1",
+           "since=2026-01-01T00:00:00", "before_id=99999999999999999999"]  # fmt: skip
+    for query in bad:
+        body = await capture.get(f"/api/messages?{query}", 400)
+        assert "error" in body
+    assert "error" in await capture.get("/api/messages/abc", 400)
+    assert "error" in await capture.get("/api/messages/99999999999999999999", 400)
+    assert "error" in await capture.get("/api/messages/12345", 404)
