@@ -77,17 +77,6 @@ _UNAVAILABLE = (
 )
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
-    # jsonb travels as bytes already serialised by orjson (binary format: a version byte, 1).
-    await conn.set_type_codec(
-        "jsonb",
-        schema="pg_catalog",
-        encoder=lambda data: b"\x01" + data,
-        decoder=lambda data: orjson.loads(data[1:]),
-        format="binary",
-    )
-
-
 def _ts(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
@@ -116,7 +105,6 @@ class PostgresCaptureStore:
                 min_size=1,
                 max_size=max_size,
                 timeout=settings.connect_timeout_s,
-                init=_init_connection,
             )
         except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"postgres unreachable: {exc}") from exc
@@ -145,22 +133,17 @@ class PostgresCaptureStore:
         self, messages: Sequence[CapturedMessage], rejects: Sequence[CaptureReject]
     ) -> list[CaptureReject]:
         """COPY both; a refused row is retried alone and, if refused again, becomes a reject."""
-        stamps: dict[int, datetime] = {}  # one receipt time per read chunk: convert it once
-
-        def ts(ms: int) -> datetime:
-            stamp = stamps.get(ms)
-            if stamp is None:
-                stamp = stamps[ms] = _ts(ms)
-            return stamp
-
+        # One receipt time per read chunk: convert each distinct one once, not per row.
+        ts = {ms: _ts(ms) for ms in {m.received_ms for m in messages}}
+        ts.update((r.received_ms, _ts(r.received_ms)) for r in rejects)
         rows = [
             (
-                ts(m.received_ms), m.peer, m.begin_string, m.msg_type, m.msg_type_name, m.sender,
-                m.target, m.seq_num, m.symbol, raw_to_text(m.raw), m.fields_json,
+                ts[m.received_ms], m.peer, m.begin_string, m.msg_type, m.msg_type_name, m.sender,
+                m.target, m.seq_num, m.symbol, raw_to_text(m.raw), m.fields_json.decode(),
             )
             for m in messages
         ]  # fmt: skip
-        bad = [(ts(r.received_ms), r.peer, r.reason, raw_to_text(r.raw)) for r in rejects]
+        bad = [(ts[r.received_ms], r.peer, r.reason, raw_to_text(r.raw)) for r in rejects]
         try:
             async with self._pool.acquire() as conn:
                 try:
@@ -276,5 +259,6 @@ async def _copy(conn: PoolConnectionProxy[Any], rows: list[Any], bad: list[Any])
 def _message(r: asyncpg.Record) -> StoredMessage:
     return StoredMessage(
         r["id"], r["received_ms"], r["peer"], r["raw"], r["begin_string"], r["msg_type"],
-        r["msg_type_name"], r["sender"], r["target"], r["seq_num"], r["symbol"], r["fields"],
+        r["msg_type_name"], r["sender"], r["target"], r["seq_num"], r["symbol"],
+        orjson.loads(r["fields"]),
     )  # fmt: skip
