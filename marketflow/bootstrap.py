@@ -1,0 +1,268 @@
+"""Composition root: builds the daemon from one Settings object, runs it, stops it in order.
+
+Start: HTTP port reserved first (a port in use fails fast), storage and cache (embedded
+fallbacks when not configured or unreachable), the minute writer (replaying any spill file),
+the window resumed from cache and store, the aggregator tasks, the sources of the configured
+mode, the capture listener, then HTTP. Stop (SIGINT/SIGTERM): HTTP and capture close, sources
+stop reading, queues drain into the aggregator, the partial minute is written, connections
+close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from marketflow.adapters.feeds.fix_feed import build_fix_source
+from marketflow.adapters.feeds.generator import build_generator_source
+from marketflow.adapters.feeds.replay import build_file_source
+from marketflow.adapters.feeds.tcp_json import build_json_source
+from marketflow.adapters.memory_cache import MemoryPriceCache
+from marketflow.adapters.postgres import open_postgres
+from marketflow.adapters.redis_cache import open_redis
+from marketflow.adapters.sqlite_store import open_sqlite
+from marketflow.app.aggregator import Aggregator
+from marketflow.app.health import HealthReport
+from marketflow.app.ingest import Source
+from marketflow.app.minute_writer import MinuteWriter
+from marketflow.app.modes import Mode, ModeController
+from marketflow.app.queries import PriceQueries
+from marketflow.domain.errors import CacheUnavailable, ConfigError, StoreUnavailable
+from marketflow.domain.ports import MinuteStore, PriceCache
+from marketflow.domain.ticks import TickBatch
+from marketflow.entrypoints.http_api import build_app
+from marketflow.entrypoints.metrics import metrics_renderer
+from marketflow.settings import ExchangeSettings, Settings
+
+log = logging.getLogger("marketflow")
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def open_storage(settings: Settings) -> tuple[MinuteStore, bool]:
+    """PostgreSQL when configured and reachable, else the embedded SQLite file."""
+    pg = settings.postgres
+    if pg.dsn:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await open_postgres(pg), False
+            except StoreUnavailable as exc:
+                if pg.unreachable_at_start == "embedded":
+                    log.warning(
+                        "postgres_unreachable dsn_host=%s error=%s fallback=sqlite",
+                        _host_of(pg.dsn),
+                        exc,
+                    )
+                    break
+                log.warning("postgres_unreachable attempt=%d error=%s retry_in_s=2", attempt, exc)
+                await asyncio.sleep(2)
+    path = settings.embedded.data_dir / "marketflow.sqlite3"
+    log.warning("storage_embedded kind=sqlite path=%s", path)
+    return await open_sqlite(path), True
+
+
+async def open_cache(settings: Settings) -> tuple[PriceCache, bool]:
+    """Redis when configured and reachable, else the in-process cache."""
+    rs = settings.redis
+    retention = settings.pipeline.window_retention_s
+    if rs.url:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await open_redis(rs, retention), False
+            except CacheUnavailable as exc:
+                if rs.unreachable_at_start == "embedded":
+                    log.warning(
+                        "redis_unreachable url_host=%s error=%s fallback=memory",
+                        _host_of(rs.url),
+                        exc,
+                    )
+                    break
+                log.warning("redis_unreachable attempt=%d error=%s retry_in_s=2", attempt, exc)
+                await asyncio.sleep(2)
+    log.warning("cache_embedded kind=memory")
+    return MemoryPriceCache(retention), True
+
+
+def _host_of(url: str) -> str:
+    """Host part of a DSN/URL for logs, never the credentials."""
+    rest = url.split("://", 1)[-1]
+    return rest.rsplit("@", 1)[-1].split("/", 1)[0]
+
+
+def live_source(ex: ExchangeSettings, settings: Settings) -> Source[Any]:
+    if ex.type == "file":
+        return build_file_source(ex, settings.pairs, wall_clock_ms)
+    if ex.protocol == "fix":
+        return build_fix_source(ex, settings.pairs, settings.pipeline, wall_clock_ms)
+    return build_json_source(ex, settings.pairs, settings.pipeline, wall_clock_ms)
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind the HTTP port now, so 'address in use' is reported before anything else starts."""
+    try:
+        return socket.create_server((host, port), reuse_port=False)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
+class Daemon:
+    """The running daemon; ``start()`` then ``stop()``, each once."""
+
+    def __init__(self, settings: Settings, *, serve_http: bool = True) -> None:
+        self.settings = settings
+        self._serve_http = serve_http
+        p = settings.pipeline
+        self.fanin: asyncio.Queue[TickBatch] = asyncio.Queue(p.fanin_queue_batches)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runner: web.AppRunner | None = None
+        self._sock: socket.socket | None = None
+        self.store: MinuteStore
+        self.cache: PriceCache
+        self.writer: MinuteWriter
+        self.aggregator: Aggregator
+        self.modes: ModeController
+        self.capture: Any = None
+        self.died = asyncio.Event()  # set when a core task fails: the daemon must stop
+
+    def _live_sources(self) -> Sequence[Source[Any]]:
+        return [live_source(ex, self.settings) for ex in self.settings.exchanges]
+
+    def _test_sources(self) -> Sequence[Source[Any]]:
+        s = self.settings
+        return [
+            build_generator_source(name, s.pairs, s.test_mode, i, wall_clock_ms)
+            for i, name in enumerate(s.test_source_names())
+        ]
+
+    async def start(self, mode: Mode | None = None) -> None:
+        s = self.settings
+        if self._serve_http:
+            self._sock = reserve_port(s.http.host, s.http.port)
+        self.store, store_embedded = await open_storage(s)
+        self.cache, cache_embedded = await open_cache(s)
+        spill = s.embedded.data_dir / "spill" / "minutes.jsonl"
+        self.writer = MinuteWriter(
+            self.store, spill, s.pipeline.spill_max_rows_in_memory, wall_clock_ms
+        )
+        await self.writer.start()
+        self.aggregator = Aggregator(self.fanin, self.cache, self.writer, s.pipeline, wall_clock_ms)
+        await self.aggregator.resume(self.store)
+        self._spawn(self.aggregator.consume(), "aggregator")
+        self._spawn(self.aggregator.run_flusher(), "flusher")
+        self.modes = ModeController(
+            {"live": self._live_sources, "test": self._test_sources},
+            {"live": [e.name for e in s.exchanges], "test": list(s.test_source_names())},
+            self.fanin,
+            s.pipeline.workers_per_source,
+            s.pipeline.source_queue_chunks,
+        )
+        await self.modes.switch(mode or s.mode)
+        if self._serve_http:
+            await self._start_http(store_embedded, cache_embedded)
+        log.info(
+            "started mode=%s storage=%s%s cache=%s%s http=%s:%s",
+            self.modes.mode,
+            self.store.kind,
+            "(embedded)" if store_embedded else "",
+            self.cache.kind,
+            "(embedded)" if cache_embedded else "",
+            s.http.host,
+            self.http_port,
+        )
+
+    async def _start_http(self, store_embedded: bool, cache_embedded: bool) -> None:
+        s = self.settings
+        report = HealthReport(
+            self.aggregator,
+            self.modes,
+            self.writer,
+            store_embedded,
+            cache_embedded,
+            self.fanin.qsize,
+            wall_clock_ms,
+        )
+        queries = PriceQueries(
+            self.aggregator,
+            lambda: self.store,
+            self.modes.exchanges,
+            self.modes.known_exchanges,
+            s.pairs,
+            wall_clock_ms,
+        )
+        app = build_app(queries, self.modes, report, metrics_renderer(report))
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        assert self._sock is not None
+        await web.SockSite(self._runner, self._sock).start()
+
+    @property
+    def http_port(self) -> int:
+        return self._sock.getsockname()[1] if self._sock is not None else 0
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        log.error("task_died task=%s error=%r", task.get_name(), exc, exc_info=exc)
+        self.died.set()
+
+    async def stop(self) -> None:
+        """Stop reading, drain, write the partial minute, close everything."""
+        log.info("stopping")
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.modes.stop()
+        await self.fanin.join()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.aggregator.flush(final=True)
+        await self.writer.aclose()
+        await self.cache.aclose()
+        await self.store.aclose()
+        log.info("stopped ticks=%d", self.aggregator.ticks_folded)
+
+
+async def run_daemon(settings: Settings, stop: asyncio.Event) -> int:
+    """Run until ``stop`` is set (signals) or a core task dies; 0 on a clean stop."""
+    daemon = Daemon(settings)
+    await daemon.start()
+    died = asyncio.create_task(daemon.died.wait())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([died, stopped], return_when=asyncio.FIRST_COMPLETED)
+    for t in (died, stopped):
+        t.cancel()
+    await daemon.stop()
+    return 1 if daemon.died.is_set() else 0
+
+
+async def run_replay(settings: Settings, path: Path, speed: float) -> int:
+    """Replay one capture file through the pipeline into storage, then exit."""
+    source = ExchangeSettings(name="replay", type="file", path=path, speed=speed)
+    replay_settings = settings.model_copy(update={"exchanges": (source,), "mode": "live"})
+    daemon = Daemon(replay_settings, serve_http=False)
+    await daemon.start()
+    for running in daemon.modes.running():
+        await running.finished()
+    await daemon.stop()
+    st = daemon.modes.statuses["replay"]
+    log.info("replayed path=%s ticks=%d rejected=%d", path, st.ticks, st.rejects.total())
+    return 0

@@ -1,0 +1,77 @@
+"""``make run``: three JSON exchange simulators, one FIX venue, and the daemon, in one terminal.
+
+A simulator is not started where its port is already taken (the reference exchange programs
+may be running there). Ctrl-C reaches every process of the group; the daemon drains and
+writes its partial minute before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SIMULATORS: tuple[tuple[str, int], ...] = (
+    ("json", 40101),
+    ("json", 40102),
+    ("json", 40103),
+    ("fix", 40111),
+)
+
+
+def port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="make run")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--config", type=Path, default=Path("config.toml"))
+    args = parser.parse_args(argv)
+    procs: list[subprocess.Popen[bytes]] = []
+    for protocol, port in SIMULATORS:
+        if port_taken(port):
+            print(f"devstack: port {port} already serves something; using it", file=sys.stderr)
+            continue
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "marketflow.simulator",
+                    "--protocol",
+                    protocol,
+                    "--port",
+                    str(port),
+                ]
+            )
+        )
+    time.sleep(0.3)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "marketflow", "--port", str(args.port), "--config", str(args.config)]
+    )
+    try:
+        code = daemon.wait()
+    except KeyboardInterrupt:
+        # The terminal sent SIGINT to the whole group; give the daemon time to drain.
+        code = daemon.wait()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Processes for end-to-end tests: exchange simulators and the daemon, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.harness.services import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _wait_port(port: int, timeout: float) -> bool:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.05)
+    return False
+
+
+class Proc:
+    """A child process with its output in a log file, stopped with SIGTERM (then SIGKILL)."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.argv = argv
+        self.log_path = log_path
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=self.env
+        )
+        log.close()
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 20) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Simulator(Proc):
+    def __init__(self, tmp: Path, name: str, protocol: str = "json", *extra: str) -> None:
+        self.port = free_port()
+        self.name = name
+        super().__init__(
+            [
+                sys.executable,
+                "-m",
+                "marketflow.simulator",
+                "--protocol",
+                protocol,
+                "--port",
+                str(self.port),
+                *extra,
+            ],
+            tmp / f"sim-{name}.log",
+        )
+
+    def start(self) -> None:
+        super().start()
+        assert _wait_port(self.port, 10), f"simulator {self.name} did not listen:\n{self.log()}"
+
+
+class Daemon(Proc):
+    def __init__(self, tmp: Path, config: dict[str, Any]) -> None:
+        self.port = free_port()
+        self.config_path = tmp / "config.toml"
+        self.config_path.write_text(to_toml(config))
+        super().__init__(
+            [
+                sys.executable,
+                "-m",
+                "marketflow",
+                "--port",
+                str(self.port),
+                "--config",
+                str(self.config_path),
+            ],
+            tmp / "daemon.log",
+        )
+
+    def start(self) -> None:
+        super().start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            assert self.proc.poll() is None, f"daemon exited:\n{self.log()}"
+            try:
+                self.get("/health")
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.1)
+            else:
+                return
+        raise AssertionError(f"daemon did not answer /health:\n{self.log()}")
+
+    def request(self, method: str, path: str) -> tuple[int, Any]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback only
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def get(self, path: str) -> tuple[int, Any]:
+        return self.request("GET", path)
+
+    def wait_for(self, path: str, check: Any, timeout: float = 20) -> Any:
+        """Poll ``path`` until ``check(status, body)`` is true; return the body."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            try:
+                last = self.get(path)
+                if check(*last):
+                    return last[1]
+            except (urllib.error.URLError, ConnectionError) as exc:
+                last = exc
+            time.sleep(0.2)
+        raise AssertionError(
+            f"{path} never satisfied the check; last: {last}\n{self.log()[-3000:]}"
+        )
+
+
+def to_toml(doc: dict[str, Any]) -> str:
+    """Just enough TOML for test configs: scalars, lists of scalars, tables, arrays of tables."""
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    for k, v in doc.items():
+        if isinstance(v, dict) or (isinstance(v, list) and v and isinstance(v[0], dict)):
+            tables.append((k, v))
+        else:
+            lines.append(f"{k} = {scalar(v)}")
+    for k, v in tables:
+        items = v if isinstance(v, list) else [v]
+        for item in items:
+            lines.append(f"[[{k}]]" if isinstance(v, list) else f"[{k}]")
+            lines.extend(f"{ik} = {scalar(iv)}" for ik, iv in item.items())
+    return "\n".join(lines) + "\n"
