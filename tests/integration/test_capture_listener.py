@@ -174,3 +174,22 @@ async def test_bad_input_is_400_and_unknown_id_is_404(capture: Capture) -> None:
     assert "error" in await capture.get("/api/messages/abc", 400)
     assert "error" in await capture.get("/api/messages/99999999999999999999", 400)
     assert "error" in await capture.get("/api/messages/12345", 404)
+
+
+async def test_garbage_peer_cannot_break_the_listener(capture: Capture) -> None:
+    noise = bytes(range(256)) * 400 + b"8=FIX.4.2\x019=99999999\x01" + b"8=FIX" * 1000
+
+    await capture.send(noise)
+    await capture.send(order(1))
+
+    await capture.wait_stored(1, await _rejects(capture))
+    assert capture.service.stats()["accepted"] == 1
+    assert capture.listener.stats()["connections_total"] == 2
+
+
+async def _rejects(capture: Capture) -> int:
+    async with asyncio.timeout(5.0):
+        # The noise ends as some rejects; wait until the service has stored all it counted.
+        while (stats := capture.service.stats())["stored"] < 1 or stats["pending"]:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+    return int(stats["rejected_total"])
