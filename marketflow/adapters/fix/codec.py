@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from zlib import adler32
 
 SOH = b"\x01"
 Frame = bytes
@@ -36,9 +37,18 @@ _EMBEDDED_HEADER = re.compile(rb"8=FIXT?\.\d\.\d[A-Z0-9]{0,3}\x019=\d{1,9}\x01")
 REQUIRED_HEADER_TAGS = (35, 49, 56, 34, 52)
 
 
-def checksum(data: bytes) -> int:
-    """FIX CheckSum: the sum of all bytes modulo 256."""
-    return sum(data) & 0xFF
+def checksum(data: bytes | memoryview) -> int:
+    """FIX CheckSum: the sum of all bytes modulo 256.
+
+    ``sum()`` walks the bytes as Python ints (~10 ns each). Adler-32's low half is 1 + the byte
+    sum modulo 65521, exact while the sum stays below that: 256 bytes at a time it always does,
+    and zlib computes it in C.
+    """
+    view = memoryview(data)
+    total = 0
+    for i in range(0, len(view), 256):
+        total += (adler32(view[i : i + 256]) & 0xFFFF) - 1
+    return total & 0xFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +160,7 @@ class FixFramer:
         if buf[trailer : trailer + 3] != b"10=" or buf[stop - 1] != 1:
             return "bad_body_length"
         value = buf[trailer + 3 : stop - 1]
-        if not value.isdigit() or int(value) != sum(buf[pos:trailer]) & 0xFF:
+        if not value.isdigit() or int(value) != checksum(memoryview(buf)[pos:trailer]):
             # Framing is confirmed by BodyLength and the trailer: drop exactly this message.
             return ("bad_checksum", stop)
         return stop

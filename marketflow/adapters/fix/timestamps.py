@@ -11,6 +11,10 @@ import time
 
 _DAY_MS = 86_400_000
 _date_cache: dict[bytes, int] = {}
+# Entries of one message, and messages of one millisecond, share their times: memoise them.
+_tod_cache: dict[bytes, int] = {}
+_utc_cache: dict[bytes, int] = {}
+_CACHE_MAX = 4096
 
 
 def format_utc(ms: int) -> str:
@@ -43,6 +47,16 @@ def date_ms(date: bytes) -> int:
 
 def time_of_day_ms(value: bytes) -> int:
     """Milliseconds since midnight of ``HH:MM:SS[.s...]``; ValueError when malformed."""
+    cached = _tod_cache.get(value)
+    if cached is not None:
+        return cached
+    if len(_tod_cache) >= _CACHE_MAX:
+        _tod_cache.clear()
+    ms = _tod_cache[value] = _time_of_day_ms(value)
+    return ms
+
+
+def _time_of_day_ms(value: bytes) -> int:
     if len(value) < 8 or value[2] != 0x3A or value[5] != 0x3A:  # ":"
         raise ValueError(f"not a FIX time: {value!r}")
     hh, mm, ss = value[:2], value[3:5], value[6:8]
@@ -62,9 +76,15 @@ def time_of_day_ms(value: bytes) -> int:
 
 def parse_utc(value: bytes) -> int:
     """Epoch milliseconds of a UTCTimestamp ``YYYYMMDD-HH:MM:SS[.sss]``; ValueError if bad."""
+    cached = _utc_cache.get(value)
+    if cached is not None:
+        return cached
     if len(value) < 17 or value[8] != 0x2D:  # "-"
         raise ValueError(f"not a FIX timestamp: {value!r}")
-    return date_ms(value[:8]) + time_of_day_ms(value[9:])
+    if len(_utc_cache) >= _CACHE_MAX:
+        _utc_cache.clear()
+    ms = _utc_cache[value] = date_ms(value[:8]) + _time_of_day_ms(value[9:])
+    return ms
 
 
 def entry_time_ms(entry_time: bytes, sending_ms: int, entry_date: bytes | None = None) -> int:
