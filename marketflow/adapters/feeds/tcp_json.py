@@ -1,0 +1,165 @@
+"""A live exchange feed: newline-delimited JSON over TCP (PROTOCOLS.md section 1).
+
+The producer reads 64 KiB chunks, never a line at a time, and puts only complete lines on the
+source queue (the parser turns a whole chunk into one batch). It owns the connection's life:
+connect with a timeout, mark the feed stale and reconnect when it goes silent, reconnect
+forever with capped exponential backoff and jitter. ``await queue.put`` blocks while the
+source queue is full, so the socket is not read and TCP flow control pushes back on the
+exchange: nothing is dropped and memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Sequence
+
+from marketflow.adapters.feeds.json_lines import JsonLinesParser
+from marketflow.app.feed_status import FeedStatus
+from marketflow.app.ingest import Clock, Source
+from marketflow.settings import ExchangeSettings, PipelineSettings
+
+log = logging.getLogger("marketflow.feeds.json")
+
+
+class _Stale(Exception):
+    """The connection was silent for ``stale_after_s``."""
+
+
+class TcpJsonProducer:
+    """Connects to one exchange and feeds chunks of complete lines to the source queue."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        pipeline: PipelineSettings,
+        clock: Clock,
+        *,
+        connect_timeout_s: float = 5.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._pipeline = pipeline
+        self._clock = clock
+        self._connect_timeout_s = connect_timeout_s
+        self._rng = rng or random.Random()
+
+    def backoff_s(self, failures: int) -> float:
+        """Delay before attempt ``failures + 1``: exponential, capped, jittered (50-100 %)."""
+        p = self._pipeline
+        base = min(p.reconnect_max_s, p.reconnect_initial_s * 2.0 ** min(failures - 1, 30))
+        return base * self._rng.uniform(0.5, 1.0)
+
+    async def run(self, out: asyncio.Queue[tuple[bytes, int]], status: FeedStatus) -> None:
+        """Connect, read and reconnect until cancelled."""
+        status.address = f"{self.host}:{self.port}"
+        failures = 0
+        while True:
+            status.connect_attempts += 1
+            got_data = False
+            try:
+                got_data = await self._connection(out, status)
+                error = "connection closed by the exchange"
+            except _Stale:
+                status.stale = True
+                error = f"no data for {self._pipeline.stale_after_s:g}s"
+            except (OSError, TimeoutError) as exc:
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except Exception as exc:  # a feed bug must not end the feed: retry
+                log.exception("feed_failed exchange=%s", status.name)
+                error = f"{type(exc).__name__}: {exc}"
+            finally:
+                status.connected = False
+            status.last_error = error
+            # A connection that delivered data resets the backoff: a restart is retried fast.
+            failures = 1 if got_data else failures + 1
+            delay = self.backoff_s(failures)
+            log.warning(
+                "feed_connect_failed exchange=%s attempt=%d retry_in_s=%.2f error=%s",
+                status.name,
+                status.connect_attempts,
+                delay,
+                error,
+            )
+            await asyncio.sleep(delay)
+            status.reconnects += 1
+
+    async def _connection(self, out: asyncio.Queue[tuple[bytes, int]], status: FeedStatus) -> bool:
+        """One connection until EOF; True when it delivered any data. Raises on failures."""
+        p = self._pipeline
+        async with asyncio.timeout(self._connect_timeout_s):
+            reader, writer = await asyncio.open_connection(
+                self.host, self.port, limit=p.read_chunk_bytes
+            )
+        status.connected = True
+        log.info("feed_connected exchange=%s address=%s", status.name, status.address)
+        try:
+            return await self._pump(reader, out, status)
+        finally:
+            writer.close()
+
+    async def _pump(
+        self,
+        reader: asyncio.StreamReader,
+        out: asyncio.Queue[tuple[bytes, int]],
+        status: FeedStatus,
+    ) -> bool:
+        p = self._pipeline
+        chunk_bytes = p.read_chunk_bytes
+        max_line = p.max_line_bytes
+        stale_s = p.stale_after_s
+        rejects = status.rejects
+        clock = self._clock
+        rest = b""  # a fresh buffer per connection: never glue lines across connections
+        skipping = False  # inside an over-long line: drop bytes up to its newline
+        got_data = False
+        while True:
+            try:
+                async with asyncio.timeout(stale_s):
+                    data = await reader.read(chunk_bytes)
+            except TimeoutError:
+                log.warning("feed_stale exchange=%s silent_s=%g", status.name, stale_s)
+                raise _Stale from None
+            if not data:
+                return got_data
+            if not got_data:
+                got_data = True
+                status.stale = False
+            status.chunks += 1
+            status.bytes_in += len(data)
+            if skipping:
+                nl = data.find(b"\n")
+                if nl < 0:
+                    continue
+                data = data[nl + 1 :]
+                skipping = False
+            buf = rest + data if rest else data
+            last = buf.rfind(b"\n")
+            if last < 0:
+                rest = buf
+            else:
+                rest = buf[last + 1 :]
+                # Blocks while the queue is full: the socket is not read meanwhile.
+                await out.put((buf[: last + 1], clock()))
+            if len(rest) > max_line:
+                rejects.add("line_too_long", rest)
+                rest = b""
+                skipping = True
+
+
+def build_json_source(
+    settings: ExchangeSettings,
+    pairs: Sequence[str],
+    pipeline: PipelineSettings,
+    clock: Clock,
+) -> Source[bytes]:
+    """A live JSON exchange (``type = "tcp"``, ``protocol = "json"``) with its parser."""
+    status = FeedStatus(
+        name=settings.name, protocol="json", address=f"{settings.host}:{settings.port}"
+    )
+    parser = JsonLinesParser(settings.name, frozenset(pairs), status.rejects)
+    producer = TcpJsonProducer(settings.host, settings.port, pipeline, clock)
+    return Source(status=status, producer=producer, parser=parser)
