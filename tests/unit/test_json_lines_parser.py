@@ -1,0 +1,167 @@
+"""JsonLinesParser against recorded captures and hand-made bad lines, reason by reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from marketflow.adapters.feeds.json_lines import JsonLinesParser
+from marketflow.domain.ticks import RejectCounts
+from marketflow.settings import DEFAULT_PAIRS
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "json"
+TS = 1795694355187
+
+
+def parser() -> JsonLinesParser:
+    return JsonLinesParser("exchange1", frozenset(DEFAULT_PAIRS), RejectCounts())
+
+
+def line(price: str, symbol: str = "BTCUSDT", ts: int = TS) -> bytes:
+    return b'{"symbol":"%s","price":%s,"timestamp":%d}\n' % (symbol.encode(), price.encode(), ts)
+
+
+def test_clean_simulator_capture_parses_every_line() -> None:
+    p = parser()
+    data = (FIXTURES / "simulator_clean.jsonl").read_bytes()
+
+    batch = p.parse(data, received_ms=TS)
+
+    assert batch.count == 100
+    assert p.rejects.total() == 0
+    assert set(batch.by_symbol) == set(DEFAULT_PAIRS)
+    assert all(len(points) == 20 for points in batch.by_symbol.values())
+    assert batch.exchange == "exchange1"
+    assert batch.received_ms == TS
+
+
+def test_dirty_capture_keeps_good_lines_and_counts_each_bad_one_by_reason() -> None:
+    p = parser()
+    data = (FIXTURES / "dirty.jsonl").read_bytes()
+
+    batch = p.parse(data, received_ms=TS)
+
+    assert batch.ticks() == [
+        ("BTCUSDT", 99911.91638241659, TS),
+        ("ETHUSDT", 3050.5, TS),
+        ("DOGEUSDT", 0.3, TS + 100),
+        ("SOLUSDT", 200.0, TS + 100),
+    ]
+    assert p.rejects.counts == {
+        "bad_json": 4,  # plain text, a truncated line, 1e400, binary junk
+        "price_not_number": 2,  # a string, a boolean
+        "price_missing": 1,
+        "price_not_positive": 2,  # zero, negative
+        "unknown_symbol": 1,
+        "timestamp_invalid": 1,  # seconds, not milliseconds
+        "missing_field": 1,
+        "not_an_object": 1,
+    }
+
+
+@pytest.mark.parametrize(
+    ("price", "reason"),
+    [
+        ('"100000.5"', "price_not_number"),
+        ("true", "price_not_number"),
+        ("false", "price_not_number"),
+        ("null", "price_missing"),
+        ("0", "price_not_positive"),
+        ("0.0", "price_not_positive"),
+        ("-1.5", "price_not_positive"),
+        ("-3", "price_not_positive"),
+        ("1e400", "bad_json"),  # orjson refuses an infinite double: the line is garbage
+        ("-1e400", "bad_json"),
+        ("[1.0]", "price_not_number"),
+        ('{"v":1}', "price_not_number"),
+    ],
+)
+def test_bad_price_is_rejected_with_its_reason(price: str, reason: str) -> None:
+    p = parser()
+
+    batch = p.parse(line("100.0", "ETHUSDT") + line(price), TS)
+
+    assert batch.count == 1  # the good line next to it survives
+    assert p.rejects.counts == {reason: 1}
+    assert p.rejects.samples[reason]
+
+
+def test_huge_but_finite_and_integer_prices_are_accepted_as_floats() -> None:
+    p = parser()
+
+    batch = p.parse(line("1e300") + line("123456789012345678901234567890") + line("42"), TS)
+
+    assert [pt[0] for pt in batch.by_symbol["BTCUSDT"]] == [1e300, 1.2345678901234568e29, 42.0]
+    assert all(type(pt[0]) is float for pt in batch.by_symbol["BTCUSDT"])
+    assert p.rejects.total() == 0
+
+
+def test_unknown_fields_are_ignored() -> None:
+    p = parser()
+    data = b'{"qty":1,"symbol":"SOLUSDT","x":{"y":[1,2]},"price":201.5,"timestamp":%d}\n' % TS
+
+    batch = p.parse(data, TS)
+
+    assert batch.ticks() == [("SOLUSDT", 201.5, TS)]
+
+
+def test_crlf_blank_lines_and_missing_final_newline() -> None:
+    p = parser()
+    data = b"\r\n\n" + line("1.5").replace(b"\n", b"\r\n") + b"\n\n  \r\n" + line("2.5")[:-1]
+
+    batch = p.parse(data, TS)
+
+    assert [pt[0] for pt in batch.by_symbol["BTCUSDT"]] == [1.5, 2.5]
+    assert p.rejects.total() == 0
+
+
+def test_empty_chunk_is_an_empty_batch() -> None:
+    assert parser().parse(b"\n\r\n", TS).count == 0
+
+
+@pytest.mark.parametrize("garbage", [b"not json", b"{", b"}{", b"\xff\xfe", b'{"symbol":'])
+def test_garbage_line_is_counted_and_skipped(garbage: bytes) -> None:
+    p = parser()
+
+    batch = p.parse(line("1.0") + garbage + b"\n" + line("2.0"), TS)
+
+    assert batch.count == 2
+    assert p.rejects.counts == {"bad_json": 1}
+    assert p.rejects.samples["bad_json"] == garbage
+
+
+def test_timestamp_must_be_integer_epoch_milliseconds() -> None:
+    p = parser()
+    bad = [
+        b'{"symbol":"BTCUSDT","price":1.0,"timestamp":"%d"}\n' % TS,
+        b'{"symbol":"BTCUSDT","price":1.0,"timestamp":%d.5}\n' % TS,
+        b'{"symbol":"BTCUSDT","price":1.0,"timestamp":%d}\n' % (TS * 1000),
+        b'{"symbol":"BTCUSDT","price":1.0,"timestamp":true}\n',
+    ]
+
+    batch = p.parse(b"".join(bad), TS)
+
+    assert batch.count == 0
+    assert p.rejects.counts == {"timestamp_invalid": 4}
+
+
+def test_identical_ticks_in_one_millisecond_all_count() -> None:
+    p = parser()
+
+    batch = p.parse(line("5.0") * 3, TS)
+
+    assert batch.by_symbol["BTCUSDT"] == [(5.0, TS)] * 3
+    assert batch.count == 3
+
+
+def test_symbol_of_wrong_type_is_unknown_symbol() -> None:
+    p = parser()
+    data = (
+        b'{"symbol":["BTCUSDT"],"price":1.0,"timestamp":%d}\n' % TS
+        + b'{"symbol":null,"price":1.0,"timestamp":%d}\n' % TS
+    )
+
+    p.parse(data, TS)
+
+    assert p.rejects.counts == {"unknown_symbol": 2}
