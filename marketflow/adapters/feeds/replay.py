@@ -188,7 +188,7 @@ class ReplayProducer:
         if self.pipes:
             # Checksums were computed over SOH: convert before framing.
             data = data.replace(b"|", SOH)
-        data = _FIX_LINE_END.sub(rb"\1\x01", data)  # one message per line: drop the newlines
+        data = _FIX_LINE_END.sub(rb"\1" + SOH, data)  # one message per line: drop the newlines
         units: list[Unit] = []
         for frame in self._framer.feed(data):
             if isinstance(frame, FrameReject):
