@@ -20,24 +20,31 @@ from typing import Any
 
 from aiohttp import web
 
+from marketflow.adapters.capture_postgres import PostgresCaptureStore
+from marketflow.adapters.capture_sqlite import SqliteCaptureStore
 from marketflow.adapters.feeds.fix_feed import build_fix_source
 from marketflow.adapters.feeds.generator import build_generator_source
 from marketflow.adapters.feeds.replay import build_file_source
 from marketflow.adapters.feeds.tcp_json import build_json_source
+from marketflow.adapters.fix.capture_decoder import FixCaptureDecoder
+from marketflow.adapters.fix.capture_listener import CaptureListener
 from marketflow.adapters.memory_cache import MemoryPriceCache
 from marketflow.adapters.postgres import open_postgres
 from marketflow.adapters.redis_cache import open_redis
 from marketflow.adapters.sqlite_store import open_sqlite
 from marketflow.app.aggregator import Aggregator
+from marketflow.app.capture import CaptureService
 from marketflow.app.health import HealthReport
 from marketflow.app.ingest import Source
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.app.modes import Mode, ModeController
 from marketflow.app.queries import PriceQueries
+from marketflow.domain.capture import CaptureStore
 from marketflow.domain.errors import CacheUnavailable, ConfigError, StoreUnavailable
 from marketflow.domain.ports import MinuteStore, PriceCache
 from marketflow.domain.ticks import TickBatch
 from marketflow.entrypoints.http_api import build_app
+from marketflow.entrypoints.http_messages import add_message_routes
 from marketflow.entrypoints.metrics import metrics_renderer
 from marketflow.settings import ExchangeSettings, Settings
 
@@ -134,7 +141,9 @@ class Daemon:
         self.writer: MinuteWriter
         self.aggregator: Aggregator
         self.modes: ModeController
-        self.capture: Any = None
+        self.capture: CaptureService | None = None
+        self.capture_listener: CaptureListener | None = None
+        self._capture_store: CaptureStore | None = None
         self.died = asyncio.Event()  # set when a core task fails: the daemon must stop
 
     def _live_sources(self) -> Sequence[Source[Any]]:
@@ -171,6 +180,8 @@ class Daemon:
         )
         await self.modes.switch(mode or s.mode)
         if self._serve_http:
+            if s.capture.enabled:
+                await self._start_capture(store_embedded)
             await self._start_http(store_embedded, cache_embedded)
         log.info(
             "started mode=%s storage=%s%s cache=%s%s http=%s:%s",
@@ -183,6 +194,37 @@ class Daemon:
             self.http_port,
         )
 
+    async def _start_capture(self, store_embedded: bool) -> None:
+        """The FIX audit trail, on the same database as the minute rows."""
+        s = self.settings
+        if store_embedded:
+            store: CaptureStore = await SqliteCaptureStore.open(
+                s.embedded.data_dir / "capture.sqlite3"
+            )
+        else:
+            store = await PostgresCaptureStore.open(s.postgres)
+        self._capture_store = store
+        self.capture = CaptureService(store, s.capture, FixCaptureDecoder())
+        await self.capture.start()
+        self.capture_listener = CaptureListener(self.capture, s.capture)
+        try:
+            await self.capture_listener.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen for FIX capture on {s.capture.host}:{s.capture.port}: "
+                f"{exc.strerror or exc}"
+            ) from exc
+
+    def _capture_health(self) -> dict[str, Any]:
+        if self.capture is None or self.capture_listener is None:
+            return {}
+        return {
+            "capture": {
+                **self.capture.stats(),
+                "listener": {"port": self.capture_listener.port, **self.capture_listener.stats()},
+            }
+        }
+
     async def _start_http(self, store_embedded: bool, cache_embedded: bool) -> None:
         s = self.settings
         report = HealthReport(
@@ -193,6 +235,7 @@ class Daemon:
             cache_embedded,
             self.fanin.qsize,
             wall_clock_ms,
+            self._capture_health,
         )
         queries = PriceQueries(
             self.aggregator,
@@ -203,6 +246,8 @@ class Daemon:
             wall_clock_ms,
         )
         app = build_app(queries, self.modes, report, metrics_renderer(report))
+        if self.capture is not None:
+            add_message_routes(app, self.capture)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         assert self._sock is not None
@@ -229,6 +274,12 @@ class Daemon:
         log.info("stopping")
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.capture_listener is not None:
+            await self.capture_listener.aclose()
+        if self.capture is not None:
+            await self.capture.aclose()
+        if self._capture_store is not None:
+            await self._capture_store.aclose()
         await self.modes.stop()
         await self.fanin.join()
         for t in self._tasks:

@@ -53,13 +53,21 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     time.sleep(0.3)
+
+    def forward_term(signum: int, frame: object) -> None:
+        # systemd/docker/timeout stop us with SIGTERM: stop the daemon the same way.
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, forward_term)
     daemon = subprocess.Popen(
         [sys.executable, "-m", "marketflow", "--port", str(args.port), "--config", str(args.config)]
     )
     try:
         code = daemon.wait()
     except KeyboardInterrupt:
-        # The terminal sent SIGINT to the whole group; give the daemon time to drain.
+        # Ctrl-C reached the whole group already; a SIGTERM reached only us: pass it on.
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
         code = daemon.wait()
     finally:
         for p in procs:

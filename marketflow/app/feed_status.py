@@ -20,26 +20,21 @@ class FeedStatus:
     connect_attempts: int = 0
     last_error: str = ""
     last_tick_received_ms: int = 0
-    last_tick_exchange_ms: int = 0
     ticks: int = 0
     chunks: int = 0
     bytes_in: int = 0
     rejects: RejectCounts = field(default_factory=RejectCounts)
 
-    def snapshot(self, now_ms: int) -> dict[str, object]:
+    def snapshot(self, now_ms: int, skew_s: float | None = None) -> dict[str, object]:
+        """The /health view; ``skew_s`` is receipt time minus exchange time of the newest tick."""
         age = (now_ms - self.last_tick_received_ms) / 1000 if self.last_tick_received_ms else None
-        skew = (
-            (self.last_tick_received_ms - self.last_tick_exchange_ms) / 1000
-            if self.last_tick_received_ms
-            else None
-        )
         return {
             "protocol": self.protocol,
             "address": self.address,
             "connected": self.connected,
             "stale": self.stale,
             "last_tick_age_s": age,
-            "clock_skew_s": skew,
+            "clock_skew_s": skew_s,
             "reconnects": self.reconnects,
             "last_error": self.last_error or None,
             "ticks": self.ticks,

@@ -27,6 +27,17 @@ class HealthReport:
     clock: Callable[[], int]
     extra: Callable[[], dict[str, Any]] | None = None
 
+    def _skew_s(self, exchange: str) -> float | None:
+        """Receipt time minus the exchange's own timestamp, for its newest tick."""
+        newest = max(
+            (w for w in self.aggregator.windows.get(exchange, {}).values() if w.latest_ts >= 0),
+            key=lambda w: w.latest_ts,
+            default=None,
+        )
+        if newest is None:
+            return None
+        return (newest.latest_received_ms - newest.latest_ts) / 1000
+
     def build(self) -> dict[str, Any]:
         now = self.clock()
         exchanges: dict[str, Any] = {}
@@ -34,7 +45,7 @@ class HealthReport:
         feeds_ok = True
         for r in self.modes.running():
             st = r.source.status
-            exchanges[st.name] = st.snapshot(now)
+            exchanges[st.name] = st.snapshot(now, self._skew_s(st.name))
             queues[st.name] = r.queue.qsize()
             feeds_ok = feeds_ok and st.connected and not st.stale
         writer = self.writer.status()

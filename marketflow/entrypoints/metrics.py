@@ -77,6 +77,14 @@ class DaemonCollector(Collector):
             "1 when the price cache accepts writes",
             value=1.0 if doc["redis"]["state"] != "down" else 0.0,
         )
+        cap = doc.get("capture")
+        if cap:
+            for key in ("accepted", "rejected_total", "filtered", "stored", "bytes"):
+                yield CounterMetricFamily(
+                    f"marketflow_capture_{key}",
+                    f"FIX capture: {key.replace('_', ' ')}",
+                    value=cap.get(key, 0),
+                )
         if self._extra is not None:
             for key, value in self._extra().items():
                 if isinstance(value, int | float):

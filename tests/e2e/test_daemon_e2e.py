@@ -101,6 +101,7 @@ def test_every_endpoint_answers_from_three_simulators(stack: Stack) -> None:
 def test_simulator_restart_is_reconnected_while_others_flow(stack: Stack) -> None:
     d = stack.daemon
     d.wait_for("/health", lambda s, b: all(e["connected"] for e in b["exchanges"].values()))
+    d.wait_for("/prices/latest/exchange2/BTCUSDT", has_price)
     stack.sims[0].stop()
     health = d.wait_for("/health", lambda s, b: not b["exchanges"]["exchange1"]["connected"])
     assert health["status"] == "degraded"
