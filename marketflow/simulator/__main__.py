@@ -55,14 +55,21 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _serve_until_signal(host: str, port: int, rate: float, seed: int | None) -> None:
     loop = asyncio.get_running_loop()
-    # A shell's background job starts with SIGINT ignored, and uvloop keeps an ignored signal
-    # ignored: make Ctrl-C / kill -INT stop the simulator wherever it was started from.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     task = asyncio.create_task(serve(host, port, rate, seed), name="simulator")
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+
+    def stop(signum: int, frame: object) -> None:
+        loop.call_soon_threadsafe(task.cancel)
+
+    # Plain handlers, not loop.add_signal_handler: under uvloop with a busy firehose loop the
+    # latter was seen to miss SIGTERM, and a shell's background job starts with SIGINT
+    # ignored (which uvloop keeps). A Python handler runs between any two callbacks.
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
