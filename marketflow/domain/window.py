@@ -58,23 +58,27 @@ class PairWindow:
         floor = self.floor_second
         latest_ts = self.latest_ts
         latest_price = self.latest_price
+        cur_sec = -1
+        b: Bucket = []
         for price, ts in points:
             sec = ts // 1000
-            if sec < floor:
-                self.late += 1
-                continue
-            b = seconds.get(sec)
-            if b is None:
-                seconds[sec] = [price, price, price, 1]
+            if sec != cur_sec:
+                # Consecutive ticks mostly share a second: look the bucket up once per run.
+                if sec < floor:
+                    self.late += 1
+                    continue
+                got = seconds.get(sec)
+                if got is None:
+                    got = seconds[sec] = [price, price, 0.0, 0]
+                b = got
                 dirty.add(sec)
-            else:
-                if price < b[0]:
-                    b[0] = price
-                elif price > b[1]:
-                    b[1] = price
-                b[2] += price
-                b[3] += 1
-                dirty.add(sec)
+                cur_sec = sec
+            if price < b[0]:
+                b[0] = price
+            elif price > b[1]:
+                b[1] = price
+            b[2] += price
+            b[3] += 1
             if ts >= latest_ts:
                 latest_ts = ts
                 latest_price = price

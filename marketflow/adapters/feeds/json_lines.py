@@ -64,6 +64,7 @@ class JsonLinesParser:
 
     def _validate(self, objs: list[object], received_ms: int) -> TickBatch:
         by_symbol: dict[str, list[PricePoint]] = {}
+        get_points = by_symbol.get
         symbols = self.symbols
         count = 0
         for o in objs:
@@ -74,33 +75,39 @@ class JsonLinesParser:
             except (TypeError, KeyError, IndexError):
                 self._reject_shape(o)
                 continue
-            if type(price) is float:
-                if not 0.0 < price < _INF:
-                    self._reject(price_reject_reason(price) or "price_invalid", o)
-                    continue
-            else:
-                reason = price_reject_reason(price)
+            # The common case in one expression: a float price and an int ms timestamp.
+            if not (
+                type(price) is float
+                and 0.0 < price < _INF
+                and type(ts) is int
+                and MIN_TS_MS <= ts <= MAX_TS_MS
+            ):
+                reason = self._bad_value(price, ts)
                 if reason is not None:
                     self._reject(reason, o)
                     continue
-                price = float(price)
-            if type(ts) is not int or not MIN_TS_MS <= ts <= MAX_TS_MS:
-                self._reject("timestamp_invalid", o)
-                continue
-            try:
-                known = sym in symbols
-            except TypeError:  # unhashable symbol (a list or an object)
-                known = False
-            if not known:
-                self._reject("unknown_symbol", o)
-                continue
-            points = by_symbol.get(sym)
+                price = float(price)  # a positive int price
+            # A symbol already in this batch was validated; only new ones hit the set.
+            points = get_points(sym) if type(sym) is str else None
             if points is None:
+                if type(sym) is not str or sym not in symbols:
+                    self._reject("unknown_symbol", o)
+                    continue
                 by_symbol[sym] = [(price, ts)]
             else:
                 points.append((price, ts))
             count += 1
         return TickBatch(self.exchange, by_symbol, received_ms, count)
+
+    @staticmethod
+    def _bad_value(price: object, ts: object) -> str | None:
+        """Why a tick outside the fast path is invalid; None for a valid int price."""
+        reason = price_reject_reason(price)
+        if reason is not None:
+            return reason
+        if type(ts) is not int or not MIN_TS_MS <= ts <= MAX_TS_MS:
+            return "timestamp_invalid"
+        return None
 
     def _reject_shape(self, o: object) -> None:
         reason = "missing_field" if isinstance(o, dict) else "not_an_object"
