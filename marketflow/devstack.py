@@ -15,11 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-SIMULATORS: tuple[tuple[str, int], ...] = (
-    ("json", 40101),
-    ("json", 40102),
-    ("json", 40103),
-    ("fix", 40111),
+# (protocol, port, extra arguments): the FIX venue's CompID matches config.toml's fixvenue.
+SIMULATORS: tuple[tuple[str, int, tuple[str, ...]], ...] = (
+    ("json", 40101, ()),
+    ("json", 40102, ()),
+    ("json", 40103, ()),
+    ("fix", 40111, ("--comp-id", "FIXVENUE")),
 )
 
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=Path("config.toml"))
     args = parser.parse_args(argv)
     procs: list[subprocess.Popen[bytes]] = []
-    for protocol, port in SIMULATORS:
+    for protocol, port, extra in SIMULATORS:
         if port_taken(port):
             print(f"devstack: port {port} already serves something; using it", file=sys.stderr)
             continue
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                     protocol,
                     "--port",
                     str(port),
+                    *extra,
                 ]
             )
         )
