@@ -1,7 +1,7 @@
 """Embedded SQLite audit trail of captured FIX messages: the fallback when no PostgreSQL is
 configured or reachable. Same contract and same row forms as capture_postgres (raw as lossless
-text, fields as the JSON array of enriched rows, receipt time as Unix ms). One connection,
-used from worker threads through ``asyncio.to_thread`` and serialised by a lock.
+text, fields as the JSON array of parsed ["tag", "value"] pairs, receipt time as Unix ms).
+One connection, used from worker threads through ``asyncio.to_thread`` and serialised by a lock.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from marketflow.domain.capture import (
     StoredMessage,
     StoredReject,
     raw_to_text,
+    stored_fields,
 )
 from marketflow.domain.errors import StoreUnavailable
 
@@ -35,7 +36,6 @@ CREATE TABLE IF NOT EXISTS fix_messages (
     peer TEXT NOT NULL,
     begin_string TEXT NOT NULL,
     msg_type TEXT NOT NULL,
-    msg_type_name TEXT,
     sender TEXT NOT NULL,
     target TEXT NOT NULL,
     seq_num INTEGER NOT NULL,
@@ -54,14 +54,19 @@ CREATE TABLE IF NOT EXISTS fix_rejects (
     raw TEXT NOT NULL
 );
 """
+# Files created before read-time enrichment also have a nullable msg_type_name column, left
+# NULL from then on: the API derives the name from msg_type.
 _INSERT_MESSAGE = (
-    "INSERT INTO fix_messages (received_ms, peer, begin_string, msg_type, msg_type_name,"
-    " sender, target, seq_num, symbol, raw, fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO fix_messages (received_ms, peer, begin_string, msg_type, sender, target,"
+    " seq_num, symbol, raw, fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_RAW = 8
+# What sqlite3 raises for a row it refuses (OverflowError: an integer beyond 64 bits).
+_REFUSED = (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, OverflowError)
 _INSERT_REJECT = "INSERT INTO fix_rejects (received_ms, peer, reason, raw) VALUES (?, ?, ?, ?)"
 _SELECT = (
-    "SELECT id, received_ms, peer, raw, begin_string, msg_type, msg_type_name, sender, target,"
-    " seq_num, symbol, fields FROM fix_messages"
+    "SELECT id, received_ms, peer, raw, begin_string, msg_type, sender, target, seq_num, symbol,"
+    " fields FROM fix_messages"
 )
 
 
@@ -118,8 +123,8 @@ class SqliteCaptureStore:
         """Insert both in one transaction; a refused row is retried alone, then a reject."""
         rows = [
             (
-                m.received_ms, m.peer, m.begin_string, m.msg_type, m.msg_type_name, m.sender,
-                m.target, m.seq_num, m.symbol, raw_to_text(m.raw), m.fields_json.decode(),
+                m.received_ms, m.peer, m.begin_string, m.msg_type, m.sender, m.target,
+                m.seq_num, m.symbol, raw_to_text(m.raw), m.fields_json,
             )
             for m in messages
         ]  # fmt: skip
@@ -131,7 +136,7 @@ class SqliteCaptureStore:
                     conn.execute("BEGIN")
                     conn.executemany(_INSERT_MESSAGE, rows)
                     conn.executemany(_INSERT_REJECT, bad)
-            except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError):
+            except _REFUSED:
                 return _one_by_one(conn, messages, rows, bad)
             return []
 
@@ -196,18 +201,18 @@ def _one_by_one(
     for message, row in zip(messages, rows, strict=True):
         try:
             conn.execute(_INSERT_MESSAGE, row)
-        except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError) as exc:
+        except _REFUSED as exc:
             reason = f"store_refused: {exc}"
             refused.append(CaptureReject(message.received_ms, message.peer, reason, message.raw))
-            bad.append((row[0], row[1], reason, row[9]))
+            bad.append((row[0], row[1], reason, row[_RAW]))
     for reject_row in bad:
         try:
             conn.execute(_INSERT_REJECT, reject_row)
-        except (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError):
+        except _REFUSED:
             continue  # nothing left to fall back to for this row; keep the batch going
     return refused
 
 
 def _message(r: Sequence[Any]) -> StoredMessage:
-    fields = orjson.loads(r[11])
-    return StoredMessage(*r[:11], fields)  # type: ignore[call-arg]
+    fields = stored_fields(orjson.loads(r[10]))
+    return StoredMessage(*r[:10], fields)  # type: ignore[call-arg]

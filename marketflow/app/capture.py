@@ -1,7 +1,7 @@
-"""FIX capture (audit trail): framed messages -> validate -> filter -> enrich -> batch -> store.
+"""FIX capture (audit trail): framed messages -> validate -> filter -> parse -> batch -> store.
 
 The listener frames bytes per connection and calls ``submit`` with the frames of one read.
-``submit`` validates and enriches synchronously (the CPU work has to happen on this core
+``submit`` validates and parses synchronously (the CPU work has to happen on this core
 anyway) and appends to the pending batch. A full batch (``batch_max``), or whatever is pending
 every ``flush_interval_ms``, goes on a small bounded queue; one writer task stores it. When the
 store is slow or down, the queue fills, ``submit`` blocks, the connections stop reading and TCP
@@ -11,6 +11,8 @@ retries a failed batch with capped exponential backoff until the store comes bac
 Filters (CaptureSettings.filters): every ``include`` rule must match (the tag has one of the
 values, in any occurrence), and no ``exclude`` rule may match. Filtered messages are counted,
 not stored. Invalid messages are stored as rejects with their reason, never silently dropped.
+Enrichment (tag names, enum meanings) follows from the static dictionary and is done when the
+audit trail is read, not stored per message.
 """
 
 from __future__ import annotations
@@ -40,10 +42,10 @@ Batch = tuple[list[CapturedMessage], list[CaptureReject]]
 
 
 class MessageDecoder(Protocol):
-    """Protocol-specific work (FIX): validation, parsing and enrichment of one framed message."""
+    """Protocol-specific work (FIX): validation and parsing of one framed message."""
 
     def decode(self, frame: bytes, received_ms: int, peer: str) -> CapturedMessage:
-        """The message with its header columns, parsed fields and enriched JSON rows;
+        """The message with its header columns and parsed fields (also as JSON);
         raises InvalidMessage (bad field syntax, missing header tags ...)."""
         ...
 

@@ -6,9 +6,11 @@ what would be ambiguous, is escaped with a backslash: ``\\`` for a backslash, ``
 (PostgreSQL text refuses NUL) and ``\xNN`` for every byte that is not part of valid UTF-8.
 ``raw_from_text`` inverts ``raw_to_text`` exactly, for any bytes.
 
-Enriched fields are stored as one JSON array of ``[tag, name, value, meaning]`` rows in wire
-order (name and meaning null when the dictionary has none): compact, and cheap to build on
-the hot path; the API expands them into objects.
+Parsed fields are stored as one JSON array of ``["tag", "value"]`` string pairs in wire order
+(repeating groups and duplicate tags kept): exactly what was received, queryable in SQL
+(``fields @> '[["55", "AAPL"]]'``), and cheap both to build on the hot path and for the
+database to turn into jsonb. Names and enum meanings are not stored: they follow from the
+static FIX dictionary, so the API adds them when it reads (read-time enrichment).
 """
 
 from __future__ import annotations
@@ -62,14 +64,16 @@ class CapturedMessage:
     raw: bytes
     begin_string: str
     msg_type: str
-    msg_type_name: str | None
     sender: str
     target: str
     seq_num: int
     symbol: str | None
     tags: Sequence[int]  # parsed fields, in wire order: what the capture filters look at
     values: Sequence[str]
-    fields_json: bytes  # enriched rows [tag, name, value, meaning] as a JSON array
+    fields_json: str  # the parsed fields as a JSON array of ["tag", "value"] pairs
+    # True when raw is printable ASCII plus SOH without '"' or backslash: then raw, every value
+    # and fields_json need no escaping in any text form (a store may skip its escaping step).
+    plain: bool = False
 
 
 @dataclass(slots=True)
@@ -92,12 +96,22 @@ class StoredMessage:
     raw: str  # raw_to_text form
     begin_string: str
     msg_type: str
-    msg_type_name: str | None
     sender: str
     target: str
     seq_num: int
     symbol: str | None
-    fields: list[Any]  # the stored [tag, name, value, meaning] rows
+    fields: list[tuple[int, str]]  # the parsed (tag, value) pairs, in wire order
+
+
+def stored_fields(fields: Sequence[Sequence[Any]]) -> list[tuple[int, str]]:
+    """Stored ``fields`` JSON (decoded) as ``(tag, value)`` pairs.
+
+    Reads both layouts: ``["tag", "value"]`` pairs, and the ``[tag, name, value, meaning]``
+    rows that rows stored before read-time enrichment still hold.
+    """
+    if fields and len(fields[0]) == 4:
+        return [(int(row[0]), row[2]) for row in fields]
+    return [(int(tag), value) for tag, value in fields]
 
 
 @dataclass(slots=True)

@@ -4,6 +4,8 @@
         newest first; limit 1..1000 (default 100); since is RFC 3339 with a zone, or Unix ms.
         -> {"messages": [...], "next_before_id": id or null}
     GET /api/messages/{id}       -> one message: raw, parsed and enriched forms
+        (names and enum meanings come from the static FIX dictionary at read time: the store
+        keeps only the parsed fields)
     GET /api/messages/rejects?limit=&before_id=  -> {"rejects": [...], "next_before_id": ...}
 
 Bad input answers 400 and an unknown id 404, both with ``{"error": "..."}``; a store that cannot
@@ -20,7 +22,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from marketflow.adapters.fix.capture_decoder import expand_fields
+from marketflow.adapters.fix.dictionary import enrich, meaning
 from marketflow.domain.capture import (
     MessageQuery,
     StoredMessage,
@@ -106,7 +108,7 @@ def _summary(m: StoredMessage) -> dict[str, Any]:
     return {
         "id": m.id, "received_at": _iso(m.received_ms), "received_ms": m.received_ms,
         "peer": m.peer, "begin_string": m.begin_string, "msg_type": m.msg_type,
-        "msg_type_name": m.msg_type_name, "sender": m.sender, "target": m.target,
+        "msg_type_name": meaning(35, m.msg_type), "sender": m.sender, "target": m.target,
         "seq_num": m.seq_num, "symbol": m.symbol, "raw": raw_display(m.raw),
     }  # fmt: skip
 
@@ -114,8 +116,8 @@ def _summary(m: StoredMessage) -> dict[str, Any]:
 def _detail(m: StoredMessage) -> dict[str, Any]:
     body = _summary(m)
     body["raw_base64"] = base64.b64encode(raw_from_text(m.raw)).decode()
-    body["parsed"] = [[row[0], row[2]] for row in m.fields]
-    body["enriched"] = expand_fields(m.fields)
+    body["parsed"] = [[tag, value] for tag, value in m.fields]
+    body["enriched"] = enrich(m.fields)
     return body
 
 

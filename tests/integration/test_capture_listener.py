@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from marketflow.adapters.capture_sqlite import SqliteCaptureStore
 from marketflow.adapters.fix.capture_decoder import FixCaptureDecoder
 from marketflow.adapters.fix.capture_listener import CaptureListener
 from marketflow.adapters.fix.codec import encode
+from marketflow.adapters.fix.dictionary import enrich
 from marketflow.app.capture import CaptureService
 from marketflow.domain.capture import CaptureStore
 from marketflow.entrypoints.http_messages import add_message_routes
@@ -115,6 +117,51 @@ async def test_message_written_to_socket_shows_in_api_within_a_second(capture: C
     assert detail["raw"] == order(1).decode().replace("\x01", "|")
     assert {"tag": 54, "name": "Side", "value": "1", "meaning": "Buy"} in detail["enriched"]
     assert [55, "AAPL"] in detail["parsed"]
+
+
+async def test_values_that_need_escaping_read_back_exactly(capture: Capture) -> None:
+    """Each store escapes what its format needs (COPY text, JSON): raw, parsed and enriched
+    forms read back exactly, next to plain messages of the same batch."""
+    odd = [b'A"B', b"A\\B", b"A\tB", b"A\nB\rC", b"A\x00B", "Société".encode(), b"\xff\xfe",
+           b"\\N", b"A\x7f\x02B"]  # fmt: skip
+    frames = [order(1)]
+    for i, value in enumerate(odd, start=2):
+        frames.append(
+            encode("D", [(11, value), (55, value), (54, 2)], begin="FIX.4.4", sender="C\tX",
+                   target="T", seq=i, sending_time="20261126-11:45:30.123")
+        )  # fmt: skip
+    await capture.send(b"".join(frames))
+
+    await capture.wait_stored(len(frames))
+    listed = (await capture.get("/api/messages?limit=100"))["messages"]
+    assert [m["seq_num"] for m in listed] == list(range(len(frames), 0, -1))
+    decoder = FixCaptureDecoder()
+    for summary in listed:
+        detail = await capture.get(f"/api/messages/{summary['id']}")
+        frame = frames[summary["seq_num"] - 1]
+        expected = decoder.decode(frame, 1, "p")
+        assert base64.b64decode(detail["raw_base64"]) == frame
+        assert detail["parsed"] == [
+            list(p) for p in zip(expected.tags, expected.values, strict=True)
+        ]
+        assert detail["enriched"] == enrich(list(zip(expected.tags, expected.values, strict=True)))
+        assert (detail["symbol"], detail["sender"]) == (expected.symbol, expected.sender)
+        assert detail["msg_type_name"] == "NewOrderSingle"
+    assert {m["symbol"] for m in listed} == {
+        "AAPL",
+        *(v.decode("utf-8", "replace").replace("\x00", "\\x00") for v in odd),
+    }
+
+
+async def test_a_row_the_store_refuses_costs_only_itself(capture: Capture) -> None:
+    huge_seq = encode("D", [(55, "AAPL")], sender="C", target="T", seq=10**20, sending_time="x")
+    await capture.send(order(1) + huge_seq + order(2))
+
+    await capture.wait_stored(2, 1)
+    [reject] = (await capture.get("/api/messages/rejects"))["rejects"]
+    assert reject["reason"].startswith("store_refused")
+    assert reject["raw"] == huge_seq.decode().replace("\x01", "|")
+    assert capture.service.stats()["stored"] == 2
 
 
 async def test_many_messages_in_one_packet_and_one_split_over_many(capture: Capture) -> None:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from marketflow.adapters.fix.capture_decoder import FixCaptureDecoder, _reference
 from marketflow.adapters.fix.codec import encode
+from marketflow.adapters.fix.dictionary import TAG_ENUMS, TAG_NAMES, enrich, meaning
 from marketflow.app.capture import CaptureService
 from marketflow.domain.capture import (
     CapturedMessage,
@@ -22,6 +23,7 @@ from marketflow.domain.capture import (
     StoredReject,
     raw_from_text,
     raw_to_text,
+    stored_fields,
 )
 from marketflow.domain.errors import StoreUnavailable
 from marketflow.settings import CaptureFilter, CaptureSettings
@@ -95,25 +97,27 @@ def service(store: FakeCaptureStore, **settings: object) -> CaptureService:
     )
 
 
-async def test_valid_order_is_stored_enriched() -> None:
+async def test_valid_order_is_stored_parsed_and_enriched_when_read() -> None:
     store = FakeCaptureStore()
     async with service(store) as svc:
         await svc.submit(PEER, 1000, [order(7)])
         await svc.flush()
 
     [msg] = store.messages
-    assert (msg.msg_type, msg.msg_type_name, msg.symbol, msg.seq_num) == (
-        "D", "NewOrderSingle", "AAPL", 7,
-    )  # fmt: skip
+    assert (msg.msg_type, msg.symbol, msg.seq_num) == ("D", "AAPL", 7)
+    assert meaning(35, msg.msg_type) == "NewOrderSingle"
     assert (msg.sender, msg.target, msg.peer, msg.received_ms) == (
         "CLIENT",
         "MARKETFLOW",
         PEER,
         1000,
     )
-    rows = orjson.loads(msg.fields_json)
-    assert [35, "MsgType", "D", "NewOrderSingle"] in rows
-    assert [54, "Side", "1", "Buy"] in rows
+    pairs = orjson.loads(msg.fields_json)
+    assert ["35", "D"] in pairs
+    assert ["54", "1"] in pairs
+    enriched = enrich(stored_fields(pairs))  # what the API adds when it reads the message
+    assert {"tag": 35, "name": "MsgType", "value": "D", "meaning": "NewOrderSingle"} in enriched
+    assert {"tag": 54, "name": "Side", "value": "1", "meaning": "Buy"} in enriched
     assert svc.stats()["accepted"] == 1
     assert svc.stats()["stored"] == 1
 
@@ -221,6 +225,10 @@ async def _submit_many(svc: CaptureService, n: int) -> None:
 
 TRICKY = [
     order(),
+    order().replace(b"AAPL", b'A"B'),  # JSON must escape '"'
+    order().replace(b"AAPL", b"A\tB\nC\rD"),  # COPY text must escape these
+    order().replace(b"AAPL", b"A\x7fB\x02"),  # DEL (plain) and a control character (not)
+    order().replace(b"\x0155=AAPL", b"\x01269=0\x01270=1\x01269=1\x01270=2\x0155=AAPL"),
     order().replace(b"AAPL", b"A=B"),  # "=" inside a value
     order().replace(b"AAPL", "Société".encode()),  # non-ASCII
     order().replace(b"AAPL", b"A\x00B"),  # NUL
@@ -250,6 +258,13 @@ def test_fast_path_and_reference_path_agree(frame: bytes) -> None:
             assert (got.fields_json, list(got.tags), list(got.values)) == (
                 expected.fields_json, list(expected.tags), list(expected.values),
             )  # fmt: skip
+            assert (got.begin_string, got.msg_type, got.sender, got.target) == (
+                expected.begin_string, expected.msg_type, expected.sender, expected.target,
+            )  # fmt: skip
+            assert (got.seq_num, got.symbol) == (expected.seq_num, expected.symbol)
+            assert orjson.loads(got.fields_json) == [
+                [str(t), v] for t, v in zip(expected.tags, expected.values, strict=True)
+            ]
         else:
             assert got == expected
 
@@ -260,3 +275,45 @@ def test_raw_text_round_trips_any_bytes(raw: bytes) -> None:
     assert "\x00" not in text
     text.encode("utf-8")  # valid for PostgreSQL text
     assert raw_from_text(text) == raw
+
+
+def _old_stored_rows(frame: bytes) -> list[list[object]]:
+    """What the store used to keep per message: [tag, name, value, meaning] rows."""
+    msg = _reference(frame, 1, PEER)
+    return [
+        [tag, TAG_NAMES.get(tag), value, TAG_ENUMS.get(tag, {}).get(value)]
+        for tag, value in zip(msg.tags, msg.values, strict=True)
+    ]
+
+
+def _old_expand(rows: list[list[object]]) -> list[dict[str, object]]:
+    """How the API used to turn those rows into its "enriched" objects."""
+    out: list[dict[str, object]] = []
+    for tag, name, value, meaning_ in rows:
+        item = {"tag": tag, "name": name, "value": value}
+        if meaning_ is not None:
+            item["meaning"] = meaning_
+        out.append(item)
+    return out
+
+
+@pytest.mark.parametrize("frame", [f for f in TRICKY if f is not TRICKY[-1]])
+def test_read_time_enrichment_equals_what_was_stored_before(frame: bytes) -> None:
+    try:
+        got = FixCaptureDecoder().decode(frame, 1, PEER)
+    except InvalidMessage:
+        return  # rejected both ways (test_fast_path_and_reference_path_agree)
+    old = _old_stored_rows(frame)
+    pairs = stored_fields(orjson.loads(got.fields_json))
+    assert enrich(pairs) == _old_expand(old)
+    assert [[tag, value] for tag, value in pairs] == [[row[0], row[2]] for row in old]
+    # Rows stored in the old layout still read back as the same pairs.
+    assert stored_fields(orjson.loads(orjson.dumps(old))) == pairs
+
+
+def test_plain_flag_only_on_messages_that_need_no_escaping() -> None:
+    decoder = FixCaptureDecoder()
+    assert decoder.decode(order(), 1, PEER).plain
+    for odd in (b'A"B', b"A\\B", b"A\tB", "é".encode()):
+        frame = order().replace(b"AAPL", odd)
+        assert not decoder.decode(frame, 1, PEER).plain

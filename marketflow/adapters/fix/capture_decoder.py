@@ -1,21 +1,23 @@
-"""The FIX side of the capture use case: validate, parse and enrich one framed message.
+"""The FIX side of the capture use case: validate and parse one framed message.
 
 The framer (codec.FixFramer) has already checked BeginString, BodyLength and CheckSum; this adds
 the field syntax, the required header tags (8, 9, 35, 49, 56, 34, 52) and an integer MsgSeqNum,
-and builds the enriched JSON rows ``[tag, name, value, meaning]``.
+and builds the parsed fields as a JSON array of ``["tag", "value"]`` pairs. Names and enum
+meanings are not part of what is stored: they follow from the static dictionary, and the API
+adds them when it reads (dictionary.enrich), so the hot path does no per-field lookups.
 
-Two paths, same output (tests hold them equal). The fast path covers the usual message (ASCII,
-no NUL, no backslash, exactly one ``=`` per field, no empty value): it splits the whole message
-with two C calls and looks up everything that depends only on the sequence of tags (validity,
-header positions, names, enumerations) in a per-"shape" cache, since a venue sends the same
-few shapes over and over. Everything else takes the reference path: codec.parse_fields,
-codec.missing_header_tags and dictionary lookups per field.
+Two paths, same output (tests hold them equal). The fast path covers the usual message
+("plain": printable ASCII and SOH, no ``"`` or backslash, exactly one ``=`` per field, no empty
+value): it splits the whole message with two C calls, checks what depends only on the sequence
+of tags (validity, header positions) once per "shape" in a cache, since a venue sends the same
+few shapes over and over, and turns the message text into the JSON pairs with two
+``str.replace`` calls (nothing in a plain message needs JSON escaping). Everything else takes
+the reference path: codec.parse_fields, codec.missing_header_tags and orjson.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
 import orjson
 
@@ -25,28 +27,26 @@ from marketflow.adapters.fix.codec import (
     missing_header_tags,
     parse_fields,
 )
-from marketflow.adapters.fix.dictionary import TAG_ENUMS, TAG_NAMES
+from marketflow.adapters.fix.dictionary import TAG_ENUMS
 from marketflow.domain.capture import CapturedMessage, InvalidMessage, clean_text
 
 _MSG_TYPES = TAG_ENUMS[35]
-_NO_ENUM: dict[str, str] = {}
 _MAX_SHAPES = 4096  # a peer sending random tag sets must not grow memory without bound
 # A field without "=": with as many "=" as SOH there is then one with two, and the split below
 # would pair tags with the wrong values.
 _FIELD_WITHOUT_EQ = re.compile("\x01[^=\x01]*\x01")
+# Bytes a plain message has none of: control characters other than SOH, '"' and backslash
+# (JSON and COPY text would have to escape them). Checked with one bytes.translate.
+_NOT_PLAIN = bytes((*range(0, 1), *range(2, 32), 0x22, 0x5C))
 
 
 class _Shape:
     """What follows from a message's tag sequence alone."""
 
-    __slots__ = ("enums", "names", "p8", "p34", "p35", "p49", "p55", "p56", "tags")
+    __slots__ = ("p8", "p34", "p35", "p49", "p55", "p56", "tags")
 
     def __init__(self, tags: tuple[int, ...]) -> None:
         self.tags = tags
-        self.names = tuple(TAG_NAMES.get(t) for t in tags)
-        self.enums: tuple[dict[str, str], ...] = tuple(
-            dict(TAG_ENUMS.get(t, _NO_ENUM)) for t in tags
-        )
         first: dict[int, int] = {}
         for i, tag in enumerate(tags):
             first.setdefault(tag, i)
@@ -76,7 +76,7 @@ class FixCaptureDecoder:
 
     def decode(self, frame: bytes, received_ms: int, peer: str) -> CapturedMessage:
         """The captured message; raises InvalidMessage with the reject reason."""
-        if frame.isascii() and b"\x00" not in frame and b"\\" not in frame:
+        if frame.isascii() and len(frame.translate(None, _NOT_PLAIN)) == len(frame):
             text = frame.decode("ascii")
             if text.count("=") == text.count("\x01") and not _FIELD_WITHOUT_EQ.search(text):
                 items = text.replace("=", "\x01").split("\x01")
@@ -91,29 +91,24 @@ class FixCaptureDecoder:
                             shapes.clear()
                         shape = shapes[key] = _shape(key)
                     if shape is not None:
-                        return _fast(shape, values, frame, received_ms, peer)
+                        seq = values[shape.p34]
+                        if not seq.isdigit():
+                            raise InvalidMessage(f"bad_seq_num: {seq[:20]!r}")
+                        # 8=FIX.4.2<SOH>9=5<SOH> -> [["8","FIX.4.2"],["9","5"]]: nothing to escape.
+                        fields_json = (
+                            '[["' + text[:-1].replace("=", '","').replace("\x01", '"],["') + '"]]'
+                        )
+                        return CapturedMessage(
+                            received_ms, peer, frame, values[shape.p8], values[shape.p35],
+                            values[shape.p49], values[shape.p56], int(seq),
+                            values[shape.p55] if shape.p55 >= 0 else None,
+                            shape.tags, values, fields_json, True,
+                        )  # fmt: skip
         return _reference(frame, received_ms, peer)
 
     def type_name(self, msg_type: str) -> str | None:
         """35=D -> "NewOrderSingle"."""
         return _MSG_TYPES.get(msg_type)
-
-
-def _fast(
-    shape: _Shape, values: list[str], frame: bytes, received_ms: int, peer: str
-) -> CapturedMessage:
-    seq = values[shape.p34]
-    if not seq.isdigit():
-        raise InvalidMessage(f"bad_seq_num: {seq[:20]!r}")
-    msg_type = values[shape.p35]
-    meanings = list(map(dict.get, shape.enums, values))
-    rows = list(zip(shape.tags, shape.names, values, meanings, strict=True))
-    return CapturedMessage(
-        received_ms, peer, frame, values[shape.p8], msg_type, _MSG_TYPES.get(msg_type),
-        values[shape.p49], values[shape.p56], int(seq),
-        values[shape.p55] if shape.p55 >= 0 else None,
-        shape.tags, values, orjson.dumps(rows),
-    )  # fmt: skip
 
 
 def _reference(frame: bytes, received_ms: int, peer: str) -> CapturedMessage:
@@ -130,22 +125,8 @@ def _reference(frame: bytes, received_ms: int, peer: str) -> CapturedMessage:
     seq = head[34]
     if not (seq.isascii() and seq.isdigit()):
         raise InvalidMessage(f"bad_seq_num: {seq[:20]!r}")
-    rows = [
-        (tag, TAG_NAMES.get(tag), value, TAG_ENUMS.get(tag, _NO_ENUM).get(value))
-        for tag, value in zip(tags, values, strict=True)
-    ]
+    fields_json = orjson.dumps([[str(t), v] for t, v in zip(tags, values, strict=True)]).decode()
     return CapturedMessage(
-        received_ms, peer, frame, head[8], head[35], _MSG_TYPES.get(head[35]),
-        head[49], head[56], int(seq), head.get(55), tags, values, orjson.dumps(rows),
+        received_ms, peer, frame, head[8], head[35], head[49], head[56], int(seq), head.get(55),
+        tags, values, fields_json,
     )  # fmt: skip
-
-
-def expand_fields(rows: Sequence[Sequence[object]]) -> list[dict[str, object]]:
-    """Stored ``[tag, name, value, meaning]`` rows as objects, for the API."""
-    out: list[dict[str, object]] = []
-    for tag, name, value, meaning in rows:
-        item: dict[str, object] = {"tag": tag, "name": name, "value": value}
-        if meaning is not None:
-            item["meaning"] = meaning
-        out.append(item)
-    return out
