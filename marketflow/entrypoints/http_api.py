@@ -79,6 +79,8 @@ def _stat_handler(stat: Stat) -> Handler:
         unknown = set(request.query) - {"period"}
         if unknown:
             raise BadRequest(f"unknown query parameter(s): {', '.join(sorted(unknown))[:100]}")
+        if len(request.query.getall("period", ())) > 1:
+            raise BadRequest("period given more than once")
         period_s = None if period_text is None else parse_period(period_text)
         label = period_text if period_text is not None else "all"
         ans = await request.app[QUERIES].stat(stat, symbol, exchange, period_s, label)

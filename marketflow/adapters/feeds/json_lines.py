@@ -48,6 +48,11 @@ class JsonLinesParser:
             objs = orjson.loads(b"[" + data.replace(b"\n", b",") + b"]")
         except orjson.JSONDecodeError:
             objs = self._decode_lines(data)
+        else:
+            # Commas between lines can hide bad framing: two half lines that join into one
+            # object, two objects on one line. Every line must hold exactly one value.
+            if len(objs) != data.count(b"\n") + 1:
+                objs = self._decode_lines(data)
         return self._validate(objs, received_ms)
 
     def _decode_lines(self, data: bytes) -> list[object]:

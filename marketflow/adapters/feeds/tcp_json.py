@@ -122,8 +122,10 @@ class TcpJsonProducer:
                     data = await reader.read(chunk_bytes)
             except TimeoutError:
                 log.warning("feed_stale exchange=%s silent_s=%g", status.name, stale_s)
+                self._drop_partial(rest, status)
                 raise _Stale from None
             if not data:
+                self._drop_partial(rest, status)
                 return got_data
             if not got_data:
                 got_data = True
@@ -148,6 +150,18 @@ class TcpJsonProducer:
                 rejects.add("line_too_long", rest)
                 rest = b""
                 skipping = True
+
+    @staticmethod
+    def _drop_partial(rest: bytes, status: FeedStatus) -> None:
+        """The connection ended inside a line: those bytes are bad input, count them."""
+        if rest:
+            status.rejects.add("truncated_line", rest)
+            log.warning(
+                "feed_truncated_line exchange=%s bytes=%d sample=%r",
+                status.name,
+                len(rest),
+                rest[:200],
+            )
 
 
 def build_json_source(
