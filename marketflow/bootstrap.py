@@ -128,9 +128,10 @@ def reserve_port(host: str, port: int) -> socket.socket:
 class Daemon:
     """The running daemon; ``start()`` then ``stop()``, each once."""
 
-    def __init__(self, settings: Settings, *, serve_http: bool = True) -> None:
+    def __init__(self, settings: Settings, *, serve_http: bool = True, resume: bool = True) -> None:
         self.settings = settings
         self._serve_http = serve_http
+        self._resume = resume
         p = settings.pipeline
         self.fanin: asyncio.Queue[TickBatch] = asyncio.Queue(p.fanin_queue_batches)
         self._tasks: list[asyncio.Task[None]] = []
@@ -168,7 +169,8 @@ class Daemon:
         )
         await self.writer.start()
         self.aggregator = Aggregator(self.fanin, self.cache, self.writer, s.pipeline, wall_clock_ms)
-        await self.aggregator.resume(self.store)
+        if self._resume:
+            await self.aggregator.resume(self.store)
         self._spawn(self.aggregator.consume(), "aggregator")
         self._spawn(self.aggregator.run_flusher(), "flusher")
         self.modes = ModeController(
@@ -309,7 +311,9 @@ async def run_replay(settings: Settings, path: Path, speed: float) -> int:
     """Replay one capture file through the pipeline into storage, then exit."""
     source = ExchangeSettings(name="replay", type="file", path=path, speed=speed)
     replay_settings = settings.model_copy(update={"exchanges": (source,), "mode": "live"})
-    daemon = Daemon(replay_settings, serve_http=False)
+    # No resume: the file is the whole truth for the minutes it covers. Merging them with
+    # rows or cached seconds of an earlier run would count a replayed tick twice.
+    daemon = Daemon(replay_settings, serve_http=False, resume=False)
     await daemon.start()
     for running in daemon.modes.running():
         await running.finished()
