@@ -5,9 +5,12 @@
 The daemon runs as its own process pinned to CPU 0 (when the machine has two or more),
 simulators and this measuring process to the other CPUs. Throughput is the daemon's own count
 of ticks folded (from /health) over the measured interval: TCP flow control throttles the
-simulators to what the daemon sustains. Latency is exchange timestamp -> visible in Redis,
-sampled by polling the ``marketflow:latest`` hash every 5 ms. The last line printed is one
-JSON object.
+simulators to what the daemon sustains. Latency is exchange timestamp -> visible in Redis:
+the ``marketflow:latest`` hash is polled every 5 ms; when a pair's latest timestamp moves
+from t0 to t1 at poll time T, the ticks that became visible with it were stamped between t0
+and t1 (a firehose stamps them evenly), so ten samples T - t are taken spread over (t0, t1].
+That counts the wait for the next flush of the oldest tick of an interval, not only the
+freshest one. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -60,9 +63,13 @@ async def sample_latency(url: str, seconds: float) -> list[float]:
             now_ms = time.time() * 1000
             for key, raw in entries.items():
                 ts = int(orjson.loads(raw)["timestamp"])
-                if seen.get(key) != ts:
-                    seen[key] = ts
-                    out.append(now_ms - ts)
+                prev = seen.get(key)
+                if prev == ts:
+                    continue
+                seen[key] = ts
+                if prev is None or prev > ts:
+                    continue
+                out.extend(now_ms - (prev + (ts - prev) * k / 10) for k in range(1, 11))
             await asyncio.sleep(0.005)
     finally:
         await client.aclose()
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=int, default=200_000, help="lines/s per simulator")
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--warmup", type=float, default=3.0)
-    ap.add_argument("--flush-ms", type=int, default=100)
+    ap.add_argument("--flush-ms", type=int, default=20)
     args = ap.parse_args(argv)
 
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
