@@ -6,14 +6,14 @@ import re
 
 from marketflow.domain.errors import BadRequest
 
-_PERIOD = re.compile(r"^([1-9][0-9]{0,6})(s|m|h)$")
+_PERIOD = re.compile(r"([1-9][0-9]{0,6})(s|m|h)")  # used with fullmatch: "$" allows "1s\n"
 _UNIT_S = {"s": 1, "m": 60, "h": 3600}
 MAX_PERIOD_S = 366 * 86_400
 
 
 def parse_period(text: str) -> int:
     """Seconds in ``text``; BadRequest with a readable reason otherwise."""
-    m = _PERIOD.match(text)
+    m = _PERIOD.fullmatch(text)
     if m is None:
         raise BadRequest(
             f"invalid period {text[:32]!r}: use a positive number followed by s, m or h "
