@@ -21,6 +21,7 @@ Write cost is what limits the capture rate, on both sides of the socket:
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -103,6 +104,8 @@ def _ms(ts: datetime) -> int:
 # COPY text format: backslash starts an escape, tab separates columns, newline ends a row.
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _NULL = "\\N"
+_SEND_BUFFER = 4 << 20
+_COPY_SLICE = 500  # messages per chunk of COPY data (about 270 KB)
 
 
 def _esc(text: str) -> str:
@@ -137,6 +140,14 @@ def _copy_lines(messages: Sequence[CapturedMessage]) -> bytes:
     return "".join(lines).encode()
 
 
+async def _tune_socket(conn: asyncpg.Connection) -> None:
+    """Give the connection a send buffer that holds a whole COPY batch (a few MB)."""
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
+
+
 class PostgresCaptureStore:
     """CaptureStore on PostgreSQL; build with ``await PostgresCaptureStore.open(settings)``."""
 
@@ -157,6 +168,7 @@ class PostgresCaptureStore:
                 min_size=1,
                 max_size=max_size,
                 timeout=settings.connect_timeout_s,
+                init=_tune_socket,
             )
         except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"postgres unreachable: {exc}") from exc
@@ -185,7 +197,7 @@ class PostgresCaptureStore:
         self, messages: Sequence[CapturedMessage], rejects: Sequence[CaptureReject]
     ) -> list[CaptureReject]:
         """COPY both; a refused row is retried alone and, if refused again, becomes a reject."""
-        data = _copy_lines(messages) if messages else b""
+        data = messages
         ts = {ms: _ts(ms) for ms in {r.received_ms for r in rejects}}
         bad = [(ts[r.received_ms], r.peer, r.reason, raw_to_text(r.raw)) for r in rejects]
         try:
@@ -213,7 +225,7 @@ class PostgresCaptureStore:
         refused: list[CaptureReject] = []
         for message in messages:
             try:
-                await _copy(conn, _copy_lines([message]), [])
+                await _copy(conn, [message], [])
             except asyncpg.PostgresError as exc:
                 if isinstance(exc, _UNAVAILABLE):
                     raise
@@ -295,18 +307,22 @@ class PostgresCaptureStore:
             raise StoreUnavailable(f"postgres query failed: {exc}") from exc
 
 
-async def _copy(conn: PoolConnectionProxy[Any], data: bytes, bad: list[Any]) -> None:
-    if data:
+async def _copy(
+    conn: PoolConnectionProxy[Any], messages: Sequence[CapturedMessage], bad: list[Any]
+) -> None:
+    if messages:
         await conn.copy_to_table(
-            "fix_messages", source=_once(data), columns=_MESSAGE_COLUMNS, format="text"
+            "fix_messages", source=_chunks(messages), columns=_MESSAGE_COLUMNS, format="text"
         )
     if bad:
         await conn.copy_records_to_table("fix_rejects", records=bad, columns=_REJECT_COLUMNS)
 
 
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    """``data`` as the one chunk of a COPY source (asyncpg would take plain bytes for a path)."""
-    yield data
+async def _chunks(messages: Sequence[CapturedMessage]) -> AsyncIterator[bytes]:
+    """The COPY data, formatted a slice at a time: asyncpg sends each slice as it comes, so the
+    database parses and inserts one slice while this formats the next, instead of idling."""
+    for i in range(0, len(messages), _COPY_SLICE):
+        yield _copy_lines(messages[i : i + _COPY_SLICE])
 
 
 def _message(r: asyncpg.Record) -> StoredMessage:

@@ -80,6 +80,12 @@ class CaptureService:
             (f.tag, frozenset(f.values)) for f in settings.filters if f.action == "exclude"
         ]
         self._queue: asyncio.Queue[Batch] = asyncio.Queue(queue_batches)
+        # Clear while the queue is full: every connection then waits before decoding more,
+        # instead of each decoding one more batch into its hands first. That keeps the event
+        # loop free for the writer (whose COPY results would otherwise wait behind a long round
+        # of decoding) and bounds what is held to the queue plus one pending batch.
+        self._room = asyncio.Event()
+        self._room.set()
         self._messages: list[CapturedMessage] = []
         self._rejects: list[CaptureReject] = []
         self._retry = (retry_initial_s, retry_max_s)
@@ -117,6 +123,8 @@ class CaptureService:
         rejects: Sequence[tuple[str, bytes]] = (),
     ) -> None:
         """Process the frames (and framing rejects) of one read; blocks while storage is behind."""
+        if not self._room.is_set():
+            await self._room.wait()
         for reason, raw in rejects:
             self._reject(peer, received_ms, reason, raw)
         decode = self._decoder.decode
@@ -161,6 +169,8 @@ class CaptureService:
         # Swap before awaiting: other connections keep appending to the new lists meanwhile.
         self._messages, self._rejects = [], []
         await self._queue.put(batch)
+        if self._queue.full():
+            self._room.clear()
 
     async def _tick_loop(self) -> None:
         while True:
@@ -178,6 +188,7 @@ class CaptureService:
                 messages += more_messages
                 rejects += more_rejects
                 merged += 1
+            self._room.set()
             try:
                 await self._write(messages, rejects)
             finally:

@@ -208,6 +208,27 @@ async def test_slow_store_blocks_submit_instead_of_buffering() -> None:
     assert len(store.messages) == 10
 
 
+async def test_full_queue_stops_every_connection_before_it_decodes_more() -> None:
+    store = FakeCaptureStore()
+    store.gate = asyncio.Event()
+    svc = CaptureService(
+        store, CaptureSettings(batch_max=2, flush_interval_ms=10_000), FixCaptureDecoder(),
+        queue_batches=1,
+    )  # fmt: skip
+    await svc.start()
+    await svc.submit(PEER, 1, [order(1), order(2)])  # the writer takes it, waits on the gate
+    await asyncio.sleep(0.01)
+    await svc.submit(PEER, 1, [order(3), order(4)])  # queued: the queue is now full
+    others = [asyncio.create_task(svc.submit(f"peer{i}", 1, [order(9)])) for i in range(5)]
+    await asyncio.sleep(0.05)
+    assert not any(t.done() for t in others)
+    assert svc.stats()["accepted"] == 4  # nobody decoded a message while the queue was full
+    store.gate.set()
+    await asyncio.wait_for(asyncio.gather(*others), 1.0)
+    await svc.aclose()
+    assert len(store.messages) == 9
+
+
 async def test_aclose_is_idempotent_and_flushes() -> None:
     store = FakeCaptureStore()
     svc = service(store)

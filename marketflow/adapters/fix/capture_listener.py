@@ -153,6 +153,9 @@ class CaptureListener:
                 frames = [item for item in items if type(item) is bytes]
                 rejects = [(r.reason, r.raw) for r in items if isinstance(r, FrameReject)]
             await submit(peer, received_ms, frames, rejects)
+            # One read per connection per loop round: with many busy peers, none keeps the loop
+            # (and the store writer waiting on its database reply) for more than one chunk.
+            await asyncio.sleep(0)
         if framer.buffered:
             tail = b"".join(tail_chunks)[-framer.buffered :]
             await submit(peer, self._clock(), (), [("truncated_at_disconnect", tail)])
