@@ -1,0 +1,182 @@
+"""Services killed mid-minute: the daemon restarted at once writes every minute whole, once.
+
+The three simulators send 10 ticks per second per pair, so a minute the daemon saw entirely
+holds 600 ticks per exchange x pair (a few more when a 100 ms round lands on the boundary).
+Ticks sent while the daemon was down are lost by design (the feed does not buffer them); the
+bounds below allow exactly for that downtime, measured on the feed's own timestamps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import signal
+import time
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+
+from tests.e2e.conftest import PAIRS, Stack
+from tests.e2e.procs import Daemon
+
+pytestmark = pytest.mark.e2e
+
+TICKS_PER_S = 10  # per pair per simulator
+Key = tuple[str, str, int]  # exchange, pair, minute start (epoch ms)
+
+
+async def fetch_rows(dsn: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(
+            "SELECT exchange, pair_name, "
+            "(extract(epoch FROM timestamp) * 1000)::bigint AS minute_ms, "
+            "average_price, min_price, max_price, tick_count FROM minute_prices"
+        )
+    finally:
+        await conn.close()
+
+
+def rows_by_key(dsn: str) -> dict[Key, asyncpg.Record]:
+    rows = asyncio.run(fetch_rows(dsn))
+    out = {(r["exchange"], r["pair_name"], r["minute_ms"]): r for r in rows}
+    assert len(out) == len(rows), "more than one row for an (exchange, pair, minute)"
+    return out
+
+
+def sleep_until(epoch_s: float) -> None:
+    time.sleep(max(0.0, epoch_s - time.time()))
+
+
+def next_minute_start() -> int:
+    return (int(time.time()) // 60 + 1) * 60
+
+
+def wait_all_flowing(d: Daemon, exchanges: list[str]) -> None:
+    for ex in exchanges:
+        for pair in PAIRS:
+            d.wait_for(f"/prices/latest/{ex}/{pair}", lambda s, b: s == 200 and b["price"] > 0)
+
+
+def restart_and_measure_downtime(d: Daemon, exchanges: list[str], down_at_s: float) -> float:
+    """Start the daemon again; seconds from ``down_at_s`` to the first new tick seen, the
+    longest over the exchanges (an upper bound of the gap in every minute row)."""
+    d.start()
+    worst = 0.0
+    for ex in exchanges:
+        body = d.wait_for(
+            f"/prices/latest/{ex}/BTCUSDT",
+            lambda s, b: s == 200 and _ms(b["timestamp"]) > down_at_s * 1000,
+        )
+        worst = max(worst, _ms(body["timestamp"]) / 1000 - down_at_s)
+    return worst
+
+
+def assert_whole_minute(
+    rows: dict[Key, asyncpg.Record], names: list[str], minute_s: int, downtime_s: float
+) -> None:
+    # Lost: ticks sent while down, plus those of the last flush interval before a SIGKILL.
+    lowest = 600 - math.ceil(downtime_s * TICKS_PER_S) - 2
+    for ex in names:
+        for pair in PAIRS:
+            r = rows.get((ex, pair, minute_s * 1000))
+            assert r is not None, (ex, pair, minute_s)
+            assert lowest <= r["tick_count"] <= 610, (dict(r), lowest, downtime_s)
+            assert r["min_price"] <= r["average_price"] <= r["max_price"]
+
+
+@pytest.mark.timeout(260)
+def test_sigkill_then_sigterm_mid_minute_restart_rewrites_each_minute_whole_never_doubled(
+    stack: Stack,
+) -> None:
+    d, names = stack.daemon, [s.name for s in stack.sims]
+    wait_all_flowing(d, names)
+    first = next_minute_start()  # the daemon is up for the whole of this minute
+
+    # (a) SIGKILL mid-minute, restart at once: the window comes back from Redis.
+    sleep_until(first + 15)
+    killed_at = time.time()
+    assert d.stop(signal.SIGKILL) == -signal.SIGKILL
+    downtime = restart_and_measure_downtime(d, names, killed_at)
+    assert downtime < 15, downtime
+    sleep_until(first + 60 + 3.5)  # the minute closes 2 s after its end
+    rows = rows_by_key(stack.postgres.dsn)
+    assert_whole_minute(rows, names, first, downtime)
+
+    # (b) SIGTERM mid-minute: the partial minute is written at shutdown, then rewritten
+    # whole (with the ticks from before the stop, not added twice) after the restart.
+    second = first + 60
+    sleep_until(second + 15)
+    stopped_at = time.time()
+    assert d.stop(signal.SIGTERM) == 0
+    partial = rows_by_key(stack.postgres.dsn)
+    for ex in names:
+        for pair in PAIRS:
+            r = partial.get((ex, pair, second * 1000))
+            assert r is not None, f"partial minute not written at shutdown: {ex} {pair}"
+            assert 140 <= r["tick_count"] <= 15 * TICKS_PER_S + 20, dict(r)
+    downtime = restart_and_measure_downtime(d, names, stopped_at)
+    assert downtime < 15, downtime
+    sleep_until(second + 60 + 3.5)
+    rows = rows_by_key(stack.postgres.dsn)
+    assert_whole_minute(rows, names, second, downtime)
+    for key in [k for k in partial if k[2] == first * 1000]:  # the earlier minute is untouched
+        assert rows[key]["tick_count"] == partial[key]["tick_count"]
+
+
+def read_spill(path: Path) -> dict[Key, dict[str, float]]:
+    out: dict[Key, dict[str, float]] = {}
+    for line in path.read_bytes().splitlines():
+        d = orjson.loads(line)
+        out[(d["exchange"], d["symbol"], d["minute_ms"])] = d  # a later line supersedes
+    return out
+
+
+@pytest.mark.timeout(150)
+def test_sigterm_while_postgres_down_spills_rows_and_restart_writes_each_once(
+    stack: Stack, tmp_path: Path
+) -> None:
+    d, names = stack.daemon, [s.name for s in stack.sims]
+    spill = tmp_path / "var" / "spill" / "minutes.jsonl"
+    wait_all_flowing(d, names)
+    if time.time() % 60 > 40:  # stop and restart well inside one minute (compared below)
+        sleep_until(next_minute_start() + 3)
+    time.sleep(2)
+    minute = int(time.time()) // 60 * 60_000
+    stack.postgres.stop()
+    assert d.stop(signal.SIGTERM) == 0
+    assert spill.exists(), d.log()[-3000:]
+    spilled = read_spill(spill)
+    assert {(ex, p) for ex, p, m in spilled if m == minute} == {
+        (ex, p) for ex in names for p in PAIRS
+    }
+    assert "minute_rows_spilled" in d.log()
+
+    stack.postgres.start()
+    d.start()
+    d.wait_for(
+        "/health",
+        lambda s, b: (
+            b["postgres"]["state"] == "up"
+            and b["postgres"]["spilled_rows"] == 0
+            and b["postgres"]["pending_rows"] == 0
+        ),
+    )
+    assert not spill.exists()
+    rows = rows_by_key(stack.postgres.dsn)  # asserts one row per key
+    assert int(time.time()) // 60 * 60_000 == minute, "test too slow: the minute closed"
+    for key, s in spilled.items():
+        r = rows.get(key)
+        assert r is not None, f"spilled row lost: {key}"
+        # The open minute is not rewritten before it closes: the row is the spilled one.
+        assert r["tick_count"] == s["count"], (dict(r), s)
+        assert (r["min_price"], r["max_price"]) == (s["low"], s["high"])
+        assert r["average_price"] == pytest.approx(s["average"], rel=1e-12)
+
+
+def _ms(rfc3339: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp() * 1000
