@@ -60,8 +60,11 @@ CREATE TABLE IF NOT EXISTS fix_messages (
 CREATE INDEX IF NOT EXISTS fix_messages_msg_type_id ON fix_messages (msg_type, id);
 CREATE INDEX IF NOT EXISTS fix_messages_symbol_id ON fix_messages (symbol, id);
 DROP INDEX IF EXISTS fix_messages_received_at;
+-- BRIN summarises a block range only once it is full and autovacuum gets to it: without
+-- autosummarize, only VACUUM would, and every unsummarised range matches every ``since``.
 CREATE INDEX IF NOT EXISTS fix_messages_received_at_brin ON fix_messages
-    USING brin (received_at);
+    USING brin (received_at) WITH (autosummarize = on);
+ALTER INDEX fix_messages_received_at_brin SET (autosummarize = on);
 CREATE TABLE IF NOT EXISTS fix_rejects (
     id bigserial PRIMARY KEY,
     received_at timestamptz NOT NULL,

