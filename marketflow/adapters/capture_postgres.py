@@ -151,6 +151,14 @@ async def _tune_socket(conn: asyncpg.Connection) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
 
 
+async def _reset(conn: asyncpg.Connection) -> None:
+    """Pool release without asyncpg's reset query (RESET ALL, CLOSE ALL, UNLISTEN *, advisory
+    unlock: session state this store never creates), which cost a round trip per batch while
+    the database waited for the next COPY; only a transaction left open is rolled back."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 class PostgresCaptureStore:
     """CaptureStore on PostgreSQL; build with ``await PostgresCaptureStore.open(settings)``."""
 
@@ -172,6 +180,7 @@ class PostgresCaptureStore:
                 max_size=max_size,
                 timeout=settings.connect_timeout_s,
                 init=_tune_socket,
+                reset=_reset,
             )
         except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"postgres unreachable: {exc}") from exc
