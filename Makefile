@@ -35,7 +35,7 @@ test: $(STAMP) server-binaries lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP) server-binaries
-	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.ingest --rate 400000
 
 bench-fix: $(STAMP) server-binaries
 	$(BIN)/python -m bench.fix
