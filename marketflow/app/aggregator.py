@@ -160,7 +160,7 @@ class Aggregator:
                     latest.append(lp)
                 seconds.extend(w.take_dirty_seconds())
             rows.extend(w.open_minutes() if final else w.closed_minutes(now, grace))
-            w.evict(now, self._pipeline.window_retention_s)
+            w.evict(self._pipeline.window_retention_s)
         if rows:
             self._rows.submit(rows)
         await self._write_cache(latest, seconds, now, force=final)

@@ -18,6 +18,7 @@ PricePoint = tuple[float, int]
 # Timestamps outside this range are not epoch milliseconds (seconds, nanoseconds or junk).
 MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 MAX_TS_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
+MAX_AHEAD_MS = 60_000  # default: an exchange clock further ahead of ours is not believed
 
 
 @dataclass(frozen=True, slots=True)

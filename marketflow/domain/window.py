@@ -20,8 +20,8 @@ class PairWindow:
 
     A minute is emitted once closed (``grace_ms`` after its end by the later of the wall clock
     and the newest exchange timestamp), and again whenever a late tick changes it: rows are
-    upserts, so a re-emit rewrites, never doubles. Ticks older than the retained seconds are
-    counted as ``late`` and dropped.
+    upserts, so a re-emit rewrites, never doubles. Ticks older than the retained seconds (the
+    retention counts back from the pair's newest tick) are counted as ``late`` and dropped.
     """
 
     __slots__ = (
@@ -164,10 +164,15 @@ class PairWindow:
         self.pending_minutes.clear()
         return rows
 
-    def evict(self, clock_ms: int, retention_s: int) -> None:
-        """Forget whole minutes older than the retention; later ticks for them count as late."""
-        clock = max(clock_ms, self.latest_ts)
-        floor = (clock // 1000 - retention_s) // 60 * 60
+    def evict(self, retention_s: int) -> None:
+        """Forget whole minutes older than the retention; later ticks for them count as late.
+
+        The retention runs on the pair's own (exchange) time, not the wall clock: a replay of
+        a capture hours old keeps its window, and a feed that stops keeps its last minutes.
+        """
+        if self.latest_ts < 0:
+            return
+        floor = (self.latest_ts // 1000 - retention_s) // 60 * 60
         if any(m // 1000 < floor for m in self.pending_minutes):
             floor = min(floor, min(self.pending_minutes) // 1000)
         if floor <= self.floor_second:

@@ -83,8 +83,15 @@ def test_bad_entries_are_counted_per_reason_and_the_good_ones_kept() -> None:
 
 def test_entry_time_before_midnight_sent_after_it_belongs_to_the_previous_day() -> None:
     msg = _x(trade("10", t273="23:59:59.900"), sending="20250103-00:00:00.100")
-    batch = parser().parse([msg], NOON)
+    batch = parser().parse([msg], NOON + 12 * 3_600_000 + 150)  # received just after sent
     assert batch.by_symbol["BTCUSDT"] == [(10.0, NOON + 12 * 3_600_000 - 100)]
+
+
+def test_entry_stamped_far_ahead_of_our_clock_is_rejected() -> None:
+    p = parser()
+    msg = _x(trade("10"), sending="20250102-12:05:00.000")  # 5 minutes after receipt
+    assert p.parse([msg], NOON).count == 0
+    assert p.rejects.counts == {"timestamp_in_future": 1}
 
 
 def test_message_without_sending_time_is_rejected() -> None:

@@ -146,6 +146,16 @@ def test_timestamp_must_be_integer_epoch_milliseconds() -> None:
     assert p.rejects.counts == {"timestamp_invalid": 4}
 
 
+def test_timestamp_far_ahead_of_receipt_is_rejected_but_small_skew_is_not() -> None:
+    p = parser()
+    data = line("1.0", ts=TS + 30_000) + line("2.0", ts=TS + 3_600_000) + line("3.0", ts=TS - 1)
+
+    batch = p.parse(data, TS)
+
+    assert batch.ticks() == [("BTCUSDT", 1.0, TS + 30_000), ("BTCUSDT", 3.0, TS - 1)]
+    assert p.rejects.counts == {"timestamp_in_future": 1}
+
+
 def test_identical_ticks_in_one_millisecond_all_count() -> None:
     p = parser()
 

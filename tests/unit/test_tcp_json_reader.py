@@ -168,7 +168,7 @@ async def test_crlf_blank_and_garbage_lines_reach_the_parser_which_skips_them(
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
-    ticks = [t for c in chunks for t in source.parser.parse(c, 0).ticks()]
+    ticks = [t for c in chunks for t in source.parser.parse(c, clock()).ticks()]
 
     assert ticks == [("BTCUSDT", 1.0, TS), ("BTCUSDT", 2.0, TS)]
     assert source.status.rejects.counts == {"bad_json": 1}

@@ -48,20 +48,33 @@ def test_minute_emitted_after_grace_and_reemitted_when_late_tick_changes_it() ->
 
 def test_ticks_older_than_retention_are_counted_late_not_stored() -> None:
     w = PairWindow("ex", "BTCUSDT")
-    w.add([(10.0, T0)], T0)
+    w.add([(10.0, T0), (11.0, T0 + 700_000)], T0 + 700_000)
     w.take_dirty_seconds()
-    w.closed_minutes(T0 + 700_000, 2000)
-    w.evict(T0 + 700_000, retention_s=300)
+    w.closed_minutes(T0 + 800_000, 2000)
+    w.evict(retention_s=300)
+    assert w.period(0, T0 // 1000 + 1) is None  # the old second is gone
     w.add([(10.0, T0 + 1)], T0 + 700_000)
     assert w.late == 1
-    assert w.period(0, 10**12) is None
+    assert w.period(0, T0 // 1000 + 1) is None
+
+
+def test_retention_follows_exchange_time_so_an_old_replay_keeps_every_tick() -> None:
+    w = PairWindow("ex", "BTCUSDT")
+    day_ago = T0 - 86_400_000
+    for minute in range(15):  # 15 minutes of old ticks, flushed as a replay would be
+        w.add([(1.0 + minute, day_ago + minute * 60_000 + 5_000)], T0)
+        w.take_dirty_seconds()
+        w.closed_minutes(T0, 2000)
+        w.evict(retention_s=300)
+    assert w.late == 0
 
 
 def test_pending_minute_is_not_evicted_before_it_is_emitted() -> None:
     w = PairWindow("ex", "BTCUSDT")
     w.add([(10.0, T0)], T0)
     w.take_dirty_seconds()
-    w.evict(T0 + 700_000, retention_s=300)
+    w.add([(11.0, T0 + 700_000)], T0 + 700_000)
+    w.evict(retention_s=300)
     assert w.open_minutes()[0].count == 1
 
 

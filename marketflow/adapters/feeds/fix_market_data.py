@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from marketflow.adapters.fix.codec import SOH
 from marketflow.adapters.fix.timestamps import entry_time_ms, parse_utc
 from marketflow.domain.ticks import (
+    MAX_AHEAD_MS,
     MAX_TS_MS,
     MIN_TS_MS,
     BookUpdate,
@@ -104,6 +105,10 @@ class FixMarketDataParser:
         ts = _entry_ts(e, sending_ms)
         if ts is None:
             self.rejects.add("timestamp_invalid", frame)
+            return
+        if ts > batch.received_ms + MAX_AHEAD_MS:
+            # Believed, it would pin "latest" and push the window into the past.
+            self.rejects.add("timestamp_in_future", frame)
             return
         if snapshot and symbol not in touched:
             self._book[symbol] = [None, None]  # a snapshot replaces the whole book

@@ -13,6 +13,7 @@ import math
 import orjson
 
 from marketflow.domain.ticks import (
+    MAX_AHEAD_MS,
     MAX_TS_MS,
     MIN_TS_MS,
     PricePoint,
@@ -27,12 +28,19 @@ _INF = math.inf
 class JsonLinesParser:
     """Validates ``{"symbol","price","timestamp"}`` objects of one exchange; counts rejects."""
 
-    __slots__ = ("exchange", "rejects", "symbols")
+    __slots__ = ("exchange", "max_ahead_ms", "rejects", "symbols")
 
-    def __init__(self, exchange: str, symbols: frozenset[str], rejects: RejectCounts) -> None:
+    def __init__(
+        self,
+        exchange: str,
+        symbols: frozenset[str],
+        rejects: RejectCounts,
+        max_ahead_ms: int = MAX_AHEAD_MS,
+    ) -> None:
         self.exchange = exchange
         self.symbols = symbols
         self.rejects = rejects
+        self.max_ahead_ms = max_ahead_ms
 
     def parse(self, chunk: bytes, received_ms: int) -> TickBatch:
         """Parse complete lines (the last one may lack its newline)."""
@@ -71,6 +79,9 @@ class JsonLinesParser:
         by_symbol: dict[str, list[PricePoint]] = {}
         get_points = by_symbol.get
         symbols = self.symbols
+        # A timestamp far ahead of our clock would become the "latest" price for good and
+        # push the whole window into the past: reject it with the other invalid timestamps.
+        max_ts = min(MAX_TS_MS, received_ms + self.max_ahead_ms)
         count = 0
         for o in objs:
             try:
@@ -85,9 +96,9 @@ class JsonLinesParser:
                 type(price) is float
                 and 0.0 < price < _INF
                 and type(ts) is int
-                and MIN_TS_MS <= ts <= MAX_TS_MS
+                and MIN_TS_MS <= ts <= max_ts
             ):
-                reason = self._bad_value(price, ts)
+                reason = self._bad_value(price, ts, max_ts)
                 if reason is not None:
                     self._reject(reason, o)
                     continue
@@ -105,13 +116,15 @@ class JsonLinesParser:
         return TickBatch(self.exchange, by_symbol, received_ms, count)
 
     @staticmethod
-    def _bad_value(price: object, ts: object) -> str | None:
+    def _bad_value(price: object, ts: object, max_ts: int) -> str | None:
         """Why a tick outside the fast path is invalid; None for a valid int price."""
         reason = price_reject_reason(price)
         if reason is not None:
             return reason
         if type(ts) is not int or not MIN_TS_MS <= ts <= MAX_TS_MS:
             return "timestamp_invalid"
+        if ts > max_ts:
+            return "timestamp_in_future"
         return None
 
     def _reject_shape(self, o: object) -> None:
