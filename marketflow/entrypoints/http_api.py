@@ -57,7 +57,7 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 async def latest(request: web.Request) -> web.Response:
-    symbol = request.match_info["symbol"]
+    symbol = request.match_info["symbol"].upper()  # btcusdt means BTCUSDT
     exchange = request.match_info.get("exchange")
     lp, label = request.app[QUERIES].latest(symbol, exchange)
     body: dict[str, Any] = {
@@ -73,7 +73,7 @@ async def latest(request: web.Request) -> web.Response:
 
 def _stat_handler(stat: Stat) -> Handler:
     async def handle(request: web.Request) -> web.Response:
-        symbol = request.match_info["symbol"]
+        symbol = request.match_info["symbol"].upper()  # btcusdt means BTCUSDT
         exchange = request.match_info.get("exchange")
         period_text = request.query.get("period")
         unknown = set(request.query) - {"period"}

@@ -102,6 +102,12 @@ async def test_latest_across_exchanges_is_the_newest_tick(api: Api) -> None:
     assert (status, body["price"], body["exchange"]) == (200, 100.0, "exchange1")
 
 
+async def test_symbol_is_case_insensitive(api: Api) -> None:
+    fold(api.agg, "exchange1", ("BTCUSDT", 100.0, T0 + 1000))
+    status, body = await api.get("/prices/latest/exchange1/btcusdt")
+    assert (status, body["symbol"]) == (200, "BTCUSDT")
+
+
 async def test_unknown_symbol_and_exchange_are_404(api: Api) -> None:
     assert (await api.get("/prices/latest/NOPE"))[0] == 404
     assert (await api.get("/prices/latest/nowhere/BTCUSDT"))[0] == 404
