@@ -264,7 +264,6 @@ BAD_GETS = [
     "//prices//latest//BTCUSDT",
     "/prices/latest/hostile/BTCUSDT/extra",
     "/prices/latest/XRPUSDT",
-    "/prices/latest/btcusdt",
     "/prices/latest/%00",
     "/prices/latest/%FF%FE%FD",
     "/prices/latest/%F0%9F%92%A9",
