@@ -123,6 +123,7 @@ def test_simulator_restart_is_reconnected_while_others_flow(stack: Stack) -> Non
     assert b2["timestamp"] > b1["timestamp"]
 
 
+@pytest.mark.timeout(240)  # waits for a minute to close
 def test_redis_down_rows_still_reach_postgres_and_api_answers(stack: Stack) -> None:
     d = stack.daemon
     d.wait_for("/prices/latest/BTCUSDT", has_price)
@@ -150,6 +151,7 @@ def test_redis_down_rows_still_reach_postgres_and_api_answers(stack: Stack) -> N
     assert len(asyncio.run(latest_in_redis())) == 15  # refilled: 3 exchanges x 5 pairs
 
 
+@pytest.mark.timeout(300)  # waits for two minute boundaries
 def test_postgres_down_no_minute_row_lost_after_it_returns(stack: Stack) -> None:
     d = stack.daemon
     d.wait_for("/prices/latest/BTCUSDT", has_price)
