@@ -11,7 +11,7 @@ CONFIG ?= config.toml
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	bash scripts/ensure-venv.sh $(PY) $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
