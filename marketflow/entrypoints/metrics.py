@@ -44,7 +44,14 @@ class DaemonCollector(Collector):
         age = GaugeMetricFamily(
             "marketflow_last_tick_age_seconds", "Seconds since the last tick", labels=["source"]
         )
+        skew = GaugeMetricFamily(
+            "marketflow_receipt_lag_seconds",
+            "Receipt time minus exchange timestamp of the newest tick (grows under backpressure)",
+            labels=["source"],
+        )
         for name, ex in doc["exchanges"].items():
+            if ex["clock_skew_s"] is not None:
+                skew.add_metric([name], ex["clock_skew_s"])
             ticks.add_metric([name], ex["ticks"])
             reconnects.add_metric([name], ex["reconnects"])
             connected.add_metric([name], 1.0 if ex["connected"] and not ex["stale"] else 0.0)
@@ -57,7 +64,7 @@ class DaemonCollector(Collector):
         )
         for q, n in doc["queues"].items():
             depth.add_metric([q], n)
-        yield from (ticks, rejected, reconnects, connected, age, depth)
+        yield from (ticks, rejected, reconnects, connected, age, skew, depth)
         yield CounterMetricFamily(
             "marketflow_late_ticks", "Ticks older than the window", value=doc["late_ticks"]
         )
