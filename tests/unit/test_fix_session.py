@@ -209,3 +209,44 @@ def test_malformed_session_message_is_counted_not_raised(clock: FakeClock) -> No
     session, _ = logged_on(clock)
     session.on_frame(venue("4", 2, [(36, "abc")]))
     assert session.rejects.counts["bad_session_message"] == 1
+
+
+def _tags(raw: bytes) -> list[int]:
+    return [tag for tag, _ in parse_fields(raw)]
+
+
+def test_unsubscribe_carries_the_required_groups(clock: FakeClock) -> None:
+    # Interop (QuickFIX 1.16 acceptor, FIX44.xml): MDReqGrp (267) is required in every 35=V,
+    # 263=2 included; without it QuickFIX answers 35=3 "Required tag missing" (371=267) and
+    # keeps the old subscription streaming next to the new one, so every trade came twice.
+    session, transport = logged_on(clock)
+    session.on_frame(md(2))
+    session.on_frame(md(5))  # gap: cancel + new request
+    cancel_raw, again_raw = transport.raw[-2:]
+    for raw, request_type in ((cancel_raw, b"2"), (again_raw, b"1")):
+        fields = parse_fields(raw)
+        tags = [tag for tag, _ in fields]
+        values = dict(fields)
+        assert values[263] == request_type
+        for required in (262, 263, 264, 267, 146):
+            assert required in tags
+        assert values[267] == b"3"
+        assert [v for t, v in fields if t == 269] == [b"0", b"1", b"2"]
+        assert [v for t, v in fields if t == 55] == [b"BTCUSDT", b"ETHUSDT"]
+        # each group's count comes right before its entries
+        assert tags[tags.index(267) + 1 : tags.index(267) + 4] == [269, 269, 269]
+        assert tags[tags.index(146) + 1 : tags.index(146) + 3] == [55, 55]
+    assert 265 not in _tags(cancel_raw)  # MDUpdateType only describes a subscription
+
+
+def test_gap_fill_answers_resend_request_as_a_resend(clock: FakeClock) -> None:
+    session, transport = logged_on(clock)
+    session.on_frame(venue("2", 2, [(7, 1), (16, 0)]))
+    fill = transport.sent[-1]
+    assert (fill[35], fill[34], fill[123], fill[36], fill[43]) == (b"4", b"1", b"Y", b"3", b"Y")
+    assert fill[122] == fill[52]  # OrigSendingTime: required on a resend (FIX 4.4 vol. 2)
+    tags = _tags(transport.raw[-1])
+    assert tags[:7] == [8, 9, 35, 49, 56, 34, 52]
+    assert tags.index(43) < tags.index(123)
+    assert tags.index(122) < tags.index(123)
+    assert session.next_out_seq == 3  # a gap fill does not use a sequence number

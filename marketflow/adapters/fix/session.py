@@ -264,19 +264,22 @@ class FixSession:
     def _subscribe(self) -> None:
         self._req_no += 1
         self._md_req_id = f"MD-{self._req_no}"
+        self._send("V", self._md_request(self._md_req_id, 1))
+
+    def _md_request(self, req_id: str, request_type: int) -> list[tuple[int, FieldValue]]:
+        """MarketDataRequest body. The NoMDEntryTypes and NoRelatedSym groups are required in
+        FIX 4.4 even to unsubscribe (263=2): QuickFIX rejects a V without 267 (35=3, required
+        tag missing) and the old subscription then keeps streaming next to the new one."""
         fields: list[tuple[int, FieldValue]] = [
-            (262, self._md_req_id),
-            (263, 1),
+            (262, req_id),
+            (263, request_type),
             (264, 1),
-            (265, 1),
-            (267, 3),
-            (269, 0),
-            (269, 1),
-            (269, 2),
-            (146, len(self.config.symbols)),
         ]
+        if request_type == 1:
+            fields.append((265, 1))
+        fields += [(267, 3), (269, 0), (269, 1), (269, 2), (146, len(self.config.symbols))]
         fields.extend((55, symbol) for symbol in self.config.symbols)
-        self._send("V", fields)
+        return fields
 
     def _resubscribe(self) -> None:
         now = self._monotonic()
@@ -285,21 +288,21 @@ class FixSession:
         self._last_resubscribe = now
         self.stats.resubscribes += 1
         if self._md_req_id is not None:  # 263=2: disable the old request before the new one
-            old: list[tuple[int, FieldValue]] = [(262, self._md_req_id), (263, 2), (264, 1)]
-            old += [(146, len(self.config.symbols))]
-            old.extend((55, symbol) for symbol in self.config.symbols)
-            self._send("V", old)
+            self._send("V", self._md_request(self._md_req_id, 2))
         self._subscribe()
 
     def _send_gap_fill(self, begin_seq: int) -> None:
+        # A resent message carries PossDupFlag and OrigSendingTime (122, "required for message
+        # resent as a result of a ResendRequest"; the send time when the original's is unknown).
+        now = format_utc(self._wall_ms())
         msg = encode(
             "4",
-            [(43, "Y"), (123, "Y"), (36, self._out_seq)],
+            [(43, "Y"), (122, now), (123, "Y"), (36, self._out_seq)],
             begin=self.config.begin,
             sender=self.config.sender,
             target=self.config.target,
             seq=begin_seq,
-            sending_time=format_utc(self._wall_ms()),
+            sending_time=now,
         )
         self._write(msg)
 
