@@ -94,7 +94,7 @@ def test_lines_parse_and_come_as_five_pairs_every_100_ms(simulator: Simulator) -
         data = read_for(s, 1.25)
 
     parser = JsonLinesParser("exchange1", frozenset(DEFAULT_PAIRS), RejectCounts())
-    batch = parser.parse(data, 0)
+    batch = parser.parse(data, time.time_ns() // 1_000_000)
     assert parser.rejects.total() == 0
     assert batch.count == len(data.splitlines())
     rounds = [list(g) for _, g in groupby(rows(data), key=lambda r: r["timestamp"])]
@@ -158,7 +158,7 @@ def test_rate_option_gives_far_more_lines() -> None:
     lines = data.count(b"\n")
     assert lines > 20_000, lines
     parser = JsonLinesParser("x", frozenset(DEFAULT_PAIRS), RejectCounts())
-    assert parser.parse(data, 0).count == lines
+    assert parser.parse(data, time.time_ns() // 1_000_000).count == lines
     assert parser.rejects.total() == 0
 
 
