@@ -37,6 +37,7 @@ from marketflow.adapters.fix.capture_decoder import FixCaptureDecoder
 from marketflow.adapters.fix.capture_listener import CaptureListener
 from marketflow.adapters.fix.codec import encode
 from marketflow.app.capture import CaptureService
+from marketflow.entrypoints.cli import tune_gc
 from marketflow.settings import CaptureSettings, PostgresSettings
 from tests.harness.services import PostgresServer
 
@@ -238,6 +239,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.messages < 1 or args.clients < 1:
         parser.error("--messages and --clients must be positive")
+    tune_gc()  # as the daemon does (marketflow.entrypoints.cli)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if args.sender:
             runner.run(_send(args.sender, args.messages, args.clients))
