@@ -14,9 +14,9 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from aiohttp import web
 
@@ -55,25 +55,40 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+T = TypeVar("T")
+
+
+async def _open_configured(
+    name: str,
+    url: str,
+    policy: Literal["embedded", "wait"],
+    opener: Callable[[], Awaitable[T]],
+) -> T | None:
+    """The configured service, or None when it is unreachable and ``policy`` is "embedded";
+    with "wait", retry every 2 s until it answers (a service started before its database)."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await opener()
+        except (StoreUnavailable, CacheUnavailable) as exc:
+            if policy == "embedded":
+                log.warning("%s_unreachable host=%s error=%s fallback=embedded",
+                            name, _host_of(url), exc)  # fmt: skip
+                return None
+            log.warning("%s_unreachable attempt=%d error=%s retry_in_s=2", name, attempt, exc)
+            await asyncio.sleep(2)
+
+
 async def open_storage(settings: Settings) -> tuple[MinuteStore, bool]:
     """PostgreSQL when configured and reachable, else the embedded SQLite file."""
     pg = settings.postgres
     if pg.dsn:
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await open_postgres(pg), False
-            except StoreUnavailable as exc:
-                if pg.unreachable_at_start == "embedded":
-                    log.warning(
-                        "postgres_unreachable dsn_host=%s error=%s fallback=sqlite",
-                        _host_of(pg.dsn),
-                        exc,
-                    )
-                    break
-                log.warning("postgres_unreachable attempt=%d error=%s retry_in_s=2", attempt, exc)
-                await asyncio.sleep(2)
+        store = await _open_configured(
+            "postgres", pg.dsn, pg.unreachable_at_start, lambda: open_postgres(pg)
+        )
+        if store is not None:
+            return store, False
     path = settings.embedded.data_dir / "marketflow.sqlite3"
     log.warning("storage_embedded kind=sqlite path=%s", path)
     return await open_sqlite(path), True
@@ -84,21 +99,11 @@ async def open_cache(settings: Settings) -> tuple[PriceCache, bool]:
     rs = settings.redis
     retention = settings.pipeline.window_retention_s
     if rs.url:
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await open_redis(rs, retention), False
-            except CacheUnavailable as exc:
-                if rs.unreachable_at_start == "embedded":
-                    log.warning(
-                        "redis_unreachable url_host=%s error=%s fallback=memory",
-                        _host_of(rs.url),
-                        exc,
-                    )
-                    break
-                log.warning("redis_unreachable attempt=%d error=%s retry_in_s=2", attempt, exc)
-                await asyncio.sleep(2)
+        cache = await _open_configured(
+            "redis", rs.url, rs.unreachable_at_start, lambda: open_redis(rs, retention)
+        )
+        if cache is not None:
+            return cache, False
     log.warning("cache_embedded kind=memory")
     return MemoryPriceCache(retention), True
 

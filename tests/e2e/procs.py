@@ -13,6 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
 from tests.harness.services import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,3 +172,18 @@ def to_toml(doc: dict[str, Any]) -> str:
             lines.append(f"[[{k}]]" if isinstance(v, list) else f"[{k}]")
             lines.extend(f"{ik} = {scalar(iv)}" for ik, iv in item.items())
     return "\n".join(lines) + "\n"
+
+
+async def minute_rows(dsn: str, exchange: str | None = None) -> list[asyncpg.Record]:
+    """Minute rows as stored (with ``minute_ms``, the minute start in epoch ms), oldest first."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(
+            "SELECT exchange, pair_name, timestamp, "
+            "(extract(epoch FROM timestamp) * 1000)::bigint AS minute_ms, "
+            "average_price, min_price, max_price, tick_count FROM minute_prices "
+            "WHERE $1::text IS NULL OR exchange = $1 ORDER BY timestamp, exchange, pair_name",
+            exchange,
+        )
+    finally:
+        await conn.close()

@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 import pytest
 
 from tests.e2e.conftest import daemon_config
-from tests.e2e.procs import Daemon
+from tests.e2e.procs import Daemon, minute_rows
 from tests.harness.services import PostgresServer, RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -180,19 +179,6 @@ def hostile(
         feed.stop()
 
 
-async def feed_rows(dsn: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(
-            "SELECT pair_name, (extract(epoch FROM timestamp) * 1000)::bigint AS minute_ms, "
-            "average_price, min_price, max_price, tick_count FROM minute_prices "
-            "WHERE exchange = $1",
-            FEED,
-        )
-    finally:
-        await conn.close()
-
-
 def metric(text: str, name: str, **labels: str) -> float | None:
     for m in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.MULTILINE):
         got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
@@ -232,7 +218,7 @@ def test_hostile_feed_is_counted_per_reason_and_valid_ticks_after_it_are_stored(
     expected: dict[tuple[str, int], list[float]] = {}
     for symbol, price, ts in hostile.valid:
         expected.setdefault((symbol, ts // 60_000 * 60_000), []).append(price)
-    rows = asyncio.run(feed_rows(hostile.postgres.dsn))
+    rows = asyncio.run(minute_rows(hostile.postgres.dsn, FEED))
     got = {(r["pair_name"], r["minute_ms"]): r for r in rows}
     assert set(got) == set(expected)
     for key, prices in expected.items():

@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.e2e.conftest import PAIRS, Stack
+from tests.e2e.procs import minute_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -21,17 +22,6 @@ RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 def has_price(status: int, body: Any) -> bool:
     return status == 200 and body["price"] > 0
-
-
-async def minute_rows(dsn: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(
-            "SELECT exchange, pair_name, timestamp, average_price, min_price, max_price, "
-            "tick_count FROM minute_prices ORDER BY timestamp, exchange, pair_name"
-        )
-    finally:
-        await conn.close()
 
 
 def wait_minute_boundary_passed(grace_s: float = 3.5) -> int:

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 import pytest
 
 from tests.e2e.conftest import PAIRS, daemon_config
-from tests.e2e.procs import Daemon, Simulator
+from tests.e2e.procs import Daemon, Simulator, minute_rows
 from tests.harness.services import PostgresServer, RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -69,19 +68,6 @@ def fix_message(begin: str, fields: list[tuple[int, str]]) -> bytes:
     body = "".join(f"{tag}={value}\x01" for tag, value in fields).encode()
     head = f"8={begin}\x019={len(body)}\x01".encode()
     return head + body + f"10={sum(head + body) % 256:03d}\x01".encode()
-
-
-async def venue_rows(dsn: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(
-            "SELECT pair_name, (extract(epoch FROM timestamp) * 1000)::bigint AS minute_ms, "
-            "average_price, min_price, max_price, tick_count FROM minute_prices "
-            "WHERE exchange = $1",
-            VENUE,
-        )
-    finally:
-        await conn.close()
 
 
 @dataclass
@@ -208,7 +194,7 @@ def test_fix_session_survives_venue_restart_and_gaps_and_aggregates_match_trade_
 
     # Shutdown writes the partial minute: every minute row equals the log's minute.
     assert d.stop(signal.SIGTERM) == 0
-    rows = asyncio.run(venue_rows(fix_stack.postgres.dsn))
+    rows = asyncio.run(minute_rows(fix_stack.postgres.dsn, VENUE))
     expected_minutes = aggregate(trades, lambda t: (t[0], t[2] // 60_000 * 60_000))
     got = {(r["pair_name"], r["minute_ms"]): r for r in rows}
     assert set(got) == set(expected_minutes)

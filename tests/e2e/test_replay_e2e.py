@@ -12,11 +12,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import asyncpg
 import orjson
 import pytest
 
-from tests.e2e.procs import ROOT, to_toml
+from tests.e2e.procs import ROOT, minute_rows, to_toml
 from tests.harness.services import PostgresServer
 
 pytestmark = pytest.mark.e2e
@@ -57,18 +56,6 @@ def replay(tmp: Path, capture: Path, pace: list[str], dsn: str) -> tuple[int, st
     return done.returncode, (done.stdout + done.stderr).decode(errors="replace"), elapsed
 
 
-async def replay_rows(dsn: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(
-            "SELECT pair_name, (extract(epoch FROM timestamp) * 1000)::bigint AS minute_ms, "
-            "average_price, min_price, max_price, tick_count FROM minute_prices "
-            "WHERE exchange = 'replay'"
-        )
-    finally:
-        await conn.close()
-
-
 def capture_over_whole_minutes(first_minute_ms: int, minutes: int) -> list[Tick]:
     """Known ticks in every ms position that matters: minute edges, same-ms duplicates."""
     rng = random.Random(42)
@@ -101,7 +88,7 @@ def test_replay_max_writes_minute_rows_exactly_matching_the_capture(
     expected: dict[tuple[str, int], list[float]] = {}
     for symbol, price, ts in ticks:
         expected.setdefault((symbol, ts // 60_000 * 60_000), []).append(price)
-    rows = asyncio.run(replay_rows(private_postgres.dsn))
+    rows = asyncio.run(minute_rows(private_postgres.dsn, "replay"))
     got = {(r["pair_name"], r["minute_ms"]): r for r in rows}
     assert len(got) == len(rows) == 9
     assert set(got) == set(expected)
@@ -115,7 +102,7 @@ def test_replay_max_writes_minute_rows_exactly_matching_the_capture(
     # Replaying the same capture again rewrites the rows, never doubles them.
     code, log, _ = replay(tmp_path, capture, ["--max"], private_postgres.dsn)
     assert code == 0, log
-    again = asyncio.run(replay_rows(private_postgres.dsn))
+    again = asyncio.run(minute_rows(private_postgres.dsn, "replay"))
     assert {(r["pair_name"], r["minute_ms"]): r["tick_count"] for r in again} == {
         k: len(v) for k, v in expected.items()
     }

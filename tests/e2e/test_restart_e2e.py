@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from tests.e2e.conftest import PAIRS, Stack
-from tests.e2e.procs import Daemon
+from tests.e2e.procs import Daemon, minute_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -27,20 +27,8 @@ TICKS_PER_S = 10  # per pair per simulator
 Key = tuple[str, str, int]  # exchange, pair, minute start (epoch ms)
 
 
-async def fetch_rows(dsn: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(
-            "SELECT exchange, pair_name, "
-            "(extract(epoch FROM timestamp) * 1000)::bigint AS minute_ms, "
-            "average_price, min_price, max_price, tick_count FROM minute_prices"
-        )
-    finally:
-        await conn.close()
-
-
 def rows_by_key(dsn: str) -> dict[Key, asyncpg.Record]:
-    rows = asyncio.run(fetch_rows(dsn))
+    rows = asyncio.run(minute_rows(dsn))
     out = {(r["exchange"], r["pair_name"], r["minute_ms"]): r for r in rows}
     assert len(out) == len(rows), "more than one row for an (exchange, pair, minute)"
     return out
