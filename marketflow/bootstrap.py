@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -122,6 +123,21 @@ def live_source(ex: ExchangeSettings, settings: Settings) -> Source[Any]:
     return build_json_source(ex, settings.pairs, settings.pipeline, wall_clock_ms)
 
 
+def adopt_spill(legacy: Path, spill: Path) -> None:
+    """Move a spill file of an older version (one file for any store) to ``spill``."""
+    if not legacy.exists():
+        return
+    if spill.exists():
+        with spill.open("ab") as out:
+            out.write(legacy.read_bytes())
+            out.flush()
+            os.fsync(out.fileno())
+        legacy.unlink()
+    else:
+        os.replace(legacy, spill)
+    log.warning("minute_spill_adopted from=%s to=%s", legacy, spill)
+
+
 def reserve_port(host: str, port: int) -> socket.socket:
     """Bind the HTTP port now, so 'address in use' is reported before anything else starts."""
     try:
@@ -168,16 +184,19 @@ class Daemon:
             self._sock = reserve_port(s.http.host, s.http.port)
         self.store, store_embedded = await open_storage(s)
         self.cache, cache_embedded = await open_cache(s)
-        spill = s.embedded.data_dir / "spill" / "minutes.jsonl"
+        spill_dir = s.embedded.data_dir / "spill"
         self.writer = MinuteWriter(
-            self.store, spill, s.pipeline.spill_max_rows_in_memory, wall_clock_ms
+            self.store,
+            spill_dir / f"minutes-{self.store.identity}.jsonl",
+            s.pipeline.spill_max_rows_in_memory,
+            wall_clock_ms,
         )
+        if not store_embedded and self.store.kind == "postgres":
+            # Spills of versions that did not name their store were meant for PostgreSQL.
+            await asyncio.to_thread(
+                adopt_spill, spill_dir / "minutes.jsonl", self.writer.spill_path
+            )
         await self.writer.start()
-        self.aggregator = Aggregator(self.fanin, self.cache, self.writer, s.pipeline, wall_clock_ms)
-        if self._resume:
-            await self.aggregator.resume(self.store)
-        self._spawn(self.aggregator.consume(), "aggregator")
-        self._spawn(self.aggregator.run_flusher(), "flusher")
         self.modes = ModeController(
             {"live": self._live_sources, "test": self._test_sources},
             {"live": [e.name for e in s.exchanges], "test": list(s.test_source_names())},
@@ -185,6 +204,18 @@ class Daemon:
             s.pipeline.workers_per_source,
             s.pipeline.source_queue_chunks,
         )
+        self.aggregator = Aggregator(
+            self.fanin,
+            self.cache,
+            self.writer,
+            s.pipeline,
+            wall_clock_ms,
+            healthy_sources=self.modes.healthy_sources,
+        )
+        if self._resume:
+            await self.aggregator.resume(self.store)
+        self._spawn(self.aggregator.consume(), "aggregator")
+        self._spawn(self.aggregator.run_flusher(), "flusher")
         await self.modes.switch(mode or s.mode)
         if self._serve_http:
             if s.capture.enabled:
@@ -276,6 +307,14 @@ class Daemon:
         log.error("task_died task=%s error=%r", task.get_name(), exc, exc_info=exc)
         self.died.set()
 
+    async def _keep_consuming(self) -> None:
+        consumer = next(t for t in self._tasks if t.get_name() == "aggregator")
+        while True:
+            await asyncio.gather(consumer, return_exceptions=True)
+            log.error("aggregator_restarted reason=consumer_died action=drain_for_shutdown")
+            consumer = asyncio.create_task(self.aggregator.consume(), name="aggregator")
+            self._tasks.append(consumer)
+
     async def stop(self) -> None:
         """Stop reading, drain, write the partial minute, close everything."""
         log.info("stopping")
@@ -287,8 +326,15 @@ class Daemon:
             await self.capture.aclose()
         if self._capture_store is not None:
             await self._capture_store.aclose()
-        await self.modes.stop()
-        await self.fanin.join()
+        # A consumer that died (a bug) must not leave the queues full and stop() waiting on
+        # them forever: a new one takes over until everything read is folded.
+        watchdog = asyncio.create_task(self._keep_consuming(), name="consumer-watchdog")
+        try:
+            await self.modes.stop()
+            await self.fanin.join()
+        finally:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -8,11 +8,11 @@ write (by the injected monotonic clock, as a Redis TTL would).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
-from marketflow.domain.aggregates import LatestPrice, SecondBucket
+from marketflow.domain.aggregates import LatestPrice, Mark, SecondBucket
 from marketflow.domain.errors import CacheUnavailable
 
 EXPIRY_MARGIN_S = 120
@@ -31,11 +31,19 @@ class MemoryPriceCache:
         self._latest: dict[tuple[str, str], LatestPrice] = {}
         self._minutes: dict[_MinuteKey, dict[int, SecondBucket]] = {}
         self._expires: dict[_MinuteKey, float] = {}
+        self._marks: dict[str, Mark] = {}
         self._closed = False
 
-    async def write(self, latest: Sequence[LatestPrice], seconds: Sequence[SecondBucket]) -> None:
-        """Newest-wins latest prices; whole seconds; refresh their minute's expiry."""
+    async def write(
+        self,
+        latest: Sequence[LatestPrice],
+        seconds: Sequence[SecondBucket],
+        marks: Mapping[str, Mark] | None = None,
+    ) -> bool:
+        """Newest-wins latest prices; whole seconds; refresh their minute's expiry; marks."""
         self._check_open()
+        if marks:
+            self._marks.update(marks)
         for p in latest:
             key = (p.exchange, p.symbol)
             current = self._latest.get(key)
@@ -47,9 +55,15 @@ class MemoryPriceCache:
             self._minutes.setdefault(mkey, {})[b.second] = b
             self._expires[mkey] = expires
         self._evict()
+        return False  # it lives and dies with the process: never lost while we run
+
+    async def load_marks(self) -> dict[str, Mark]:
+        self._check_open()
+        return dict(self._marks)
 
     async def load(self, since_second: int) -> tuple[list[LatestPrice], list[SecondBucket]]:
-        """Every latest price and every unexpired second >= ``since_second``."""
+        """Every latest price and the unexpired seconds of every minute from the one
+        holding ``since_second`` on (whole minutes, as Redis answers)."""
         self._check_open()
         self._evict()
         seconds = [
@@ -57,7 +71,6 @@ class MemoryPriceCache:
             for (_, _, minute), buckets in self._minutes.items()
             if minute + 60 > since_second
             for b in buckets.values()
-            if b.second >= since_second
         ]
         return list(self._latest.values()), seconds
 
@@ -76,6 +89,7 @@ class MemoryPriceCache:
         self._latest.clear()
         self._minutes.clear()
         self._expires.clear()
+        self._marks.clear()
 
     def _check_open(self) -> None:
         if self._closed:

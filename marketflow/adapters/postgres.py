@@ -3,10 +3,16 @@
 Schema (``minute_prices``, primary key ``(exchange, pair_name, timestamp)``)::
 
     pair_name text, exchange text, timestamp timestamptz (minute start, UTC),
-    average_price, min_price, max_price double precision, tick_count bigint
+    average_price, min_price, max_price double precision, tick_count bigint,
+    covered_ms integer (0-60000: how much of the minute the source was up; NULL on rows
+    written before migration 3), seconds bytea (the per-second parts, see minute_codec.py)
 
-A batch is ONE ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO UPDATE``: a retry or a
-restart rewrites a row, never doubles it. A batch refused for its data (a constraint, a NUL
+``source_marks`` (source, position, made_ms): where each source resumes, written in the
+same transaction as the rows.
+
+A batch is ONE ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO UPDATE ... WHERE`` the
+stored row has no more ticks than the new one: a retry or a restart rewrites a row, never
+doubles it, and never shrinks it. A batch refused for its data (a constraint, a NUL
 byte) is split until the bad rows are isolated, so one bad row never takes the rest with it.
 Connection failures surface as ``StoreUnavailable``: the minute writer keeps the rows.
 """
@@ -15,13 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import asyncpg
 
-from marketflow.domain.aggregates import Aggregate, MinuteRow
+from marketflow.adapters.minute_codec import decode_seconds, encode_seconds
+from marketflow.domain.aggregates import Aggregate, History, Mark, MinuteRow
 from marketflow.domain.errors import StoreUnavailable
 from marketflow.settings import PostgresSettings
 
@@ -60,38 +68,84 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     ),
     # minutes_since() scans by time across every exchange and pair.
     (2, "CREATE INDEX minute_prices_timestamp_idx ON minute_prices (timestamp)"),
+    (
+        3,
+        """
+        ALTER TABLE minute_prices
+            ADD COLUMN covered_ms integer
+                CONSTRAINT minute_prices_covered CHECK (covered_ms BETWEEN 0 AND 60000),
+            ADD COLUMN seconds bytea;
+        CREATE TABLE source_marks (
+            source text PRIMARY KEY,
+            position bigint NOT NULL,
+            made_ms bigint NOT NULL
+        );
+        CREATE TABLE marketflow_instance (
+            one boolean PRIMARY KEY DEFAULT true CHECK (one),
+            id text NOT NULL
+        );
+        """,
+    ),
 )
 
 _UPSERT = """
 INSERT INTO minute_prices
-    (exchange, pair_name, timestamp, average_price, min_price, max_price, tick_count)
-SELECT e, p, to_timestamp(m / 1000.0), a, lo, hi, c
+    (exchange, pair_name, timestamp, average_price, min_price, max_price, tick_count,
+     covered_ms, seconds)
+SELECT e, p, to_timestamp(m / 1000.0), a, lo, hi, c, cov, secs
 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::float8[], $5::float8[], $6::float8[],
-            $7::bigint[]) AS t(e, p, m, a, lo, hi, c)
+            $7::bigint[], $8::integer[], $9::bytea[]) AS t(e, p, m, a, lo, hi, c, cov, secs)
 ON CONFLICT (exchange, pair_name, timestamp) DO UPDATE SET
     average_price = EXCLUDED.average_price,
     min_price = EXCLUDED.min_price,
     max_price = EXCLUDED.max_price,
-    tick_count = EXCLUDED.tick_count
+    tick_count = EXCLUDED.tick_count,
+    covered_ms = GREATEST(minute_prices.covered_ms, EXCLUDED.covered_ms),
+    seconds = EXCLUDED.seconds
+WHERE minute_prices.tick_count <= EXCLUDED.tick_count
 """
 
-_HISTORY = """
+_MARKS = """
+INSERT INTO source_marks (source, position, made_ms)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])
+ON CONFLICT (source) DO UPDATE SET position = EXCLUDED.position, made_ms = EXCLUDED.made_ms
+WHERE source_marks.made_ms <= EXCLUDED.made_ms
+"""
+
+_EPOCH_MS = "(extract(epoch FROM {}) * 1000)::bigint"
+
+_LOW_AT = "(array_agg(r.timestamp ORDER BY r.min_price, r.timestamp DESC))[1]"
+_HIGH_AT = "(array_agg(r.timestamp ORDER BY r.max_price DESC, r.timestamp DESC))[1]"
+
+# The f-strings below splice constants only; every value is a $n parameter.
+_HISTORY = f"""
 SELECT min(r.min_price), max(r.max_price), sum(r.average_price * r.tick_count),
-       sum(r.tick_count)::bigint
+       sum(r.tick_count)::bigint, {_EPOCH_MS.format(_LOW_AT)}, {_EPOCH_MS.format(_HIGH_AT)},
+       count(*), count(*) FILTER (WHERE r.covered_ms IS NULL OR r.covered_ms < 60000)
 FROM unnest($2::text[], $3::bigint[]) AS b(exchange, bound_ms)
 JOIN minute_prices r ON r.exchange = b.exchange
 WHERE r.pair_name = $1
   AND r.timestamp < to_timestamp(b.bound_ms / 1000.0)
-  AND ($4::bigint IS NULL OR r.timestamp > to_timestamp(($4::bigint - 60000) / 1000.0))
-"""
+  AND ($4::bigint IS NULL OR r.timestamp >= to_timestamp($4::bigint / 1000.0))
+"""  # noqa: S608
 
-_SINCE = """
-SELECT exchange, pair_name, (extract(epoch FROM timestamp) * 1000)::bigint,
-       average_price, min_price, max_price, tick_count
+_ROW_COLUMNS = f"""exchange, pair_name, {_EPOCH_MS.format("timestamp")},
+       average_price, min_price, max_price, tick_count, covered_ms, seconds"""
+
+_AT = f"""
+SELECT {_ROW_COLUMNS}
+FROM unnest($2::text[], $3::bigint[]) AS b(ex, bound_ms)
+JOIN minute_prices r ON r.exchange = b.ex
+WHERE r.pair_name = $1 AND r.timestamp = to_timestamp($4::bigint / 1000.0)
+  AND r.timestamp < to_timestamp(b.bound_ms / 1000.0)
+"""  # noqa: S608
+
+_SINCE = f"""
+SELECT {_ROW_COLUMNS}
 FROM minute_prices
 WHERE timestamp >= to_timestamp($1::bigint / 1000.0)
 ORDER BY timestamp, exchange, pair_name
-"""
+"""  # noqa: S608
 
 # The server or the network is gone (as opposed to the data being refused).
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -132,7 +186,21 @@ def _columns(rows: Sequence[MinuteRow]) -> tuple[list[Any], ...]:
         [r.low for r in rows],
         [r.high for r in rows],
         [r.count for r in rows],
+        [r.covered_ms for r in rows],
+        [encode_seconds(r.minute_ms, r.seconds) for r in rows],
     )
+
+
+def _row(r: asyncpg.Record) -> MinuteRow:
+    return MinuteRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], decode_seconds(r[2], r[8]))
+
+
+def _affected(status: str) -> int:
+    """Rows an INSERT touched, from its command tag ("INSERT 0 14")."""
+    try:
+        return int(status.rsplit(" ", 1)[1])
+    except (IndexError, ValueError):
+        return 0
 
 
 def dedupe(rows: Sequence[MinuteRow]) -> list[MinuteRow]:
@@ -145,21 +213,41 @@ class PostgresMinuteStore:
 
     kind = "postgres"
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, identity: str = "postgres") -> None:
         self._pool = pool
+        self.identity = identity
         self._closed = False
         self.rejected_rows = 0  # rows the database refused for their content (logged)
+        self.kept_rows = 0  # rewrites refused because the stored row had more ticks
 
-    async def upsert_minutes(self, rows: Sequence[MinuteRow]) -> None:
-        """Write ``rows`` in one statement; overwrite existing keys. Bad rows are skipped."""
+    async def upsert_minutes(
+        self, rows: Sequence[MinuteRow], marks: Mapping[str, Mark] | None = None
+    ) -> None:
+        """Write ``rows`` and ``marks`` in one transaction; a stored row never shrinks.
+
+        Bad rows are skipped (logged and counted), the rest of the batch is written.
+        """
         batch = dedupe(rows)
-        if not batch:
+        if not batch and not marks:
             return
-        await self._run(lambda conn: self._write(conn, batch))
+        await self._run(lambda conn: self._write_all(conn, batch, marks))
+
+    async def _write_all(
+        self, conn: Conn, batch: list[MinuteRow], marks: Mapping[str, Mark] | None
+    ) -> None:
+        async with conn.transaction():
+            if batch:
+                await self._write(conn, batch)
+            if marks:
+                names = list(marks)
+                await conn.execute(
+                    _MARKS, names, [marks[n][0] for n in names], [marks[n][1] for n in names]
+                )
 
     async def _write(self, conn: Conn, batch: list[MinuteRow]) -> None:
         try:
-            await conn.execute(_UPSERT, *_columns(batch))
+            async with conn.transaction():  # a savepoint: a refused batch is split below
+                status = await conn.execute(_UPSERT, *_columns(batch))
         except DATA_ERRORS as exc:
             if len(batch) == 1:
                 self.rejected_rows += 1
@@ -172,26 +260,47 @@ class PostgresMinuteStore:
             mid = len(batch) // 2
             await self._write(conn, batch[:mid])
             await self._write(conn, batch[mid:])
+            return
+        kept = len(batch) - _affected(status)
+        if kept:
+            self.kept_rows += kept
+            log.warning("minute_rows_kept reason=stored_row_has_more_ticks rows=%d", kept)
 
     async def history(
         self, symbol: str, before: Mapping[str, int], since_ms: int | None = None
-    ) -> Aggregate | None:
-        """Merged rows of ``symbol`` per exchange before its bound (and after ``since_ms``)."""
+    ) -> History:
+        """Merged rows of ``symbol`` per exchange before its bound, from ``since_ms`` on (the
+        minute holding ``since_ms`` counts its seconds from there)."""
         if not before:
-            return None
+            return History(None)
         exchanges = list(before)
         bounds = [before[e] for e in exchanges]
+        start = None if since_ms is None else -(-since_ms // 60_000) * 60_000
         rec = await self._run(
-            lambda conn: conn.fetchrow(_HISTORY, symbol, exchanges, bounds, since_ms)
+            lambda conn: conn.fetchrow(_HISTORY, symbol, exchanges, bounds, start)
         )
-        if rec is None or not rec[3]:
-            return None
-        return Aggregate(rec[0], rec[1], rec[2], rec[3])
+        out = History(None)
+        if rec is not None and rec[3]:
+            agg = Aggregate(rec[0], rec[1], rec[2], rec[3], rec[4], rec[5])
+            out = History(agg, rec[6], rec[7])
+        if since_ms is not None and start is not None and start != since_ms:
+            boundary = start - 60_000
+            records = await self._run(
+                lambda conn: conn.fetch(_AT, symbol, exchanges, bounds, boundary)
+            )
+            out.add_partial([_row(r) for r in records], since_ms // 1000)
+        return out
 
     async def minutes_since(self, since_ms: int) -> list[MinuteRow]:
         """Rows whose minute starts at or after ``since_ms``, oldest first."""
         records = await self._run(lambda conn: conn.fetch(_SINCE, since_ms))
-        return [MinuteRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in records]
+        return [_row(r) for r in records]
+
+    async def load_marks(self) -> dict[str, Mark]:
+        records = await self._run(
+            lambda conn: conn.fetch("SELECT source, position, made_ms FROM source_marks")
+        )
+        return {r[0]: (r[1], r[2]) for r in records}
 
     async def ping(self) -> bool:
         """True when a query round trip succeeds now."""
@@ -295,8 +404,19 @@ async def open_postgres(settings: PostgresSettings) -> PostgresMinuteStore:
             )
             async with pool.acquire() as conn:
                 await migrate(conn)
+                identity = await _instance_id(conn)
     except _OPEN_ERRORS as exc:
         if pool is not None:
             pool.terminate()
         raise StoreUnavailable(f"postgres: {_describe(exc)}") from exc
-    return PostgresMinuteStore(pool)
+    return PostgresMinuteStore(pool, identity)
+
+
+async def _instance_id(conn: Conn) -> str:
+    """This database's own random id (made once): a spill file names the store it is for."""
+    await conn.execute(
+        "INSERT INTO marketflow_instance (id) VALUES ($1) ON CONFLICT DO NOTHING",
+        uuid.uuid4().hex,
+    )
+    got: str = await conn.fetchval("SELECT id FROM marketflow_instance")
+    return f"postgres-{got[:16]}"

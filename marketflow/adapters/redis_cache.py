@@ -14,15 +14,24 @@ Key layout (other tools read it; change it only with a new prefix):
     overwritten, never incremented. Each key expires ``retention_s + 120`` s after its last
     write.
 
-A ``write()`` is one pipelined round trip (no MULTI): the script for every latest price plus
-HSET and EXPIRE per minute key.
+``marketflow:marks`` (hash)
+    field source name, value ``"{position},{made_ms}"``: where the source resumes (FIX: the
+    next expected inbound MsgSeqNum), written in the same transaction as the seconds it
+    covers.
+
+``marketflow:alive`` (string)
+    set once when missing; a write that finds it missing tells the daemon that Redis lost
+    its data (restarted without persistence), and the daemon writes everything it holds.
+
+A ``write()`` is one MULTI/EXEC round trip: the script for every latest price, HSET and EXPIRE
+per minute key, the marks, and the sentinel.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, cast
 
@@ -34,7 +43,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from marketflow.domain.aggregates import LatestPrice, SecondBucket
+from marketflow.domain.aggregates import LatestPrice, Mark, SecondBucket
 from marketflow.domain.errors import CacheUnavailable
 from marketflow.settings import RedisSettings
 
@@ -42,6 +51,8 @@ log = logging.getLogger("marketflow.redis")
 
 LATEST_KEY = "marketflow:latest"
 WINDOW_PREFIX = "marketflow:window:"
+MARKS_KEY = "marketflow:marks"
+ALIVE_KEY = "marketflow:alive"
 EXPIRY_MARGIN_S = 120
 SCAN_COUNT = 1000
 
@@ -96,10 +107,18 @@ class RedisPriceCache:
         self._closed = False
         self.bad_values = 0  # unparsable cache entries skipped by load()
 
-    async def write(self, latest: Sequence[LatestPrice], seconds: Sequence[SecondBucket]) -> None:
-        """One pipelined round trip: newest-wins latest prices, whole seconds, key expiry."""
-        if not latest and not seconds:
-            return
+    async def write(
+        self,
+        latest: Sequence[LatestPrice],
+        seconds: Sequence[SecondBucket],
+        marks: Mapping[str, Mark] | None = None,
+    ) -> bool:
+        """One MULTI/EXEC: newest-wins latest prices, whole seconds, key expiry, marks.
+
+        Returns True when the sentinel was missing: Redis lost what was written before.
+        """
+        if not latest and not seconds and not marks:
+            return False
         self._check_open()
         args: list[str | int] = []
         for p in latest:
@@ -109,17 +128,25 @@ class RedisPriceCache:
         for b in seconds:
             key = window_key(b.exchange, b.symbol, b.second // 60 * 60)
             by_key[key][str(b.second)] = _encode_second(b)
+        lost = False
         try:
-            pipe = self._client.pipeline(transaction=False)
+            # A transaction: the marks never become visible without the seconds they cover.
+            pipe = self._client.pipeline(transaction=True)
+            pipe.set(ALIVE_KEY, "1", nx=True)
             if args:
                 pipe.evalsha(self._sha, 1, LATEST_KEY, *args)
             for key, fields in by_key.items():
                 # The stub's Mapping key type is invariant: a dict[str, str] is refused.
                 pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
                 pipe.expire(key, self._ttl)
+            if marks:
+                encoded = {src: f"{pos},{made}" for src, (pos, made) in marks.items()}
+                pipe.hset(MARKS_KEY, mapping=encoded)  # type: ignore[arg-type]
             results = await pipe.execute(raise_on_error=False)
-            if args and isinstance(results[0], NoScriptError):
+            lost = results[0] is True
+            if args and isinstance(results[1], NoScriptError):
                 # Redis restarted (its script cache is empty): load once more, apply once.
+                lost = True
                 self._sha = await self._client.script_load(LATEST_SCRIPT)
                 await self._client.evalsha(self._sha, 1, LATEST_KEY, *args)
         except CACHE_ERRORS as exc:
@@ -130,9 +157,27 @@ class RedisPriceCache:
             if isinstance(result, RedisError):
                 # e.g. WRONGTYPE: someone else's key in our namespace. Not retryable here.
                 raise CacheUnavailable(f"redis: {_describe(result)}") from result
+        return lost
+
+    async def load_marks(self) -> dict[str, Mark]:
+        """Every source's mark as last written."""
+        self._check_open()
+        try:
+            raw = cast(dict[str, str], await self._client.hgetall(MARKS_KEY))
+        except CACHE_ERRORS as exc:
+            raise CacheUnavailable(f"redis: {_describe(exc)}") from exc
+        marks: dict[str, Mark] = {}
+        for source, value in raw.items():
+            try:
+                pos, made = value.split(",")
+                marks[source] = (int(pos), int(made))
+            except ValueError:
+                self._bad(f"{MARKS_KEY} {source}", value)
+        return marks
 
     async def load(self, since_second: int) -> tuple[list[LatestPrice], list[SecondBucket]]:
-        """Every latest price and every cached second >= ``since_second``."""
+        """Every latest price and the seconds of every minute from the one holding
+        ``since_second`` on: whole minutes, never half of one."""
         self._check_open()
         try:
             # decode_responses=True: keys and values are str.
@@ -154,7 +199,7 @@ class RedisPriceCache:
             exchange, symbol, _ = key[len(WINDOW_PREFIX) :].rsplit(":", 2)
             for sec, value in fields.items():
                 bucket = self._parse_second(exchange, symbol, sec, value)
-                if bucket is not None and bucket.second >= since_second:
+                if bucket is not None:
                     seconds.append(bucket)
         return latest, seconds
 

@@ -11,12 +11,14 @@ import asyncio
 import logging
 import sqlite3
 import threading
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
 
-from marketflow.domain.aggregates import Aggregate, MinuteRow
+from marketflow.adapters.minute_codec import decode_seconds, encode_seconds
+from marketflow.domain.aggregates import Aggregate, History, Mark, MinuteRow
 from marketflow.domain.errors import StoreUnavailable
 from marketflow.settings import EmbeddedSettings
 
@@ -51,18 +53,49 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         """,
     ),
     (2, "CREATE INDEX minute_prices_timestamp_idx ON minute_prices (timestamp)"),
+    (
+        3,
+        """
+        ALTER TABLE minute_prices ADD COLUMN covered_ms INTEGER
+            CHECK (covered_ms BETWEEN 0 AND 60000);
+        ALTER TABLE minute_prices ADD COLUMN seconds BLOB;
+        CREATE TABLE source_marks (
+            source TEXT PRIMARY KEY, position INTEGER NOT NULL, made_ms INTEGER NOT NULL
+        );
+        CREATE TABLE marketflow_instance (
+            one INTEGER PRIMARY KEY CHECK (one = 1), id TEXT NOT NULL
+        );
+        """,
+    ),
 )
 
+# A stored row is replaced only by one with at least as many ticks: it never shrinks.
 _UPSERT = """
 INSERT INTO minute_prices
-    (exchange, pair_name, timestamp, average_price, min_price, max_price, tick_count)
-VALUES (?, ?, ?, ?, ?, ?, ?)
+    (exchange, pair_name, timestamp, average_price, min_price, max_price, tick_count,
+     covered_ms, seconds)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (exchange, pair_name, timestamp) DO UPDATE SET
     average_price = excluded.average_price,
     min_price = excluded.min_price,
     max_price = excluded.max_price,
-    tick_count = excluded.tick_count
+    tick_count = excluded.tick_count,
+    covered_ms = max(coalesce(minute_prices.covered_ms, excluded.covered_ms),
+                     coalesce(excluded.covered_ms, minute_prices.covered_ms)),
+    seconds = excluded.seconds
+WHERE minute_prices.tick_count <= excluded.tick_count
 """
+
+_MARKS = """
+INSERT INTO source_marks (source, position, made_ms) VALUES (?, ?, ?)
+ON CONFLICT (source) DO UPDATE SET position = excluded.position, made_ms = excluded.made_ms
+WHERE source_marks.made_ms <= excluded.made_ms
+"""
+
+_ROW_COLUMNS = (
+    "exchange, pair_name, timestamp, average_price, min_price, max_price, tick_count,"
+    " covered_ms, seconds"
+)
 
 # Refused for the row's content (constraint, value out of range), not for the file.
 DATA_ERRORS: tuple[type[BaseException], ...] = (
@@ -84,7 +117,29 @@ def sqlite_path(settings: EmbeddedSettings) -> Path:
 
 
 def _params(row: MinuteRow) -> tuple[object, ...]:
-    return (row.exchange, row.symbol, row.minute_ms, row.average, row.low, row.high, row.count)
+    return (
+        row.exchange,
+        row.symbol,
+        row.minute_ms,
+        row.average,
+        row.low,
+        row.high,
+        row.count,
+        row.covered_ms,
+        encode_seconds(row.minute_ms, row.seconds),
+    )
+
+
+def _row(r: tuple[object, ...]) -> MinuteRow:
+    ex, sym, m, avg, lo, hi, n, cov, secs = r
+    assert isinstance(m, int)
+    assert isinstance(secs, bytes | None)
+    assert isinstance(avg, float)
+    assert isinstance(lo, float)
+    assert isinstance(hi, float)
+    assert isinstance(n, int)
+    assert isinstance(cov, int | None)
+    return MinuteRow(str(ex), str(sym), m, avg, lo, hi, n, cov, decode_seconds(m, secs))
 
 
 class SqliteMinuteStore:
@@ -92,13 +147,15 @@ class SqliteMinuteStore:
 
     kind = "sqlite"
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, identity: str = "sqlite") -> None:
         self._conn = conn
         self.path = path
+        self.identity = identity
         self._lock = asyncio.Lock()
         self._thread_lock = threading.Lock()
         self._closed = False
         self.rejected_rows = 0  # rows the database refused for their content (logged)
+        self.kept_rows = 0  # rewrites refused because the stored row had more ticks
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         async with self._lock:
@@ -115,24 +172,41 @@ class SqliteMinuteStore:
         with self._thread_lock:
             return fn(self._conn)
 
-    async def upsert_minutes(self, rows: Sequence[MinuteRow]) -> None:
-        """Write ``rows`` in one transaction; overwrite existing keys. Bad rows are skipped."""
+    async def upsert_minutes(
+        self, rows: Sequence[MinuteRow], marks: Mapping[str, Mark] | None = None
+    ) -> None:
+        """Write ``rows`` and ``marks`` in one transaction; a stored row never shrinks.
+
+        Bad rows are skipped (logged and counted), the rest of the batch is written."""
         batch = list({r.key: r for r in rows}.values())
-        if batch:
-            self.rejected_rows += await self._call(lambda c: _write(c, batch))
+        if not batch and not marks:
+            return
+        mark_params = [(n, p, m) for n, (p, m) in (marks or {}).items()]
+        rejected, kept = await self._call(lambda c: _write_all(c, batch, mark_params))
+        self.rejected_rows += rejected
+        if kept:
+            self.kept_rows += kept
+            log.warning("minute_rows_kept reason=stored_row_has_more_ticks rows=%d", kept)
 
     async def history(
         self, symbol: str, before: Mapping[str, int], since_ms: int | None = None
-    ) -> Aggregate | None:
-        """Merged rows of ``symbol`` per exchange before its bound (and after ``since_ms``)."""
+    ) -> History:
+        """Merged rows of ``symbol`` per exchange before its bound, from ``since_ms`` on (the
+        minute holding ``since_ms`` counts its seconds from there)."""
         if not before:
-            return None
+            return History(None)
         items = list(before.items())
         return await self._call(lambda c: _history(c, symbol, items, since_ms))
 
     async def minutes_since(self, since_ms: int) -> list[MinuteRow]:
         """Rows whose minute starts at or after ``since_ms``, oldest first."""
         return await self._call(lambda c: _since(c, since_ms))
+
+    async def load_marks(self) -> dict[str, Mark]:
+        rows = await self._call(
+            lambda c: c.execute("SELECT source, position, made_ms FROM source_marks").fetchall()
+        )
+        return {str(r[0]): (int(r[1]), int(r[2])) for r in rows}
 
     async def ping(self) -> bool:
         """True when the file answers a query."""
@@ -162,55 +236,96 @@ class SqliteMinuteStore:
         await self.aclose()
 
 
-def _write(conn: sqlite3.Connection, batch: list[MinuteRow]) -> int:
-    """Upsert in one transaction; on a data error retry halves. Returns rows rejected."""
+def _write_all(
+    conn: sqlite3.Connection, batch: list[MinuteRow], marks: list[tuple[str, int, int]]
+) -> tuple[int, int]:
+    """Rows and marks in one transaction; returns (rows rejected, rows kept as stored)."""
+    conn.execute("BEGIN")
     try:
-        conn.execute("BEGIN")  # one transaction per batch: all rows or none
+        rejected, kept = _write(conn, batch) if batch else (0, 0)
+        if marks:
+            conn.executemany(_MARKS, marks)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return rejected, kept
+
+
+def _write(conn: sqlite3.Connection, batch: list[MinuteRow]) -> tuple[int, int]:
+    """Upsert under a savepoint; on a data error retry halves. Returns (rejected, kept)."""
+    before = conn.total_changes
+    try:
+        conn.execute("SAVEPOINT minute_batch")
         try:
             conn.executemany(_UPSERT, [_params(r) for r in batch])
-            conn.execute("COMMIT")
+            conn.execute("RELEASE minute_batch")
         except BaseException:
-            conn.execute("ROLLBACK")
+            conn.execute("ROLLBACK TO minute_batch")
+            conn.execute("RELEASE minute_batch")
             raise
     except DATA_ERRORS as exc:
         if len(batch) == 1:
             # The row is the useful part; a traceback of the split adds nothing.
             log.error("minute_row_rejected row=%r error=%s", batch[0], exc)  # noqa: TRY400
-            return 1
+            return 1, 0
         mid = len(batch) // 2
-        return _write(conn, batch[:mid]) + _write(conn, batch[mid:])
-    return 0
+        a = _write(conn, batch[:mid])
+        b = _write(conn, batch[mid:])
+        return a[0] + b[0], a[1] + b[1]
+    return 0, len(batch) - (conn.total_changes - before)
 
 
 def _history(
     conn: sqlite3.Connection, symbol: str, bounds: list[tuple[str, int]], since_ms: int | None
-) -> Aggregate | None:
+) -> History:
     # A VALUES list stands in for PostgreSQL's unnest: one query for every exchange's bound.
     values = ",".join("(?, ?)" for _ in bounds)
     params: list[object] = [v for pair in bounds for v in pair]
-    sql = (
-        f"WITH b(exchange, bound_ms) AS (VALUES {values}) "  # noqa: S608 (placeholders only)
-        "SELECT min(r.min_price), max(r.max_price), sum(r.average_price * r.tick_count), "
-        "sum(r.tick_count) FROM minute_prices r JOIN b ON r.exchange = b.exchange "
-        "WHERE r.pair_name = ? AND r.timestamp < b.bound_ms"
-    )
+    cte = f"WITH b(exchange, bound_ms) AS (VALUES {values}) "  # placeholders only
+    where = " FROM minute_prices r JOIN b ON r.exchange = b.exchange WHERE r.pair_name = ?"
+    where += " AND r.timestamp < b.bound_ms"
     params.append(symbol)
-    if since_ms is not None:
-        sql += " AND r.timestamp > ?"
-        params.append(since_ms - 60_000)
+    start = None if since_ms is None else -(-since_ms // 60_000) * 60_000
+    if start is not None:
+        where += " AND r.timestamp >= ?"
+        params.append(start)
+    sql = (
+        cte + "SELECT min(r.min_price), max(r.max_price), sum(r.average_price * r.tick_count),"
+        " sum(r.tick_count), count(*),"
+        " sum(r.covered_ms IS NULL OR r.covered_ms < 60000)" + where
+    )
     rec = conn.execute(sql, params).fetchone()
-    if rec is None or not rec[3]:
-        return None
-    return Aggregate(rec[0], rec[1], rec[2], rec[3])
+    out = History(None)
+    if rec is not None and rec[3]:
+        low_ms = _arg(conn, cte + "SELECT r.timestamp" + where, params, "r.min_price")
+        high_ms = _arg(conn, cte + "SELECT r.timestamp" + where, params, "r.max_price DESC")
+        out = History(Aggregate(rec[0], rec[1], rec[2], rec[3], low_ms, high_ms), rec[4], rec[5])
+    if since_ms is not None and start is not None and start != since_ms:
+        columns = ", ".join("r." + c.strip() for c in _ROW_COLUMNS.split(","))
+        sql = (
+            cte + f"SELECT {columns}"  # noqa: S608 (constants and placeholders only)
+            " FROM minute_prices r JOIN b ON r.exchange = b.exchange"
+            " WHERE r.pair_name = ? AND r.timestamp = ? AND r.timestamp < b.bound_ms"
+        )
+        boundary = [*params[: len(bounds) * 2], symbol, start - 60_000]
+        out.add_partial([_row(r) for r in conn.execute(sql, boundary)], since_ms // 1000)
+    return out
+
+
+def _arg(conn: sqlite3.Connection, sql: str, params: list[object], order: str) -> int:
+    """The minute of the row first in ``order`` (the newest among equals)."""
+    rec = conn.execute(f"{sql} ORDER BY {order}, r.timestamp DESC LIMIT 1", params).fetchone()
+    return int(rec[0]) if rec else 0
 
 
 def _since(conn: sqlite3.Connection, since_ms: int) -> list[MinuteRow]:
     cur = conn.execute(
-        "SELECT exchange, pair_name, timestamp, average_price, min_price, max_price, tick_count"
-        " FROM minute_prices WHERE timestamp >= ? ORDER BY timestamp, exchange, pair_name",
+        f"SELECT {_ROW_COLUMNS} FROM minute_prices WHERE timestamp >= ?"  # noqa: S608
+        " ORDER BY timestamp, exchange, pair_name",
         (since_ms,),
     )
-    return [MinuteRow(*r) for r in cur.fetchall()]
+    return [_row(r) for r in cur.fetchall()]
 
 
 def _migrate(conn: sqlite3.Connection) -> list[int]:
@@ -228,7 +343,9 @@ def _migrate(conn: sqlite3.Connection) -> list[int]:
         ).fetchone()
         for version, sql in MIGRATIONS:
             if version > current:
-                conn.execute(sql)
+                for statement in sql.split(";"):  # execute() takes one statement
+                    if statement.strip():
+                        conn.execute(statement)
                 conn.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
                 applied.append(version)
         conn.execute("COMMIT")
@@ -246,6 +363,10 @@ def _open(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
         applied = _migrate(conn)
+        conn.execute(
+            "INSERT INTO marketflow_instance (one, id) VALUES (1, ?) ON CONFLICT DO NOTHING",
+            (uuid.uuid4().hex,),
+        )
     except BaseException:
         conn.close()
         raise
@@ -263,4 +384,5 @@ async def open_sqlite(path: Path) -> SqliteMinuteStore:
         conn = await asyncio.to_thread(_open, path)
     except UNAVAILABLE_ERRORS as exc:
         raise StoreUnavailable(f"sqlite {path}: {exc}") from exc
-    return SqliteMinuteStore(conn, path)
+    (got,) = conn.execute("SELECT id FROM marketflow_instance").fetchone()
+    return SqliteMinuteStore(conn, path, f"sqlite-{str(got)[:16]}")

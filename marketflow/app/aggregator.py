@@ -5,6 +5,11 @@ per-second buckets (pure in-memory work, no I/O); another flushes once per flush
 changed latest prices and changed seconds go to the cache in one round trip, closed minutes go
 to the minute writer in one batch. Redis and PostgreSQL therefore see work proportional to
 pairs x exchanges, never to the tick rate.
+
+Each flush also carries the sources' resume positions (``TickBatch.mark``) with the state
+they produced: into the same cache transaction as the seconds and, with the minute rows, into
+the same store transaction. A restart (see ``restore.py``) rebuilds the windows from both and
+resumes each source from the newest durable position, so nothing durable is counted twice.
 """
 
 from __future__ import annotations
@@ -12,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
-from marketflow.domain.aggregates import LatestPrice, MinuteRow, SecondBucket
+from marketflow.app.restore import restore
+from marketflow.domain.aggregates import LatestPrice, Mark, MinuteRow, SecondBucket
 from marketflow.domain.errors import CacheUnavailable
 from marketflow.domain.ports import MinuteStore, PriceCache
 from marketflow.domain.ticks import BookUpdate, TickBatch
@@ -28,9 +34,15 @@ Clock = Callable[[], int]
 
 
 class RowSink(Protocol):
-    """Takes closed minute rows (the MinuteWriter outbox)."""
+    """Takes closed minute rows (the MinuteWriter outbox), with the marks they reflect."""
 
-    def submit(self, rows: Sequence[MinuteRow]) -> None: ...
+    def submit(
+        self, rows: Sequence[MinuteRow], marks: Mapping[str, Mark] | None = None
+    ) -> None: ...
+
+
+def _no_sources() -> Iterable[str]:
+    return ()
 
 
 class Aggregator:
@@ -43,20 +55,36 @@ class Aggregator:
         rows: RowSink,
         pipeline: PipelineSettings,
         clock: Clock,
+        *,
+        healthy_sources: Callable[[], Iterable[str]] = _no_sources,
+        rng: random.Random | None = None,
     ) -> None:
         self._fanin = fanin
         self._cache = cache
         self._rows = rows
         self._pipeline = pipeline
         self._clock = clock
+        self._healthy = healthy_sources
+        self._rng = rng or random.Random()
         self.windows: dict[str, dict[str, PairWindow]] = {}
         self.books: dict[tuple[str, str], BookUpdate] = {}
+        # source -> (position, made_ms): folded positions; made_ms is the flush that took it
+        self.marks: dict[str, Mark] = {}
+        self._positions: dict[str, int] = {}
+        # exchange -> minute_ms (wall time) -> ms the source was up while we ran
+        self.coverage: dict[str, dict[int, int]] = {}
+        self._covered_until = clock()
+        self.floor_second = 0  # nothing older is accepted (set by a restore)
         self.ticks_folded = 0
-        self.batches_folded = 0
+        self.queue_delay_ms = 0  # receipt -> fold of the last batch: time spent in queues
+        self._delay_peak_ms = 0
+        self.queue_delay_peak_ms = 0  # the highest over the last flush interval
+        self.flush_duration_ms = 0
         self.cache_up = True
         self.cache_error = ""
         self._cache_retry_at = 0
         self._cache_backoff_ms = 500
+        self._refill = False
         self.flushes = 0
 
     @property
@@ -72,12 +100,17 @@ class Aggregator:
         for symbol, points in batch.by_symbol.items():
             w = pairs.get(symbol)
             if w is None:
-                w = pairs[symbol] = PairWindow(batch.exchange, symbol)
+                w = pairs[symbol] = PairWindow(batch.exchange, symbol, self.floor_second)
             w.add(points, batch.received_ms)
         for book in batch.books:
             self.books[(book.exchange, book.symbol)] = book
+        if batch.mark is not None:
+            self._positions[batch.exchange] = batch.mark
         self.ticks_folded += batch.count
-        self.batches_folded += 1
+        delay = self._clock() - batch.received_ms
+        self.queue_delay_ms = delay
+        if delay > self._delay_peak_ms:
+            self._delay_peak_ms = delay
 
     async def consume(self) -> None:
         """Fold batches as they arrive, draining whatever is queued per wake-up."""
@@ -90,6 +123,20 @@ class Aggregator:
                 self.fold(queue.get_nowait())
                 queue.task_done()
 
+    def drain(self) -> int:
+        """Fold what is queued without waiting (the consumer task is gone); returns batches."""
+        n = 0
+        while not self._fanin.empty():
+            batch = self._fanin.get_nowait()
+            try:
+                self.fold(batch)
+            except Exception:
+                log.exception("fold_failed exchange=%s ticks=%d", batch.exchange, batch.count)
+            finally:
+                self._fanin.task_done()
+            n += 1
+        return n
+
     def window(self, exchange: str, symbol: str) -> PairWindow | None:
         pairs = self.windows.get(exchange)
         return None if pairs is None else pairs.get(symbol)
@@ -98,45 +145,52 @@ class Aggregator:
         for pairs in self.windows.values():
             yield from pairs.values()
 
-    def _window_for(self, exchange: str, symbol: str) -> PairWindow:
+    def window_for(self, exchange: str, symbol: str) -> PairWindow:
         pairs = self.windows.setdefault(exchange, {})
         w = pairs.get(symbol)
         if w is None:
-            w = pairs[symbol] = PairWindow(exchange, symbol)
+            w = pairs[symbol] = PairWindow(exchange, symbol, self.floor_second)
         return w
 
-    # -- resuming after a restart ------------------------------------------------------------
+    def position(self, source: str) -> int | None:
+        """The newest folded resume position of ``source`` (where a new reader starts)."""
+        pos = self._positions.get(source)
+        if pos is not None:
+            return pos
+        mark = self.marks.get(source)
+        return None if mark is None else mark[0]
+
+    def restore_position(self, source: str, mark: Mark) -> None:
+        self.marks[source] = mark
 
     async def resume(self, store: MinuteStore) -> None:
-        """Reload the retained window from the cache and the persisted minutes it lacks, so
-        minutes that straddle a restart are rewritten whole, not with only the new ticks."""
-        now_s = self._clock() // 1000
-        since_s = now_s - self._pipeline.window_retention_s
-        try:
-            latest, seconds = await self._cache.load(since_s)
-        except CacheUnavailable as exc:
-            log.warning("resume_cache_unavailable error=%s", exc)
-            latest, seconds = [], []
-        for s in seconds:
-            self._window_for(s.exchange, s.symbol).seed_second(
-                s.second, s.low, s.high, s.total, s.count
-            )
-        for lp in latest:
-            w = self._window_for(lp.exchange, lp.symbol)
-            if lp.timestamp_ms > w.latest_ts:
-                w.latest_ts = lp.timestamp_ms
-                w.latest_price = lp.price
-                w.latest_received_ms = lp.received_ms
-        rows: list[MinuteRow] = []
-        try:
-            rows = await store.minutes_since(since_s // 60 * 60_000)
-        except Exception as exc:  # noqa: BLE001 - resuming is best effort; the store may be down
-            log.warning("resume_store_unavailable error=%s", exc)
-        for row in rows:
-            self._window_for(row.exchange, row.symbol).seed_minute(row)
-        log.info(
-            "resumed seconds=%d latest=%d minute_rows=%d", len(seconds), len(latest), len(rows)
-        )
+        """Rebuild the windows from the cache and the store after a restart (restore.py)."""
+        await restore(self, self._cache, store, self._pipeline.window_retention_s, self._clock)
+
+    # -- coverage ----------------------------------------------------------------------------
+
+    def _cover(self, now: int) -> None:
+        """Credit the time since the last flush to the minutes of every healthy source."""
+        start, self._covered_until = self._covered_until, now
+        if now <= start:
+            return
+        for ex in self._healthy():
+            minutes = self.coverage.setdefault(ex, {})
+            t = start
+            while t < now:
+                minute = t // 60_000 * 60_000
+                end = min(now, minute + 60_000)
+                minutes[minute] = minutes.get(minute, 0) + (end - t)
+                t = end
+
+    def covered_ms(self, exchange: str, minute_ms: int) -> int:
+        return min(60_000, self.coverage.get(exchange, {}).get(minute_ms, 0))
+
+    def _evict_coverage(self) -> None:
+        floor_ms = (self._covered_until // 1000 - self._pipeline.window_retention_s - 120) * 1000
+        for minutes in self.coverage.values():
+            for m in [m for m in minutes if m < floor_ms]:
+                del minutes[m]
 
     # -- flushing ----------------------------------------------------------------------------
 
@@ -149,6 +203,7 @@ class Aggregator:
     async def flush(self, *, final: bool = False) -> None:
         """Push changes to the cache and closed (or, when final, all) minutes to the writer."""
         now = self._clock()
+        self._cover(now)
         grace = self._pipeline.minute_grace_ms
         latest: list[LatestPrice] = []
         seconds: list[SecondBucket] = []
@@ -159,44 +214,61 @@ class Aggregator:
                 if lp is not None:
                     latest.append(lp)
                 seconds.extend(w.take_dirty_seconds())
-            rows.extend(w.open_minutes() if final else w.closed_minutes(now, grace))
+            covered = self.coverage.get(w.exchange, {})
+            rows.extend(w.open_minutes(covered) if final else w.closed_minutes(now, grace, covered))
             w.evict(self._pipeline.window_retention_s)
-        if rows:
-            self._rows.submit(rows)
-        await self._write_cache(latest, seconds, now, force=final)
+        for source, pos in self._positions.items():
+            self.marks[source] = (pos, now)
+        self._positions.clear()
+        marks = dict(self.marks)
+        if rows or final:
+            self._rows.submit(rows, marks)
+        await self._write_cache(latest, seconds, marks, now, force=final)
+        self._evict_coverage()
+        self.queue_delay_peak_ms, self._delay_peak_ms = self._delay_peak_ms, 0
+        self.flush_duration_ms = self._clock() - now
         self.flushes += 1
 
     async def _write_cache(
         self,
         latest: list[LatestPrice],
         seconds: list[SecondBucket],
+        marks: dict[str, Mark],
         now: int,
         *,
         force: bool,
     ) -> None:
-        if not self.cache_up:
-            if now < self._cache_retry_at and not force:
-                return
-            # Back after an outage: refill everything we hold, not just this interval's changes.
+        if not self.cache_up and now < self._cache_retry_at and not force:
+            return
+        if not self.cache_up or self._refill:
+            # Back after an outage, or the cache lost its data: refill everything we hold.
             latest = [lp for w in self.all_windows() if (lp := w.latest()) is not None]
             seconds = [b for w in self.all_windows() for b in w.all_seconds()]
-        if not latest and not seconds:
+        if not latest and not seconds and not marks:
             return
         try:
-            await self._cache.write(latest, seconds)
+            lost = await self._cache.write(latest, seconds, marks)
         except CacheUnavailable as exc:
             if self.cache_up:
                 log.warning("cache_down kind=%s error=%s", self._cache.kind, exc)
             self.cache_up = False
             self.cache_error = str(exc)
             self._cache_backoff_ms = min(self._cache_backoff_ms * 2, 5000)
-            self._cache_retry_at = now + int(self._cache_backoff_ms * random.uniform(0.5, 1.0))
+            jitter = self._rng.uniform(0.5, 1.0)
+            self._cache_retry_at = now + int(self._cache_backoff_ms * jitter)
             return
-        if not self.cache_up:
-            log.info("cache_up kind=%s refilled_seconds=%d", self._cache.kind, len(seconds))
+        if not self.cache_up or self._refill:
+            log.info("cache_refilled kind=%s seconds=%d", self._cache.kind, len(seconds))
+        self._refill = bool(lost) and not self._refill
+        if self._refill:
+            log.warning("cache_lost_data kind=%s action=refill", self._cache.kind)
         self.cache_up = True
         self.cache_error = ""
         self._cache_backoff_ms = 500
 
     def late_ticks(self) -> int:
         return sum(w.late for w in self.all_windows())
+
+    def loss_bound_ms(self) -> int:
+        """How old a tick must be to be durable now: queue time + flush interval + write."""
+        return self.queue_delay_peak_ms + self._pipeline.flush_interval_ms + self.flush_duration_ms

@@ -72,6 +72,13 @@ class HealthReport:
             "queues": queues,
             "ticks": self.aggregator.ticks_folded,
             "late_ticks": self.aggregator.late_ticks(),
+            # D of the README's crash promise: a tick received longer ago than loss_bound_ms
+            # is durable (in Redis) now. It grows with the time ticks wait in the queues.
+            "pipeline": {
+                "queue_delay_ms": self.aggregator.queue_delay_peak_ms,
+                "flush_duration_ms": self.aggregator.flush_duration_ms,
+                "loss_bound_ms": self.aggregator.loss_bound_ms(),
+            },
         }
         if self.extra is not None:
             doc.update(self.extra())

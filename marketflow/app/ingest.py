@@ -47,6 +47,26 @@ class Source(Generic[ItemT]):
     parser: Parser[ItemT]
 
 
+class SourceQueue(asyncio.Queue[tuple[ItemT, int]]):
+    """The bounded queue between a producer and its workers.
+
+    A producer cancelled while it waits for room (shutdown or a mode switch with the queue
+    full) still holds an item it has read from the socket: that item is kept in ``held``, and
+    the stopping source parses it, so nothing read is dropped.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.held: list[tuple[ItemT, int]] = []
+
+    async def put(self, item: tuple[ItemT, int]) -> None:
+        try:
+            await super().put(item)
+        except asyncio.CancelledError:
+            self.held.append(item)
+            raise
+
+
 class RunningSource:
     """A started source: its producer task, its queue and its workers."""
 
@@ -58,7 +78,7 @@ class RunningSource:
         queue_size: int,
     ) -> None:
         self.source = source
-        self.queue: asyncio.Queue[tuple[object, int]] = asyncio.Queue(queue_size)
+        self.queue: SourceQueue[object] = SourceQueue(queue_size)
         self._fanin = fanin
         name = source.status.name
         self._producer = asyncio.create_task(
@@ -102,6 +122,9 @@ class RunningSource:
         """Stop reading, let the workers drain what was read, then stop them."""
         self._producer.cancel()
         await asyncio.gather(self._producer, return_exceptions=True)
+        held, self.queue.held = self.queue.held, []
+        for item in held:  # read before the stop, never queued: the workers take it still
+            await self.queue.put(item)
         await self.queue.join()
         for w in self._workers:
             w.cancel()

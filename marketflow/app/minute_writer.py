@@ -6,10 +6,16 @@ PostgreSQL down: minute rows are kept and written when it returns; none lost or 
 (exchange, symbol, minute) replaces an earlier one) until the background task writes them in
 one ``upsert_minutes`` batch. When the store is unavailable the rows stay, the writer reports
 itself down, and it retries with exponential backoff and jitter. Past ``max_in_memory``
-pending rows, and at close while the store is still down, rows go to a spill file (JSON
-lines, fsynced) so that even a crash loses nothing; the next start writes that file first and
-deletes it only once every row in it is in the store. The store's upsert makes a row written
-twice (after a crash between write and delete) count once.
+pending rows, after ``spill_after_s`` of outage (before the cache would expire the seconds
+the rows were made from), and at close while the store is still down, rows go to a spill file
+(JSON lines, fsynced) so that even a crash loses nothing; the next start writes that file
+first and deletes it only once every row in it is in the store. The store's upsert makes a
+row written twice (after a crash between write and delete) count once. A spill file belongs
+to one store (its name carries the store's identity): it is never drained into another one,
+such as the embedded fallback when PostgreSQL is down at start.
+
+The sources' marks travel with the rows: the newest mark per source is written in the same
+store transaction as the next batch (and spilled with the rows).
 """
 
 from __future__ import annotations
@@ -18,13 +24,13 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from marketflow.domain.aggregates import MinuteRow
+from marketflow.domain.aggregates import Mark, MinuteRow
 from marketflow.domain.errors import StoreUnavailable
 from marketflow.domain.ports import MinuteStore
 
@@ -48,10 +54,13 @@ class MinuteWriter:
         *,
         retry_initial_s: float = 0.25,
         retry_max_s: float = 4.0,
+        spill_after_s: float = 30.0,
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
         self.spill_path = spill_path
+        self._spill_after_ms = int(spill_after_s * 1000)
+        self._marks: dict[str, Mark] = {}
         self._max = max(1, max_in_memory)
         self._clock = clock
         self._retry_initial = retry_initial_s
@@ -81,18 +90,23 @@ class MinuteWriter:
 
     # -- the aggregator's side ------------------------------------------------------------
 
-    def submit(self, rows: Sequence[MinuteRow]) -> None:
-        """Queue rows for writing (never blocks, never raises for the store's sake)."""
-        if not rows:
+    def submit(self, rows: Sequence[MinuteRow], marks: Mapping[str, Mark] | None = None) -> None:
+        """Queue rows (and the marks they reflect) for writing; never blocks, never raises
+        for the store's sake."""
+        if not rows and not marks:
             return
         if self._finished:
             log.error("minute_rows_after_close rows=%d action=spill", len(rows))
-            _append_rows(self.spill_path, list(rows))
+            _append_rows(self.spill_path, list(rows), dict(marks or {}))
             self._spill_exists = True
             self._spilled += len(rows)
             return
         for row in rows:
             self._pending[row.key] = row
+        for source, mark in (marks or {}).items():
+            held = self._marks.get(source)
+            if held is None or held[1] <= mark[1]:
+                self._marks[source] = mark
         self._submitted += 1
         self._wake.set()
         if len(self._pending) > self._max:
@@ -104,7 +118,12 @@ class MinuteWriter:
         Triggers an attempt now (skipping any backoff); raises StoreUnavailable if it fails.
         """
         target = self._submitted
-        if self._durable >= target and not self._pending and not self._spill_exists:
+        if (
+            self._durable >= target
+            and not self._pending
+            and not self._marks
+            and not self._spill_exists
+        ):
             return
         if self._finished:
             raise StoreUnavailable(f"minute writer closed; {self._spilled} rows in spill file")
@@ -125,6 +144,7 @@ class MinuteWriter:
         return {
             "state": self._state,
             "kind": self.store.kind,
+            "spill_path": str(self.spill_path),
             "pending_rows": len(self._pending),
             "spilled_rows": self._spilled,
             "written_rows": self._written,
@@ -157,7 +177,9 @@ class MinuteWriter:
         self._exited.clear()
         try:
             while not self._closed:
-                if not (self._pending or self._spill_exists or self._flush_requested):
+                if not (
+                    self._pending or self._marks or self._spill_exists or self._flush_requested
+                ):
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -191,7 +213,11 @@ class MinuteWriter:
             await self._exited.wait()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
-        if (self._pending or self._spill_exists) and not await self._attempt() and self._pending:
+        if (
+            (self._pending or self._marks or self._spill_exists)
+            and not await self._attempt()
+            and (self._pending or self._marks)
+        ):
             await self._spill_pending()
         self._finished = True
         if self._pending:
@@ -208,13 +234,16 @@ class MinuteWriter:
             if self._spill_exists:
                 await self._drain_spill()
             batch, self._pending = self._pending, {}
-            if batch:
+            marks, self._marks = self._marks, {}
+            if batch or marks:
                 try:
-                    await self.store.upsert_minutes(list(batch.values()))
+                    await self.store.upsert_minutes(list(batch.values()), marks)
                 except BaseException:
                     # Rows submitted meanwhile are newer versions: they win over the batch.
                     batch.update(self._pending)
                     self._pending = batch
+                    marks.update(self._marks)
+                    self._marks = marks
                     raise
                 self._written += len(batch)
         except StoreUnavailable as exc:
@@ -239,10 +268,12 @@ class MinuteWriter:
         """Write the spill file in order, in chunks of ``max_in_memory`` rows, then delete it."""
         offset = 0
         while True:
-            rows, offset = await asyncio.to_thread(_read_chunk, self.spill_path, offset, self._max)
-            if not rows:
+            rows, marks, offset = await asyncio.to_thread(
+                _read_chunk, self.spill_path, offset, self._max
+            )
+            if not rows and not marks:
                 break
-            await self.store.upsert_minutes(rows)
+            await self.store.upsert_minutes(rows, marks)
             self._written += len(rows)
         await asyncio.to_thread(_unlink, self.spill_path)
         log.info("minute_spill_written path=%s rows=%d", self.spill_path, self._spilled)
@@ -252,11 +283,12 @@ class MinuteWriter:
     async def _spill_pending(self) -> None:
         """Move every pending row to the spill file (kept in memory if the file fails)."""
         rows = list(self._pending.values())
-        if not rows:
+        marks = dict(self._marks)
+        if not rows and not marks:
             return
         self._spill_exists = True  # set first: a cancelled append may still land in the file
         try:
-            await asyncio.to_thread(_append_rows, self.spill_path, rows)
+            await asyncio.to_thread(_append_rows, self.spill_path, rows, marks)
         except OSError as exc:
             # Rows stay in memory; the OS error says it all, a traceback would not help.
             log.error(  # noqa: TRY400
@@ -267,6 +299,9 @@ class MinuteWriter:
             # A newer version submitted during the append stays pending (written after).
             if self._pending.get(row.key) is row:
                 del self._pending[row.key]
+        for source, mark in marks.items():
+            if self._marks.get(source) == mark:
+                del self._marks[source]
         self._spilled += len(rows)
         log.warning(
             "minute_rows_spilled path=%s rows=%d total_spilled=%d",
@@ -280,7 +315,7 @@ class MinuteWriter:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + delay
         while not (self._closed or self._flush_requested):
-            if len(self._pending) > self._max:
+            if len(self._pending) > self._max or self._down_too_long():
                 await self._spill_pending()
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -291,6 +326,13 @@ class MinuteWriter:
                     await self._nudge.wait()
             except TimeoutError:
                 return
+
+    def _down_too_long(self) -> bool:
+        """Down for longer than the cache keeps the seconds these rows were made from."""
+        since = self._down_since_ms
+        return bool(self._pending or self._marks) and (
+            since is not None and self._clock() - since >= self._spill_after_ms
+        )
 
     def _mark_down(self, error: str) -> None:
         self._failures += 1
@@ -330,29 +372,44 @@ def _encode(row: MinuteRow) -> bytes:
             "low": row.low,
             "high": row.high,
             "count": row.count,
+            "covered_ms": row.covered_ms,
+            "seconds": row.seconds,
         }
     )
 
 
-def _decode(line: bytes) -> MinuteRow:
+def _decode(line: bytes) -> MinuteRow | dict[str, Mark]:
     d = orjson.loads(line)
+    if "marks" in d:
+        return {str(k): (int(v[0]), int(v[1])) for k, v in d["marks"].items()}
+    minute_ms = int(d["minute_ms"])
+    seconds = d.get("seconds")
+    covered = d.get("covered_ms")
     return MinuteRow(
         str(d["exchange"]),
         str(d["symbol"]),
-        int(d["minute_ms"]),
+        minute_ms,
         float(d["average"]),
         float(d["low"]),
         float(d["high"]),
         int(d["count"]),
+        None if covered is None else int(covered),
+        None
+        if seconds is None
+        else tuple((int(x[0]), float(x[1]), float(x[2]), float(x[3]), int(x[4])) for x in seconds),
     )
 
 
-def _append_rows(path: Path, rows: list[MinuteRow]) -> None:
-    """Append rows as JSON lines and fsync, so they survive a crash right after."""
+def _append_rows(path: Path, rows: list[MinuteRow], marks: dict[str, Mark]) -> None:
+    """Append rows (then the marks they reflect) as JSON lines and fsync, so they survive a
+    crash right after."""
     path.parent.mkdir(parents=True, exist_ok=True)
     created = not path.exists()
+    lines = [_encode(r) + b"\n" for r in rows]
+    if marks:
+        lines.append(orjson.dumps({"marks": {k: list(v) for k, v in marks.items()}}) + b"\n")
     with path.open("ab") as f:
-        f.write(b"".join(_encode(r) + b"\n" for r in rows))
+        f.write(b"".join(lines))
         f.flush()
         os.fsync(f.fileno())
     if created:  # the new directory entry must be durable too
@@ -363,13 +420,17 @@ def _append_rows(path: Path, rows: list[MinuteRow]) -> None:
             os.close(fd)
 
 
-def _read_chunk(path: Path, offset: int, limit: int) -> tuple[list[MinuteRow], int]:
-    """Up to ``limit`` rows from byte ``offset``; unreadable lines are logged and skipped."""
+def _read_chunk(
+    path: Path, offset: int, limit: int
+) -> tuple[list[MinuteRow], dict[str, Mark], int]:
+    """Up to ``limit`` rows (and the marks among them) from byte ``offset``; unreadable
+    lines are logged and skipped."""
     rows: list[MinuteRow] = []
+    marks: dict[str, Mark] = {}
     try:
         f = path.open("rb")
     except FileNotFoundError:
-        return rows, offset
+        return rows, marks, offset
     with f:
         f.seek(offset)
         while len(rows) < limit:
@@ -379,18 +440,23 @@ def _read_chunk(path: Path, offset: int, limit: int) -> tuple[list[MinuteRow], i
             if not line.strip():
                 continue
             try:
-                rows.append(_decode(line))
+                got = _decode(line)
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 # A torn last line (crash mid-append) or a hand-edited file: skip, say so.
                 log.error(  # noqa: TRY400
                     "minute_spill_bad_line path=%s line=%r error=%s", path, line[:200], exc
                 )
-        return rows, f.tell()
+                continue
+            if isinstance(got, MinuteRow):
+                rows.append(got)
+            else:
+                marks.update(got)
+        return rows, marks, f.tell()
 
 
 def _count_lines(path: Path) -> int:
     with path.open("rb") as f:
-        return sum(1 for line in f if line.strip())
+        return sum(1 for line in f if line.strip() and not line.startswith(b'{"marks"'))
 
 
 def _unlink(path: Path) -> None:

@@ -53,6 +53,12 @@ class ModeController:
     def running(self) -> list[RunningSource]:
         return list(self._running)
 
+    def healthy_sources(self) -> list[str]:
+        """Sources connected and not stale now: their minutes count as covered."""
+        return [
+            r.name for r in self._running if r.source.status.connected and not r.source.status.stale
+        ]
+
     async def switch(self, mode: Mode) -> Mode:
         """Make ``mode`` the one in force; a no-op when it already is."""
         async with self._lock:

@@ -4,6 +4,11 @@ exchanges, over a period or over all stored history.
 Recent seconds come from the in-memory windows (restored from the cache at start); minutes
 older than what the windows hold come from the minute store, merged exactly (min of mins,
 max of maxes, sum and count).
+
+A period of N seconds covers the N seconds of exchange time ending with the current one: from
+``now_s - N + 1`` through ``now_s`` (so ``1s`` is the current second). Where it reaches back
+past the window, stored minutes count whole, and the minute holding the period's start counts
+its seconds from the start on (rows keep their seconds), so a period is exact at any length.
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ class StatAnswer:
     period: str  # "1m", or "all" for all stored history
     count: int
     partial: bool  # True when the minute store could not be read
+    incomplete_minutes: int = 0  # closed minutes in the answer the source was not up for
+
+    @property
+    def complete(self) -> bool:
+        return not self.partial and self.incomplete_minutes == 0
 
 
 class PriceQueries:
@@ -78,17 +88,20 @@ class PriceQueries:
     ) -> StatAnswer:
         scope = self._scope(symbol, exchange)
         now = self._clock()
-        from_s = None if period_s is None else (now - period_s * 1000) // 1000
+        now_s = now // 1000
+        from_s = None if period_s is None else now_s - period_s + 1
         parts: list[Aggregate] = []
         bounds: dict[str, int] = {}
+        incomplete = 0
         for ex in scope:
             w = self._agg.window(ex, symbol)
             if w is None:
                 bounds[ex] = now + 1
                 continue
-            part = w.everything() if from_s is None else w.period(from_s, now // 1000)
+            part = w.everything() if from_s is None else w.period(from_s, now_s)
             if part is not None:
                 parts.append(part)
+            incomplete += self._incomplete(w.minutes_held(), ex, from_s, now)
             oldest = w.oldest_minute_ms()
             bounds[ex] = oldest if oldest is not None else now + 1
         partial = False
@@ -101,8 +114,9 @@ class PriceQueries:
             except StoreUnavailable:
                 partial = True
             else:
-                if stored is not None:
-                    parts.append(stored)
+                if stored.aggregate is not None:
+                    parts.append(stored.aggregate)
+                incomplete += stored.incomplete_minutes
         agg = Aggregate.merged(parts)
         if agg is None:
             raise NotFound(f"no data for {symbol} on {exchange or 'any exchange'} in {label}")
@@ -112,4 +126,16 @@ class PriceQueries:
             price, ts = agg.low, agg.low_ms
         else:
             price, ts = agg.average, now
-        return StatAnswer(symbol, exchange or "all", stat, price, ts, label, agg.count, partial)
+        ex_label = exchange or "all"
+        return StatAnswer(symbol, ex_label, stat, price, ts, label, agg.count, partial, incomplete)
+
+    def _incomplete(self, minutes: set[int], exchange: str, from_s: int | None, now: int) -> int:
+        """Closed minutes of the window in the answer that were not covered whole."""
+        first = None if from_s is None else from_s // 60 * 60_000
+        return sum(
+            1
+            for m in minutes
+            if (first is None or m >= first)
+            and m + 60_000 <= now
+            and self._agg.covered_ms(exchange, m) < 60_000
+        )

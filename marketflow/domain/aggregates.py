@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MINUTE_MS = 60_000
+FULL_MINUTE_MS = 60_000  # covered_ms of a minute the source was up for from start to end
+
+SecondState = tuple[int, float, float, float, int]
+"""(epoch second, low, high, total, count): one second of a minute row, as it was written."""
+
+Mark = tuple[int, int]
+"""(position, made_ms): a source's resume position (FIX: next expected inbound MsgSeqNum) and
+the wall time of the flush that made it durable; the newest one wins at a restart."""
 
 
 @dataclass(slots=True)
@@ -34,19 +43,32 @@ class Aggregate:
 
     @classmethod
     def merged(cls, parts: list[Aggregate]) -> Aggregate | None:
-        """One aggregate of all parts (None for none); the latest time wins a tie."""
+        """One aggregate of all parts (None for none); the latest time wins a tie.
+
+        The sum is ``math.fsum`` of the parts' sums: exact whatever the order of the parts,
+        so an average over many seconds and minutes stays within 1e-9 of the true mean.
+        """
         if not parts:
             return None
         p = parts[0]
         out = cls(p.low, p.high, p.total, p.count, p.low_ms, p.high_ms)
         for part in parts[1:]:
             out.merge(part)
+        if len(parts) > 1:
+            out.total = math.fsum(part.total for part in parts)
         return out
 
 
 @dataclass(frozen=True, slots=True)
 class MinuteRow:
-    """One persisted row: the ticks of one (exchange, symbol) in one minute of exchange time."""
+    """One persisted row: the ticks of one (exchange, symbol) in one minute of exchange time.
+
+    ``seconds`` keeps the per-second parts the row was computed from, so a restart can merge
+    the row with cached seconds second by second (the fuller version of each second wins)
+    instead of choosing between the two; None on rows written before it existed.
+    ``covered_ms``: how much of the minute the source was up and the daemon running (a lower
+    bound; 60000 means complete), None on rows written before it existed.
+    """
 
     exchange: str
     symbol: str
@@ -55,18 +77,54 @@ class MinuteRow:
     low: float
     high: float
     count: int
+    covered_ms: int | None = None
+    seconds: tuple[SecondState, ...] | None = None
 
     @property
     def key(self) -> tuple[str, str, int]:
         return (self.exchange, self.symbol, self.minute_ms)
 
+    @property
+    def complete(self) -> bool:
+        return self.covered_ms is not None and self.covered_ms >= FULL_MINUTE_MS
+
     def aggregate(self) -> Aggregate:
         m = self.minute_ms
         return Aggregate(self.low, self.high, self.average * self.count, self.count, m, m)
 
+    def part_since(self, from_second: int) -> Aggregate | None:
+        """The ticks of the seconds at or after ``from_second`` (exact when ``seconds`` is
+        known; otherwise the whole row when it starts at or after it, else nothing)."""
+        if self.seconds is None:
+            return self.aggregate() if self.minute_ms // 1000 >= from_second else None
+        parts = [
+            Aggregate(lo, hi, total, n, s * 1000, s * 1000)
+            for s, lo, hi, total, n in self.seconds
+            if s >= from_second
+        ]
+        return Aggregate.merged(parts)
+
     @classmethod
-    def of(cls, exchange: str, symbol: str, minute_ms: int, agg: Aggregate) -> MinuteRow:
-        return cls(exchange, symbol, minute_ms, agg.average, agg.low, agg.high, agg.count)
+    def of(
+        cls,
+        exchange: str,
+        symbol: str,
+        minute_ms: int,
+        agg: Aggregate,
+        covered_ms: int | None = None,
+        seconds: tuple[SecondState, ...] | None = None,
+    ) -> MinuteRow:
+        return cls(
+            exchange,
+            symbol,
+            minute_ms,
+            agg.average,
+            agg.low,
+            agg.high,
+            agg.count,
+            covered_ms,
+            seconds,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,3 +149,24 @@ class SecondBucket:
     high: float
     total: float
     count: int
+
+
+@dataclass(slots=True)
+class History:
+    """What the minute store holds for a query: the merged rows and how complete they were."""
+
+    aggregate: Aggregate | None
+    minutes: int = 0  # (exchange, minute) rows merged
+    incomplete_minutes: int = 0  # of those, rows not covered for the whole minute
+
+    def add_partial(self, rows: list[MinuteRow], from_second: int) -> None:
+        """Merge in the part of each row (a minute straddling a period's start) from
+        ``from_second`` on."""
+        parts = [self.aggregate] if self.aggregate is not None else []
+        for row in rows:
+            part = row.part_since(from_second)
+            if part is not None:
+                parts.append(part)
+                self.minutes += 1
+                self.incomplete_minutes += 0 if row.complete else 1
+        self.aggregate = Aggregate.merged(parts)

@@ -9,16 +9,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
-from marketflow.domain.aggregates import Aggregate, LatestPrice, MinuteRow, SecondBucket
+from marketflow.domain.aggregates import History, LatestPrice, Mark, MinuteRow, SecondBucket
 
 
 class MinuteStore(Protocol):
     """Durable per-minute aggregates, one row per (exchange, symbol, minute)."""
 
     kind: str  # "postgres" | "sqlite": shown in /health
+    identity: str  # which database exactly (no credentials): a spill file is for one only
 
-    async def upsert_minutes(self, rows: Sequence[MinuteRow]) -> None:
-        """Write rows in one batch; an existing (exchange, symbol, minute) is overwritten.
+    async def upsert_minutes(
+        self, rows: Sequence[MinuteRow], marks: Mapping[str, Mark] | None = None
+    ) -> None:
+        """Write rows and marks in one transaction. An existing (exchange, symbol, minute) is
+        overwritten only by a row with at least as many ticks: a stored row never shrinks.
 
         Raises StoreUnavailable when the store cannot be reached (the caller keeps the rows).
         """
@@ -26,14 +30,18 @@ class MinuteStore(Protocol):
 
     async def history(
         self, symbol: str, before: Mapping[str, int], since_ms: int | None = None
-    ) -> Aggregate | None:
-        """Merge of every row of ``symbol`` for each exchange in ``before`` whose minute starts
-        before that exchange's bound (Unix ms) and, when ``since_ms`` is given, ends after it
-        (minute start > since_ms - 60000). None when there is no such row."""
+    ) -> History:
+        """Merge of the rows of ``symbol`` for each exchange in ``before`` whose minute starts
+        before that exchange's bound (Unix ms) and, when ``since_ms`` is given, of the ticks
+        at or after it (a row that straddles it counts its seconds from it on)."""
         ...
 
     async def minutes_since(self, since_ms: int) -> list[MinuteRow]:
         """Rows whose minute starts at or after ``since_ms`` (used to resume after a restart)."""
+        ...
+
+    async def load_marks(self) -> dict[str, Mark]:
+        """The marks written with the rows, per source."""
         ...
 
     async def ping(self) -> bool: ...
@@ -46,14 +54,24 @@ class PriceCache(Protocol):
 
     kind: str  # "redis" | "memory": shown in /health
 
-    async def write(self, latest: Sequence[LatestPrice], seconds: Sequence[SecondBucket]) -> None:
-        """Write in one round trip: latest price per key (newest timestamp wins) and seconds
-        (overwritten whole). Seconds expire after the retention. Raises CacheUnavailable."""
+    async def write(
+        self,
+        latest: Sequence[LatestPrice],
+        seconds: Sequence[SecondBucket],
+        marks: Mapping[str, Mark] | None = None,
+    ) -> bool:
+        """Write in one transaction: latest price per key (newest timestamp wins), seconds
+        (overwritten whole) and marks. Seconds expire after the retention. Returns True when
+        the cache shows it lost earlier writes (restarted empty): the caller refills it.
+        Raises CacheUnavailable."""
         ...
 
     async def load(self, since_second: int) -> tuple[list[LatestPrice], list[SecondBucket]]:
-        """Everything cached: latest prices and seconds at or after ``since_second``."""
+        """Everything cached: latest prices and the seconds of every minute starting at or
+        after ``since_second`` (whole minutes: pass a minute start)."""
         ...
+
+    async def load_marks(self) -> dict[str, Mark]: ...
 
     async def ping(self) -> bool: ...
 

@@ -45,6 +45,9 @@ class TickBatch:
     received_ms: int
     count: int
     books: list[BookUpdate] = field(default_factory=list)  # top-of-book changes (FIX venues)
+    # The source's resume position once this batch is applied (FIX: the next expected inbound
+    # MsgSeqNum); made durable with the ticks so a restart asks for exactly what was not.
+    mark: int | None = None
 
     def ticks(self) -> list[Tick]:
         return [(sym, p, ts) for sym, points in self.by_symbol.items() for p, ts in points]

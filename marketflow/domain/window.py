@@ -2,6 +2,12 @@
 
 Per-second buckets keep every period query exact (min, max and sum/count merge exactly) while
 memory and cache writes grow with pairs x exchanges x seconds, not with the tick rate.
+
+After a restart a window is rebuilt from two copies of the same seconds: the cache (written
+every flush) and the minute rows (each carrying the seconds it was computed from). A second
+only ever gains ticks, so of two versions of one second the one with more ticks is the newer:
+merging second by second that way never counts a tick twice and never loses one that either
+copy had. A stored row therefore never shrinks when it is rewritten.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ class PairWindow:
     A minute is emitted once closed (``grace_ms`` after its end by the later of the wall clock
     and the newest exchange timestamp), and again whenever a late tick changes it: rows are
     upserts, so a re-emit rewrites, never doubles. Ticks older than the retained seconds (the
-    retention counts back from the pair's newest tick) are counted as ``late`` and dropped.
+    retention counts back from the pair's newest second) are counted as ``late`` and dropped.
     """
 
     __slots__ = (
@@ -33,23 +39,26 @@ class PairWindow:
         "latest_price",
         "latest_received_ms",
         "latest_ts",
+        "newest_second",
         "pending_minutes",
         "seconds",
         "symbol",
     )
 
-    def __init__(self, exchange: str, symbol: str) -> None:
+    def __init__(self, exchange: str, symbol: str, floor_second: int = 0) -> None:
         self.exchange = exchange
         self.symbol = symbol
         self.seconds: dict[int, Bucket] = {}
-        self.bases: dict[int, Aggregate] = {}  # minute_ms -> part persisted by an earlier run
+        # minute_ms -> a stored row without per-second parts (written by an older version)
+        self.bases: dict[int, Aggregate] = {}
         self.dirty_seconds: set[int] = set()
         self.pending_minutes: set[int] = set()  # minute_ms changed since last emitted
-        self.floor_second = 0
+        self.floor_second = floor_second
         self.late = 0
         self.latest_price = 0.0
         self.latest_ts = -1
         self.latest_received_ms = 0
+        self.newest_second = -1  # newest second held, seeded ones included
 
     def add(self, points: Iterable[PricePoint], received_ms: int) -> None:
         """Fold ticks of this pair into their seconds (the per-tick hot path)."""
@@ -86,6 +95,8 @@ class PairWindow:
             self.latest_ts = latest_ts
             self.latest_price = latest_price
             self.latest_received_ms = received_ms
+            if latest_ts // 1000 > self.newest_second:
+                self.newest_second = latest_ts // 1000
 
     def latest(self) -> LatestPrice | None:
         if self.latest_ts < 0:
@@ -94,25 +105,58 @@ class PairWindow:
             self.exchange, self.symbol, self.latest_price, self.latest_ts, self.latest_received_ms
         )
 
-    def seed_second(self, second: int, low: float, high: float, total: float, count: int) -> None:
-        """Restore a second written to the cache by an earlier run (merged with any new ticks)."""
-        if second < self.floor_second:
-            return
+    # -- restoring after a restart -----------------------------------------------------------
+
+    def seed_second(self, second: int, low: float, high: float, total: float, count: int) -> bool:
+        """Restore one version of a second written by an earlier run; the fuller version wins.
+
+        Returns True when this version replaced what the window held (it had more ticks).
+        """
+        if second < self.floor_second or count <= 0:
+            return False
+        minute_ms = second // 60 * 60_000
+        if minute_ms in self.bases:
+            return False  # that minute is restored whole from an older-format row
         b = self.seconds.get(second)
-        if b is None:
-            self.seconds[second] = [low, high, total, count]
-        else:
-            b[0] = min(b[0], low)
-            b[1] = max(b[1], high)
-            b[2] += total
-            b[3] += count
+        if b is not None and b[3] >= count:
+            return False
+        self.seconds[second] = [low, high, total, count]
+        if second > self.newest_second:
+            self.newest_second = second
+        return True
+
+    def seed_row(self, row: MinuteRow) -> bool:
+        """Restore a stored minute. Returns True when the window now holds more than the row
+        (cached seconds it lacked), so the row must be written again."""
+        start = row.minute_ms // 1000
+        if start < self.floor_second:
+            return False
+        if row.seconds is not None:
+            for s, low, high, total, n in row.seconds:
+                self.seed_second(s, low, high, total, n)
+            held = self.minute_aggregate(row.minute_ms)
+            return held is not None and held.count > row.count
+        # An older-format row cannot be split by second: keep it whole unless the cached
+        # seconds of that minute already hold at least as many ticks (then they are newer).
+        cached = [b for s, b in self.seconds.items() if start <= s < start + 60]
+        if sum(int(b[3]) for b in cached) >= row.count:
+            return True
+        for s in [s for s in self.seconds if start <= s < start + 60]:
+            del self.seconds[s]
+        self.bases[row.minute_ms] = row.aggregate()
+        if start + 59 > self.newest_second:
+            self.newest_second = start + 59
+        return False
 
     def seed_minute(self, row: MinuteRow) -> None:
-        """Restore a persisted minute no cached second covers, so a re-emit keeps its ticks."""
-        start = row.minute_ms // 1000
-        if any(start <= s < start + 60 for s in self.seconds):
-            return
-        self.bases[row.minute_ms] = row.aggregate()
+        """Restore a stored minute (see ``seed_row``)."""
+        self.seed_row(row)
+
+    def mark_pending(self, minute_ms: int) -> None:
+        """Emit this minute again at the next close (it holds more than its stored row)."""
+        self.pending_minutes.add(minute_ms)
+
+    # -- flushing ---------------------------------------------------------------------------
 
     def take_dirty_seconds(self) -> list[SecondBucket]:
         """Seconds changed since the last call; their minutes become pending."""
@@ -133,15 +177,34 @@ class PairWindow:
             for s, b in self.seconds.items()
         ]
 
-    def minute_aggregate(self, minute_ms: int) -> Aggregate | None:
+    def minute_seconds(self, minute_ms: int) -> list[tuple[int, Bucket]]:
         start = minute_ms // 1000
-        parts = [_agg(s, b) for s, b in self.seconds.items() if start <= s < start + 60]
+        return sorted((s, b) for s, b in self.seconds.items() if start <= s < start + 60)
+
+    def minute_aggregate(self, minute_ms: int) -> Aggregate | None:
+        parts = [_agg(s, b) for s, b in self.minute_seconds(minute_ms)]
         base = self.bases.get(minute_ms)
         if base is not None:
             parts.append(base)
         return Aggregate.merged(parts)
 
-    def closed_minutes(self, clock_ms: int, grace_ms: int) -> list[MinuteRow]:
+    def minute_row(self, minute_ms: int, covered_ms: int | None) -> MinuteRow | None:
+        secs = self.minute_seconds(minute_ms)
+        parts = [_agg(s, b) for s, b in secs]
+        base = self.bases.get(minute_ms)
+        if base is not None:
+            parts.append(base)
+        agg = Aggregate.merged(parts)
+        if agg is None:
+            return None
+        states = None
+        if base is None:
+            states = tuple((s, b[0], b[1], b[2], int(b[3])) for s, b in secs)
+        return MinuteRow.of(self.exchange, self.symbol, minute_ms, agg, covered_ms, states)
+
+    def closed_minutes(
+        self, clock_ms: int, grace_ms: int, covered: dict[int, int] | None = None
+    ) -> list[MinuteRow]:
         """Pending minutes that have closed by ``clock_ms``; they stop being pending."""
         clock = max(clock_ms, self.latest_ts)
         rows = []
@@ -149,18 +212,18 @@ class PairWindow:
             if minute + 60_000 + grace_ms > clock:
                 continue
             self.pending_minutes.discard(minute)
-            agg = self.minute_aggregate(minute)
-            if agg is not None:
-                rows.append(MinuteRow.of(self.exchange, self.symbol, minute, agg))
+            row = self.minute_row(minute, _covered(covered, minute))
+            if row is not None:
+                rows.append(row)
         return rows
 
-    def open_minutes(self) -> list[MinuteRow]:
+    def open_minutes(self, covered: dict[int, int] | None = None) -> list[MinuteRow]:
         """Every pending minute, closed or not (the partial minute at shutdown)."""
         rows = []
         for minute in sorted(self.pending_minutes):
-            agg = self.minute_aggregate(minute)
-            if agg is not None:
-                rows.append(MinuteRow.of(self.exchange, self.symbol, minute, agg))
+            row = self.minute_row(minute, _covered(covered, minute))
+            if row is not None:
+                rows.append(row)
         self.pending_minutes.clear()
         return rows
 
@@ -170,9 +233,9 @@ class PairWindow:
         The retention runs on the pair's own (exchange) time, not the wall clock: a replay of
         a capture hours old keeps its window, and a feed that stops keeps its last minutes.
         """
-        if self.latest_ts < 0:
+        if self.newest_second < 0:
             return
-        floor = (self.latest_ts // 1000 - retention_s) // 60 * 60
+        floor = (self.newest_second - retention_s) // 60 * 60
         if any(m // 1000 < floor for m in self.pending_minutes):
             floor = min(floor, min(self.pending_minutes) // 1000)
         if floor <= self.floor_second:
@@ -183,20 +246,46 @@ class PairWindow:
         for m in [m for m in self.bases if m // 1000 < floor]:
             del self.bases[m]
 
+    # -- queries ----------------------------------------------------------------------------
+
     def oldest_minute_ms(self) -> int | None:
-        """Start of the oldest minute held here: history before it comes from storage."""
+        """Start of the oldest minute held here: history before it comes from storage.
+
+        The window holds every minute from its floor on (older ones are late), so the floor
+        is the bound once anything was evicted or restored; before that, the oldest second.
+        """
         starts = [s // 60 * 60_000 for s in self.seconds]
         starts.extend(self.bases)
-        return min(starts) if starts else None
+        if not starts:
+            return None
+        return min(min(starts), self.floor_second * 1000) if self.floor_second else min(starts)
 
     def period(self, from_second: int, to_second: int) -> Aggregate | None:
+        """Seconds ``from_second`` .. ``to_second`` inclusive; an older-format stored minute
+        counts when it lies wholly inside."""
         parts = [_agg(s, b) for s, b in self.seconds.items() if from_second <= s <= to_second]
+        parts.extend(
+            base
+            for m, base in self.bases.items()
+            if m // 1000 >= from_second and m // 1000 + 59 <= to_second
+        )
         return Aggregate.merged(parts)
 
     def everything(self) -> Aggregate | None:
         parts = [_agg(s, b) for s, b in self.seconds.items()]
         parts.extend(self.bases.values())
         return Aggregate.merged(parts)
+
+    def minutes_held(self) -> set[int]:
+        minutes = {s // 60 * 60_000 for s in self.seconds}
+        minutes.update(self.bases)
+        return minutes
+
+
+def _covered(covered: dict[int, int] | None, minute_ms: int) -> int | None:
+    if covered is None:
+        return None
+    return min(60_000, covered.get(minute_ms, 0))
 
 
 def _agg(second: int, b: Bucket) -> Aggregate:

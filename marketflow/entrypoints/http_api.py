@@ -93,6 +93,8 @@ def _stat_handler(stat: Stat) -> Handler:
         }
         if stat == "average":
             body["count"] = ans.count
+        body["complete"] = ans.complete
+        body["incomplete_minutes"] = ans.incomplete_minutes
         if ans.partial:
             body["partial"] = True  # the minute store was down: memory only
         return json_response(body)

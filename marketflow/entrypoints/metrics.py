@@ -68,6 +68,17 @@ class DaemonCollector(Collector):
         yield CounterMetricFamily(
             "marketflow_late_ticks", "Ticks older than the window", value=doc["late_ticks"]
         )
+        pipe = doc["pipeline"]
+        yield GaugeMetricFamily(
+            "marketflow_queue_delay_seconds",
+            "Highest receipt-to-fold delay over the last flush interval",
+            value=pipe["queue_delay_ms"] / 1000,
+        )
+        yield GaugeMetricFamily(
+            "marketflow_loss_bound_seconds",
+            "A tick received longer ago than this is durable (queue delay + flush + write)",
+            value=pipe["loss_bound_ms"] / 1000,
+        )
         pg = doc["postgres"]
         yield GaugeMetricFamily(
             "marketflow_storage_up",

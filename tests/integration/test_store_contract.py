@@ -99,26 +99,79 @@ async def test_history_merges_rows_before_each_exchange_bound(store: Store) -> N
             row(M0, "exchange1", symbol="ETHUSDT", low=1.0, high=2.0, average=1.5, count=1),
         ]
     )
-    agg = await store.history("BTCUSDT", {"exchange1": M0 + 2 * MIN, "exchange2": M0 + MIN})
+    agg = (
+        await store.history("BTCUSDT", {"exchange1": M0 + 2 * MIN, "exchange2": M0 + MIN})
+    ).aggregate
     assert agg is not None
     assert (agg.low, agg.high, agg.count) == (90.0, 130.0, 8)
     assert agg.total == pytest.approx(105.0 * 2 + 95.0 * 2 + 125.0 * 4)
 
 
-async def test_history_since_keeps_only_minutes_ending_after_it(store: Store) -> None:
-    await store.upsert_minutes([row(M0 + i * MIN, average=100.0 + i, count=1) for i in range(4)])
-    # Minute M0+MIN ends at M0+2MIN > since: kept; minute M0 ends at M0+MIN: dropped.
-    agg = await store.history("BTCUSDT", {"exchange1": M0 + 3 * MIN}, since_ms=M0 + MIN + 1)
+async def test_history_since_counts_the_straddling_minute_from_its_second_on(
+    store: Store,
+) -> None:
+    s1 = (M0 + MIN) // 1000
+    straddling = MinuteRow(
+        "exchange1", "BTCUSDT", M0 + MIN, 101.0, 100.0, 102.0, 3, 60_000,
+        ((s1 + 5, 100.0, 100.0, 100.0, 1), (s1 + 30, 101.0, 102.0, 203.0, 2)),
+    )  # fmt: skip
+    await store.upsert_minutes(
+        [
+            row(M0, low=100.0, high=100.0, average=100.0, count=1),
+            straddling,
+            row(M0 + 2 * MIN, low=103.0, high=103.0, average=103.0, count=1),
+        ]
+    )
+    # From second 10 of minute M0+MIN: its seconds 30 (2 ticks) and minute M0+2MIN whole.
+    got = await store.history("BTCUSDT", {"exchange1": M0 + 3 * MIN}, since_ms=(s1 + 10) * 1000)
+    agg = got.aggregate
     assert agg is not None
-    assert agg.count == 2
-    assert agg.total == pytest.approx(101.0 + 102.0)
+    assert (agg.count, agg.low, agg.high) == (3, 101.0, 103.0)
+    assert agg.total == pytest.approx(203.0 + 103.0)
+    assert (agg.low_ms, agg.high_ms) == ((s1 + 30) * 1000, M0 + 2 * MIN)
+    assert (got.minutes, got.incomplete_minutes) == (2, 1)  # the legacy row has no coverage
+    # A minute-aligned start takes whole minutes only.
+    whole = await store.history("BTCUSDT", {"exchange1": M0 + 3 * MIN}, since_ms=M0 + MIN)
+    assert whole.aggregate is not None
+    assert whole.aggregate.count == 4
+
+
+async def test_history_timestamps_of_high_and_low_are_their_minutes(store: Store) -> None:
+    await store.upsert_minutes(
+        [row(M0, low=5.0, high=6.0, average=5.5), row(M0 + MIN, low=7.0, high=9.0, average=8.0)]
+    )
+    agg = (await store.history("BTCUSDT", {"exchange1": M0 + 3 * MIN})).aggregate
+    assert agg is not None
+    assert (agg.low_ms, agg.high_ms) == (M0, M0 + MIN)
+
+
+async def test_a_stored_row_never_shrinks(store: Store) -> None:
+    await store.upsert_minutes([row(M0, count=40)])
+    await store.upsert_minutes([row(M0, count=21, average=1.0)])
+    (got,) = await store.minutes_since(0)
+    assert got.count == 40
+    await store.upsert_minutes([row(M0, count=41, average=2.0)])
+    (got,) = await store.minutes_since(0)
+    assert (got.count, got.average) == (41, 2.0)
+
+
+async def test_rows_keep_their_seconds_coverage_and_marks(store: Store) -> None:
+    s0 = M0 // 1000
+    r = MinuteRow(
+        "exchange1", "BTCUSDT", M0, 1.5, 1.0, 2.0, 3, 12_345,
+        ((s0, 1.0, 1.0, 1.0, 1), (s0 + 59, 1.0 / 3, 2.0, 3.5, 2)),
+    )  # fmt: skip
+    await store.upsert_minutes([r], {"fixvenue": (42, 1000)})
+    await store.upsert_minutes([], {"fixvenue": (41, 999)})  # an older mark (a late spill)
+    assert await store.minutes_since(0) == [r]
+    assert await store.load_marks() == {"fixvenue": (42, 1000)}
 
 
 async def test_history_without_rows_is_none(store: Store) -> None:
     await store.upsert_minutes([row(M0)])
-    assert await store.history("BTCUSDT", {"exchange1": M0}) is None
-    assert await store.history("DOGEUSDT", {"exchange1": M0 + MIN}) is None
-    assert await store.history("BTCUSDT", {}) is None
+    assert (await store.history("BTCUSDT", {"exchange1": M0})).aggregate is None
+    assert (await store.history("DOGEUSDT", {"exchange1": M0 + MIN})).aggregate is None
+    assert (await store.history("BTCUSDT", {})).aggregate is None
 
 
 async def test_nan_row_is_rejected_and_the_rest_of_the_batch_is_written(store: Store) -> None:
@@ -185,7 +238,7 @@ async def test_postgres_schema_is_versioned_and_reopening_migrates_nothing(pg_ds
         )
     finally:
         await conn.close()
-    assert [v[0] for v in versions] == [1, 2]
+    assert [v[0] for v in versions] == [1, 2, 3]
     assert ts_type == "timestamp with time zone"
 
 
@@ -214,3 +267,51 @@ async def test_sqlite_unwritable_path_raises_store_unavailable(tmp_path: Path) -
     blocker.write_text("not a directory")
     with pytest.raises(StoreUnavailable):
         await open_sqlite(blocker / "marketflow.sqlite3")
+
+
+async def test_postgres_table_of_the_previous_version_upgrades_in_place(pg_dsn: str) -> None:
+    from marketflow.adapters.postgres import MIGRATIONS
+
+    conn = await asyncpg.connect(pg_dsn)
+    try:  # the schema as versions 1-2 left it, with a row in it
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for version, sql in MIGRATIONS[:2]:
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+        await conn.execute(
+            "INSERT INTO minute_prices VALUES ('BTCUSDT', 'exchange1', to_timestamp($1 / 1000.0),"
+            " 105.0, 100.0, 110.0, 4)",
+            M0,
+        )
+    finally:
+        await conn.close()
+    async with await open_postgres(PostgresSettings(dsn=pg_dsn)) as store:
+        assert await store.minutes_since(0) == [row()]  # covered_ms and seconds: None
+        await store.upsert_minutes([row(count=3)])  # fewer ticks: the old row stays
+        assert await store.minutes_since(0) == [row()]
+
+
+async def test_sqlite_file_of_the_previous_version_upgrades_in_place(tmp_path: Path) -> None:
+    import sqlite3
+
+    from marketflow.adapters.sqlite_store import MIGRATIONS
+
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+        " applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+    )
+    for version, sql in MIGRATIONS[:2]:
+        conn.execute(sql)
+        conn.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
+    conn.execute(
+        "INSERT INTO minute_prices VALUES ('BTCUSDT', 'exchange1', ?, 105.0, 100.0, 110.0, 4)",
+        (M0,),
+    )
+    conn.close()
+    async with await open_sqlite(path) as store:
+        assert await store.minutes_since(0) == [row()]

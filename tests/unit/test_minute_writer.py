@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from marketflow.app.minute_writer import MinuteWriter
-from marketflow.domain.aggregates import Aggregate, MinuteRow
+from marketflow.domain.aggregates import History, Mark, MinuteRow
 from marketflow.domain.errors import StoreUnavailable
 
 M0 = 1_700_000_040_000
@@ -28,7 +28,11 @@ class FakeStore:
         self.batches: list[list[MinuteRow]] = []
         self.failures = 0
 
-    async def upsert_minutes(self, rows: Sequence[MinuteRow]) -> None:
+    identity = "fake"
+
+    async def upsert_minutes(
+        self, rows: Sequence[MinuteRow], marks: Mapping[str, Mark] | None = None
+    ) -> None:
         await asyncio.sleep(0)  # a real store yields; so must the fake
         if self.down:
             self.failures += 1
@@ -39,8 +43,11 @@ class FakeStore:
 
     async def history(
         self, symbol: str, before: Mapping[str, int], since_ms: int | None = None
-    ) -> Aggregate | None:
-        return None
+    ) -> History:
+        return History(None)
+
+    async def load_marks(self) -> dict[str, Mark]:
+        return {}
 
     async def minutes_since(self, since_ms: int) -> list[MinuteRow]:
         return [r for r in self.rows.values() if r.minute_ms >= since_ms]
@@ -312,12 +319,12 @@ async def test_unexpected_store_error_keeps_rows_and_retries(store: FakeStore, s
     calls = 0
     real = store.upsert_minutes
 
-    async def flaky(rows: Sequence[MinuteRow]) -> None:
+    async def flaky(rows: Sequence[MinuteRow], marks: Mapping[str, Mark] | None = None) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("bug")
-        await real(rows)
+        await real(rows, marks)
 
     store.upsert_minutes = flaky  # type: ignore[method-assign]
     w = make_writer(store, spill)

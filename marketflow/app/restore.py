@@ -1,0 +1,104 @@
+"""Restart: rebuild the aggregator's windows from what an earlier run made durable.
+
+Two copies survive a crash: the cache's seconds (written every flush) and the store's minute
+rows (each with the seconds it was computed from). Both are read for whole minutes from the
+start of the retention (a minute is never half-loaded), merged second by second (the fuller
+version of a second wins), and every minute the merge holds more of than its stored row is
+marked to be written again, so rows lost in a crash (the minute that closed just before it,
+rows that sat in memory while the store was down) are written after it. Nothing older than
+the restored range is accepted afterwards (it is counted late): such a tick could otherwise
+overwrite a full stored row with a one-tick one.
+
+Each source resumes from the newest durable mark (by the time of the flush that wrote it):
+the cache's and the store's are both candidates, and neither can point past the state it
+was written with.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from marketflow.domain.aggregates import Mark, MinuteRow, SecondBucket
+from marketflow.domain.errors import CacheUnavailable, StoreUnavailable
+from marketflow.domain.ports import MinuteStore, PriceCache
+
+if TYPE_CHECKING:
+    from marketflow.app.aggregator import Aggregator
+
+log = logging.getLogger("marketflow.restore")
+
+
+async def restore(
+    agg: Aggregator,
+    cache: PriceCache,
+    store: MinuteStore,
+    retention_s: int,
+    clock: Callable[[], int],
+) -> None:
+    now_s = clock() // 1000
+    since_s = (now_s - retention_s) // 60 * 60  # whole minutes only
+    agg.floor_second = since_s
+    try:
+        latest, seconds = await cache.load(since_s)
+        cache_marks = await cache.load_marks()
+    except CacheUnavailable as exc:
+        log.warning("restore_cache_unavailable error=%s", exc)
+        latest, seconds, cache_marks = [], [], {}
+    rows: list[MinuteRow] = []
+    store_marks: dict[str, Mark] = {}
+    try:
+        rows = await store.minutes_since(since_s * 1000)
+        store_marks = await store.load_marks()
+    except StoreUnavailable as exc:
+        log.warning("restore_store_unavailable error=%s", exc)
+    rewrite = _seed(agg, seconds, rows)
+    for lp in latest:
+        w = agg.window_for(lp.exchange, lp.symbol)
+        if lp.timestamp_ms > w.latest_ts:
+            w.latest_ts = lp.timestamp_ms
+            w.latest_price = lp.price
+            w.latest_received_ms = lp.received_ms
+            w.newest_second = max(w.newest_second, lp.timestamp_ms // 1000)
+    for w in agg.all_windows():
+        w.evict(retention_s)
+    for source in {*cache_marks, *store_marks}:
+        candidates = [m for m in (cache_marks.get(source), store_marks.get(source)) if m]
+        agg.restore_position(source, max(candidates, key=lambda m: m[1]))
+    log.info(
+        "restored since_s=%d seconds=%d minute_rows=%d rewrite_minutes=%d latest=%d marks=%s",
+        since_s,
+        len(seconds),
+        len(rows),
+        rewrite,
+        len(latest),
+        {k: v[0] for k, v in agg.marks.items()},
+    )
+
+
+def _seed(agg: Aggregator, seconds: list[SecondBucket], rows: list[MinuteRow]) -> int:
+    """Merge cached seconds and stored rows into the windows; mark for rewriting every
+    minute the merge holds more of than its row. Returns how many."""
+    touched: set[tuple[str, str, int]] = set()
+    for s in seconds:
+        w = agg.window_for(s.exchange, s.symbol)
+        if w.seed_second(s.second, s.low, s.high, s.total, s.count):
+            touched.add((s.exchange, s.symbol, s.second // 60 * 60_000))
+    stored = {r.key: r for r in rows}
+    for row in rows:
+        if row.covered_ms:
+            minutes = agg.coverage.setdefault(row.exchange, {})
+            minutes[row.minute_ms] = max(minutes.get(row.minute_ms, 0), row.covered_ms)
+        if agg.window_for(row.exchange, row.symbol).seed_row(row):
+            touched.add(row.key)
+    rewrite = 0
+    for key in touched:
+        exchange, symbol, minute = key
+        w = agg.window_for(exchange, symbol)
+        held = w.minute_aggregate(minute)
+        was = stored.get(key)
+        if held is not None and (was is None or held.count > was.count):
+            w.mark_pending(minute)
+            rewrite += 1
+    return rewrite
