@@ -14,6 +14,7 @@ Invariants after every step:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 from collections import Counter
@@ -124,10 +125,8 @@ class ExactnessMachine(RuleBasedStateMachine):
         self._run(self._writer_flush())
 
     async def _writer_flush(self) -> None:
-        try:
+        with contextlib.suppress(StoreUnavailable, TimeoutError):
             await asyncio.wait_for(self.writer.flush(), 1.0)
-        except (StoreUnavailable, TimeoutError):
-            pass
 
     @rule(down=st.booleans())
     def store_switch(self, down: bool) -> None:
