@@ -119,7 +119,8 @@ def get_at_second(d: Daemon, path: str, start_s: int) -> tuple[int, Any]:
     """``path?period=`` whose window starts exactly at second ``start_s`` (same host clock)."""
     for _ in range(10):
         before = time.time()
-        status, body = d.get(f"{path}?period={int(before) - start_s}s")
+        # A period of N s covers the current second and the N - 1 before it.
+        status, body = d.get(f"{path}?period={int(before) - start_s + 1}s")
         if int(time.time()) == int(before):  # the daemon read the clock in the same second
             return status, body
     raise AssertionError("the clock kept crossing second boundaries")
