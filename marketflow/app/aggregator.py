@@ -117,11 +117,16 @@ class Aggregator:
         queue = self._fanin
         while True:
             batch = await queue.get()
-            self.fold(batch)
-            queue.task_done()
-            while not queue.empty():
-                self.fold(queue.get_nowait())
+            try:  # a batch that fails is still done: stop() joins on this queue
+                self.fold(batch)
+            finally:
                 queue.task_done()
+            while not queue.empty():
+                batch = queue.get_nowait()
+                try:
+                    self.fold(batch)
+                finally:
+                    queue.task_done()
 
     def drain(self) -> int:
         """Fold what is queued without waiting (the consumer task is gone); returns batches."""
