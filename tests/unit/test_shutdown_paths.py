@@ -63,11 +63,11 @@ async def test_a_chunk_held_while_the_source_queue_is_full_is_parsed_at_stop() -
 
 def _settings(tmp_path: Path, **pg: object) -> Settings:
     return Settings(
-        http={"host": "127.0.0.1", "port": 0},  # type: ignore[arg-type]
-        postgres={"dsn": "postgresql://nobody@127.0.0.1:1/none", "connect_timeout_s": 0.2, **pg},  # type: ignore[arg-type]
-        redis={"url": ""},  # type: ignore[arg-type]
-        embedded={"data_dir": str(tmp_path)},  # type: ignore[arg-type]
-        capture={"enabled": False},  # type: ignore[arg-type]
+        http={"host": "127.0.0.1", "port": 0},
+        postgres={"dsn": "postgresql://nobody@127.0.0.1:1/none", "connect_timeout_s": 0.2, **pg},
+        redis={"url": ""},
+        embedded={"data_dir": str(tmp_path)},
+        capture={"enabled": False},
         exchanges=(),
     )
 
