@@ -222,13 +222,12 @@ class Aggregator:
             covered = self.coverage.get(w.exchange, {})
             rows.extend(w.open_minutes(covered) if final else w.closed_minutes(now, grace, covered))
             w.evict(self._pipeline.window_retention_s)
-        for source, pos in self._positions.items():
-            self.marks[source] = (pos, now)
+        changed = {source: (pos, now) for source, pos in self._positions.items()}
+        self.marks.update(changed)
         self._positions.clear()
-        marks = dict(self.marks)
         if rows or final:
-            self._rows.submit(rows, marks)
-        await self._write_cache(latest, seconds, marks, now, force=final)
+            self._rows.submit(rows, dict(self.marks))
+        await self._write_cache(latest, seconds, changed, now, force=final)
         self._evict_coverage()
         self.queue_delay_peak_ms, self._delay_peak_ms = self._delay_peak_ms, 0
         self.flush_duration_ms = self._clock() - now
@@ -249,6 +248,7 @@ class Aggregator:
             # Back after an outage, or the cache lost its data: refill everything we hold.
             latest = [lp for w in self.all_windows() if (lp := w.latest()) is not None]
             seconds = [b for w in self.all_windows() for b in w.all_seconds()]
+            marks = dict(self.marks)
         if not latest and not seconds and not marks:
             return
         try:
