@@ -32,6 +32,7 @@ from marketflow.adapters.fix.capture_listener import CaptureListener
 from marketflow.adapters.memory_cache import MemoryPriceCache
 from marketflow.adapters.postgres import open_postgres
 from marketflow.adapters.redis_cache import open_redis
+from marketflow.adapters.spill_file import JsonlSpillFile
 from marketflow.adapters.sqlite_store import open_sqlite
 from marketflow.app.aggregator import Aggregator
 from marketflow.app.capture import CaptureService
@@ -187,14 +188,14 @@ class Daemon:
         spill_dir = s.embedded.data_dir / "spill"
         self.writer = MinuteWriter(
             self.store,
-            spill_dir / f"minutes-{self.store.identity}.jsonl",
+            JsonlSpillFile(spill_dir / f"minutes-{self.store.identity}.jsonl"),
             s.pipeline.spill_max_rows_in_memory,
             wall_clock_ms,
         )
         if not store_embedded and self.store.kind == "postgres":
             # Spills of versions that did not name their store were meant for PostgreSQL.
             await asyncio.to_thread(
-                adopt_spill, spill_dir / "minutes.jsonl", self.writer.spill_path
+                adopt_spill, spill_dir / "minutes.jsonl", self.writer.spill.path
             )
         await self.writer.start()
         self.modes = ModeController(

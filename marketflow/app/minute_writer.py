@@ -22,17 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
-
-import orjson
 
 from marketflow.domain.aggregates import Mark, MinuteRow
 from marketflow.domain.errors import StoreUnavailable
-from marketflow.domain.ports import MinuteStore
+from marketflow.domain.ports import MinuteStore, RowSpill
 
 log = logging.getLogger("marketflow.minute_writer")
 
@@ -48,7 +44,7 @@ class MinuteWriter:
     def __init__(
         self,
         store: MinuteStore,
-        spill_path: Path,
+        spill: RowSpill,
         max_in_memory: int,
         clock: Clock,
         *,
@@ -58,7 +54,7 @@ class MinuteWriter:
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
-        self.spill_path = spill_path
+        self.spill = spill
         self._spill_after_ms = int(spill_after_s * 1000)
         self._marks: dict[str, Mark] = {}
         self._max = max(1, max_in_memory)
@@ -83,8 +79,6 @@ class MinuteWriter:
         self._wake = asyncio.Event()  # new rows
         self._nudge = asyncio.Event()  # cut a backoff short: flush, close, or memory full
         self._task: asyncio.Task[None] | None = None
-        self._running = False
-        self._exited = asyncio.Event()
         self._closed = False
         self._finished = False  # aclose() done: late rows go straight to the spill file
 
@@ -97,7 +91,7 @@ class MinuteWriter:
             return
         if self._finished:
             log.error("minute_rows_after_close rows=%d action=spill", len(rows))
-            _append_rows(self.spill_path, list(rows), dict(marks or {}))
+            self.spill.append(list(rows), dict(marks or {}))
             self._spill_exists = True
             self._spilled += len(rows)
             return
@@ -127,8 +121,8 @@ class MinuteWriter:
             return
         if self._finished:
             raise StoreUnavailable(f"minute writer closed; {self._spilled} rows in spill file")
-        if self._task is None and not self._running:
-            raise RuntimeError("MinuteWriter.flush() needs run() or start() first")
+        if self._task is None:
+            raise RuntimeError("MinuteWriter.flush() needs start() first")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((target, fut))
         self._flush_requested = True
@@ -144,7 +138,7 @@ class MinuteWriter:
         return {
             "state": self._state,
             "kind": self.store.kind,
-            "spill_path": str(self.spill_path),
+            "spill_path": str(self.spill.path),
             "pending_rows": len(self._pending),
             "spilled_rows": self._spilled,
             "written_rows": self._written,
@@ -162,45 +156,35 @@ class MinuteWriter:
         """
         if self._task is not None:
             return
-        if await asyncio.to_thread(self.spill_path.exists):
+        if await asyncio.to_thread(self.spill.exists):
             self._spill_exists = True
-            self._spilled = await asyncio.to_thread(_count_lines, self.spill_path)
-            log.warning("minute_spill_found path=%s rows=%d", self.spill_path, self._spilled)
+            self._spilled = await asyncio.to_thread(self.spill.count)
+            log.warning("minute_spill_found path=%s rows=%d", self.spill.path, self._spilled)
             await self._attempt()
-        self._task = asyncio.create_task(self.run(), name="minute-writer")
+        self._task = asyncio.create_task(self._run(), name="minute-writer")
 
-    async def run(self) -> None:
+    async def _run(self) -> None:
         """Write pending rows until ``aclose()``; retry with backoff while the store is down."""
-        if self._running:
-            raise RuntimeError("MinuteWriter.run() is already running")
-        self._running = True
-        self._exited.clear()
-        try:
-            while not self._closed:
-                if not (
-                    self._pending or self._marks or self._spill_exists or self._flush_requested
-                ):
-                    self._wake.clear()
-                    await self._wake.wait()
-                    continue
-                if await self._attempt():
-                    continue
-                delay = min(self._retry_max, self._retry_initial * 2 ** (self._failures - 1))
-                delay = delay / 2 + self._rng.uniform(0, delay / 2)  # jitter: no herd
-                log.warning(
-                    "minute_store_down kind=%s attempt=%d pending=%d spilled=%d "
-                    "retry_in_s=%.2f error=%s",
-                    self.store.kind,
-                    self._failures,
-                    len(self._pending),
-                    self._spilled,
-                    delay,
-                    self._last_error,
-                )
-                await self._backoff(delay)
-        finally:
-            self._running = False
-            self._exited.set()
+        while not self._closed:
+            if not (self._pending or self._marks or self._spill_exists or self._flush_requested):
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if await self._attempt():
+                continue
+            delay = min(self._retry_max, self._retry_initial * 2 ** (self._failures - 1))
+            delay = delay / 2 + self._rng.uniform(0, delay / 2)  # jitter: no herd
+            log.warning(
+                "minute_store_down kind=%s attempt=%d pending=%d spilled=%d "
+                "retry_in_s=%.2f error=%s",
+                self.store.kind,
+                self._failures,
+                len(self._pending),
+                self._spilled,
+                delay,
+                self._last_error,
+            )
+            await self._backoff(delay)
 
     async def aclose(self) -> None:
         """Stop the task, make a last write attempt, spill what is left; safe to call twice."""
@@ -209,8 +193,6 @@ class MinuteWriter:
         self._closed = True
         self._nudge.set()
         self._wake.set()
-        if self._running:
-            await self._exited.wait()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
         if (
@@ -268,15 +250,13 @@ class MinuteWriter:
         """Write the spill file in order, in chunks of ``max_in_memory`` rows, then delete it."""
         offset = 0
         while True:
-            rows, marks, offset = await asyncio.to_thread(
-                _read_chunk, self.spill_path, offset, self._max
-            )
+            rows, marks, offset = await asyncio.to_thread(self.spill.read_chunk, offset, self._max)
             if not rows and not marks:
                 break
             await self.store.upsert_minutes(rows, marks)
             self._written += len(rows)
-        await asyncio.to_thread(_unlink, self.spill_path)
-        log.info("minute_spill_written path=%s rows=%d", self.spill_path, self._spilled)
+        await asyncio.to_thread(self.spill.remove)
+        log.info("minute_spill_written path=%s rows=%d", self.spill.path, self._spilled)
         self._spill_exists = False
         self._spilled = 0
 
@@ -288,11 +268,11 @@ class MinuteWriter:
             return
         self._spill_exists = True  # set first: a cancelled append may still land in the file
         try:
-            await asyncio.to_thread(_append_rows, self.spill_path, rows, marks)
+            await asyncio.to_thread(self.spill.append, rows, marks)
         except OSError as exc:
             # Rows stay in memory; the OS error says it all, a traceback would not help.
             log.error(  # noqa: TRY400
-                "minute_spill_failed path=%s rows=%d error=%s", self.spill_path, len(rows), exc
+                "minute_spill_failed path=%s rows=%d error=%s", self.spill.path, len(rows), exc
             )
             return
         for row in rows:
@@ -305,7 +285,7 @@ class MinuteWriter:
         self._spilled += len(rows)
         log.warning(
             "minute_rows_spilled path=%s rows=%d total_spilled=%d",
-            self.spill_path,
+            self.spill.path,
             len(rows),
             self._spilled,
         )
@@ -357,107 +337,3 @@ class MinuteWriter:
         for _, fut in self._waiters:
             if not fut.done():
                 fut.set_exception(exc)
-
-
-# -- spill file (runs in worker threads) ----------------------------------------------------
-
-
-def _encode(row: MinuteRow) -> bytes:
-    return orjson.dumps(
-        {
-            "exchange": row.exchange,
-            "symbol": row.symbol,
-            "minute_ms": row.minute_ms,
-            "average": row.average,
-            "low": row.low,
-            "high": row.high,
-            "count": row.count,
-            "covered_ms": row.covered_ms,
-            "seconds": row.seconds,
-        }
-    )
-
-
-def _decode(line: bytes) -> MinuteRow | dict[str, Mark]:
-    d = orjson.loads(line)
-    if "marks" in d:
-        return {str(k): (int(v[0]), int(v[1])) for k, v in d["marks"].items()}
-    minute_ms = int(d["minute_ms"])
-    seconds = d.get("seconds")
-    covered = d.get("covered_ms")
-    return MinuteRow(
-        str(d["exchange"]),
-        str(d["symbol"]),
-        minute_ms,
-        float(d["average"]),
-        float(d["low"]),
-        float(d["high"]),
-        int(d["count"]),
-        None if covered is None else int(covered),
-        None
-        if seconds is None
-        else tuple((int(x[0]), float(x[1]), float(x[2]), float(x[3]), int(x[4])) for x in seconds),
-    )
-
-
-def _append_rows(path: Path, rows: list[MinuteRow], marks: dict[str, Mark]) -> None:
-    """Append rows (then the marks they reflect) as JSON lines and fsync, so they survive a
-    crash right after."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    created = not path.exists()
-    lines = [_encode(r) + b"\n" for r in rows]
-    if marks:
-        lines.append(orjson.dumps({"marks": {k: list(v) for k, v in marks.items()}}) + b"\n")
-    with path.open("ab") as f:
-        f.write(b"".join(lines))
-        f.flush()
-        os.fsync(f.fileno())
-    if created:  # the new directory entry must be durable too
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _read_chunk(
-    path: Path, offset: int, limit: int
-) -> tuple[list[MinuteRow], dict[str, Mark], int]:
-    """Up to ``limit`` rows (and the marks among them) from byte ``offset``; unreadable
-    lines are logged and skipped."""
-    rows: list[MinuteRow] = []
-    marks: dict[str, Mark] = {}
-    try:
-        f = path.open("rb")
-    except FileNotFoundError:
-        return rows, marks, offset
-    with f:
-        f.seek(offset)
-        while len(rows) < limit:
-            line = f.readline()
-            if not line:
-                break
-            if not line.strip():
-                continue
-            try:
-                got = _decode(line)
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                # A torn last line (crash mid-append) or a hand-edited file: skip, say so.
-                log.error(  # noqa: TRY400
-                    "minute_spill_bad_line path=%s line=%r error=%s", path, line[:200], exc
-                )
-                continue
-            if isinstance(got, MinuteRow):
-                rows.append(got)
-            else:
-                marks.update(got)
-        return rows, marks, f.tell()
-
-
-def _count_lines(path: Path) -> int:
-    with path.open("rb") as f:
-        return sum(1 for line in f if line.strip() and not line.startswith(b'{"marks"'))
-
-
-def _unlink(path: Path) -> None:
-    path.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ unit tests drive the application through in-memory fakes of them.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Protocol
 
 from marketflow.domain.aggregates import History, LatestPrice, Mark, MinuteRow, SecondBucket
@@ -76,3 +77,24 @@ class PriceCache(Protocol):
     async def ping(self) -> bool: ...
 
     async def aclose(self) -> None: ...
+
+
+class RowSpill(Protocol):
+    """Where minute rows wait on local disk while the store is down (blocking calls: the
+    writer runs them in a worker thread)."""
+
+    path: Path
+
+    def exists(self) -> bool: ...
+
+    def count(self) -> int: ...
+
+    def append(self, rows: list[MinuteRow], marks: dict[str, Mark]) -> None:
+        """Append durably (fsync) before returning."""
+        ...
+
+    def read_chunk(
+        self, offset: int, limit: int
+    ) -> tuple[list[MinuteRow], dict[str, Mark], int]: ...
+
+    def remove(self) -> None: ...

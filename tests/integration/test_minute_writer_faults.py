@@ -12,6 +12,7 @@ import pytest
 
 from marketflow.adapters.postgres import open_postgres
 from marketflow.adapters.redis_cache import open_redis
+from marketflow.adapters.spill_file import JsonlSpillFile
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.domain.aggregates import LatestPrice, MinuteRow, SecondBucket
 from marketflow.domain.errors import CacheUnavailable, StoreUnavailable
@@ -35,7 +36,7 @@ def clock() -> int:
 def writer(store: MinuteStore, spill: Path, max_in_memory: int = 1000) -> MinuteWriter:
     return MinuteWriter(
         store,
-        spill,
+        JsonlSpillFile(spill),
         max_in_memory,
         clock,
         retry_initial_s=0.05,

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from marketflow.adapters.spill_file import JsonlSpillFile
 from marketflow.app.aggregator import Aggregator
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.domain.errors import StoreUnavailable
@@ -55,7 +56,11 @@ class ExactnessMachine(RuleBasedStateMachine):
 
     def _start(self) -> None:
         self.writer = MinuteWriter(
-            self.store, self.dir / "spill.jsonl", 3, self.clock, retry_initial_s=0.001
+            self.store,
+            JsonlSpillFile(self.dir / "spill.jsonl"),
+            3,
+            self.clock,
+            retry_initial_s=0.001,
         )
         self.agg = Aggregator(
             asyncio.Queue(), self.cache, self.writer, PIPE, self.clock,

@@ -10,6 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from marketflow.adapters.spill_file import JsonlSpillFile
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.domain.aggregates import History, Mark, MinuteRow
 from marketflow.domain.errors import StoreUnavailable
@@ -70,7 +71,7 @@ def clock() -> int:
 def make_writer(store: FakeStore, path: Path, max_in_memory: int = 1000) -> MinuteWriter:
     return MinuteWriter(
         store,
-        path,
+        JsonlSpillFile(path),
         max_in_memory,
         clock,
         retry_initial_s=0.01,
@@ -304,7 +305,9 @@ async def test_flush_with_nothing_submitted_returns_at_once(writer: MinuteWriter
 async def test_cancelled_run_keeps_rows_for_close_to_spill(store: FakeStore, spill: Path) -> None:
     w = make_writer(store, spill)
     store.down = True
-    task = asyncio.create_task(w.run())
+    await w.start()
+    task = w._task
+    assert task is not None
     w.submit([row(0)])
     await wait_until_down(w, store)
     task.cancel()
