@@ -11,6 +11,7 @@ close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -158,6 +159,9 @@ class Daemon:
         self.fanin: asyncio.Queue[TickBatch] = asyncio.Queue(p.fanin_queue_batches)
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
+        # What start() opened, closed in reverse order by stop(); one failing close does
+        # not skip the others, and stop() before (or without) start() closes nothing.
+        self._exit = contextlib.AsyncExitStack()
         self._sock: socket.socket | None = None
         self.store: MinuteStore
         self.cache: PriceCache
@@ -184,7 +188,9 @@ class Daemon:
         if self._serve_http:
             self._sock = reserve_port(s.http.host, s.http.port)
         self.store, store_embedded = await open_storage(s)
+        self._exit.push_async_callback(self.store.aclose)
         self.cache, cache_embedded = await open_cache(s)
+        self._exit.push_async_callback(self.cache.aclose)
         spill_dir = s.embedded.data_dir / "spill"
         self.writer = MinuteWriter(
             self.store,
@@ -198,6 +204,7 @@ class Daemon:
                 adopt_spill, spill_dir / "minutes.jsonl", self.writer.spill.path
             )
         await self.writer.start()
+        self._exit.push_async_callback(self.writer.aclose)
         self.modes = ModeController(
             {"live": self._live_sources, "test": self._test_sources},
             {"live": [e.name for e in s.exchanges], "test": list(s.test_source_names())},
@@ -217,6 +224,8 @@ class Daemon:
             await self.aggregator.resume(self.store)
         self._spawn(self.aggregator.consume(), "aggregator")
         self._spawn(self.aggregator.run_flusher(), "flusher")
+        self._exit.push_async_callback(self._finish_pipeline)
+        self._exit.push_async_callback(self._drain_sources)
         await self.modes.switch(mode or s.mode)
         if self._serve_http:
             if s.capture.enabled:
@@ -243,9 +252,12 @@ class Daemon:
         else:
             store = await PostgresCaptureStore.open(s.postgres)
         self._capture_store = store
+        self._exit.push_async_callback(store.aclose)
         self.capture = CaptureService(store, s.capture, FixCaptureDecoder())
         await self.capture.start()
+        self._exit.push_async_callback(self.capture.aclose)
         self.capture_listener = CaptureListener(self.capture, s.capture)
+        self._exit.push_async_callback(self.capture_listener.aclose)
         try:
             await self.capture_listener.start()
         except OSError as exc:
@@ -289,6 +301,7 @@ class Daemon:
             add_message_routes(app, self.capture)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
+        self._exit.push_async_callback(self._runner.cleanup)
         assert self._sock is not None
         await web.SockSite(self._runner, self._sock).start()
 
@@ -316,17 +329,8 @@ class Daemon:
             consumer = asyncio.create_task(self.aggregator.consume(), name="aggregator")
             self._tasks.append(consumer)
 
-    async def stop(self) -> None:
-        """Stop reading, drain, write the partial minute, close everything."""
-        log.info("stopping")
-        if self._runner is not None:
-            await self._runner.cleanup()
-        if self.capture_listener is not None:
-            await self.capture_listener.aclose()
-        if self.capture is not None:
-            await self.capture.aclose()
-        if self._capture_store is not None:
-            await self._capture_store.aclose()
+    async def _drain_sources(self) -> None:
+        """Stop reading and fold everything already read."""
         # A consumer that died (a bug) must not leave the queues full and stop() waiting on
         # them forever: a new one takes over until everything read is folded.
         watchdog = asyncio.create_task(self._keep_consuming(), name="consumer-watchdog")
@@ -336,14 +340,20 @@ class Daemon:
         finally:
             watchdog.cancel()
             await asyncio.gather(watchdog, return_exceptions=True)
+
+    async def _finish_pipeline(self) -> None:
+        """Stop the aggregator's tasks and hand the partial minutes to the writer."""
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.aggregator.flush(final=True)
-        await self.writer.aclose()
-        await self.cache.aclose()
-        await self.store.aclose()
         log.info("stopped ticks=%d", self.aggregator.ticks_folded)
+
+    async def stop(self) -> None:
+        """Stop reading, drain, write the partial minute, close everything (in reverse order
+        of start; safe before start and safe to call twice)."""
+        log.info("stopping")
+        await self._exit.aclose()
 
 
 async def run_daemon(settings: Settings, stop: asyncio.Event) -> int:

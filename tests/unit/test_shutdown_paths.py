@@ -122,3 +122,25 @@ async def test_stop_completes_and_flushes_when_the_aggregator_task_died(
     async with await open_sqlite(tmp_path / "marketflow.sqlite3") as store:
         (row,) = await store.minutes_since(0)
     assert (row.count, row.high) == (3, 2.0)
+
+
+async def test_stop_before_start_is_safe_and_a_failing_close_skips_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await Daemon(_settings(tmp_path), serve_http=False).stop()  # nothing opened: no error
+    daemon = Daemon(_settings(tmp_path), serve_http=False)
+    await daemon.start()
+    closed: list[str] = []
+
+    async def failing_writer_close() -> None:
+        closed.append("writer")
+        raise OSError("disk gone")
+
+    # The exit stack holds the bound methods taken at start: replace what they call.
+    monkeypatch.setattr(daemon.writer, "_attempt", failing_writer_close)
+    monkeypatch.setattr(daemon.writer, "_pending", {("ex1", "BTCUSDT", 0): None})
+    with pytest.raises(OSError, match="disk gone"):
+        await daemon.stop()
+    assert closed == ["writer"]
+    assert await daemon.cache.ping() is False  # closed after the failing writer
+    assert await daemon.store.ping() is False
