@@ -26,6 +26,7 @@ from pydantic_settings import (
 )
 
 from marketflow.domain.errors import ConfigError
+from marketflow.domain.ticks import MAX_PRICE
 
 DEFAULT_PAIRS = ("BTCUSDT", "DOGEUSDT", "TONUSDT", "SOLUSDT", "ETHUSDT")
 
@@ -138,6 +139,9 @@ class PipelineSettings(_Frozen):
     reconnect_initial_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
     spill_max_rows_in_memory: int = Field(100_000, ge=1)
+    # A price above this is counted as price_out_of_range. Capped so that no sum of prices
+    # (of any number of ticks a process could see) can overflow a float to inf.
+    max_price: float = Field(MAX_PRICE, gt=0, le=1e18)
 
 
 class TestModeSettings(_Frozen):
