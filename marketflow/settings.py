@@ -122,6 +122,10 @@ class CaptureSettings(_Frozen):
     batch_max: int = Field(5000, ge=1)
     flush_interval_ms: int = Field(50, ge=1)
     max_message_bytes: int = Field(65536, ge=256)
+    # Connections above this are closed at once (counted as connections_refused).
+    max_connections: int = Field(256, ge=1, le=100_000)
+    # A peer silent this long is disconnected (counted as idle_closed).
+    idle_timeout_s: float = Field(300.0, gt=0)
 
 
 class PipelineSettings(_Frozen):
