@@ -8,7 +8,8 @@
         keeps only the parsed fields)
     GET /api/messages/rejects?limit=&before_id=  -> {"rejects": [...], "next_before_id": ...}
 
-Bad input answers 400 and an unknown id 404, both with ``{"error": "..."}``; a store that cannot
+Bad input (an unknown or repeated parameter, a number out of range, however many digits it
+has) answers 400 and an unknown id 404, both with ``{"error": "..."}``; a store that cannot
 be reached answers 503. ``raw`` shows SOH as ``|`` for reading; ``raw_base64`` is exact.
 """
 
