@@ -26,6 +26,7 @@ from pydantic_settings import (
 )
 
 from marketflow.domain.errors import ConfigError
+from marketflow.domain.ticks import MAX_PRICE
 
 DEFAULT_PAIRS = ("BTCUSDT", "DOGEUSDT", "TONUSDT", "SOLUSDT", "ETHUSDT")
 
@@ -121,6 +122,10 @@ class CaptureSettings(_Frozen):
     batch_max: int = Field(5000, ge=1)
     flush_interval_ms: int = Field(50, ge=1)
     max_message_bytes: int = Field(65536, ge=256)
+    # Connections above this are closed at once (counted as connections_refused).
+    max_connections: int = Field(256, ge=1, le=100_000)
+    # A peer silent this long is disconnected (counted as idle_closed).
+    idle_timeout_s: float = Field(300.0, gt=0)
 
 
 class PipelineSettings(_Frozen):
@@ -138,6 +143,9 @@ class PipelineSettings(_Frozen):
     reconnect_initial_s: float = Field(0.5, gt=0)
     reconnect_max_s: float = Field(30.0, gt=0)
     spill_max_rows_in_memory: int = Field(100_000, ge=1)
+    # A price above this is counted as price_out_of_range. Capped so that no sum of prices
+    # (of any number of ticks a process could see) can overflow a float to inf.
+    max_price: float = Field(MAX_PRICE, gt=0, le=1e18)
 
 
 class TestModeSettings(_Frozen):

@@ -19,6 +19,9 @@ PricePoint = tuple[float, int]
 MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 MAX_TS_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
 MAX_AHEAD_MS = 60_000  # default: an exchange clock further ahead of ours is not believed
+# Default largest believable price (pipeline.max_price). Far above any real quote, and low
+# enough that sums of a day of ticks stay exact-ish floats instead of overflowing to inf.
+MAX_PRICE = 1e12
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,20 +72,25 @@ class RejectCounts:
         return sum(self.counts.values())
 
 
-def price_reject_reason(price: object) -> str | None:
-    """Why ``price`` is not a positive finite number, or None when it is one.
+def price_reject_reason(price: object, max_price: float = MAX_PRICE) -> str | None:
+    """Why ``price`` is not a finite number in (0, ``max_price``], or None when it is one.
 
-    ``bool`` is rejected explicitly: ``True`` is an ``int`` in Python.
+    ``bool`` is rejected explicitly: ``True`` is an ``int`` in Python. An int of any size is
+    compared exactly, before it could overflow a float.
     """
     kind = type(price)
     if kind is float:
         assert isinstance(price, float)
         if not math.isfinite(price):
             return "price_not_finite"
-        return None if price > 0.0 else "price_not_positive"
+        if price <= 0.0:
+            return "price_not_positive"
+        return None if price <= max_price else "price_out_of_range"
     if kind is int:
         assert isinstance(price, int)
-        return None if price > 0 else "price_not_positive"
+        if price <= 0:
+            return "price_not_positive"
+        return None if price <= max_price else "price_out_of_range"
     if price is None:
         return "price_missing"
     return "price_not_number"

@@ -8,7 +8,8 @@
         keeps only the parsed fields)
     GET /api/messages/rejects?limit=&before_id=  -> {"rejects": [...], "next_before_id": ...}
 
-Bad input answers 400 and an unknown id 404, both with ``{"error": "..."}``; a store that cannot
+Bad input (an unknown or repeated parameter, a number out of range, however many digits it
+has) answers 400 and an unknown id 404, both with ``{"error": "..."}``; a store that cannot
 be reached answers 503. ``raw`` shows SOH as ``|`` for reading; ``raw_base64`` is exact.
 """
 
@@ -35,6 +36,7 @@ from marketflow.domain.errors import StoreUnavailable
 MAX_LIMIT = 1000
 MAX_OFFSET = 100_000
 _MAX_ID = 2**63 - 1  # bigint: a larger id is bad input, not a database error
+_MAX_SINCE_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 _LIST_PARAMS = frozenset({"limit", "before_id", "offset", "msg_type", "symbol", "since"})
 _REJECT_PARAMS = frozenset({"limit", "before_id"})
 
@@ -59,13 +61,22 @@ def _json(body: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
+def _digits(text: str) -> str | None:
+    """``text`` without leading zeros when it is plain ASCII digits, else None."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    return text.lstrip("0") or "0"
+
+
 def _int(params: Mapping[str, str], name: str, lo: int, hi: int, default: int | None) -> int | None:
     text = params.get(name)
     if text is None or text == "":
         return default
-    if not (text.isascii() and text.isdigit()) or not lo <= int(text) <= hi:
+    digits = _digits(text)
+    # Longer than ``hi`` is out of range: never hand int() thousands of digits (it raises).
+    if digits is None or len(digits) > len(str(hi)) or not lo <= int(digits) <= hi:
         raise _BadRequest(f"{name} must be an integer from {lo} to {hi}")
-    return int(text)
+    return int(digits)
 
 
 def _text(params: Mapping[str, str], name: str, max_len: int) -> str | None:
@@ -79,8 +90,11 @@ def _text(params: Mapping[str, str], name: str, max_len: int) -> str | None:
 
 def parse_since(text: str) -> int:
     """RFC 3339 (with a zone) or Unix epoch milliseconds -> Unix ms; ValueError otherwise."""
-    if text.isascii() and text.isdigit():
-        ms = int(text)
+    digits = _digits(text)
+    if digits is not None:
+        if len(digits) > len(str(_MAX_SINCE_MS)):
+            raise ValueError("since is out of range")
+        ms = int(digits)
     else:
         stamp = datetime.fromisoformat(text.replace("z", "Z"))
         if stamp.tzinfo is None:
@@ -89,7 +103,7 @@ def parse_since(text: str) -> int:
             ms = int(stamp.timestamp() * 1000)
         except (OverflowError, OSError) as exc:
             raise ValueError("since is out of range") from exc
-    if not 0 <= ms <= 253_402_300_799_999:  # up to 9999-12-31
+    if not 0 <= ms <= _MAX_SINCE_MS:
         raise ValueError("since is out of range")
     return ms
 
@@ -97,7 +111,10 @@ def parse_since(text: str) -> int:
 def _check_params(request: web.Request, allowed: frozenset[str]) -> None:
     unknown = sorted(set(request.query) - allowed)
     if unknown:
-        raise _BadRequest(f"unknown parameter(s): {', '.join(unknown)}")
+        raise _BadRequest(f"unknown parameter(s): {', '.join(unknown)[:100]}")
+    repeated = sorted(k for k in allowed if len(request.query.getall(k, ())) > 1)
+    if repeated:
+        raise _BadRequest(f"parameter(s) given more than once: {', '.join(repeated)}")
 
 
 def _iso(ms: int) -> str:

@@ -138,7 +138,8 @@ def hostile_script() -> tuple[list[bytes], list[bytes], list[Tick], dict[str, in
     valid.append(("ETHUSDT", 3000.0 - 19, later + 19))  # a duplicate: it counts too
     second = [b'34.5,"timestamp":%d}\n' % now, b"".join(line(*t) for t in valid[3:])]
     rejects = {
-        "bad_json": 3 + 2 + 1 + 1,  # garbage, NaN, 1e999; two halves; two objects; the tail
+        "bad_json": 2 + 2 + 1 + 1,  # garbage, NaN; two halves; two objects; the tail
+        "price_not_finite": 1,  # 1e999: valid JSON, but beyond a double
         "price_not_number": 2,
         "price_not_positive": 3,
         "price_missing": 1,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,24 +84,41 @@ def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
     return tmp_path / "capture.sqlite"
 
 
-@pytest.fixture
-async def capture(store_target: str | Path) -> AsyncIterator[Capture]:
+@contextlib.asynccontextmanager
+async def open_capture(store_target: str | Path, **settings: Any) -> AsyncIterator[Capture]:
     store: CaptureStore
     if isinstance(store_target, str):
         store = await PostgresCaptureStore.open(PostgresSettings(dsn=store_target))
     else:
         store = await SqliteCaptureStore.open(store_target)
-    settings = CaptureSettings(port=0, batch_max=500, flush_interval_ms=10)
-    service = CaptureService(store, settings, FixCaptureDecoder())
+    config = CaptureSettings(**{"port": 0, "batch_max": 500, "flush_interval_ms": 10, **settings})
+    service = CaptureService(store, config, FixCaptureDecoder())
     app = web.Application()
     add_message_routes(app, service)
     async with (
         store,
         service,
-        CaptureListener(service, settings) as listener,
+        CaptureListener(service, config) as listener,
         TestClient(TestServer(app)) as client,
     ):
         yield Capture(store, client, listener, service)
+
+
+@pytest.fixture
+async def capture(store_target: str | Path) -> AsyncIterator[Capture]:
+    async with open_capture(store_target) as c:
+        yield c
+
+
+async def until(check: Callable[[], bool], within_s: float = 5.0) -> None:
+    async with asyncio.timeout(within_s):
+        while not check():  # noqa: ASYNC110  # polling a counter with a deadline
+            await asyncio.sleep(0.01)
+
+
+async def closed_by_peer(reader: asyncio.StreamReader, within_s: float = 5.0) -> bool:
+    async with asyncio.timeout(within_s):
+        return await reader.read(1) == b""
 
 
 async def test_message_written_to_socket_shows_in_api_within_a_second(capture: Capture) -> None:
@@ -240,3 +258,65 @@ async def _rejects(capture: Capture) -> int:
         while (stats := capture.service.stats())["stored"] < 1 or stats["pending"]:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
     return int(stats["rejected_total"])
+
+
+async def test_connections_above_the_cap_are_refused_and_counted(tmp_path: Path) -> None:
+    async with open_capture(tmp_path / "c.sqlite", max_connections=2) as capture:
+        port = capture.listener.port
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        await until(lambda: capture.listener.stats()["connections_open"] == 2)
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await closed_by_peer(reader)
+        writer.close()
+        held[0][1].write(order(1))  # the connections within the cap still work
+        await capture.wait_stored(1)
+        held[1][1].close()
+        await until(lambda: capture.listener.stats()["connections_open"] == 1)
+        await capture.send(order(2))  # a freed place is taken again
+        await capture.wait_stored(2)
+        held[0][1].close()
+
+        stats = capture.listener.stats()
+        assert (stats["connections_refused"], stats["connections_total"]) == (1, 3)  # accepted
+
+
+async def test_idle_peer_is_closed_and_its_partial_message_kept_as_a_reject(
+    tmp_path: Path,
+) -> None:
+    async with open_capture(tmp_path / "c.sqlite", idle_timeout_s=0.2) as capture:
+        reader, writer = await asyncio.open_connection("127.0.0.1", capture.listener.port)
+        writer.write(order(1) + order(2)[:20])
+
+        assert await closed_by_peer(reader)
+        writer.close()
+        await capture.wait_stored(1, 1)
+        [reject] = (await capture.get("/api/messages/rejects"))["rejects"]
+        assert reject["reason"] == "truncated_at_disconnect"
+        assert reject["raw"] == order(2)[:20].decode().replace("\x01", "|")
+        assert capture.listener.stats()["idle_closed"] == 1
+
+
+async def test_message_above_the_size_limit_is_refused_and_counted(tmp_path: Path) -> None:
+    async with open_capture(tmp_path / "c.sqlite", max_message_bytes=512) as capture:
+        big = encode("D", [(55, "AAPL"), (58, "x" * 600)], sender="C", target="T", seq=1,
+                     sending_time="20261126-11:45:30.123")  # fmt: skip
+
+        await capture.send(big + order(1))
+
+        await capture.wait_stored(1, 1)
+        [reject] = (await capture.get("/api/messages/rejects"))["rejects"]
+        assert reject["reason"] == "message_too_large"
+        assert capture.listener.stats()["messages_too_large"] == 1
+
+
+async def test_message_trickled_byte_by_byte_is_stored(tmp_path: Path) -> None:
+    async with open_capture(tmp_path / "c.sqlite") as capture:
+        one = order(1)
+        _, writer = await asyncio.open_connection("127.0.0.1", capture.listener.port)
+        for i in range(len(one)):
+            writer.write(one[i : i + 1])
+            await writer.drain()
+        writer.close()
+
+        await capture.wait_stored(1)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import simplefix
 
+from marketflow.adapters.fix import codec
 from marketflow.adapters.fix.codec import (
+    FieldValue,
     FixFramer,
     FixParseError,
     FrameReject,
@@ -62,6 +65,76 @@ def test_message_fed_byte_by_byte() -> None:
     framer = FixFramer()
     out = [f for i in range(len(data)) for f in framer.feed(data[i : i + 1])]
     assert out == frames_of(data)
+
+
+class CountingPattern:
+    """Wraps a compiled pattern; adds up how many bytes each search is given to scan."""
+
+    def __init__(self, pattern: re.Pattern[bytes]) -> None:
+        self.pattern = pattern
+        self.scanned = 0
+
+    def search(self, data: bytes, pos: int = 0) -> re.Match[bytes] | None:
+        self.scanned += len(data) - pos
+        return self.pattern.search(data, pos)
+
+
+def long_message(body_bytes: int) -> bytes:
+    """A message of short fields (many SOH bytes: each may end an embedded header)."""
+    fields: list[tuple[int, FieldValue]] = [(58, "x")] * (body_bytes // 5)
+    return encode("D", [(55, "AAPL"), *fields], sender="A", target="B", seq=1,
+                  sending_time="20250102-12:00:00")  # fmt: skip
+
+
+def test_message_trickled_byte_by_byte_is_scanned_once_not_once_per_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    counting = CountingPattern(codec._EMBEDDED_HEADER)
+    monkeypatch.setattr(codec, "_EMBEDDED_HEADER", counting)
+    msg = long_message(8000)
+    framer = FixFramer()
+
+    out = [f for i in range(len(msg)) for f in framer.feed(msg[i : i + 1])]
+
+    assert out == [msg]
+    assert framer.buffered == 0
+    # Each byte is looked at a bounded number of times (a header can straddle two reads).
+    assert counting.scanned <= 10 * len(msg)
+
+
+def test_trickled_message_is_held_whole_until_its_last_byte() -> None:
+    msg = long_message(8000)
+    framer = FixFramer()
+    for i in range(len(msg) - 1):
+        framer.feed(msg[i : i + 1])
+        assert framer.buffered == i + 1
+    assert framer.pending() == msg[:-1]
+    assert framer.feed(msg[-1:]) == [msg]
+    assert framer.pending() == b""
+
+
+def test_header_inside_a_trickled_message_is_found_across_reads() -> None:
+    msg = (FIXTURES / "logon.fix").read_bytes()
+    cut = b"8=FIX.4.4\x019=999\x0135=X\x0155=BT"
+    data = cut + msg
+    framer = FixFramer()
+
+    out = [f for i in range(len(data)) for f in framer.feed(data[i : i + 1])]
+
+    assert out == [FrameReject("truncated_message", cut), msg]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 25, 26, 27, 100])
+def test_any_read_size_frames_like_one_read(chunk: int) -> None:
+    msg = (FIXTURES / "logon.fix").read_bytes()
+    big = long_message(300)
+    data = b"8=FIX.4.4\x019=999\x0135=X\x0155=BT" + msg + big + b"8=FIX.4.4\x019=5000\x01" + msg
+    framer = FixFramer(1024)
+
+    out = [f for i in range(0, len(data), chunk) for f in framer.feed(data[i : i + chunk])]
+
+    assert out == FixFramer(1024).feed(data)
+    assert [f for f in out if isinstance(f, bytes)] == [msg, big, msg]
 
 
 def test_bad_checksum_drops_only_that_message() -> None:

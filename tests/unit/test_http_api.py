@@ -114,7 +114,9 @@ async def test_unknown_symbol_and_exchange_are_404(api: Api) -> None:
     assert (await api.get("/prices/highest/nowhere/BTCUSDT?period=1m"))[0] == 404
 
 
-@pytest.mark.parametrize("period", ["0s", "abc", "5x", "-1m", "1.5s", "", "99999999h"])
+@pytest.mark.parametrize(
+    "period", ["0s", "abc", "5x", "-1m", "1.5s", "", "99999999h", "9" * 5000 + "s", "\u0661s"]
+)
 async def test_bad_period_is_400_with_json_error(api: Api, period: str) -> None:
     fold(api.agg, "exchange1", ("BTCUSDT", 100.0, T0 + 29_000))
     status, body = await api.get(f"/prices/highest/BTCUSDT?period={period}")

@@ -49,7 +49,8 @@ def test_dirty_capture_keeps_good_lines_and_counts_each_bad_one_by_reason() -> N
         ("SOLUSDT", 200.0, TS + 100),
     ]
     assert p.rejects.counts == {
-        "bad_json": 4,  # plain text, a truncated line, 1e400, binary junk
+        "bad_json": 3,  # plain text, a truncated line, binary junk
+        "price_not_finite": 1,  # 1e400: valid JSON, but no double
         "price_not_number": 2,  # a string, a boolean
         "price_missing": 1,
         "price_not_positive": 2,  # zero, negative
@@ -71,8 +72,12 @@ def test_dirty_capture_keeps_good_lines_and_counts_each_bad_one_by_reason() -> N
         ("0.0", "price_not_positive"),
         ("-1.5", "price_not_positive"),
         ("-3", "price_not_positive"),
-        ("1e400", "bad_json"),  # orjson refuses an infinite double: the line is garbage
-        ("-1e400", "bad_json"),
+        ("1e400", "price_not_finite"),  # orjson refuses it; the line is still a tick
+        ("-1e999", "price_not_finite"),
+        ("1e308", "price_out_of_range"),
+        ("1000000000001", "price_out_of_range"),
+        ("1" * 400, "price_not_finite"),  # beyond a double, as orjson says of 1e999
+        ("1" * 5000, "price_not_finite"),  # more digits than int() takes from a str
         ("[1.0]", "price_not_number"),
         ('{"v":1}', "price_not_number"),
     ],
@@ -87,14 +92,91 @@ def test_bad_price_is_rejected_with_its_reason(price: str, reason: str) -> None:
     assert p.rejects.samples[reason]
 
 
-def test_huge_but_finite_and_integer_prices_are_accepted_as_floats() -> None:
+def test_prices_up_to_the_maximum_are_accepted_as_floats() -> None:
     p = parser()
 
-    batch = p.parse(line("1e300") + line("123456789012345678901234567890") + line("42"), TS)
+    batch = p.parse(line("1e12") + line("999999999999") + line("42") + line("1e-300"), TS)
 
-    assert [pt[0] for pt in batch.by_symbol["BTCUSDT"]] == [1e300, 1.2345678901234568e29, 42.0]
+    assert [pt[0] for pt in batch.by_symbol["BTCUSDT"]] == [1e12, 999999999999.0, 42.0, 1e-300]
     assert all(type(pt[0]) is float for pt in batch.by_symbol["BTCUSDT"])
     assert p.rejects.total() == 0
+
+
+def test_two_prices_of_1e308_are_rejected_before_they_overflow_a_sum() -> None:
+    p = parser()
+
+    batch = p.parse(line("1e308") + line("1.7976931348623157e308") + line("1.5"), TS)
+
+    assert batch.ticks() == [("BTCUSDT", 1.5, TS)]
+    assert p.rejects.counts == {"price_out_of_range": 2}
+
+
+def test_maximum_price_is_configurable() -> None:
+    p = JsonLinesParser("x", frozenset(DEFAULT_PAIRS), RejectCounts(), max_price=100.0)
+
+    batch = p.parse(line("100") + line("100.0") + line("100.5") + line("101"), TS)
+
+    assert batch.ticks() == [("BTCUSDT", 100.0, TS), ("BTCUSDT", 100.0, TS)]
+    assert p.rejects.counts == {"price_out_of_range": 2}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b'{"symbol":"BTCUSDT","price":NaN,"timestamp":%d}' % TS,  # not JSON at all
+        b'{"symbol":"BTCUSDT","price":Infinity,"timestamp":%d}' % TS,
+        b'{"symbol":"BTCUSDT","price":1.5,"timestamp":%d,"x":1e999}' % TS,  # price is fine
+        b'{"price":1e999,"timestamp":%d}' % TS,  # not a tick: no symbol
+        b"[1e999]",
+        b'{"symbol":"BTCUSDT","price":1e999,"timestamp":%d' % TS,  # truncated
+    ],
+)
+def test_line_orjson_refuses_is_bad_json_unless_it_is_a_tick_with_a_huge_price(
+    bad: bytes,
+) -> None:
+    p = parser()
+
+    batch = p.parse(line("1.0") + bad + b"\n" + line("2.0"), TS)
+
+    assert batch.count == 2
+    assert p.rejects.counts == {"bad_json": 1}
+
+
+def test_torn_line_next_to_a_two_value_line_is_not_one_tick() -> None:
+    # The halves of a torn line join into one object when lines are joined with commas, and
+    # "1,2" adds the value that keeps the count of values equal to the count of lines.
+    p = parser()
+    torn = line("7.5")
+    cut = torn.index(b',"timestamp"')
+    data = line("1.0") + torn[:cut] + b"\n" + torn[cut + 1 :] + b"1,2\n" + line("2.0")
+
+    batch = p.parse(data, TS)
+
+    assert batch.ticks() == [("BTCUSDT", 1.0, TS), ("BTCUSDT", 2.0, TS)]
+    assert p.rejects.counts == {"bad_json": 3}
+
+
+def test_line_torn_inside_a_string_next_to_a_two_value_line_is_not_one_tick() -> None:
+    p = parser()
+    head = b'{"symbol":"BTCUSDT","price":7.5,"timestamp":%d,"note":"a' % TS
+    data = line("1.0") + head + b'\nb"}\n{"c":1},{"d":2}\n' + line("2.0")
+
+    batch = p.parse(data, TS)
+
+    assert batch.ticks() == [("BTCUSDT", 1.0, TS), ("BTCUSDT", 2.0, TS)]
+    assert p.rejects.counts == {"bad_json": 3}
+
+
+def test_torn_nested_line_next_to_two_objects_on_one_line_is_not_one_tick() -> None:
+    # Every line starts with "{" and ends with "}", and every value is an object.
+    p = parser()
+    head = b'{"symbol":"BTCUSDT","price":7.5,"timestamp":%d,"x":[{"a":1}' % TS
+    data = line("1.0") + head + b'\n{"b":2}]}\n{"c":1},{"d":2}\n' + line("2.0")
+
+    batch = p.parse(data, TS)
+
+    assert batch.ticks() == [("BTCUSDT", 1.0, TS), ("BTCUSDT", 2.0, TS)]
+    assert p.rejects.counts == {"bad_json": 3}
 
 
 def test_unknown_fields_are_ignored() -> None:

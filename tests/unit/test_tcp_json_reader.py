@@ -314,3 +314,13 @@ async def test_cancel_stops_the_producer_and_closes_the_connection(
         await reader.task
 
     assert not reader.status.connected
+
+
+def test_source_parser_rejects_prices_above_the_configured_maximum() -> None:
+    settings = ExchangeSettings(name="exchange1", port=40101)
+    source = build_json_source(settings, DEFAULT_PAIRS, PipelineSettings(max_price=10.0), clock)
+
+    batch = source.parser.parse(line(10.0) + line(10.5), clock())
+
+    assert batch.ticks() == [("BTCUSDT", 10.0, TS)]
+    assert source.status.rejects.counts == {"price_out_of_range": 1}

@@ -174,6 +174,8 @@ def build_json_source(
     status = FeedStatus(
         name=settings.name, protocol="json", address=f"{settings.host}:{settings.port}"
     )
-    parser = JsonLinesParser(settings.name, frozenset(pairs), status.rejects)
+    parser = JsonLinesParser(
+        settings.name, frozenset(pairs), status.rejects, max_price=pipeline.max_price
+    )
     producer = TcpJsonProducer(settings.host, settings.port, pipeline, clock)
     return Source(status=status, producer=producer, parser=parser)

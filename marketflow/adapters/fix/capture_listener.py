@@ -1,15 +1,18 @@
 """TCP listener of the FIX capture audit trail (PROTOCOLS.md section 3).
 
-Any number of clients, no session handshake. Each connection has its own FixFramer, reads
-chunks of up to 16 KiB (about a hundred messages: with many busy clients, a smaller chunk
-per connection and loop round keeps the loop responsive to the store writer; measured ~10%
-more stored per second than 64 KiB with 20 clients) and hands the frames of each read to the
-capture use case with the receipt time and the peer address. ``submit`` blocks while storage
-is behind, so a connection then stops reading and TCP flow control slows its sender: the
-listener never buffers without bound.
+Clients up to ``max_connections``, no session handshake. Each connection has its own
+FixFramer, reads chunks of up to 16 KiB (about a hundred messages: with many busy clients, a
+smaller chunk per connection and loop round keeps the loop responsive to the store writer;
+measured ~10% more stored per second than 64 KiB with 20 clients) and hands the frames of each
+read to the capture use case with the receipt time and the peer address. ``submit`` blocks
+while storage is behind, so a connection then stops reading and TCP flow control slows its
+sender. The listener never buffers without bound: per connection, the stream reader's buffer
+(two reads) plus the framer's (at most one ``max_message_bytes`` message plus one read).
 A peer that sends garbage gets its bytes recorded as rejects; nothing it sends can end the
-listener or another connection. Bytes left incomplete when a peer disconnects are recorded as
-a ``truncated_at_disconnect`` reject.
+listener or another connection. Bytes left incomplete when a peer disconnects (or is closed
+after ``idle_timeout_s`` of silence) are recorded as a ``truncated_at_disconnect`` reject.
+What is refused is counted in ``stats()``: connections above the cap, idle peers closed,
+messages above the size limit.
 """
 
 from __future__ import annotations
@@ -57,12 +60,17 @@ class CaptureListener:
         self._host = settings.host
         self._port = settings.port
         self._max_message = settings.max_message_bytes
+        self._max_connections = settings.max_connections
+        self._idle_timeout_s = settings.idle_timeout_s
         self._clock = clock
         self._read_bytes = read_bytes
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._closed = False
         self.connections_total = 0
+        self.connections_refused = 0
+        self.idle_closed = 0
+        self.messages_too_large = 0
         self.bytes_received = 0
 
     @property
@@ -92,6 +100,9 @@ class CaptureListener:
         return {
             "connections_open": len(self._connections),
             "connections_total": self.connections_total,
+            "connections_refused": self.connections_refused,
+            "idle_closed": self.idle_closed,
+            "messages_too_large": self.messages_too_large,
             "bytes_received": self.bytes_received,
         }
 
@@ -111,10 +122,21 @@ class CaptureListener:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
-        self.connections_total += 1
         address = writer.get_extra_info("peername")
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        if len(self._connections) >= self._max_connections:
+            self.connections_refused += 1
+            if self.connections_refused & (self.connections_refused - 1) == 0:  # 1, 2, 4 ...
+                log.warning(
+                    "capture_connection_refused peer=%s open=%d refused_total=%d",
+                    peer,
+                    len(self._connections),
+                    self.connections_refused,
+                )
+            writer.close()
+            return
+        self._connections.add(task)
+        self.connections_total += 1
         log.info("capture_connected peer=%s", peer)
         try:
             await self._read(reader, peer)
@@ -131,23 +153,20 @@ class CaptureListener:
     async def _read(self, reader: asyncio.StreamReader, peer: str) -> None:
         framer = FixFramer(self._max_message)
         submit = self._sink.submit
-        # Recent chunks that may still hold the framer's incomplete tail, so that bytes left
-        # over at disconnect can be recorded as a reject instead of vanishing.
-        tail_chunks: list[bytes] = []
+        idle_s = self._idle_timeout_s
         while True:
-            data = await reader.read(self._read_bytes)
+            try:
+                async with asyncio.timeout(idle_s):
+                    data = await reader.read(self._read_bytes)
+            except TimeoutError:
+                self.idle_closed += 1
+                log.info("capture_idle_closed peer=%s silent_s=%g", peer, idle_s)
+                break
             if not data:
                 break
             received_ms = self._clock()
             self.bytes_received += len(data)
             items = framer.feed(data)
-            pending = framer.buffered
-            if pending:
-                tail_chunks.append(data)
-                while len(tail_chunks) > 1 and sum(map(len, tail_chunks[1:])) >= pending:
-                    del tail_chunks[0]
-            else:
-                tail_chunks.clear()
             if not items:
                 continue
             frames: Sequence[bytes] = items  # type: ignore[assignment]  # bytes, checked next
@@ -155,10 +174,10 @@ class CaptureListener:
             if not all(type(item) is bytes for item in items):
                 frames = [item for item in items if type(item) is bytes]
                 rejects = [(r.reason, r.raw) for r in items if isinstance(r, FrameReject)]
+                self.messages_too_large += sum(r[0] == "message_too_large" for r in rejects)
             await submit(peer, received_ms, frames, rejects)
             # One read per connection per loop round: with many busy peers, none keeps the loop
             # (and the store writer waiting on its database reply) for more than one chunk.
             await asyncio.sleep(0)
         if framer.buffered:
-            tail = b"".join(tail_chunks)[-framer.buffered :]
-            await submit(peer, self._clock(), (), [("truncated_at_disconnect", tail)])
+            await submit(peer, self._clock(), (), [("truncated_at_disconnect", framer.pending())])

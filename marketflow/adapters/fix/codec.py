@@ -34,6 +34,7 @@ _LENGTH_DIGITS_MAX = 9
 # A complete header of another message inside a message that has not fully arrived means
 # that message was cut short: reject it now instead of waiting for BodyLength bytes.
 _EMBEDDED_HEADER = re.compile(rb"8=FIXT?\.\d\.\d[A-Z0-9]{0,3}\x019=\d{1,9}\x01")
+_EMBEDDED_MAX = 26  # the longest match: "8=FIXT.1.1" + 3 + SOH + "9=" + 9 digits + SOH
 REQUIRED_HEADER_TAGS = (35, 49, 56, 34, 52)
 
 
@@ -67,30 +68,57 @@ class FixFramer:
     """Incremental framer for one byte stream; build a fresh one (or ``reset()``) per connection.
 
     ``feed()`` returns the complete messages and rejects found so far, in stream order. The
-    buffer never holds more than ``max_message_bytes`` plus one chunk: garbage is discarded as
-    soon as it is seen and a BodyLength above the maximum is rejected without waiting for it.
+    buffer never holds more than ``max_message_bytes`` plus one chunk (while ``feed`` runs;
+    between calls, one partial message under the limit): garbage is discarded as soon as it
+    is seen and a BodyLength above the maximum is rejected without waiting for it.
+
+    Framing is linear in the bytes fed, however they are split: once a message's BodyLength
+    is known, later reads are kept as parts (not copied into a growing buffer) and only the
+    new bytes, with the few before them, are searched for an embedded header, until the
+    message is complete.
     """
 
-    __slots__ = ("_buf", "max_message_bytes")
+    __slots__ = ("_buf", "_have", "_need", "_parts", "_tail", "max_message_bytes")
 
     def __init__(self, max_message_bytes: int = 65536) -> None:
         if max_message_bytes < 32:
             raise ValueError("max_message_bytes must be at least 32")
         self.max_message_bytes = max_message_bytes
-        self._buf = b""
+        self._buf = b""  # a partial header or a prefix of "8=FIX" (when _need is 0)
+        self._parts: list[bytes] = []  # a partial message of known length, as read
+        self._have = 0  # bytes in _parts
+        self._need = 0  # that message's whole length; 0 when there is none
+        self._tail = b""  # its last body bytes: where a header split over two reads starts
 
     def reset(self) -> None:
         """Forget any partial message (a reconnect must not glue old bytes to new ones)."""
         self._buf = b""
+        self._parts = []
+        self._have = self._need = 0
+        self._tail = b""
 
     @property
     def buffered(self) -> int:
         """Bytes held while waiting for the rest of a message."""
-        return len(self._buf)
+        return self._have if self._need else len(self._buf)
+
+    def pending(self) -> bytes:
+        """The bytes held while waiting for the rest of a message (e.g. to record them as a
+        reject when the peer goes away)."""
+        return b"".join(self._parts) if self._need else self._buf
 
     def feed(self, data: bytes) -> list[Frame | FrameReject]:
         """Append ``data`` and return every message (or reject) it completes."""
-        buf = self._buf + data if self._buf else data
+        if self._need:
+            if self._waiting(data):
+                return []
+            self._parts.append(data)
+            buf = b"".join(self._parts)
+            self._parts = []
+            self._have = self._need = 0
+            self._tail = b""
+        else:
+            buf = self._buf + data if self._buf else data
         out: list[Frame | FrameReject] = []
         pos = 0
         end = len(buf)
@@ -124,8 +152,45 @@ class FixFramer:
                 stop = nxt if nxt >= 0 else _prefix_tail(buf, max(pos + 1, end - len(_START) + 1))
             out.append(FrameReject(reason, buf[pos : min(stop, pos + limit)]))
             pos = stop
-        self._buf = buf[pos:] if pos < end else b""
+        self._keep(buf, pos, end)
         return out
+
+    def _waiting(self, data: bytes) -> bool:
+        """True when ``data`` only extends the pending message of known length (kept);
+        False when it completes the message or reveals a header inside it (frame it)."""
+        have = self._have + len(data)
+        if have >= self._need:
+            return False
+        # A header not seen yet ends with an SOH in the new bytes: inside them, or starting
+        # in the few bytes before them (a match is at most _EMBEDDED_MAX long).
+        if SOH in data and (
+            _EMBEDDED_HEADER.search(self._tail + data[: _EMBEDDED_MAX - 1]) is not None
+            or _EMBEDDED_HEADER.search(data) is not None
+        ):
+            return False
+        self._parts.append(data)
+        self._have = have
+        if len(data) >= _EMBEDDED_MAX - 1:
+            self._tail = data[1 - _EMBEDDED_MAX :]
+        else:
+            self._tail = (self._tail + data)[1 - _EMBEDDED_MAX :]
+        return True
+
+    def _keep(self, buf: bytes, pos: int, end: int) -> None:
+        """Hold what follows ``pos``: a message of known length goes to the parts."""
+        if pos >= end:
+            self._buf = b""
+            return
+        rest = buf[pos:] if pos else buf
+        known = _declared_end(rest)
+        if known is None:
+            self._buf = rest
+            return
+        self._buf = b""
+        self._need, body = known
+        self._parts = [rest]
+        self._have = len(rest)
+        self._tail = rest[max(body, len(rest) + 1 - _EMBEDDED_MAX) :]
 
     @staticmethod
     def _one(buf: bytes, pos: int, end: int, limit: int) -> int | str | tuple[str, int] | None:
@@ -164,6 +229,18 @@ class FixFramer:
             # Framing is confirmed by BodyLength and the trailer: drop exactly this message.
             return ("bad_checksum", stop)
         return stop
+
+
+def _declared_end(rest: bytes) -> tuple[int, int] | None:
+    """(length, body start) of the incomplete message that ``rest`` starts with, once its
+    BodyLength is known (``_one`` has validated the header); None while it is not."""
+    soh = rest.find(SOH, 2, _BEGIN_FIELD_MAX)
+    if soh < 0:
+        return None
+    soh2 = rest.find(SOH, soh + 3, soh + 3 + _LENGTH_DIGITS_MAX + 1)
+    if soh2 < 0:
+        return None
+    return soh2 + 1 + int(rest[soh + 3 : soh2]) + 7, soh2 + 1
 
 
 def _prefix_tail(buf: bytes, start: int) -> int:
