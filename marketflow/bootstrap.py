@@ -119,7 +119,7 @@ def _host_of(url: str) -> str:
 
 def live_source(ex: ExchangeSettings, settings: Settings) -> Source[Any]:
     if ex.type == "file":
-        return build_file_source(ex, settings.pairs, wall_clock_ms)
+        return build_file_source(ex, settings.pairs, wall_clock_ms, settings.pipeline.max_price)
     if ex.protocol == "fix":
         return build_fix_source(ex, settings.pairs, settings.pipeline, wall_clock_ms)
     return build_json_source(ex, settings.pairs, settings.pipeline, wall_clock_ms)

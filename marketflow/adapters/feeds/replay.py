@@ -26,6 +26,7 @@ from marketflow.adapters.fix.codec import SOH, FixFramer, FrameReject
 from marketflow.adapters.fix.timestamps import parse_utc
 from marketflow.app.feed_status import FeedStatus
 from marketflow.app.ingest import Clock, Source
+from marketflow.domain.ticks import MAX_PRICE
 from marketflow.settings import ExchangeSettings
 
 log = logging.getLogger("marketflow.feeds.replay")
@@ -206,7 +207,7 @@ class ReplayProducer:
 
 
 def build_file_source(
-    settings: ExchangeSettings, pairs: Sequence[str], clock: Clock
+    settings: ExchangeSettings, pairs: Sequence[str], clock: Clock, max_price: float = MAX_PRICE
 ) -> Source[Any]:
     """A ``type = "file"`` source; the parser follows the file's format (JSONL or FIX log).
 
@@ -226,5 +227,7 @@ def build_file_source(
     if fmt == "fix":
         fix_parser = FixMarketDataParser(settings.name, pairs, status.rejects)
         return Source(status=status, producer=producer, parser=fix_parser)
-    json_parser = JsonLinesParser(settings.name, frozenset(pairs), status.rejects)
+    json_parser = JsonLinesParser(
+        settings.name, frozenset(pairs), status.rejects, max_price=max_price
+    )
     return Source(status=status, producer=producer, parser=json_parser)
