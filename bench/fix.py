@@ -32,9 +32,9 @@ from pathlib import Path
 
 import uvloop
 
-from marketflow.adapters.capture_postgres import PostgresCaptureStore
-from marketflow.adapters.fix.capture_decoder import FixCaptureDecoder
-from marketflow.adapters.fix.capture_listener import CaptureListener
+from marketflow.adapters.capture.decoder import FixCaptureDecoder
+from marketflow.adapters.capture.listener import CaptureListener
+from marketflow.adapters.capture.postgres_store import PostgresCaptureStore
 from marketflow.adapters.fix.codec import encode
 from marketflow.app.capture import CaptureService
 from marketflow.entrypoints.cli import tune_gc

@@ -22,19 +22,20 @@ from typing import Any, Literal, TypeVar
 
 from aiohttp import web
 
-from marketflow.adapters.capture_postgres import PostgresCaptureStore
-from marketflow.adapters.capture_sqlite import SqliteCaptureStore
+from marketflow.adapters.capture.decoder import FixCaptureDecoder
+from marketflow.adapters.capture.listener import CaptureListener
+from marketflow.adapters.capture.postgres_store import PostgresCaptureStore
+from marketflow.adapters.capture.sqlite_store import SqliteCaptureStore
 from marketflow.adapters.feeds.fix_feed import build_fix_source
 from marketflow.adapters.feeds.generator import build_generator_source
 from marketflow.adapters.feeds.replay import build_file_source
 from marketflow.adapters.feeds.tcp_json import build_json_source
-from marketflow.adapters.fix.capture_decoder import FixCaptureDecoder
-from marketflow.adapters.fix.capture_listener import CaptureListener
 from marketflow.adapters.memory_cache import MemoryPriceCache
-from marketflow.adapters.postgres import open_postgres
+from marketflow.adapters.postgres.database import Database, open_database
+from marketflow.adapters.postgres.minute_store import PostgresMinuteStore
 from marketflow.adapters.redis_cache import open_redis
 from marketflow.adapters.spill_file import JsonlSpillFile
-from marketflow.adapters.sqlite_store import open_sqlite
+from marketflow.adapters.sqlite.minute_store import open_sqlite
 from marketflow.app.aggregator import Aggregator
 from marketflow.app.capture import CaptureService
 from marketflow.app.health import HealthReport
@@ -83,18 +84,15 @@ async def _open_configured(
             await asyncio.sleep(2)
 
 
-async def open_storage(settings: Settings) -> tuple[MinuteStore, bool]:
-    """PostgreSQL when configured and reachable, else the embedded SQLite file."""
+async def open_storage(settings: Settings) -> Database | None:
+    """The configured PostgreSQL, or None for the embedded SQLite files (not configured, or
+    unreachable at start with the "embedded" policy)."""
     pg = settings.postgres
-    if pg.dsn:
-        store = await _open_configured(
-            "postgres", pg.dsn, pg.unreachable_at_start, lambda: open_postgres(pg)
-        )
-        if store is not None:
-            return store, False
-    path = settings.embedded.data_dir / "marketflow.sqlite3"
-    log.warning("storage_embedded kind=sqlite path=%s", path)
-    return await open_sqlite(path), True
+    if not pg.dsn:
+        return None
+    return await _open_configured(
+        "postgres", pg.dsn, pg.unreachable_at_start, lambda: open_database(pg)
+    )
 
 
 async def open_cache(settings: Settings) -> tuple[PriceCache, bool]:
@@ -159,6 +157,7 @@ class Daemon:
         self.fanin: asyncio.Queue[TickBatch] = asyncio.Queue(p.fanin_queue_batches)
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
+        self._db: Database | None = None
         # What start() opened, closed in reverse order by stop(); one failing close does
         # not skip the others, and stop() before (or without) start() closes nothing.
         self._exit = contextlib.AsyncExitStack()
@@ -187,7 +186,16 @@ class Daemon:
         s = self.settings
         if self._serve_http:
             self._sock = reserve_port(s.http.host, s.http.port)
-        self.store, store_embedded = await open_storage(s)
+        # One database for every store: the minute rows and the audit trail fall back together.
+        self._db = await open_storage(s)
+        store_embedded = self._db is None
+        if self._db is not None:
+            self._exit.push_async_callback(self._db.aclose)
+            self.store = PostgresMinuteStore(self._db)
+        else:
+            path = s.embedded.data_dir / "marketflow.sqlite3"
+            log.warning("storage_embedded kind=sqlite path=%s", path)
+            self.store = await open_sqlite(path)
         self._exit.push_async_callback(self.store.aclose)
         self.cache, cache_embedded = await open_cache(s)
         self._exit.push_async_callback(self.cache.aclose)
@@ -229,7 +237,7 @@ class Daemon:
         await self.modes.switch(mode or s.mode)
         if self._serve_http:
             if s.capture.enabled:
-                await self._start_capture(store_embedded)
+                await self._start_capture()
             await self._start_http(store_embedded, cache_embedded)
         log.info(
             "started mode=%s storage=%s%s cache=%s%s http=%s:%s",
@@ -242,15 +250,15 @@ class Daemon:
             self.http_port,
         )
 
-    async def _start_capture(self, store_embedded: bool) -> None:
+    async def _start_capture(self) -> None:
         """The FIX audit trail, on the same database as the minute rows."""
         s = self.settings
-        if store_embedded:
+        if self._db is None:
             store: CaptureStore = await SqliteCaptureStore.open(
                 s.embedded.data_dir / "capture.sqlite3"
             )
         else:
-            store = await PostgresCaptureStore.open(s.postgres)
+            store = PostgresCaptureStore(self._db)
         self._capture_store = store
         self._exit.push_async_callback(store.aclose)
         self.capture = CaptureService(store, s.capture, FixCaptureDecoder())

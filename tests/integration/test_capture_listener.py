@@ -13,10 +13,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from marketflow.adapters.capture_postgres import PostgresCaptureStore
-from marketflow.adapters.capture_sqlite import SqliteCaptureStore
-from marketflow.adapters.fix.capture_decoder import FixCaptureDecoder
-from marketflow.adapters.fix.capture_listener import CaptureListener
+from marketflow.adapters.capture.decoder import FixCaptureDecoder
+from marketflow.adapters.capture.listener import CaptureListener
+from marketflow.adapters.capture.postgres_store import PostgresCaptureStore
+from marketflow.adapters.capture.sqlite_store import SqliteCaptureStore
 from marketflow.adapters.fix.codec import encode
 from marketflow.adapters.fix.dictionary import enrich
 from marketflow.app.capture import CaptureService

@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from marketflow.adapters.postgres import open_postgres
+from marketflow.adapters.postgres.minute_store import open_postgres
 from marketflow.adapters.redis_cache import open_redis
 from marketflow.adapters.spill_file import JsonlSpillFile
 from marketflow.app.minute_writer import MinuteWriter

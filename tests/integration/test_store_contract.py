@@ -10,9 +10,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from marketflow.adapters.postgres import PostgresMinuteStore, open_postgres
-from marketflow.adapters.sqlite_store import SqliteMinuteStore, open_sqlite
+from marketflow.adapters.capture.postgres_store import PostgresCaptureStore
+from marketflow.adapters.postgres.minute_store import PostgresMinuteStore, open_postgres
+from marketflow.adapters.sqlite.minute_store import SqliteMinuteStore, open_sqlite
 from marketflow.domain.aggregates import MinuteRow
+from marketflow.domain.capture import MessageQuery
 from marketflow.domain.errors import StoreUnavailable
 from marketflow.settings import PostgresSettings
 from tests.harness.services import free_port
@@ -238,7 +240,7 @@ async def test_postgres_schema_is_versioned_and_reopening_migrates_nothing(pg_ds
         )
     finally:
         await conn.close()
-    assert [v[0] for v in versions] == [1, 2, 3]
+    assert [v[0] for v in versions] == [1, 2, 3, 4]
     assert ts_type == "timestamp with time zone"
 
 
@@ -269,8 +271,43 @@ async def test_sqlite_unwritable_path_raises_store_unavailable(tmp_path: Path) -
         await open_sqlite(blocker / "marketflow.sqlite3")
 
 
+_CAPTURE_SCHEMA_725AC94 = """
+SELECT pg_advisory_xact_lock(7354120);
+CREATE TABLE IF NOT EXISTS fix_messages (
+    id bigserial PRIMARY KEY,
+    received_at timestamptz NOT NULL,
+    peer text NOT NULL,
+    begin_string text NOT NULL,
+    msg_type text NOT NULL,
+    sender text NOT NULL,
+    target text NOT NULL,
+    seq_num bigint NOT NULL,
+    symbol text,
+    raw text NOT NULL,
+    fields jsonb NOT NULL
+);
+CREATE INDEX IF NOT EXISTS fix_messages_msg_type_id ON fix_messages (msg_type, id);
+CREATE INDEX IF NOT EXISTS fix_messages_symbol_id ON fix_messages (symbol, id);
+DROP INDEX IF EXISTS fix_messages_received_at;
+-- BRIN summarises a block range only once it is full and autovacuum gets to it: without
+-- autosummarize, only VACUUM would, and every unsummarised range matches every ``since``.
+CREATE INDEX IF NOT EXISTS fix_messages_received_at_brin ON fix_messages
+    USING brin (received_at) WITH (autosummarize = on);
+ALTER INDEX fix_messages_received_at_brin SET (autosummarize = on);
+CREATE TABLE IF NOT EXISTS fix_rejects (
+    id bigserial PRIMARY KEY,
+    received_at timestamptz NOT NULL,
+    peer text NOT NULL,
+    reason text NOT NULL,
+    raw text NOT NULL
+);
+"""
+# ^ the audit trail's DDL exactly as commit 725ac94 ran it at every start (outside the
+# numbered migrations), with the B-tree index that version had dropped again.
+
+
 async def test_postgres_table_of_the_previous_version_upgrades_in_place(pg_dsn: str) -> None:
-    from marketflow.adapters.postgres import MIGRATIONS
+    from marketflow.adapters.postgres.migrations import MIGRATIONS
 
     conn = await asyncpg.connect(pg_dsn)
     try:  # the schema as versions 1-2 left it, with a row in it
@@ -286,18 +323,29 @@ async def test_postgres_table_of_the_previous_version_upgrades_in_place(pg_dsn: 
             " 105.0, 100.0, 110.0, 4)",
             M0,
         )
+        async with conn.transaction():
+            await conn.execute(_CAPTURE_SCHEMA_725AC94)
+        await conn.execute(
+            "INSERT INTO fix_messages (received_at, peer, begin_string, msg_type, sender, target,"
+            " seq_num, symbol, raw, fields) VALUES (now(), 'p', 'FIX.4.2', 'D', 'A', 'B', 1,"
+            " 'AAPL', 'raw', '[[\"35\", \"D\"]]')"
+        )
     finally:
         await conn.close()
     async with await open_postgres(PostgresSettings(dsn=pg_dsn)) as store:
         assert await store.minutes_since(0) == [row()]  # covered_ms and seconds: None
         await store.upsert_minutes([row(count=3)])  # fewer ticks: the old row stays
         assert await store.minutes_since(0) == [row()]
+    async with await PostgresCaptureStore.open(PostgresSettings(dsn=pg_dsn)) as capture:
+        assert await capture.count() == (1, 0)
+        (message,) = await capture.list_messages(MessageQuery(limit=10))
+        assert (message.msg_type, message.symbol, message.raw) == ("D", "AAPL", "raw")
 
 
 async def test_sqlite_file_of_the_previous_version_upgrades_in_place(tmp_path: Path) -> None:
     import sqlite3
 
-    from marketflow.adapters.sqlite_store import MIGRATIONS
+    from marketflow.adapters.sqlite.minute_store import MIGRATIONS
 
     path = tmp_path / "old.sqlite3"
     conn = sqlite3.connect(path, isolation_level=None)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from marketflow.adapters.fix.capture_decoder import FixCaptureDecoder, _reference
+from marketflow.adapters.capture.decoder import FixCaptureDecoder, _reference
 from marketflow.adapters.fix.codec import encode
 from marketflow.adapters.fix.dictionary import TAG_ENUMS, TAG_NAMES, enrich, meaning
 from marketflow.app.capture import CaptureService

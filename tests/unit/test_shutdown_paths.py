@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from marketflow.adapters.sqlite_store import open_sqlite
+from marketflow.adapters.sqlite.minute_store import open_sqlite
 from marketflow.app.feed_status import FeedStatus
 from marketflow.app.ingest import RunningSource, Source
 from marketflow.bootstrap import Daemon

@@ -1,32 +1,23 @@
 """Embedded SQLite minute store: the same contract as PostgreSQL, in one local file.
 
-Used when no PostgreSQL is configured or reachable at start. One connection, in WAL mode,
-driven from worker threads (``asyncio.to_thread``) one call at a time under an asyncio lock,
-so the event loop never blocks on disk. Timestamps are integer Unix milliseconds.
+Used when no PostgreSQL is configured or reachable at start, on the shared SQLite plumbing
+(``database.py``: the event loop never blocks on disk). Timestamps are integer Unix ms.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sqlite3
-import threading
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Self
 
 from marketflow.adapters.minute_codec import decode_seconds, encode_seconds
+from marketflow.adapters.sqlite.database import SqliteDatabase, open_database
 from marketflow.domain.aggregates import Aggregate, History, Mark, MinuteRow
-from marketflow.domain.errors import StoreUnavailable
-from marketflow.settings import EmbeddedSettings
 
 log = logging.getLogger("marketflow.sqlite")
-
-T = TypeVar("T")
-
-FILE_NAME = "marketflow.sqlite3"
 
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
@@ -61,9 +52,6 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         ALTER TABLE minute_prices ADD COLUMN seconds BLOB;
         CREATE TABLE source_marks (
             source TEXT PRIMARY KEY, position INTEGER NOT NULL, made_ms INTEGER NOT NULL
-        );
-        CREATE TABLE marketflow_instance (
-            one INTEGER PRIMARY KEY CHECK (one = 1), id TEXT NOT NULL
         );
         """,
     ),
@@ -103,17 +91,6 @@ DATA_ERRORS: tuple[type[BaseException], ...] = (
     sqlite3.DataError,
     OverflowError,
 )
-# The file is unusable now (locked, disk full, I/O error, deleted directory).
-UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
-    sqlite3.OperationalError,
-    sqlite3.DatabaseError,
-    OSError,
-)
-
-
-def sqlite_path(settings: EmbeddedSettings) -> Path:
-    """Where the embedded store keeps its file."""
-    return settings.data_dir / FILE_NAME
 
 
 def _params(row: MinuteRow) -> tuple[object, ...]:
@@ -147,30 +124,12 @@ class SqliteMinuteStore:
 
     kind = "sqlite"
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, identity: str = "sqlite") -> None:
-        self._conn = conn
-        self.path = path
-        self.identity = identity
-        self._lock = asyncio.Lock()
-        self._thread_lock = threading.Lock()
-        self._closed = False
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._db = db
+        self.path = db.path
+        self.identity = db.identity
         self.rejected_rows = 0  # rows the database refused for their content (logged)
         self.kept_rows = 0  # rewrites refused because the stored row had more ticks
-
-    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        async with self._lock:
-            if self._closed:
-                raise StoreUnavailable("sqlite: store is closed")
-            try:
-                return await asyncio.to_thread(self._locked, fn)
-            except UNAVAILABLE_ERRORS as exc:
-                raise StoreUnavailable(f"sqlite {self.path}: {exc}") from exc
-
-    def _locked(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        # A cancelled caller releases the asyncio lock while its thread still runs; this lock
-        # keeps the next call off the connection until that thread is done.
-        with self._thread_lock:
-            return fn(self._conn)
 
     async def upsert_minutes(
         self, rows: Sequence[MinuteRow], marks: Mapping[str, Mark] | None = None
@@ -182,7 +141,7 @@ class SqliteMinuteStore:
         if not batch and not marks:
             return
         mark_params = [(n, p, m) for n, (p, m) in (marks or {}).items()]
-        rejected, kept = await self._call(lambda c: _write_all(c, batch, mark_params))
+        rejected, kept = await self._db.run(lambda c: _write_all(c, batch, mark_params))
         self.rejected_rows += rejected
         if kept:
             self.kept_rows += kept
@@ -196,33 +155,25 @@ class SqliteMinuteStore:
         if not before:
             return History(None)
         items = list(before.items())
-        return await self._call(lambda c: _history(c, symbol, items, since_ms))
+        return await self._db.run(lambda c: _history(c, symbol, items, since_ms))
 
     async def minutes_since(self, since_ms: int) -> list[MinuteRow]:
         """Rows whose minute starts at or after ``since_ms``, oldest first."""
-        return await self._call(lambda c: _since(c, since_ms))
+        return await self._db.run(lambda c: _since(c, since_ms))
 
     async def load_marks(self) -> dict[str, Mark]:
-        rows = await self._call(
+        rows = await self._db.run(
             lambda c: c.execute("SELECT source, position, made_ms FROM source_marks").fetchall()
         )
         return {str(r[0]): (int(r[1]), int(r[2])) for r in rows}
 
     async def ping(self) -> bool:
         """True when the file answers a query."""
-        try:
-            await self._call(lambda c: c.execute("SELECT 1").fetchone())
-        except StoreUnavailable:
-            return False
-        return True
+        return await self._db.ping()
 
     async def aclose(self) -> None:
-        """Close the connection; safe to call twice."""
-        async with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            await asyncio.to_thread(self._locked, lambda c: c.close())
+        """Close the file; safe to call twice."""
+        await self._db.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -328,61 +279,9 @@ def _since(conn: sqlite3.Connection, since_ms: int) -> list[MinuteRow]:
     return [_row(r) for r in cur.fetchall()]
 
 
-def _migrate(conn: sqlite3.Connection) -> list[int]:
-    applied: list[int] = []
-    # BEGIN IMMEDIATE takes the write lock first: a second process opening the same file
-    # waits instead of applying the same migration twice.
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)"
-        )
-        (current,) = conn.execute(
-            "SELECT coalesce(max(version), 0) FROM schema_migrations"
-        ).fetchone()
-        for version, sql in MIGRATIONS:
-            if version > current:
-                for statement in sql.split(";"):  # execute() takes one statement
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute("INSERT INTO schema_migrations (version) VALUES (?)", (version,))
-                applied.append(version)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return applied
-
-
-def _open(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # isolation_level=None: transactions are explicit (``with conn`` / BEGIN), nothing implicit.
-    conn = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across app crashes
-        applied = _migrate(conn)
-        conn.execute(
-            "INSERT INTO marketflow_instance (one, id) VALUES (1, ?) ON CONFLICT DO NOTHING",
-            (uuid.uuid4().hex,),
-        )
-    except BaseException:
-        conn.close()
-        raise
-    if applied:
-        log.info("sqlite_migrated path=%s versions=%s", path, applied)
-    return conn
-
-
 async def open_sqlite(path: Path) -> SqliteMinuteStore:
     """Open (creating if needed) the SQLite file at ``path`` and bring its schema up to date.
 
     Raises StoreUnavailable when the file cannot be opened or written.
     """
-    try:
-        conn = await asyncio.to_thread(_open, path)
-    except UNAVAILABLE_ERRORS as exc:
-        raise StoreUnavailable(f"sqlite {path}: {exc}") from exc
-    (got,) = conn.execute("SELECT id FROM marketflow_instance").fetchone()
-    return SqliteMinuteStore(conn, path, f"sqlite-{str(got)[:16]}")
+    return SqliteMinuteStore(await open_database(path, MIGRATIONS))

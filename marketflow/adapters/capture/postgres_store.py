@@ -1,7 +1,8 @@
 """PostgreSQL audit trail of captured FIX messages (asyncpg, bulk COPY).
 
-Tables ``fix_messages`` and ``fix_rejects`` are created at start (idempotent, under an advisory
-lock so two starting daemons do not race). Batches go in with COPY (details below). When
+Tables ``fix_messages`` and ``fix_rejects`` come from the shared migrations
+(adapters/postgres/migrations.py), on the daemon's one pool. Batches go in with COPY (details
+below). When
 PostgreSQL refuses a batch for its data (not for being unreachable), the rows are retried one
 by one so that a single bad row costs only itself: it is written to ``fix_rejects`` with the
 database's reason. ``raw`` is the lossless text form of domain.capture.raw_to_text; ``fields``
@@ -21,7 +22,6 @@ Write cost is what limits the capture rate, on both sides of the socket:
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -30,6 +30,12 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
+from marketflow.adapters.postgres.database import (
+    CONNECTION_ERRORS,
+    STALE_ERRORS,
+    Database,
+    open_database,
+)
 from marketflow.domain.capture import (
     CapturedMessage,
     CaptureReject,
@@ -39,42 +45,8 @@ from marketflow.domain.capture import (
     raw_to_text,
     stored_fields,
 )
-from marketflow.domain.errors import StoreUnavailable
 from marketflow.settings import PostgresSettings
 
-_SCHEMA = """
-SELECT pg_advisory_xact_lock(7354120);
-CREATE TABLE IF NOT EXISTS fix_messages (
-    id bigserial PRIMARY KEY,
-    received_at timestamptz NOT NULL,
-    peer text NOT NULL,
-    begin_string text NOT NULL,
-    msg_type text NOT NULL,
-    sender text NOT NULL,
-    target text NOT NULL,
-    seq_num bigint NOT NULL,
-    symbol text,
-    raw text NOT NULL,
-    fields jsonb NOT NULL
-);
-CREATE INDEX IF NOT EXISTS fix_messages_msg_type_id ON fix_messages (msg_type, id);
-CREATE INDEX IF NOT EXISTS fix_messages_symbol_id ON fix_messages (symbol, id);
-DROP INDEX IF EXISTS fix_messages_received_at;
--- BRIN summarises a block range only once it is full and autovacuum gets to it: without
--- autosummarize, only VACUUM would, and every unsummarised range matches every ``since``.
-CREATE INDEX IF NOT EXISTS fix_messages_received_at_brin ON fix_messages
-    USING brin (received_at) WITH (autosummarize = on);
-ALTER INDEX fix_messages_received_at_brin SET (autosummarize = on);
-CREATE TABLE IF NOT EXISTS fix_rejects (
-    id bigserial PRIMARY KEY,
-    received_at timestamptz NOT NULL,
-    peer text NOT NULL,
-    reason text NOT NULL,
-    raw text NOT NULL
-);
-"""
-# Tables created before read-time enrichment also have a nullable ``msg_type_name`` column,
-# left NULL from then on: the API derives the name from ``msg_type``.
 _MESSAGE_COLUMNS = (
     "received_at", "peer", "begin_string", "msg_type", "sender", "target", "seq_num", "symbol",
     "raw", "fields",
@@ -85,15 +57,8 @@ _SELECT = (
     " begin_string, msg_type, sender, target, seq_num, symbol, fields"
     " FROM fix_messages"
 )
-# Driver errors meaning "cannot reach the database now", as opposed to "refused this data".
-_UNAVAILABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-)
+# Refusals that are really "cannot reach the database now", not "refused this data".
+_GONE = (*CONNECTION_ERRORS, *STALE_ERRORS)
 
 
 def _ts(ms: int) -> datetime:
@@ -107,7 +72,6 @@ def _ms(ts: datetime) -> int:
 # COPY text format: backslash starts an escape, tab separates columns, newline ends a row.
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _NULL = "\\N"
-_SEND_BUFFER = 4 << 20
 _COPY_SLICE = 500  # messages per chunk of COPY data (about 270 KB)
 
 
@@ -143,55 +107,20 @@ def _copy_lines(messages: Sequence[CapturedMessage]) -> bytes:
     return "".join(lines).encode()
 
 
-async def _tune_socket(conn: asyncpg.Connection) -> None:
-    """Give the connection a send buffer that holds a whole COPY batch (a few MB)."""
-    transport = getattr(conn, "_transport", None)
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
-
-
-async def _reset(conn: asyncpg.Connection) -> None:
-    """Pool release without asyncpg's reset query (RESET ALL, CLOSE ALL, UNLISTEN *, advisory
-    unlock: session state this store never creates), which cost a round trip per batch while
-    the database waited for the next COPY; only a transaction left open is rolled back."""
-    if conn.is_in_transaction():
-        await conn.execute("ROLLBACK")
-
-
 class PostgresCaptureStore:
     """CaptureStore on PostgreSQL; build with ``await PostgresCaptureStore.open(settings)``."""
 
     kind = "postgres"
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
-        self._closed = False
+    def __init__(self, db: Database, *, owns_db: bool = False) -> None:
+        self._db = db
+        self._owns_db = owns_db
 
     @classmethod
-    async def open(cls, settings: PostgresSettings, *, max_size: int = 4) -> PostgresCaptureStore:
-        """Connect and create the tables; raises StoreUnavailable when unreachable."""
-        password = settings.password.get_secret_value() if settings.password else None
-        try:
-            pool = await asyncpg.create_pool(
-                settings.dsn,
-                password=password,
-                min_size=1,
-                max_size=max_size,
-                timeout=settings.connect_timeout_s,
-                init=_tune_socket,
-                reset=_reset,
-            )
-        except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
-            raise StoreUnavailable(f"postgres unreachable: {exc}") from exc
-        store = cls(pool)
-        try:
-            async with pool.acquire() as conn, conn.transaction():
-                await conn.execute(_SCHEMA)
-        except BaseException:
-            await pool.close()
-            raise
-        return store
+    async def open(cls, settings: PostgresSettings) -> PostgresCaptureStore:
+        """A capture store on a database of its own (tools and benchmarks; the daemon shares
+        its one Database); raises StoreUnavailable when unreachable."""
+        return cls(await open_database(settings), owns_db=True)
 
     async def __aenter__(self) -> PostgresCaptureStore:
         return self
@@ -200,33 +129,31 @@ class PostgresCaptureStore:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the pool (idempotent)."""
-        if not self._closed:
-            self._closed = True
-            await self._pool.close()
+        """Close the database when this store opened it (idempotent)."""
+        if self._owns_db:
+            await self._db.aclose()
 
     async def write(
         self, messages: Sequence[CapturedMessage], rejects: Sequence[CaptureReject]
     ) -> list[CaptureReject]:
         """COPY both; a refused row is retried alone and, if refused again, becomes a reject."""
-        data = messages
         ts = {ms: _ts(ms) for ms in {r.received_ms for r in rejects}}
         bad = [(ts[r.received_ms], r.peer, r.reason, raw_to_text(r.raw)) for r in rejects]
-        try:
-            async with self._pool.acquire() as conn:
-                try:
-                    if data and bad:
-                        async with conn.transaction():
-                            await _copy(conn, data, bad)
-                    else:  # one COPY is atomic on its own: no BEGIN/COMMIT round trips
-                        await _copy(conn, data, bad)
-                except asyncpg.PostgresError as exc:
-                    if isinstance(exc, _UNAVAILABLE):
-                        raise
-                    return await self._one_by_one(conn, messages, bad)
-                return []
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"postgres write failed: {exc}") from exc
+
+        async def op(conn: PoolConnectionProxy[Any]) -> list[CaptureReject]:
+            try:
+                if messages and bad:
+                    async with conn.transaction():
+                        await _copy(conn, messages, bad)
+                else:  # one COPY is atomic on its own: no BEGIN/COMMIT round trips
+                    await _copy(conn, messages, bad)
+            except asyncpg.PostgresError as exc:
+                if isinstance(exc, _GONE):
+                    raise
+                return await self._one_by_one(conn, messages, list(bad))
+            return []
+
+        return await self._db.run(op)  # type: ignore[arg-type]
 
     async def _one_by_one(
         self,
@@ -239,7 +166,7 @@ class PostgresCaptureStore:
             try:
                 await _copy(conn, [message], [])
             except asyncpg.PostgresError as exc:
-                if isinstance(exc, _UNAVAILABLE):
+                if isinstance(exc, _GONE):
                     raise
                 reason = f"store_refused: {exc}"
                 refused.append(
@@ -254,7 +181,7 @@ class PostgresCaptureStore:
                     "fix_rejects", records=[reject_row], columns=_REJECT_COLUMNS
                 )
             except asyncpg.PostgresError as exc:
-                if isinstance(exc, _UNAVAILABLE):
+                if isinstance(exc, _GONE):
                     raise
                 # Nothing left to fall back to for this row: keep the batch going.
                 continue
@@ -305,18 +232,10 @@ class PostgresCaptureStore:
 
     async def ping(self) -> bool:
         """True when a trivial query succeeds."""
-        try:
-            await self._fetch("SELECT 1")
-        except StoreUnavailable:
-            return False
-        return True
+        return await self._db.ping()
 
     async def _fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
-        try:
-            async with self._pool.acquire() as conn:
-                return list(await conn.fetch(sql, *args))
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailable(f"postgres query failed: {exc}") from exc
+        return list(await self._db.run(lambda conn: conn.fetch(sql, *args)))
 
 
 async def _copy(

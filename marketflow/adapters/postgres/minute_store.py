@@ -19,74 +19,19 @@ Connection failures surface as ``StoreUnavailable``: the minute writer keeps the
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self
 
 import asyncpg
 
 from marketflow.adapters.minute_codec import decode_seconds, encode_seconds
+from marketflow.adapters.postgres.database import DATA_ERRORS, Database, describe, open_database
 from marketflow.domain.aggregates import Aggregate, History, Mark, MinuteRow
-from marketflow.domain.errors import StoreUnavailable
 from marketflow.settings import PostgresSettings
 
 log = logging.getLogger("marketflow.postgres")
-
-T = TypeVar("T")
-
-POOL_MAX = 4  # writer + API queries + restore; a few connections keep them from queueing
-COMMAND_TIMEOUT_S = 30.0  # a hung server must become StoreUnavailable, not a stuck writer
-_LOCK_ID = 0x6D666C6F  # advisory lock serialising concurrent migrations ("mflo")
-
-# Ordered, numbered, append-only: a released migration is never edited.
-MIGRATIONS: tuple[tuple[int, str], ...] = (
-    (
-        1,
-        """
-        CREATE TABLE minute_prices (
-            pair_name text NOT NULL,
-            exchange text NOT NULL,
-            timestamp timestamptz NOT NULL,
-            average_price double precision NOT NULL,
-            min_price double precision NOT NULL,
-            max_price double precision NOT NULL,
-            tick_count bigint NOT NULL,
-            PRIMARY KEY (exchange, pair_name, timestamp),
-            -- 'Infinity' bounds also reject NaN (PostgreSQL sorts NaN above every number).
-            CONSTRAINT minute_prices_valid CHECK (
-                tick_count > 0
-                AND min_price > 0 AND min_price < 'Infinity'
-                AND max_price > 0 AND max_price < 'Infinity'
-                AND average_price > 0 AND average_price < 'Infinity'
-                AND min_price <= max_price
-            )
-        )
-        """,
-    ),
-    # minutes_since() scans by time across every exchange and pair.
-    (2, "CREATE INDEX minute_prices_timestamp_idx ON minute_prices (timestamp)"),
-    (
-        3,
-        """
-        ALTER TABLE minute_prices
-            ADD COLUMN covered_ms integer
-                CONSTRAINT minute_prices_covered CHECK (covered_ms BETWEEN 0 AND 60000),
-            ADD COLUMN seconds bytea;
-        CREATE TABLE source_marks (
-            source text PRIMARY KEY,
-            position bigint NOT NULL,
-            made_ms bigint NOT NULL
-        );
-        CREATE TABLE marketflow_instance (
-            one boolean PRIMARY KEY DEFAULT true CHECK (one),
-            id text NOT NULL
-        );
-        """,
-    ),
-)
 
 _UPSERT = """
 INSERT INTO minute_prices
@@ -147,34 +92,8 @@ WHERE timestamp >= to_timestamp($1::bigint / 1000.0)
 ORDER BY timestamp, exchange, pair_name
 """  # noqa: S608
 
-# The server or the network is gone (as opposed to the data being refused).
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,  # "connection is closed", "pool is closing"
-    asyncpg.exceptions.OperatorInterventionError,  # admin/crash shutdown, cannot connect now
-    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
-)
-# What a connection that died while idle in the pool reports on its next use.
-STALE_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.exceptions.AdminShutdownError,
-    ConnectionResetError,
-    BrokenPipeError,
-)
-# The statement was refused because of what a row contains.
-DATA_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.DataError,
-    asyncpg.IntegrityConstraintViolationError,
-)
-# At open, a refusal (bad password, missing database) also means "not usable now".
-_OPEN_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
-
-if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
-    from asyncpg.pool import PoolConnectionProxy
-
-    Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+if TYPE_CHECKING:
+    from marketflow.adapters.postgres.database import Conn
 
 
 def _columns(rows: Sequence[MinuteRow]) -> tuple[list[Any], ...]:
@@ -213,10 +132,10 @@ class PostgresMinuteStore:
 
     kind = "postgres"
 
-    def __init__(self, pool: asyncpg.Pool, identity: str = "postgres") -> None:
-        self._pool = pool
-        self.identity = identity
-        self._closed = False
+    def __init__(self, db: Database, *, owns_db: bool = False) -> None:
+        self._db = db
+        self._owns_db = owns_db  # opened by open_postgres(): closed with the store
+        self.identity = db.identity
         self.rejected_rows = 0  # rows the database refused for their content (logged)
         self.kept_rows = 0  # rewrites refused because the stored row had more ticks
 
@@ -230,7 +149,7 @@ class PostgresMinuteStore:
         batch = dedupe(rows)
         if not batch and not marks:
             return
-        await self._run(lambda conn: self._write_all(conn, batch, marks))
+        await self._db.run(lambda conn: self._write_all(conn, batch, marks))
 
     async def _write_all(
         self, conn: Conn, batch: list[MinuteRow], marks: Mapping[str, Mark] | None
@@ -253,7 +172,7 @@ class PostgresMinuteStore:
                 self.rejected_rows += 1
                 # The row is the useful part; a traceback of the split adds nothing.
                 log.error(  # noqa: TRY400
-                    "minute_row_rejected row=%r error=%s", batch[0], _describe(exc)
+                    "minute_row_rejected row=%r error=%s", batch[0], describe(exc)
                 )
                 return
             # Halving isolates k bad rows in O(k log n) statements instead of n.
@@ -276,7 +195,7 @@ class PostgresMinuteStore:
         exchanges = list(before)
         bounds = [before[e] for e in exchanges]
         start = None if since_ms is None else -(-since_ms // 60_000) * 60_000
-        rec = await self._run(
+        rec = await self._db.run(
             lambda conn: conn.fetchrow(_HISTORY, symbol, exchanges, bounds, start)
         )
         out = History(None)
@@ -285,7 +204,7 @@ class PostgresMinuteStore:
             out = History(agg, rec[6], rec[7])
         if since_ms is not None and start is not None and start != since_ms:
             boundary = start - 60_000
-            records = await self._run(
+            records = await self._db.run(
                 lambda conn: conn.fetch(_AT, symbol, exchanges, bounds, boundary)
             )
             out.add_partial([_row(r) for r in records], since_ms // 1000)
@@ -293,56 +212,23 @@ class PostgresMinuteStore:
 
     async def minutes_since(self, since_ms: int) -> list[MinuteRow]:
         """Rows whose minute starts at or after ``since_ms``, oldest first."""
-        records = await self._run(lambda conn: conn.fetch(_SINCE, since_ms))
+        records = await self._db.run(lambda conn: conn.fetch(_SINCE, since_ms))
         return [_row(r) for r in records]
 
     async def load_marks(self) -> dict[str, Mark]:
-        records = await self._run(
+        records = await self._db.run(
             lambda conn: conn.fetch("SELECT source, position, made_ms FROM source_marks")
         )
         return {r[0]: (r[1], r[2]) for r in records}
 
     async def ping(self) -> bool:
         """True when a query round trip succeeds now."""
-        if self._closed:
-            return False
-        try:
-            await self._run(lambda conn: conn.fetchval("SELECT 1"))
-        except StoreUnavailable:
-            return False
-        return True
+        return await self._db.ping()
 
     async def aclose(self) -> None:
-        """Close the pool (waits for running queries); safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await asyncio.wait_for(self._pool.close(), COMMAND_TIMEOUT_S)
-        except TimeoutError:
-            self._pool.terminate()
-
-    async def _run(self, op: Callable[[Conn], Awaitable[T]]) -> T:
-        """Run ``op`` on a pooled connection, translating connection failures.
-
-        A pooled connection may have died with a server restart since its last use: that
-        first failure is retried once on a fresh connection (every operation here is
-        idempotent), so a quick restart is not reported as an outage.
-        """
-        for attempt in (1, 2):
-            if self._closed:
-                raise StoreUnavailable("postgres: store is closed")
-            try:
-                async with self._pool.acquire() as conn:
-                    return await op(conn)
-            except STALE_ERRORS as exc:
-                if attempt == 1:
-                    log.info("postgres_stale_connection error=%s action=retry", _describe(exc))
-                    continue
-                raise StoreUnavailable(f"postgres: {_describe(exc)}") from exc
-            except CONNECTION_ERRORS as exc:
-                raise StoreUnavailable(f"postgres: {_describe(exc)}") from exc
-        raise AssertionError("unreachable")
+        """Close the database when this store opened it; safe to call twice."""
+        if self._owns_db:
+            await self._db.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -356,67 +242,7 @@ class PostgresMinuteStore:
         await self.aclose()
 
 
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-async def migrate(conn: Conn) -> list[int]:
-    """Apply the migrations this database lacks, in order; returns the versions applied."""
-    applied: list[int] = []
-    async with conn.transaction():
-        # Two daemons starting together must not both create the same table.
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations ("
-            " version integer PRIMARY KEY,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
-        for version, sql in MIGRATIONS:
-            if version <= current:
-                continue
-            await conn.execute(sql)
-            await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
-            applied.append(version)
-    if applied:
-        log.info("postgres_migrated versions=%s", applied)
-    return applied
-
-
 async def open_postgres(settings: PostgresSettings) -> PostgresMinuteStore:
-    """Connect a small pool and bring the schema up to date.
-
-    Raises StoreUnavailable when the server cannot be reached or refuses us (bad password,
-    missing database): the caller decides between waiting and the embedded store.
-    """
-    password = settings.password.get_secret_value() if settings.password else None
-    timeout = settings.connect_timeout_s
-    pool: asyncpg.Pool | None = None
-    try:
-        async with asyncio.timeout(timeout * 2 + 1):
-            pool = await asyncpg.create_pool(
-                dsn=settings.dsn,
-                password=password,
-                min_size=1,
-                max_size=POOL_MAX,
-                timeout=timeout,
-                command_timeout=COMMAND_TIMEOUT_S,
-            )
-            async with pool.acquire() as conn:
-                await migrate(conn)
-                identity = await _instance_id(conn)
-    except _OPEN_ERRORS as exc:
-        if pool is not None:
-            pool.terminate()
-        raise StoreUnavailable(f"postgres: {_describe(exc)}") from exc
-    return PostgresMinuteStore(pool, identity)
-
-
-async def _instance_id(conn: Conn) -> str:
-    """This database's own random id (made once): a spill file names the store it is for."""
-    await conn.execute(
-        "INSERT INTO marketflow_instance (id) VALUES ($1) ON CONFLICT DO NOTHING",
-        uuid.uuid4().hex,
-    )
-    got: str = await conn.fetchval("SELECT id FROM marketflow_instance")
-    return f"postgres-{got[:16]}"
+    """A minute store on a database of its own (tools and tests; the daemon shares one
+    ``Database`` between its stores). Raises StoreUnavailable when unreachable."""
+    return PostgresMinuteStore(await open_database(settings), owns_db=True)

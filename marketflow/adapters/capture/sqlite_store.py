@@ -1,19 +1,19 @@
 """Embedded SQLite audit trail of captured FIX messages: the fallback when no PostgreSQL is
-configured or reachable. Same contract and same row forms as capture_postgres (raw as lossless
-text, fields as the JSON array of parsed ["tag", "value"] pairs, receipt time as Unix ms).
-One connection, used from worker threads through ``asyncio.to_thread`` and serialised by a lock.
+configured or reachable. Same contract and same row forms as postgres_store (raw as lossless
+text, fields as the JSON array of parsed ["tag", "value"] pairs, receipt time as Unix ms), on
+the shared SQLite plumbing (adapters/sqlite/database.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 
+from marketflow.adapters.sqlite.database import SqliteDatabase, open_database
 from marketflow.domain.capture import (
     CapturedMessage,
     CaptureReject,
@@ -23,13 +23,12 @@ from marketflow.domain.capture import (
     raw_to_text,
     stored_fields,
 )
-from marketflow.domain.errors import StoreUnavailable
 
-T = TypeVar("T")
-
-_SCHEMA = """
-PRAGMA journal_mode = WAL;
-PRAGMA synchronous = NORMAL;
+# Version 1 adopts a file made by an older version as it is (IF NOT EXISTS).
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (
+        1,
+        """
 CREATE TABLE IF NOT EXISTS fix_messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     received_ms INTEGER NOT NULL,
@@ -53,9 +52,10 @@ CREATE TABLE IF NOT EXISTS fix_rejects (
     reason TEXT NOT NULL,
     raw TEXT NOT NULL
 );
-"""
-# Files created before read-time enrichment also have a nullable msg_type_name column, left
-# NULL from then on: the API derives the name from msg_type.
+""",
+    ),
+)
+
 _INSERT_MESSAGE = (
     "INSERT INTO fix_messages (received_ms, peer, begin_string, msg_type, sender, target,"
     " seq_num, symbol, raw, fields) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -75,25 +75,13 @@ class SqliteCaptureStore:
 
     kind = "sqlite"
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-        self._lock = asyncio.Lock()
-        self._closed = False
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._db = db
 
     @classmethod
     async def open(cls, path: Path) -> SqliteCaptureStore:
         """Open (creating the file, its directory and the tables when missing)."""
-
-        def connect() -> sqlite3.Connection:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            conn.executescript(_SCHEMA)
-            return conn
-
-        try:
-            return cls(await asyncio.to_thread(connect))
-        except (sqlite3.Error, OSError) as exc:
-            raise StoreUnavailable(f"sqlite {path}: {exc}") from exc
+        return cls(await open_database(path, MIGRATIONS))
 
     async def __aenter__(self) -> SqliteCaptureStore:
         return self
@@ -103,19 +91,7 @@ class SqliteCaptureStore:
 
     async def aclose(self) -> None:
         """Close the file (idempotent)."""
-        if not self._closed:
-            self._closed = True
-            async with self._lock:
-                await asyncio.to_thread(self._conn.close)
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        async with self._lock:
-            if self._closed:
-                raise StoreUnavailable("sqlite capture store is closed")
-            try:
-                return await asyncio.to_thread(fn, self._conn)
-            except sqlite3.OperationalError as exc:  # disk full, locked, I/O error
-                raise StoreUnavailable(f"sqlite: {exc}") from exc
+        await self._db.aclose()
 
     async def write(
         self, messages: Sequence[CapturedMessage], rejects: Sequence[CaptureReject]
@@ -132,15 +108,19 @@ class SqliteCaptureStore:
 
         def write(conn: sqlite3.Connection) -> list[CaptureReject]:
             try:
-                with conn:  # one transaction; rolled back on error
-                    conn.execute("BEGIN")
+                conn.execute("BEGIN")  # one transaction: all rows or none
+                try:
                     conn.executemany(_INSERT_MESSAGE, rows)
                     conn.executemany(_INSERT_REJECT, bad)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
             except _REFUSED:
                 return _one_by_one(conn, messages, rows, bad)
             return []
 
-        return await self._run(write)
+        return await self._db.run(write)
 
     async def list_messages(self, query: MessageQuery) -> list[StoredMessage]:
         """Newest first, filtered, paged by ``before_id`` (keyset) or ``offset``."""
@@ -157,14 +137,14 @@ class SqliteCaptureStore:
                 args.append(value)
         sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
-        rows = await self._run(
+        rows = await self._db.run(
             lambda c: c.execute(sql, (*args, query.limit, query.offset)).fetchall()
         )
         return [_message(r) for r in rows]
 
     async def get_message(self, message_id: int) -> StoredMessage | None:
         """One message by id, or None."""
-        rows = await self._run(
+        rows = await self._db.run(
             lambda c: c.execute(_SELECT + " WHERE id = ?", (message_id,)).fetchall()
         )
         return _message(rows[0]) if rows else None
@@ -173,22 +153,20 @@ class SqliteCaptureStore:
         """Newest first."""
         sql = "SELECT id, received_ms, peer, reason, raw FROM fix_rejects"
         sql += " WHERE ? IS NULL OR id < ? ORDER BY id DESC LIMIT ?"
-        rows = await self._run(lambda c: c.execute(sql, (before_id, before_id, limit)).fetchall())
+        rows = await self._db.run(
+            lambda c: c.execute(sql, (before_id, before_id, limit)).fetchall()
+        )
         return [StoredReject(*r) for r in rows]
 
     async def count(self) -> tuple[int, int]:
         """(messages, rejects) stored."""
         sql = "SELECT (SELECT count(*) FROM fix_messages), (SELECT count(*) FROM fix_rejects)"
-        row = await self._run(lambda c: c.execute(sql).fetchone())
+        row = await self._db.run(lambda c: c.execute(sql).fetchone())
         return int(row[0]), int(row[1])
 
     async def ping(self) -> bool:
         """True when a trivial query succeeds."""
-        try:
-            await self._run(lambda c: c.execute("SELECT 1").fetchone())
-        except StoreUnavailable:
-            return False
-        return True
+        return await self._db.ping()
 
 
 def _one_by_one(
