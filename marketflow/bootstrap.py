@@ -118,7 +118,14 @@ def live_source(ex: ExchangeSettings, settings: Settings) -> Source[Any]:
     if ex.type == "file":
         return build_file_source(ex, settings.pairs, wall_clock_ms)
     if ex.protocol == "fix":
-        return build_fix_source(ex, settings.pairs, settings.pipeline, wall_clock_ms)
+        return build_fix_source(
+            ex,
+            settings.pairs,
+            settings.pipeline,
+            wall_clock_ms,
+            data_dir=settings.embedded.data_dir,
+            resume_mark=lambda: None,  # the core's durable mark of this source: wired later
+        )
     return build_json_source(ex, settings.pairs, settings.pipeline, wall_clock_ms)
 
 

@@ -45,6 +45,9 @@ class TickBatch:
     received_ms: int
     count: int
     books: list[BookUpdate] = field(default_factory=list)  # top-of-book changes (FIX venues)
+    # Resume point of the source once this batch is durable: for FIX, the next expected
+    # inbound MsgSeqNum (every lower one is in this batch or an earlier one). None: no mark.
+    mark: int | None = None
 
     def ticks(self) -> list[Tick]:
         return [(sym, p, ts) for sym, points in self.by_symbol.items() for p, ts in points]
