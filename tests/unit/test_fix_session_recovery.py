@@ -312,3 +312,16 @@ def test_logout_after_market_data_keeps_what_was_applied(clock: FakeClock) -> No
         session.on_frame(venue("5", 4))
     assert seqs(session.take_market_data()) == [2, 3]
     assert session.expected_in_seq == 5
+
+
+def test_reject_of_the_resend_request_is_seen_even_above_the_gap(clock: FakeClock) -> None:
+    # The venue's Reject comes after the messages that made the gap: QuickFIX handles a
+    # Reject without checking for "too high", or the session would wait for the timeout.
+    session, transport = logged_on(clock)
+    session.on_frame(md(3))
+    request_seq = int(transport.sent[-1][34])
+    session.on_frame(venue("3", 4, [(45, request_seq), (372, "2"), (58, "no resend")]))
+    assert not session.recovering
+    assert seqs(session.take_market_data()) == [3]
+    assert session.expected_in_seq == 5
+    assert session.rejects.counts["seq_gap"] == 1

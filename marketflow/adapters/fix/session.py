@@ -223,10 +223,17 @@ class FixSession:
             self._on_logout(seq, frame)
         elif msg_type == b"4":
             self._on_sequence_reset(seq, frame)
-        elif queued and msg_type in (b"A", b"2"):
+        elif queued and msg_type in (b"A", b"2", b"3"):
             self._advance(seq + 1)  # handled when it arrived (QuickFIX nextQueued)
-        elif msg_type == b"2":
-            self._on_resend_request(seq, frame)
+        elif msg_type in (b"2", b"3"):  # handled even out of order, as QuickFIX does
+            if seq == self._in_seq:
+                self._advance(seq + 1)
+            elif seq > self._in_seq:
+                self._too_high(seq, frame)  # held: on release it only moves the number on
+            if msg_type == b"2":
+                self._on_resend_request(frame)
+            else:
+                self._admin(msg_type, seq, frame)
         elif self._in_order(seq, frame):
             self._advance(seq + 1)
             if msg_type in _MARKET_DATA:
@@ -355,15 +362,11 @@ class FixSession:
             log.warning("fix_sequence_reset_lower target=%s expected=%d new=%d: rejected",
                         self.config.target, self._in_seq, new_seq)  # fmt: skip
 
-    def _on_resend_request(self, seq: int, frame: bytes) -> None:
+    def _on_resend_request(self, frame: bytes) -> None:
         # Nothing of ours is worth replaying: fill the whole range with one gap fill. Answered
         # even when out of order (QuickFIX verifies neither too high nor too low here).
         begin = dict(parse_fields(frame)).get(7, b"1")
         self._out.gap_fill(int(begin or b"1"))
-        if seq == self._in_seq:
-            self._advance(seq + 1)
-        elif seq > self._in_seq:
-            self._too_high(seq, frame)
 
     def _admin(self, msg_type: bytes, seq: int, frame: bytes) -> None:
         fields = dict(parse_fields(frame)) if msg_type != b"0" else {}
