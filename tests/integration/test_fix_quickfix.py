@@ -27,8 +27,6 @@ from marketflow.domain.ticks import Tick, TickBatch
 from marketflow.settings import ExchangeSettings, PipelineSettings
 from tests.harness.services import free_port
 
-pytest.importorskip("quickfix")
-
 SYMBOLS = ("BTCUSDT", "ETHUSDT")
 PIPELINE = PipelineSettings(reconnect_initial_s=0.1, reconnect_max_s=0.3, stale_after_s=10.0)
 pytestmark = pytest.mark.timeout(90)

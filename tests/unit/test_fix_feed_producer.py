@@ -165,3 +165,13 @@ async def test_reconnect_carries_numbers_and_persists_them(tmp_path: Path) -> No
     assert saved is not None
     assert saved.next_in == 4
     assert saved.next_out >= 4  # Logon, MarketDataRequest, Logout answer
+
+
+def test_a_failing_resume_mark_falls_back_to_the_store(tmp_path: Path) -> None:
+    store = SequenceStore.for_venue(tmp_path, "venue", "MF", "VENUE")
+    store.save(7, 50)
+
+    def broken() -> int | None:
+        raise RuntimeError("store down")
+
+    assert producer(1, store=store, resume_mark=broken).starting_seqs() == (7, 50)

@@ -325,3 +325,24 @@ def test_reject_of_the_resend_request_is_seen_even_above_the_gap(clock: FakeCloc
     assert seqs(session.take_market_data()) == [3]
     assert session.expected_in_seq == 5
     assert session.rejects.counts["seq_gap"] == 1
+
+
+def test_too_many_held_messages_give_the_gap_up(clock: FakeClock) -> None:
+    session, _ = logged_on(clock, max_held=3)
+    for seq in (5, 6, 7):
+        session.on_frame(md(seq))
+    assert session.recovering
+    session.on_frame(md(8))  # a fourth: memory is bounded, the gap is skipped and counted
+    assert not session.recovering
+    assert seqs(session.take_market_data()) == [5, 6, 7, 8]
+    assert session.rejects.counts["seq_gap"] == 3
+
+
+def test_venue_resend_request_above_the_gap_is_answered_and_held(clock: FakeClock) -> None:
+    session, transport = logged_on(clock)
+    session.on_frame(venue("2", 3, [(7, 1), (16, 0)]))
+    request, fill = transport.sent[-2:]
+    assert (request[35], request[7]) == (b"2", b"2")  # our own request for 2
+    assert (fill[35], fill[123]) == (b"4", b"Y")  # and the venue's is answered at once
+    session.on_frame(venue("0", 2, poss_dup=True))
+    assert session.expected_in_seq == 4  # the held ResendRequest only moves the number on

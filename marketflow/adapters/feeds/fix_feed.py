@@ -82,7 +82,11 @@ class FixFeedProducer:
         the previous session ended with (nothing in-process is lost)."""
         if self._seqs is None:
             saved = self._store.load() if self._store is not None else None
-            mark = self._resume_mark()
+            try:
+                mark = self._resume_mark()
+            except Exception:  # the core's store may be down: the sequence file still serves
+                log.exception("fix_resume_mark_failed source=%s", self.name)
+                mark = None
             next_in = mark if mark is not None and mark >= 1 else (saved.next_in if saved else 1)
             next_out = saved.next_out if saved else 1
             log.info(
