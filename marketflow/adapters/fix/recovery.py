@@ -94,7 +94,5 @@ class GapRecovery:
         if size and self.end - begin + 1 > size:
             self.covered = begin + size - 1
             return ResendRange(begin, self.covered)
-        self.covered = self.end
-        if size:
-            return ResendRange(begin, self.end)  # the last chunk: exactly what is missing
+        self.covered = self.end  # one request (or the last chunk) asks for everything after
         return ResendRange(begin, 0)
