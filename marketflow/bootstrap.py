@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -115,11 +116,22 @@ def _host_of(url: str) -> str:
     return rest.rsplit("@", 1)[-1].split("/", 1)[0]
 
 
-def live_source(ex: ExchangeSettings, settings: Settings) -> Source[Any]:
+def live_source(
+    ex: ExchangeSettings, settings: Settings, resume_mark: Callable[[], int | None]
+) -> Source[Any]:
+    """The source of one configured exchange; ``resume_mark`` tells a FIX session where the
+    durable state ends (the newest folded mark, restored from Redis/PostgreSQL at start)."""
     if ex.type == "file":
         return build_file_source(ex, settings.pairs, wall_clock_ms, settings.pipeline.max_price)
     if ex.protocol == "fix":
-        return build_fix_source(ex, settings.pairs, settings.pipeline, wall_clock_ms)
+        return build_fix_source(
+            ex,
+            settings.pairs,
+            settings.pipeline,
+            wall_clock_ms,
+            data_dir=settings.embedded.data_dir,
+            resume_mark=resume_mark,
+        )
     return build_json_source(ex, settings.pairs, settings.pipeline, wall_clock_ms)
 
 
@@ -173,7 +185,11 @@ class Daemon:
         self.died = asyncio.Event()  # set when a core task fails: the daemon must stop
 
     def _live_sources(self) -> Sequence[Source[Any]]:
-        return [live_source(ex, self.settings) for ex in self.settings.exchanges]
+        agg = self.aggregator
+        return [
+            live_source(ex, self.settings, functools.partial(agg.position, ex.name))
+            for ex in self.settings.exchanges
+        ]
 
     def _test_sources(self) -> Sequence[Source[Any]]:
         s = self.settings

@@ -82,6 +82,10 @@ class ExchangeSettings(_Frozen):
     sender_comp_id: str = "MARKETFLOW"
     target_comp_id: str = ""  # empty: the venue name upper-cased
     heartbeat_s: int = Field(30, ge=1, le=3600)
+    # FIX session recovery (QuickFIX's ResetOnLogon; QuickFIX/J's ResendRequestChunkSize).
+    reset_on_logon: bool = False  # Logon with 141=Y: what the venue sent meanwhile is lost
+    resend_chunk_size: int = Field(5000, ge=0)  # MsgSeqNums per ResendRequest; 0: one request
+    resend_timeout_s: float = Field(10.0, gt=0)  # a gap unfilled this long: re-subscribe
     path: Path | None = None
     speed: float = Field(1.0, ge=0)
 

@@ -100,9 +100,10 @@ class RunningSource:
             item, received_ms = await queue.get()
             try:
                 batch = parse(item, received_ms)
-                if batch.count or batch.books:
+                if batch.count:
                     status.ticks += batch.count
                     status.last_tick_received_ms = received_ms
+                if batch.count or batch.books or batch.mark is not None:  # a mark alone too
                     await self._fanin.put(batch)
             except asyncio.CancelledError:
                 raise

@@ -48,8 +48,9 @@ class TickBatch:
     received_ms: int
     count: int
     books: list[BookUpdate] = field(default_factory=list)  # top-of-book changes (FIX venues)
-    # The source's resume position once this batch is applied (FIX: the next expected inbound
-    # MsgSeqNum); made durable with the ticks so a restart asks for exactly what was not.
+    # Resume point of the source once this batch is durable: for FIX, the next expected
+    # inbound MsgSeqNum (every lower one is in this batch or an earlier one). None: no mark.
+    # Made durable with the ticks, so a restart asks for exactly what was not.
     mark: int | None = None
 
     def ticks(self) -> list[Tick]:

@@ -1,11 +1,14 @@
 """A FIX 4.4 market-data venue (acceptor) for tests, demos and failover drills.
 
 ``python -m marketflow.simulator --protocol fix --port 40111 [--rate N] [--gap-every N]
-[--trade-log PATH]``. It accepts Logon, answers TestRequests, sends a 35=W snapshot per symbol
-on MarketDataRequest and then 35=X incrementals: bid and offer around a random-walk mid price
-and trades between them. All clients share one market. ``--gap-every N`` skips a MsgSeqNum
-every N market-data messages per client; ``--trade-log`` appends every trade sent to at least
-one client as a JSON line ``{"symbol", "price", "timestamp"}``: the oracle of the tests.
+[--trade-log PATH] [--no-resend]``. It accepts Logon, answers TestRequests, sends a 35=W snapshot
+per symbol on MarketDataRequest and then 35=X incrementals: bid and offer around a random-walk
+mid price and trades between them. All clients share one market. Sessions (by the initiator's
+CompID) keep their MsgSeqNums across reconnects and answer ResendRequests from a bounded history
+(fix_venue_session.py); ``--no-resend`` answers them with a Reject instead, as venues that cannot
+resend do. ``--gap-every N`` drops (numbers but does not write) every Nth market-data message
+per client; ``--trade-log`` appends every trade written to at least one client (first send or
+resend) as a JSON line ``{"symbol", "price", "timestamp"}``: the oracle of the tests.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from typing import TextIO
 
 import orjson
 
-from marketflow.adapters.fix.codec import FieldValue, FixFramer, encode, parse_fields
-from marketflow.adapters.fix.timestamps import format_utc, format_utc_time
+from marketflow.adapters.fix.codec import FieldValue, FixFramer, parse_fields
+from marketflow.adapters.fix.timestamps import format_utc_time
 from marketflow.settings import DEFAULT_PAIRS
+from marketflow.simulator.fix_venue_session import Client, Trade, VenueSession
 
 log = logging.getLogger("marketflow.simulator.fix")
 
@@ -37,34 +41,6 @@ _TICK_S = 0.01
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-class _Client:
-    """One initiator connection: its comp id, sequence numbers and subscription."""
-
-    def __init__(self, writer: asyncio.StreamWriter, comp_id: str, gap_every: int) -> None:
-        self.writer = writer
-        self.comp_id = comp_id
-        self.peer = "?"
-        self.out_seq = 1
-        self.heartbeat_s = 30.0
-        self.last_sent = time.monotonic()
-        self.logged_on = False
-        self.md_req_id: str | None = None
-        self.symbols: frozenset[str] = frozenset()
-        self._gap_every = gap_every
-        self._md_sent = 0
-
-    def send(self, msg_type: str, fields: Sequence[tuple[int, FieldValue]], now_ms: int) -> None:
-        if msg_type in ("W", "X") and self._gap_every:
-            self._md_sent += 1
-            if self._md_sent % self._gap_every == 0:
-                self.out_seq += 1  # the injected gap: this MsgSeqNum is never sent
-        msg = encode(msg_type, fields, sender=self.comp_id, target=self.peer, seq=self.out_seq,
-                     sending_time=format_utc(now_ms))  # fmt: skip
-        self.out_seq += 1
-        self.last_sent = time.monotonic()
-        self.writer.write(msg)
 
 
 class FixVenue:
@@ -81,20 +57,28 @@ class FixVenue:
         gap_every: int = 0,
         trade_log: Path | None = None,
         comp_id: str = "VENUE",
+        history: int = 100_000,
+        resend: bool = True,
     ) -> None:
         self.host = host
         self.port = port
         self.rate = rate
         self.gap_every = gap_every
         self.comp_id = comp_id
+        self.history = history
+        self.resend = resend
         self.trades_sent = 0
+        self.resends = 0
+        self.sessions: dict[str, VenueSession] = {}  # by the initiator's CompID
         self._rng = random.Random(seed)
         self._mids = {s: _STARTS.get(s, 100.0) for s in symbols}
         self._decimals = {s: max(2, 6 - math.floor(math.log10(m))) for s, m in self._mids.items()}
         self._last_trade = {s: self._fmt(s, m) for s, m in self._mids.items()}
+        self._trade_no = 0
+        self._trade_prefix = f"{time.time_ns():x}-"  # trade ids stay unique across restarts
         self._trade_log_path = trade_log
         self._trade_log: TextIO | None = None
-        self._clients: set[_Client] = set()
+        self._clients: set[Client] = set()
         self._handlers: set[asyncio.Task[None]] = set()
         self._server: asyncio.Server | None = None
         self._market: asyncio.Task[None] | None = None
@@ -144,7 +128,7 @@ class FixVenue:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
-        client = _Client(writer, self.comp_id, self.gap_every)
+        client = Client(writer, self.comp_id, self.gap_every, self._delivered)
         self._clients.add(client)
         try:
             await self._serve(reader, client)
@@ -155,7 +139,7 @@ class FixVenue:
             self._handlers.discard(task)
             writer.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, client: _Client) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, client: Client) -> None:
         framer = FixFramer()
         while True:
             data = await reader.read(65536)
@@ -170,22 +154,22 @@ class FixVenue:
                     return
             await client.writer.drain()
 
-    def _on_message(self, client: _Client, pairs: list[tuple[int, bytes]]) -> bool:
+    def _on_message(self, client: Client, pairs: list[tuple[int, bytes]]) -> bool:
         """Handle one message from the initiator; False to close the connection."""
         fields = dict(pairs)
         msg_type = fields.get(35, b"")
         now = _now_ms()
         if not client.logged_on:
-            if msg_type != b"A":
-                return False
-            client.peer = fields.get(49, b"?").decode(errors="replace")
-            client.heartbeat_s = float(fields.get(108, b"30") or b"30")
-            client.logged_on = True
-            client.send("A", [(98, 0), (108, fields.get(108, b"30")), (141, "Y")], now)
-        elif msg_type == b"1":
+            return msg_type == b"A" and self._on_logon(client, fields, now)
+        if not self._in_sequence(client, fields, now):
+            return False
+        if msg_type == b"1":
             client.send("0", [(112, fields.get(112, b""))], now)
         elif msg_type == b"2":
-            client.send("4", [(123, "Y"), (36, client.out_seq + 1)], now)
+            self._on_resend_request(client, fields, now)
+        elif msg_type == b"4":
+            new_seq = int(fields.get(36, b"0") or b"0")
+            client.session.in_seq = max(client.session.in_seq, new_seq)
         elif msg_type == b"5":
             client.send("5", [], now)
             return False
@@ -194,8 +178,57 @@ class FixVenue:
             self._on_md_request(client, fields, symbols, now)
         return True
 
+    def _on_logon(self, client: Client, fields: dict[int, bytes], now: int) -> bool:
+        client.peer = fields.get(49, b"?").decode(errors="replace")
+        session = self.sessions.get(client.peer)
+        if session is None:
+            session = self.sessions[client.peer] = VenueSession(self.history)
+        client.session = session
+        reset = fields.get(141) == b"Y"
+        if reset:
+            session.reset()
+        client.heartbeat_s = float(fields.get(108, b"30") or b"30")
+        seq = int(fields.get(34, b"0") or b"0")
+        gap_from = session.in_seq if seq > session.in_seq else None
+        if not self._in_sequence(client, fields, now):
+            return False
+        client.logged_on = True
+        answer: list[tuple[int, FieldValue]] = [(98, 0), (108, fields.get(108, b"30"))]
+        client.send("A", [*answer, (141, "Y")] if reset else answer, now)
+        if gap_from is not None:  # what a real acceptor does: ask the initiator to resend
+            client.send("2", [(7, gap_from), (16, 0)], now)
+        return True
+
+    def _in_sequence(self, client: Client, fields: dict[int, bytes], now: int) -> bool:
+        """The initiator's MsgSeqNum: too low without PossDup ends the session (so a client
+        whose number went back is caught); too high asks for a resend; PossDup below is
+        ignored."""
+        session = client.session
+        seq = int(fields.get(34, b"0") or b"0")
+        if seq < session.in_seq:
+            if fields.get(43) == b"Y":
+                return True
+            text = f"MsgSeqNum too low, expecting {session.in_seq} but received {seq}"
+            log.warning("fix_venue_seq_too_low peer=%s %s", client.peer, text)
+            client.send("5", [(58, text)], now)
+            return False
+        if seq > session.in_seq and fields.get(35) != b"A":
+            client.send("2", [(7, session.in_seq), (16, 0)], now)
+        session.in_seq = seq + 1
+        return True
+
+    def _on_resend_request(self, client: Client, fields: dict[int, bytes], now: int) -> None:
+        begin = int(fields.get(7, b"1") or b"1")
+        end = int(fields.get(16, b"0") or b"0")
+        if not self.resend:
+            refused: list[tuple[int, FieldValue]] = [(45, fields.get(34, b"0")), (372, "2")]
+            refused.append((58, "resend not supported"))
+            client.send("3", refused, now)
+            return
+        self.resends += client.resend(begin, end, now)
+
     def _on_md_request(
-        self, client: _Client, fields: dict[int, bytes], requested: list[str], now: int
+        self, client: Client, fields: dict[int, bytes], requested: list[str], now: int
     ) -> None:
         req_id = fields.get(262, b"").decode(errors="replace")
         if fields.get(263) == b"2":
@@ -254,13 +287,14 @@ class FixVenue:
             (279, 1), (269, 0), (55, symbol), (270, bid), (271, 1), (273, time_only),
             (279, 1), (269, 1), (55, symbol), (270, ask), (271, 1), (273, time_only),
         ]  # fmt: skip
-        trade: str | None = None
+        trade: Trade | None = None
         if self._rng.random() < 0.6:
-            trade = self._fmt(symbol, mid * (1 + self._rng.uniform(-1e-4, 1e-4)))
-            fields += [(279, 0), (269, 2), (55, symbol), (270, trade), (271, 0.5)]
-            fields += [(273, time_only)]
+            price = self._fmt(symbol, mid * (1 + self._rng.uniform(-1e-4, 1e-4)))
+            trade = Trade(symbol, price, now)
+            self._trade_no += 1
+            fields += [(279, 0), (269, 2), (55, symbol), (270, price), (271, 0.5)]
+            fields += [(273, time_only), (1003, f"{self._trade_prefix}{self._trade_no}")]
         fields.insert(0, (268, 2 if trade is None else 3))
-        delivered = False
         for client in list(self._clients):
             if client.md_req_id is None or symbol not in client.symbols:
                 continue
@@ -269,14 +303,19 @@ class FixVenue:
                 client.writer.close()
                 self._clients.discard(client)
                 continue
-            client.send("X", fields, now)
-            delivered = True
-        if trade is not None and delivered:
-            self._last_trade[symbol] = trade
-            self.trades_sent += 1
-            if self._trade_log is not None:
-                line = {"symbol": symbol, "price": float(trade), "timestamp": now}
-                self._trade_log.write(orjson.dumps(line).decode() + "\n")
+            client.send("X", fields, now, trade)
+
+    def _delivered(self, trade: Trade) -> None:
+        """A trade was written to a client (sent or resent): log it the first time."""
+        if trade.logged:
+            return
+        trade.logged = True
+        self._last_trade[trade.symbol] = trade.price
+        self.trades_sent += 1
+        if self._trade_log is not None:
+            line = {"symbol": trade.symbol, "price": float(trade.price)}
+            line["timestamp"] = trade.timestamp_ms
+            self._trade_log.write(orjson.dumps(line).decode() + "\n")
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -304,6 +343,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--pairs", default=",".join(DEFAULT_PAIRS))
     parser.add_argument("--comp-id", default="VENUE", help="our SenderCompID")
+    parser.add_argument(
+        "--no-resend", action="store_true", help="answer ResendRequests with a Reject"
+    )
     return parser.parse_args(argv)
 
 
@@ -311,6 +353,7 @@ async def _serve(args: argparse.Namespace) -> None:
     venue = FixVenue(
         args.host, args.port, symbols=[p for p in args.pairs.split(",") if p], seed=args.seed,
         rate=args.rate, gap_every=args.gap_every, trade_log=args.trade_log, comp_id=args.comp_id,
+        resend=not args.no_resend,
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

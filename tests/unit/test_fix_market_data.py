@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from marketflow.adapters.feeds.fix_market_data import FixMarketDataParser
+from marketflow.adapters.feeds.fix_market_data import FixItem, FixMarketDataParser
 from marketflow.adapters.fix.codec import FixFramer, encode
 from marketflow.domain.ticks import BookUpdate, RejectCounts
 
@@ -99,3 +99,39 @@ def test_message_without_sending_time_is_rejected() -> None:
     msg = _x(trade("10"), sending="garbage")
     assert p.parse([msg], NOON).count == 0
     assert p.rejects.counts == {"sending_time_invalid": 1}
+
+
+def test_trade_correction_and_cancel_are_counted_not_ticks() -> None:
+    # Defect 8: a 269=2 entry with 279=1/2 (correction, cancel) was counted as a new tick.
+    p = parser()
+    correction = [(279, "1"), (269, "2"), (55, "BTCUSDT"), (270, "10.5")]
+    cancel = [(279, "2"), (269, "2"), (55, "BTCUSDT")]  # a cancel needs no price
+    batch = p.parse([_x(trade("10"), correction, cancel)], NOON)
+    assert batch.by_symbol == {"BTCUSDT": [(10.0, NOON)]}
+    assert p.rejects.counts == {"trade_correction": 1, "trade_cancel": 1}
+
+
+def test_trades_are_deduplicated_by_trade_id_or_entry_id() -> None:
+    p = parser()
+    first = p.parse([_x(trade("10", t1003="T1"), trade("11", t278="E7"), trade("12"))], NOON)
+    again = p.parse([_x(trade("10", t1003="T1"), trade("11", t278="E7"), trade("12"))], NOON)
+    assert first.count == 3
+    assert again.by_symbol == {"BTCUSDT": [(12.0, NOON)]}  # no id: cannot tell, kept
+    assert p.rejects.counts == {"duplicate_trade": 2}
+    other = p.parse([_x(trade("10", symbol="ETHUSDT", t1003="T1"))], NOON)
+    assert other.count == 1  # ids are per symbol
+
+
+def test_dedup_window_is_bounded() -> None:
+    p = FixMarketDataParser("venue", PAIRS, RejectCounts(), dedup_window=2)
+    for trade_id in ("A", "B", "C"):
+        p.parse([_x(trade("10", t1003=trade_id))], NOON)
+    assert p.parse([_x(trade("10", t1003="A"))], NOON).count == 1  # forgotten: counted
+    assert p.parse([_x(trade("10", t1003="C"))], NOON).count == 0
+
+
+def test_the_mark_of_an_item_is_on_its_batch() -> None:
+    p = parser()
+    assert p.parse(FixItem([_x(trade("10"))], 42), NOON).mark == 42
+    assert p.parse(FixItem([], 43), NOON).mark == 43
+    assert p.parse([_x(trade("10"))], NOON).mark is None  # a replayed log has no mark

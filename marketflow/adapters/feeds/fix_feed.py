@@ -1,10 +1,14 @@
 """A FIX 4.4 market-data venue as an ingest source: we connect as the initiator.
 
 The producer owns the connection: it reads 64 KiB chunks, frames them with a fresh FixFramer
-per connection, lets the FixSession account for every message (sequence numbers, heartbeats)
-and puts the market-data frames of each read on the source queue as one item. Reconnects never
-give up: exponential backoff with jitter, capped, every attempt logged. The parser (see
-fix_market_data.py) runs in the worker pool.
+per connection, lets the FixSession account for every message (sequence numbers, gap recovery,
+heartbeats) and puts the market-data frames the session applied in each read on the source
+queue as one FixItem, with the session's mark (the next expected inbound MsgSeqNum). Frames the
+session applied are always put, also when a later message of the same read ends the session,
+when the read loop is cancelled while blocked on a full queue, and during the logout wait.
+Sequence numbers carry over from one connection to the next and, through the sequence store,
+across restarts. Reconnects never give up: exponential backoff with jitter, capped, every
+attempt logged. The parser (see fix_market_data.py) runs in the worker pool.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from marketflow.adapters.feeds.fix_market_data import FixMarketDataParser
+from marketflow.adapters.feeds.fix_market_data import FixItem, FixMarketDataParser
 from marketflow.adapters.fix.codec import FixFramer, FrameReject
+from marketflow.adapters.fix.seq_store import SequenceStore
 from marketflow.adapters.fix.session import FixSession, FixSessionError, LinkDead, SessionConfig
 from marketflow.app.feed_status import FeedStatus
 from marketflow.app.ingest import Clock, Source
@@ -27,8 +33,12 @@ __all__ = ["FixFeedProducer", "FixItem", "FixMarketDataParser", "build_fix_sourc
 
 log = logging.getLogger("marketflow.feeds.fix")
 
-FixItem = list[bytes]
-"""The market-data frames (35=W/35=X) of one read, in stream order."""
+FixQueue = asyncio.Queue[tuple[FixItem, int]]
+_PERSIST_EVERY_S = 1.0  # how often the expected inbound number is written to the store
+
+
+def _no_mark() -> int | None:
+    return None
 
 
 class FixFeedProducer:
@@ -47,6 +57,8 @@ class FixFeedProducer:
         rng: random.Random | None = None,
         connect_timeout_s: float = 5.0,
         logout_wait_s: float = 1.0,
+        store: SequenceStore | None = None,
+        resume_mark: Callable[[], int | None] = _no_mark,
     ) -> None:
         self.name = name
         self.host = host
@@ -58,9 +70,34 @@ class FixFeedProducer:
         self._rng = rng or random.Random()
         self._connect_timeout_s = connect_timeout_s
         self._logout_wait_s = logout_wait_s
+        self._store = store
+        self._resume_mark = resume_mark
+        self._seqs: tuple[int, int] | None = None  # (next out, next in) between connections
+        self._pending: tuple[FixItem, int] | None = None  # being put when cancelled
         self.session: FixSession | None = None  # the current one, for stats and tests
 
-    async def run(self, out: asyncio.Queue[tuple[FixItem, int]], status: FeedStatus) -> None:
+    def starting_seqs(self) -> tuple[int, int]:
+        """(next out, next expected in) for the next connection. At the first connection of
+        this producer: the core's durable mark, else the store's numbers, else 1; later, what
+        the previous session ended with (nothing in-process is lost)."""
+        if self._seqs is None:
+            saved = self._store.load() if self._store is not None else None
+            try:
+                mark = self._resume_mark()
+            except Exception:  # the core's store may be down: the sequence file still serves
+                log.exception("fix_resume_mark_failed source=%s", self.name)
+                mark = None
+            next_in = mark if mark is not None and mark >= 1 else (saved.next_in if saved else 1)
+            next_out = saved.next_out if saved else 1
+            log.info(
+                "fix_resume source=%s next_out=%d next_in=%d from=%s",
+                self.name, next_out, next_in,
+                "mark" if mark is not None else "store" if saved else "start",
+            )  # fmt: skip
+            self._seqs = (next_out, next_in)
+        return self._seqs
+
+    async def run(self, out: FixQueue, status: FeedStatus) -> None:
         """Connect, run sessions and reconnect until cancelled."""
         status.address = f"{self.host}:{self.port}"
         failures = 0
@@ -109,10 +146,9 @@ class FixFeedProducer:
         base = min(p.reconnect_max_s, p.reconnect_initial_s * 2.0 ** min(failures - 1, 30))
         return base * self._rng.uniform(0.5, 1.0)
 
-    async def _connection(
-        self, out: asyncio.Queue[tuple[FixItem, int]], status: FeedStatus
-    ) -> bool:
+    async def _connection(self, out: FixQueue, status: FeedStatus) -> bool:
         """One TCP connection and FIX session; returns on EOF, raises on failures."""
+        next_out, next_in = self.starting_seqs()
         async with asyncio.timeout(self._connect_timeout_s):
             reader, writer = await asyncio.open_connection(self.host, self.port)
         framer = FixFramer(self._pipeline.max_line_bytes)  # a fresh buffer per connection
@@ -122,6 +158,9 @@ class FixFeedProducer:
             monotonic=self._monotonic,
             wall_ms=self._clock,
             rejects=status.rejects,
+            next_out=next_out,
+            next_in=next_in,
+            persist=self._store.save if self._store is not None else None,
         )
         self.session = session
         try:
@@ -129,9 +168,11 @@ class FixFeedProducer:
             status.connected = True
             await self._read_loop(reader, writer, framer, session, out, status)
         except asyncio.CancelledError:
-            await self._logout(reader, framer, session)
+            await self._shutdown(reader, framer, session, out, status)
             raise
         finally:
+            self._seqs = (session.next_out_seq, session.expected_in_seq)
+            session.persist()
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
                 async with asyncio.timeout(1.0):
@@ -144,12 +185,16 @@ class FixFeedProducer:
         writer: asyncio.StreamWriter,
         framer: FixFramer,
         session: FixSession,
-        out: asyncio.Queue[tuple[FixItem, int]],
+        out: FixQueue,
         status: FeedStatus,
     ) -> None:
         chunk = self._pipeline.read_chunk_bytes
+        persisted = self._monotonic()
         while True:
-            wait = session.poll()  # heartbeats, test requests; raises LinkDead
+            try:
+                wait = session.poll()  # heartbeats, test requests, resend timeout; LinkDead
+            finally:
+                await self._flush(session, out, self._clock())  # an abandoned gap drains
             await writer.drain()  # surfaces a broken pipe; session messages are tiny
             try:
                 async with asyncio.timeout(wait):
@@ -162,18 +207,34 @@ class FixFeedProducer:
             status.bytes_in += len(data)
             status.chunks += 1
             status.stale = False
-            item: FixItem = []
-            for frame in framer.feed(data):
-                if type(frame) is bytes:
-                    if session.on_frame(frame):
-                        item.append(frame)
-                else:
-                    assert isinstance(frame, FrameReject)
-                    self._reject(frame, status)
+            try:
+                self._feed(framer, session, data, status)
+            finally:  # what the session applied before a Logout or too-low MsgSeqNum counts
+                await self._flush(session, out, received_ms)
             if session.closed:
                 return
-            if item:
-                await out.put((item, received_ms))  # blocks when full: TCP pushes back
+            now = self._monotonic()
+            if now - persisted >= _PERSIST_EVERY_S:
+                session.persist()
+                persisted = now
+
+    def _feed(self, framer: FixFramer, session: FixSession, data: bytes, st: FeedStatus) -> None:
+        for frame in framer.feed(data):
+            if type(frame) is bytes:
+                session.on_frame(frame)
+            else:
+                assert isinstance(frame, FrameReject)
+                self._reject(frame, st)
+
+    async def _flush(self, session: FixSession, out: FixQueue, received_ms: int) -> None:
+        """Put what the session applied, with its mark, on the queue (blocks when full: TCP
+        pushes back). Cancelled while blocked, the item stays pending for ``_shutdown``."""
+        frames = session.take_market_data()
+        if not frames:
+            return
+        self._pending = (FixItem(frames, session.expected_in_seq), received_ms)
+        await out.put(self._pending)
+        self._pending = None
 
     def _reject(self, reject: FrameReject, status: FeedStatus) -> None:
         status.rejects.add(reject.reason, reject.raw)
@@ -187,20 +248,43 @@ class FixFeedProducer:
                 reject.raw[:200],
             )
 
-    async def _logout(
-        self, reader: asyncio.StreamReader, framer: FixFramer, session: FixSession
+    async def _shutdown(
+        self,
+        reader: asyncio.StreamReader,
+        framer: FixFramer,
+        session: FixSession,
+        out: FixQueue,
+        status: FeedStatus,
     ) -> None:
-        """Send Logout and wait briefly for the venue's; market data read meanwhile is dropped."""
-        session.logout("shutdown")
+        """Cancelled: put the pending item, send Logout and wait briefly for the venue's,
+        keeping the market data read meanwhile. Puts are bounded too (the workers may be
+        gone); what cannot be put is counted (``dropped_at_shutdown``), never silent."""
+        pending, self._pending = self._pending, None
+        deadline = asyncio.get_running_loop().time() + self._logout_wait_s
         with contextlib.suppress(OSError, TimeoutError, FixSessionError):
-            async with asyncio.timeout(self._logout_wait_s):
+            async with asyncio.timeout_at(deadline):
+                if pending is not None:
+                    await out.put(pending)
+                    pending = None
+                session.logout("shutdown")
                 while not session.closed:
                     data = await reader.read(self._pipeline.read_chunk_bytes)
                     if not data:
-                        return
-                    for frame in framer.feed(data):
-                        if type(frame) is bytes:
-                            session.on_frame(frame)
+                        break
+                    self._feed(framer, session, data, status)
+        frames = session.take_market_data()
+        items = [] if pending is None else [pending]
+        if frames:
+            items.append((FixItem(frames, session.expected_in_seq), self._clock()))
+        for n, item in enumerate(items):
+            try:
+                async with asyncio.timeout(self._logout_wait_s):
+                    await out.put(item)
+            except TimeoutError:
+                lost = sum(len(i[0].frames) for i in items[n:])
+                status.rejects.add("dropped_at_shutdown", b"%d frames" % lost, lost)
+                log.error("fix_dropped_at_shutdown source=%s frames=%d", self.name, lost)  # noqa: TRY400 - no traceback to show
+                return
 
 
 def build_fix_source(
@@ -208,25 +292,42 @@ def build_fix_source(
     pairs: Sequence[str],
     pipeline: PipelineSettings,
     clock: Clock,
+    *,
+    data_dir: Path = Path("var"),
+    resume_mark: Callable[[], int | None] = _no_mark,
 ) -> Source[FixItem]:
     """The ingest source of one ``protocol = "fix"`` exchange (we are the FIX initiator).
 
     Liveness: a TestRequest after half of ``stale_after_s`` (or 1.2 x HeartBtInt) of silence,
     and the link is declared dead, shown stale and reconnected after ``stale_after_s`` (or
-    2 x HeartBtInt), whichever is sooner.
+    2 x HeartBtInt), whichever is sooner. Sequence numbers live in
+    ``<data_dir>/fix/<name>.seq``; ``resume_mark`` returns the core's durable mark of this
+    source (the next inbound MsgSeqNum not yet durable), which wins over the store at start.
     """
     status = FeedStatus(settings.name, "fix", f"{settings.host}:{settings.port}")
     hb = settings.heartbeat_s
+    target = settings.target_comp_id or settings.name.upper()
     session = SessionConfig(
         sender=settings.sender_comp_id,
-        target=settings.target_comp_id or settings.name.upper(),
+        target=target,
         symbols=tuple(pairs),
         heartbeat_s=hb,
         test_request_after_s=min(hb * 1.2, pipeline.stale_after_s / 2),
         dead_after_s=min(hb * 2.0, pipeline.stale_after_s),
+        reset_on_logon=settings.reset_on_logon,
+        resend_chunk_size=settings.resend_chunk_size,
+        resend_timeout_s=settings.resend_timeout_s,
     )
+    store = SequenceStore.for_venue(data_dir, settings.name, settings.sender_comp_id, target)
     producer = FixFeedProducer(
-        settings.name, settings.host, settings.port, session, pipeline, clock
+        settings.name,
+        settings.host,
+        settings.port,
+        session,
+        pipeline,
+        clock,
+        store=store,
+        resume_mark=resume_mark,
     )
     parser = FixMarketDataParser(settings.name, pairs, status.rejects)
     return Source(status, producer, parser)

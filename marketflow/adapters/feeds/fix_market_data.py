@@ -6,12 +6,22 @@ reported, so by default it is not a tick: counting it would add one tick per re-
 per reconnect and skew the averages. The parser keeps the top of book per symbol, so it must
 see one source's messages in order (the ingest workers take items in queue order and parse
 synchronously, which preserves that order).
+
+An incremental trade entry with MDUpdateAction 1 or 2 corrects or cancels an earlier trade: it is
+counted (``trade_correction`` / ``trade_cancel``), never a new tick. Trades that carry a TradeID
+(1003) or MDEntryID (278) are de-duplicated over the last ``dedup_window`` ids (per symbol), so a
+trade that reaches us twice (a re-subscription after an abandoned gap, a venue resending what a
+new subscription repeats) counts once (``duplicate_trade``).
+
+Each item carries the session's mark (the next expected inbound MsgSeqNum once its messages are
+applied); the batch carries it on to the core, which makes it durable with the ticks.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from marketflow.adapters.fix.codec import SOH
 from marketflow.adapters.fix.timestamps import entry_time_ms, parse_utc
@@ -31,12 +41,24 @@ _DELETE = b"2"
 _ACTIONS = frozenset((b"0", b"1", b"2"))
 _INF = float("inf")
 Entry = dict[bytes, bytes]
+_DEDUP_WINDOW = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class FixItem:
+    """The market-data frames (35=W/35=X) of one read, in MsgSeqNum order, and the mark."""
+
+    frames: list[bytes]
+    mark: int | None = None
 
 
 class FixMarketDataParser:
     """Turns the market-data frames of one read into one TickBatch; counts rejects by reason."""
 
-    __slots__ = ("_book", "_published", "_symbols", "exchange", "rejects", "snapshot_trades")
+    __slots__ = (
+        "_book", "_published", "_seen", "_symbols", "_window", "exchange", "rejects",
+        "snapshot_trades",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -45,6 +67,7 @@ class FixMarketDataParser:
         rejects: RejectCounts,
         *,
         snapshot_trades_as_ticks: bool = False,
+        dedup_window: int = _DEDUP_WINDOW,
     ) -> None:
         self.exchange = exchange
         self.rejects = rejects
@@ -52,10 +75,14 @@ class FixMarketDataParser:
         self._symbols = {s.encode(): s for s in symbols}
         self._book: dict[str, list[float | None]] = {}  # symbol -> [bid, ask]
         self._published: dict[str, tuple[float | None, float | None]] = {}
+        self._seen: dict[tuple[str, bytes], None] = {}  # insertion-ordered: oldest first
+        self._window = dedup_window
 
-    def parse(self, frames: list[bytes], received_ms: int) -> TickBatch:
-        """Parse complete, framed 35=W/35=X messages (framing was validated by the reader)."""
-        batch = TickBatch(self.exchange, {}, received_ms, 0)
+    def parse(self, item: FixItem | list[bytes], received_ms: int) -> TickBatch:
+        """Parse complete, framed 35=W/35=X messages (framing was validated by the reader);
+        a plain list of frames (a FIX log replayed from a file) has no mark."""
+        frames, mark = (item.frames, item.mark) if isinstance(item, FixItem) else (item, None)
+        batch = TickBatch(self.exchange, {}, received_ms, 0, mark=mark)
         for frame in frames:
             self._message(frame, batch)
         return batch
@@ -113,7 +140,10 @@ class FixMarketDataParser:
         if snapshot and symbol not in touched:
             self._book[symbol] = [None, None]  # a snapshot replaces the whole book
             touched[symbol] = ts
-        if action == _DELETE and kind != _TRADE:
+        if action != b"0" and kind == _TRADE:  # a correction or cancel, not a new trade
+            self.rejects.add("trade_cancel" if action == _DELETE else "trade_correction", frame)
+            return
+        if action == _DELETE:
             self._book.setdefault(symbol, [None, None])[kind == _OFFER] = None
             touched[symbol] = ts
             return
@@ -123,18 +153,42 @@ class FixMarketDataParser:
             return
         assert isinstance(price, float)
         if kind == _TRADE:
-            if snapshot and not self.snapshot_trades:
-                return
-            point: PricePoint = (price, ts)
-            points = batch.by_symbol.get(symbol)
-            if points is None:
-                batch.by_symbol[symbol] = [point]
-            else:
-                points.append(point)
-            batch.count += 1
+            self._trade(e, snapshot, symbol, (price, ts), frame, batch)
             return
         self._book.setdefault(symbol, [None, None])[kind == _OFFER] = price
         touched[symbol] = ts
+
+    def _trade(
+        self,
+        e: Entry,
+        snapshot: bool,
+        symbol: str,
+        point: PricePoint,
+        frame: bytes,
+        batch: TickBatch,
+    ) -> None:
+        if snapshot and not self.snapshot_trades:
+            return
+        trade_id = e.get(b"1003") or e.get(b"278")
+        if trade_id and self._duplicate(symbol, trade_id):
+            self.rejects.add("duplicate_trade", frame)
+            return
+        points = batch.by_symbol.get(symbol)
+        if points is None:
+            batch.by_symbol[symbol] = [point]
+        else:
+            points.append(point)
+        batch.count += 1
+
+    def _duplicate(self, symbol: str, trade_id: bytes) -> bool:
+        key = (symbol, trade_id)
+        seen = self._seen
+        if key in seen:
+            return True
+        seen[key] = None
+        if len(seen) > self._window:
+            del seen[next(iter(seen))]
+        return False
 
 
 def _split(frame: bytes) -> tuple[bytes | None, bytes | None, bytes | None, list[Entry]]:

@@ -1,82 +1,52 @@
 """FIX 4.4 initiator session for market data: logon, heartbeats, sequence numbers, logout.
 
-Sans-IO: the session writes to a transport (anything with ``write(bytes)``, such as an
-asyncio StreamWriter) and is told about each received frame and about the passing of time
-(``poll()``), with both clocks injected. The connection loop lives in the feed adapter; parsing
-market data lives in the parser. This keeps the state machine testable without sockets.
-
-Gap recovery: on a gap in the venue's MsgSeqNum we re-subscribe (cancel the MarketDataRequest,
-send a new one) instead of sending a ResendRequest. Market data is perishable: replayed
-incrementals arrive after newer prices, many venues answer a resend with a gap fill anyway,
-and with MarketDepth=1 a fresh snapshot restores the top of book at once. Trades inside the
-gap are lost either way on such venues; they are counted (``seq_gap``) so it shows in /health.
+Sans-IO: it writes to a transport (``write(bytes)``), is told about each received frame and
+the passing of time (``poll()``), both clocks injected. Applied market-data frames wait, in
+MsgSeqNum order, for ``take_market_data()``: a later message that ends the session loses none.
+Sequencing follows QuickFIX ``Session.cpp`` (see recovery.py): gaps are held and resent, a
+SequenceReset never lowers the expected number, too low without PossDup ends the session.
+Numbers carry over between connections (passed in); Logon resets them only with
+``reset_on_logon``. A venue that cannot resend (Reject, or ``resend_timeout_s`` without
+progress) gets the fallback: the gap is skipped, counted (``seq_gap``), and re-subscribed.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
 
-from marketflow.adapters.fix.codec import SOH, FieldValue, encode, parse_fields
-from marketflow.adapters.fix.timestamps import format_utc
-from marketflow.domain.errors import MarketflowError
+from marketflow.adapters.fix.codec import parse_fields
+from marketflow.adapters.fix.recovery import GapRecovery, ResendRange
+from marketflow.adapters.fix.session_messages import (
+    BAD_FORMAT,
+    POSS_DUP,
+    REQUIRED_TAG_MISSING,
+    VALUE_INCORRECT,
+    peek_header,
+    poss_dup_problem,
+)
+from marketflow.adapters.fix.session_out import Outbound, SeqSink
+from marketflow.adapters.fix.session_types import (
+    FixSessionError,
+    LinkDead,
+    SessionConfig,
+    SessionState,
+    SessionStats,
+    Transport,
+)
 from marketflow.domain.ticks import RejectCounts
+
+__all__ = ["FixSession", "FixSessionError", "LinkDead", "SessionConfig", "SessionState"]
+__all__ += ["SessionStats", "Transport"]
 
 log = logging.getLogger("marketflow.fix.session")
 
 _MARKET_DATA = frozenset((b"W", b"X"))
-_RESUBSCRIBE_MIN_INTERVAL_S = 1.0  # a burst of gaps asks for one snapshot, not one per gap
-
-
-class FixSessionError(MarketflowError):
-    """The session cannot go on (logon refused, logout, sequence too low): reconnect."""
-
-
-class LinkDead(FixSessionError):
-    """Nothing received for 2 x HeartBtInt (or the configured limit), or no logon answer."""
-
-
-class Transport(Protocol):
-    def write(self, data: bytes, /) -> None: ...
-
-
-class SessionState(enum.Enum):
-    CREATED = "created"
-    LOGON_SENT = "logon_sent"
-    ACTIVE = "active"
-    LOGOUT_SENT = "logout_sent"
-    CLOSED = "closed"
-
-
-@dataclass(frozen=True, slots=True)
-class SessionConfig:
-    """Who we are, whom we talk to, what we subscribe to and the liveness timings."""
-
-    sender: str
-    target: str
-    symbols: tuple[str, ...]
-    heartbeat_s: int = 30
-    begin: str = "FIX.4.4"
-    test_request_after_s: float | None = None  # silence before a TestRequest; 1.2 x HeartBtInt
-    dead_after_s: float | None = None  # silence before the link is dead; 2 x HeartBtInt
-    logon_timeout_s: float = 10.0
-
-
-@dataclass(slots=True)
-class SessionStats:
-    gaps: int = 0
-    missed_messages: int = 0
-    resubscribes: int = 0
-    venue_rejects: int = 0
-    md_request_rejects: int = 0
-    test_requests_sent: int = 0
 
 
 class FixSession:
-    """One logon-to-logout session over one connection; build a new one per connection."""
+    """One logon-to-logout session over one connection; build a new one per connection,
+    passing the sequence numbers the previous one ended with."""
 
     def __init__(
         self,
@@ -86,79 +56,100 @@ class FixSession:
         monotonic: Callable[[], float],
         wall_ms: Callable[[], int],
         rejects: RejectCounts | None = None,
+        next_out: int = 1,
+        next_in: int = 1,
+        persist: SeqSink | None = None,
     ) -> None:
         self.config = config
         self.state = SessionState.CREATED
         self.stats = SessionStats()
         self.rejects = rejects if rejects is not None else RejectCounts()
-        self._transport = transport
         self._monotonic = monotonic
-        self._wall_ms = wall_ms
         hb = float(config.heartbeat_s)
         self._test_after = config.test_request_after_s or hb * 1.2
         self._dead_after = config.dead_after_s or hb * 2
-        self._out_seq = 1
-        self._in_seq = 1  # next MsgSeqNum expected from the venue
-        now = monotonic()
-        self._last_sent = now
-        self._last_received = now
-        self._started = now
+        self._in_seq = next_in  # next MsgSeqNum expected from the venue
+        self._out = Outbound(
+            config, transport, self.stats, monotonic=monotonic, wall_ms=wall_ms,
+            next_out=next_out, next_in=lambda: self._in_seq, persist=persist,
+        )  # fmt: skip
+        self._last_received = self._started = monotonic()
         self._test_req_id: str | None = None
         self._req_no = 0
-        self._md_req_id: str | None = None
-        self._last_resubscribe = -_RESUBSCRIBE_MIN_INTERVAL_S
+        self._sent_reset = False
+        self._ready: list[bytes] = []
+        self._recovery = GapRecovery(config.resend_chunk_size)
 
     @property
     def next_out_seq(self) -> int:
-        return self._out_seq
+        return self._out.seq
 
     @property
     def expected_in_seq(self) -> int:
+        """Every message below this number has been applied (or skipped and counted)."""
         return self._in_seq
 
     @property
     def md_req_id(self) -> str | None:
-        return self._md_req_id
+        return self._out.md_req_id
 
-    def start(self) -> None:
-        """Send Logon with ResetSeqNumFlag: both sides start again at MsgSeqNum 1."""
-        self._started = self._last_received = self._monotonic()
-        hb = self.config.heartbeat_s
-        self._send("A", [(98, 0), (108, hb), (141, "Y")])
-        self.state = SessionState.LOGON_SENT
+    @property
+    def recovering(self) -> bool:
+        return self._recovery.active
 
-    def logout(self, text: str = "") -> None:
-        """Send Logout; ``closed`` turns true when the venue's Logout answers it."""
-        if self.state in (SessionState.ACTIVE, SessionState.LOGON_SENT):
-            self._send("5", [(58, text)] if text else [])
-            self.state = SessionState.LOGOUT_SENT
+    @property
+    def held(self) -> int:
+        return len(self._recovery.queue)
 
     @property
     def closed(self) -> bool:
         return self.state is SessionState.CLOSED
 
-    def on_frame(self, frame: bytes) -> bool:
-        """Account for one received message; True when it is market data for the parser."""
+    def take_market_data(self) -> list[bytes]:
+        """The market-data frames applied since the last call, in MsgSeqNum order."""
+        ready, self._ready = self._ready, []
+        return ready
+
+    def persist(self) -> None:
+        """Save both numbers now (the caller does so from time to time and at disconnect)."""
+        self._out.persist()
+
+    def start(self) -> None:
+        """Send Logon; with ``reset_on_logon`` it carries 141=Y and both sides restart at 1."""
+        self._started = self._last_received = self._monotonic()
+        if self.config.reset_on_logon:
+            self._out.seq = self._in_seq = 1
+            self._sent_reset = True
+        self._out.logon(self._sent_reset)
+        self.state = SessionState.LOGON_SENT
+
+    def logout(self, text: str = "") -> None:
+        """Send Logout; ``closed`` turns true when the venue's Logout answers it."""
+        if self.state in (SessionState.ACTIVE, SessionState.LOGON_SENT):
+            self._out.send("5", [(58, text)] if text else [])
+            self.state = SessionState.LOGOUT_SENT
+
+    def on_frame(self, frame: bytes) -> None:
+        """Account for one received message (and any held ones it releases).
+
+        Raises FixSessionError when the session must end; what was applied before stays
+        available to ``take_market_data()``."""
         self._last_received = self._monotonic()
         self._test_req_id = None  # anything at all proves the link is alive
-        i = frame.find(b"\x0135=")
-        j = frame.find(SOH, i + 4)
-        k = frame.find(b"\x0134=", j)
-        m = frame.find(SOH, k + 4)
-        seq_raw = frame[k + 4 : m]
-        if i < 0 or k < 0 or not seq_raw.isdigit():
+        header = peek_header(frame)
+        if header is None:
             self.rejects.add("bad_header", frame)
-            return False
-        msg_type = frame[i + 4 : j]
-        seq = int(seq_raw)
-        if msg_type in _MARKET_DATA and self.state is SessionState.ACTIVE:
-            return self._sequence(seq, frame)
+            return
+        msg_type, seq = header
         try:
-            self._admin(msg_type, seq, frame)
+            if self.state is SessionState.LOGON_SENT:
+                self._logon_answer(msg_type, seq, frame)
+            elif self.state in (SessionState.ACTIVE, SessionState.LOGOUT_SENT):
+                self._next(msg_type, seq, frame, queued=False)
+            self._drain()
         except ValueError:  # FixParseError or a non-numeric value in a session message
             self.rejects.add("bad_session_message", frame)
             log.warning("fix_bad_session_message target=%s raw=%r", self.config.target, frame)
-        return False
 
     def poll(self) -> float:
         """Run the timers; return the seconds until they next need running.
@@ -175,150 +166,228 @@ class FixSession:
             return self._dead_after
         if silent >= self._dead_after:
             raise LinkDead(f"nothing received for {silent:.1f}s")
+        rec = self._recovery
+        if rec.active and now - rec.last_progress >= self.config.resend_timeout_s:
+            self._give_up("no resend in time")
         if silent >= self._test_after and self._test_req_id is None:
             self._req_no += 1
             self._test_req_id = f"TEST-{self._req_no}"
-            self._send("1", [(112, self._test_req_id)])
+            self._out.send("1", [(112, self._test_req_id)])
             self.stats.test_requests_sent += 1
         hb = float(self.config.heartbeat_s)
-        if now - self._last_sent >= hb:
-            self._send("0", [])
-        wake = min(self._last_sent + hb, self._last_received + self._dead_after)
+        if now - self._out.last_sent >= hb:
+            self._out.send("0", [])
+        wake = min(self._out.last_sent + hb, self._last_received + self._dead_after)
         if self._test_req_id is None:
             wake = min(wake, self._last_received + self._test_after)
+        if rec.active:
+            wake = min(wake, rec.last_progress + self.config.resend_timeout_s)
         return max(wake - now, 0.001)
 
-    def _sequence(self, seq: int, frame: bytes) -> bool:
-        """Check the venue's MsgSeqNum; False when the message is a duplicate to drop."""
-        expected = self._in_seq
-        if seq == expected:
-            self._in_seq = seq + 1
-            return True
-        if seq < expected:
-            if b"\x0143=Y\x01" in frame:  # PossDupFlag: a resend we already have
-                return False
-            self.logout("MsgSeqNum too low")
-            raise FixSessionError(f"MsgSeqNum {seq} lower than expected {expected}")
-        missed = seq - expected
-        self._in_seq = seq + 1
-        self.stats.gaps += 1
-        self.stats.missed_messages += missed
-        self.rejects.add("seq_gap", b"expected %d got %d" % (expected, seq), missed)
-        log.warning("fix_seq_gap target=%s expected=%d got=%d", self.config.target, expected, seq)
-        self._resubscribe()
-        return True
+    # Inbound.
 
-    def _admin(self, msg_type: bytes, seq: int, frame: bytes) -> None:
+    def _logon_answer(self, msg_type: bytes, seq: int, frame: bytes) -> None:
         fields = dict(parse_fields(frame))
-        if self.state is SessionState.LOGON_SENT:
-            if msg_type == b"A":
-                self._in_seq = seq + 1
-                self.state = SessionState.ACTIVE
-                log.info("fix_logon target=%s heartbeat_s=%s", self.config.target, fields.get(108))
-                self._subscribe()
-                return
+        if msg_type != b"A":
             text = fields.get(58, b"").decode(errors="replace")
             self.state = SessionState.CLOSED
             raise FixSessionError(f"logon refused ({msg_type.decode(errors='replace')}): {text}")
-        if msg_type == b"4":  # SequenceReset: its own MsgSeqNum is not checked
-            new_seq = int(fields.get(36, b"0") or b"0")
-            gap_fill = fields.get(123) == b"Y"
-            if new_seq > self._in_seq or not gap_fill:
-                self._in_seq = new_seq
-            return
+        self.state = SessionState.ACTIVE
+        log.info(
+            "fix_logon target=%s heartbeat_s=%s seq=%d expected=%d next_out=%d",
+            self.config.target, fields.get(108), seq, self._in_seq, self._out.seq,
+        )  # fmt: skip
+        if fields.get(141) == b"Y":
+            if not self._sent_reset:  # the venue restarts the numbering: so do we (QuickFIX)
+                self.stats.venue_resets += 1
+                log.warning("fix_venue_reset_seq target=%s", self.config.target)
+                self._out.seq = 1
+                self._recovery.clear()
+                self._out.logon(reset=True)
+            self._in_seq = seq + 1
+        elif seq > self._in_seq:
+            self._too_high(seq, frame)  # held: on release it only moves the number on
+        elif seq < self._in_seq:
+            # QuickFIX logs out here, and so would every reconnect: no data ever again. The
+            # venue has restarted its numbering, so nothing below it can be recovered: follow.
+            self.rejects.add("logon_seq_lower", b"expected %d got %d" % (self._in_seq, seq))
+            log.warning("fix_logon_seq_lower target=%s expected=%d got=%d",
+                        self.config.target, self._in_seq, seq)  # fmt: skip
+            self._in_seq = seq + 1
+        else:
+            self._in_seq = seq + 1
+        self._out.subscribe()
+
+    def _next(self, msg_type: bytes, seq: int, frame: bytes, *, queued: bool) -> None:
         if msg_type == b"5":
-            if self.state is not SessionState.LOGOUT_SENT:
-                self._send("5", [])
-                self.state = SessionState.CLOSED
-                text = fields.get(58, b"").decode(errors="replace")
-                raise FixSessionError(f"venue logged out: {text}")
+            self._on_logout(seq, frame)
+        elif msg_type == b"4":
+            self._on_sequence_reset(seq, frame)
+        elif queued and msg_type in (b"A", b"2", b"3"):
+            self._advance(seq + 1)  # handled when it arrived (QuickFIX nextQueued)
+        elif msg_type in (b"2", b"3"):  # handled even out of order, as QuickFIX does
+            if seq == self._in_seq:
+                self._advance(seq + 1)
+            elif seq > self._in_seq:
+                self._too_high(seq, frame)  # held: on release it only moves the number on
+            if msg_type == b"2":
+                self._on_resend_request(frame)
+            else:
+                self._admin(msg_type, seq, frame)
+        elif self._in_order(seq, frame):
+            self._advance(seq + 1)
+            if msg_type in _MARKET_DATA:
+                self._ready.append(frame)
+            else:
+                self._admin(msg_type, seq, frame)
+
+    def _in_order(self, seq: int, frame: bytes, *, check_poss_dup: bool = True) -> bool:
+        """True when ``frame`` is the expected message; else it is held, dropped or fatal."""
+        expected = self._in_seq
+        if seq > expected:
+            self._too_high(seq, frame)
+            return False
+        poss_dup = POSS_DUP in frame
+        if poss_dup and check_poss_dup and not self._poss_dup_valid(seq, frame):
+            return False
+        if seq < expected:
+            if poss_dup:  # a resend of what we already have (QuickFIX ignores it)
+                self.stats.duplicates += 1
+                return False
+            text = f"MsgSeqNum too low, expecting {expected} but received {seq}"
+            self.logout(text)
+            raise FixSessionError(text)
+        if poss_dup:
+            self.stats.resends_applied += 1
+        return True
+
+    def _poss_dup_valid(self, seq: int, frame: bytes) -> bool:
+        problem = poss_dup_problem(frame)
+        if problem is None:
+            return True
+        msg_type = (peek_header(frame) or (b"", 0))[0]
+        self._out.reject(seq, msg_type, problem.reason, problem.text, problem.tag)
+        self.rejects.add(problem.counted_as, frame)
+        if problem.fatal:
+            self.logout(problem.text)
+            raise FixSessionError(f"resend refused: {problem.text}")
+        return False
+
+    def _too_high(self, seq: int, frame: bytes) -> None:
+        rec = self._recovery
+        rec.hold(seq, frame)
+        if rec.active:
+            rec.extend(seq)
+        else:
+            self.stats.gaps += 1
+            log.warning("fix_seq_gap target=%s expected=%d got=%d: resend requested",
+                        self.config.target, self._in_seq, seq)  # fmt: skip
+            self._request_resend(rec.start(self._in_seq, seq, self._monotonic()))
+        if len(rec.queue) > self.config.max_held:
+            self._give_up(f"more than {self.config.max_held} messages held")
+
+    def _advance(self, new_in: int) -> None:
+        self._in_seq = new_in
+        rec = self._recovery
+        if rec.active:
+            request = rec.progress(new_in, self._monotonic())
+            if request is not None:
+                self._request_resend(request)
+            elif not rec.active:
+                self.stats.gaps_recovered += 1
+                log.info("fix_gap_recovered target=%s next=%d", self.config.target, new_in)
+
+    def _drain(self) -> None:
+        rec = self._recovery
+        while (frame := rec.pop(self._in_seq)) is not None:
+            header = peek_header(frame)
+            assert header is not None  # checked when it was held
+            self._next(header[0], header[1], frame, queued=True)
+        rec.discard_below(self._in_seq)
+
+    def _give_up(self, why: str) -> None:
+        """The fallback: skip what the venue did not resend, count it, take a fresh snapshot."""
+        rec = self._recovery
+        before = self._in_seq
+        skipped = 0
+        rec.reset()
+        while rec.queue:
+            lowest = min(rec.queue)
+            if lowest > self._in_seq:
+                skipped += lowest - self._in_seq
+                self._in_seq = lowest
+            self._drain()
+        self.stats.gaps_abandoned += 1
+        self.stats.missed_messages += skipped
+        if skipped:
+            self.rejects.add("seq_gap", b"expected %d skipped %d" % (before, skipped), skipped)
+        log.warning("fix_gap_abandoned target=%s why=%s expected=%d skipped=%d",
+                    self.config.target, why, before, skipped)  # fmt: skip
+        self._out.resubscribe()
+
+    def _on_logout(self, seq: int, frame: bytes) -> None:
+        if seq == self._in_seq:
+            self._in_seq += 1
+        if self.state is SessionState.LOGOUT_SENT:
             self.state = SessionState.CLOSED
             return
-        if self.state is SessionState.ACTIVE and not self._sequence(seq, frame):
+        self._out.send("5", [])
+        self.state = SessionState.CLOSED
+        text = dict(parse_fields(frame)).get(58, b"").decode(errors="replace")
+        raise FixSessionError(f"venue logged out: {text}")
+
+    def _on_sequence_reset(self, seq: int, frame: bytes) -> None:
+        """QuickFIX ``nextSequenceReset``: a GapFill is sequenced like any message, a reset is
+        not; either only ever moves the expected number up."""
+        fields = dict(parse_fields(frame))
+        gap_fill = fields.get(123) == b"Y"
+        if gap_fill and not self._in_order(seq, frame, check_poss_dup=False):
             return
+        raw = fields.get(36)
+        if not raw or not raw.isdigit():
+            reason, text = BAD_FORMAT if raw else REQUIRED_TAG_MISSING
+            self._out.reject(seq, b"4", reason, text, 36)
+            self.rejects.add("sequence_reset_without_new_seq_no", frame)
+            return
+        new_seq = int(raw)
+        if new_seq > self._in_seq:
+            if not gap_fill:
+                log.info("fix_sequence_reset target=%s from=%d to=%d",
+                         self.config.target, self._in_seq, new_seq)  # fmt: skip
+            self._recovery.discard_below(new_seq)
+            self._advance(new_seq)
+        elif new_seq < self._in_seq:
+            self._out.reject(seq, b"4", *VALUE_INCORRECT, 36)
+            self.rejects.add("sequence_reset_lower", frame)
+            log.warning("fix_sequence_reset_lower target=%s expected=%d new=%d: rejected",
+                        self.config.target, self._in_seq, new_seq)  # fmt: skip
+
+    def _on_resend_request(self, frame: bytes) -> None:
+        # Nothing of ours is worth replaying: fill the whole range with one gap fill. Answered
+        # even when out of order (QuickFIX verifies neither too high nor too low here).
+        begin = dict(parse_fields(frame)).get(7, b"1")
+        self._out.gap_fill(int(begin or b"1"))
+
+    def _admin(self, msg_type: bytes, seq: int, frame: bytes) -> None:
+        fields = dict(parse_fields(frame)) if msg_type != b"0" else {}
         if msg_type == b"1":
-            self._send("0", [(112, fields.get(112, b""))])
-        elif msg_type == b"2":
-            # Nothing of ours is worth replaying: fill the whole range with one gap fill.
-            self._send_gap_fill(int(fields.get(7, b"1") or b"1"))
+            self._out.send("0", [(112, fields.get(112, b""))])
         elif msg_type == b"3":
             self.stats.venue_rejects += 1
             self.rejects.add("venue_reject", frame)
-            log.warning(
-                "fix_reject target=%s ref_seq=%s text=%s",
-                self.config.target,
-                fields.get(45),
-                fields.get(58),
-            )
+            log.warning("fix_reject target=%s ref_seq=%s text=%s", self.config.target,
+                        fields.get(45), fields.get(58))  # fmt: skip
+            rec = self._recovery
+            ours = fields.get(372) == b"2" or fields.get(45) == b"%d" % (rec.request_seq or 0)
+            if rec.active and ours:
+                self._give_up("venue rejected the ResendRequest")
         elif msg_type == b"Y":
             self.stats.md_request_rejects += 1
             self.rejects.add("md_request_reject", frame)
             log.error(
                 "fix_md_request_reject target=%s req=%s reason=%s text=%s",
-                self.config.target,
-                fields.get(262),
-                fields.get(281),
-                fields.get(58),
-            )
+                self.config.target, fields.get(262), fields.get(281), fields.get(58),
+            )  # fmt: skip
 
-    def _subscribe(self) -> None:
-        self._req_no += 1
-        self._md_req_id = f"MD-{self._req_no}"
-        self._send("V", self._md_request(self._md_req_id, 1))
-
-    def _md_request(self, req_id: str, request_type: int) -> list[tuple[int, FieldValue]]:
-        """MarketDataRequest body. The NoMDEntryTypes and NoRelatedSym groups are required in
-        FIX 4.4 even to unsubscribe (263=2): QuickFIX rejects a V without 267 (35=3, required
-        tag missing) and the old subscription then keeps streaming next to the new one."""
-        fields: list[tuple[int, FieldValue]] = [
-            (262, req_id),
-            (263, request_type),
-            (264, 1),
-        ]
-        if request_type == 1:
-            fields.append((265, 1))
-        fields += [(267, 3), (269, 0), (269, 1), (269, 2), (146, len(self.config.symbols))]
-        fields.extend((55, symbol) for symbol in self.config.symbols)
-        return fields
-
-    def _resubscribe(self) -> None:
-        now = self._monotonic()
-        if now - self._last_resubscribe < _RESUBSCRIBE_MIN_INTERVAL_S:
-            return
-        self._last_resubscribe = now
-        self.stats.resubscribes += 1
-        if self._md_req_id is not None:  # 263=2: disable the old request before the new one
-            self._send("V", self._md_request(self._md_req_id, 2))
-        self._subscribe()
-
-    def _send_gap_fill(self, begin_seq: int) -> None:
-        # A resent message carries PossDupFlag and OrigSendingTime (122, "required for message
-        # resent as a result of a ResendRequest"; the send time when the original's is unknown).
-        now = format_utc(self._wall_ms())
-        msg = encode(
-            "4",
-            [(43, "Y"), (122, now), (123, "Y"), (36, self._out_seq)],
-            begin=self.config.begin,
-            sender=self.config.sender,
-            target=self.config.target,
-            seq=begin_seq,
-            sending_time=now,
-        )
-        self._write(msg)
-
-    def _send(self, msg_type: str, fields: list[tuple[int, FieldValue]]) -> None:
-        msg = encode(
-            msg_type,
-            fields,
-            begin=self.config.begin,
-            sender=self.config.sender,
-            target=self.config.target,
-            seq=self._out_seq,
-            sending_time=format_utc(self._wall_ms()),
-        )
-        self._out_seq += 1
-        self._write(msg)
-
-    def _write(self, msg: bytes) -> None:
-        self._last_sent = self._monotonic()
-        self._transport.write(msg)
+    def _request_resend(self, request: ResendRange) -> None:
+        self._recovery.request_seq = self._out.resend_request(request.begin, request.end)
