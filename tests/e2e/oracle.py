@@ -93,34 +93,55 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= REL * max(abs(a), abs(b))
 
 
+@dataclass(frozen=True, slots=True)
+class Known:
+    """A part of an answer known exactly (stored rows): count, sum, low, high."""
+
+    count: int = 0
+    total: float = 0.0
+    low: float = math.inf
+    high: float = -math.inf
+
+
 def check_subset(
-    what: str, m: Minute, count: int, low: float, high: float, avg: float
+    what: str,
+    m: Minute,
+    count: int,
+    low: float,
+    high: float,
+    avg: float,
+    known: Known | None = None,
 ) -> list[str]:
-    """``count/low/high/avg`` must describe all of ``m.must`` plus some of ``m.optional``
-    (each at most once); exactly ``m.sent`` when nothing is optional."""
+    """``count/low/high/avg`` must describe ``known`` plus all of ``m.must`` plus some of
+    ``m.optional`` (each at most once); exactly ``known`` + ``m.sent`` when nothing is
+    optional."""
+    k0 = known or Known()
     n = len(m.sent)
     if m.exact:
-        exp = math.fsum(m.sent) / n
-        if count != n or low != min(m.sent) or high != max(m.sent) or not _close(avg, exp):
+        exp_n = k0.count + n
+        exp_lo, exp_hi = min([k0.low, *m.sent]), max([k0.high, *m.sent])
+        exp = (k0.total + math.fsum(m.sent)) / exp_n if exp_n else math.nan
+        if count != exp_n or low != exp_lo or high != exp_hi or not _close(avg, exp):
             return [
-                f"{what}: expected exactly count={n} low={min(m.sent)!r} high={max(m.sent)!r} "
+                f"{what}: expected exactly count={exp_n} low={exp_lo!r} high={exp_hi!r} "
                 f"avg={exp!r}, got count={count} low={low!r} high={high!r} avg={avg!r}"
             ]
         return []
     errs = []
-    if not len(m.must) <= count <= n:
+    lo_n, hi_n = k0.count + len(m.must), k0.count + n
+    if not lo_n <= count <= hi_n:
         errs.append(
-            f"{what}: count={count} outside [{len(m.must)} must, {n} sent] "
-            f"({'lost ticks' if count < len(m.must) else 'ticks counted twice'})"
+            f"{what}: count={count} outside [{lo_n} must, {hi_n} sent] "
+            f"({'lost ticks' if count < lo_n else 'more than sent or stored: counted twice?'})"
         )
-    if count and (low < min(m.sent) or high > max(m.sent)):
+    if count and (low < min([k0.low, *m.sent]) or high > max([k0.high, *m.sent])):
         errs.append(f"{what}: low/high {low!r}/{high!r} outside what was sent")
-    if m.must and (low > min(m.must) or high < max(m.must)):
-        errs.append(f"{what}: low/high {low!r}/{high!r} miss a must tick")
+    if low > min([k0.low, *m.must]) or high < max([k0.high, *m.must]):
+        errs.append(f"{what}: count={count} low/high {low!r}/{high!r} miss a must tick")
     if not errs and count:
-        k = count - len(m.must)
+        k = count - lo_n
         rest = sorted(m.optional)
-        base = math.fsum(m.must)
+        base = k0.total + math.fsum(m.must)
         lo_sum = base + math.fsum(rest[:k])
         hi_sum = base + math.fsum(rest[len(rest) - k :]) if k else base
         total = avg * count
@@ -214,11 +235,14 @@ def check_rows(
 
 def expected_all_history(
     rows: dict[Key, Row], minutes: dict[Key, Minute], exchange: str, symbol: str, now_ms: int
-) -> tuple[int, float] | None:
-    """(count, average) the all-history answer must give: closed minutes as stored, open
-    minutes as sent (None when an open minute is not exactly known)."""
+) -> tuple[Known, Minute]:
+    """What the all-history answer must hold: the closed minutes as stored (exactly), plus
+    the open minutes as sent (their must ticks, maybe some optional ones)."""
     counts: list[int] = []
     sums: list[float] = []
+    lows: list[float] = []
+    highs: list[float] = []
+    open_minutes: list[Minute] = []
     for key in set(rows) | set(minutes):
         if key[:2] != (exchange, symbol):
             continue
@@ -227,11 +251,11 @@ def expected_all_history(
             if r is not None:
                 counts.append(r.count)
                 sums.append(r.avg * r.count)
-            continue
-        m = minutes[key]
-        if not m.exact:
-            return None
-        counts.append(len(m.sent))
-        sums.append(math.fsum(m.sent))
-    n = sum(counts)
-    return (n, math.fsum(sums) / n) if n else None
+                lows.append(r.low)
+                highs.append(r.high)
+        elif key in minutes:
+            open_minutes.append(minutes[key])
+    known = Known(
+        sum(counts), math.fsum(sums), min(lows, default=math.inf), max(highs, default=-math.inf)
+    )
+    return known, merged(open_minutes)
