@@ -3,6 +3,7 @@ and restarted by a test; the final checks of rows and API answers against the or
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import socket
 import time
@@ -10,6 +11,8 @@ import urllib.parse
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from tests.e2e import oracle
 from tests.e2e.oracle import Kill, Minute, Row
@@ -225,6 +228,29 @@ class CrashRun:
                     continue
                 self.errors += oracle.check_subset(f"period={p}s {ex.name} {sym}", m, *got)
 
+    def dump(self, path: Path) -> None:
+        """Everything needed for a post-mortem: per minute what was sent (must/optional
+        prices) and every sampled row."""
+        minutes = self.minutes()
+        doc = {
+            "kills": [dataclasses.asdict(k) for k in self.kills],
+            "conns": {ex.name: [dataclasses.asdict(c) for c in ex.conns] for ex in self.exchanges},
+            "minutes": {
+                "|".join(map(str, key)): {"must": m.must, "optional": m.optional}
+                for key, m in minutes.items()
+            },
+            "samples": [
+                {
+                    "label": label,
+                    "rows": {
+                        "|".join(map(str, k)): dataclasses.astuple(r) for k, r in rows.items()
+                    },
+                }
+                for label, rows in self.samples
+            ],
+        }
+        path.write_bytes(orjson.dumps(doc))
+
     def assert_no_errors(self, seed: int) -> None:
         """One failure listing every kind of violation found (a few examples of each)."""
         if not self.errors:
@@ -237,7 +263,9 @@ class CrashRun:
         for kind, errs in kinds.items():
             parts.append(f"-- {len(errs)} x {kind}:")
             parts.extend(errs[:6])
-        parts.append(f"kills={self.kills}")
+        dump = self.daemon.log_path.parent / "exactness-dump.json"
+        self.dump(dump)
+        parts.append(f"kills={self.kills}\nrows, samples and ticks per minute: {dump}")
         parts.append(f"--- daemon log tail ---\n{self.daemon.log()[-2000:]}")
         raise AssertionError("\n".join(parts))
 

@@ -37,10 +37,10 @@ def seed() -> int:
 
 
 def boundary_plan() -> tuple[int, ExchangeClock]:
-    """A real minute boundary B 33-93 s away, and a clock that reaches the wall clock at
+    """A real minute boundary B 28-88 s away, and a clock that reaches the wall clock at
     B - 8 s after covering SPAN_S of exchange time."""
     t0 = time.time()
-    boundary = (int(t0 + 33) // 60 + 1) * 60
+    boundary = (int(t0 + 28) // 60 + 1) * 60
     catch_up = boundary - 8
     clock = ExchangeClock(int((t0 - SPAN_S) * 1000), 1 + SPAN_S / (catch_up - t0))
     clock.t0 = t0
