@@ -3,8 +3,9 @@ PostgreSQL and Redis; every minute row, the all-history and ``?period=`` answers
 against what the scripted exchanges sent (tests/e2e/oracle.py says what "must" means).
 
 Exchange time is compressed (tests/e2e/scripted.py): it starts 20+ minutes in the past and runs
-15-50x faster than the wall clock, so the window retention (600 s of exchange time) passes in
-seconds and past minutes close at once. It catches up with the wall clock a few seconds before
+16-70x faster than the wall clock, so the window retention (600 s of exchange time) passes in
+seconds and past minutes close at once (the daemon closes a minute 2 s after its end by the
+later of the wall clock and the newest exchange timestamp, and the oracle assumes just that). It catches up with the wall clock a few seconds before
 a real minute boundary, where the last kill lands inside the 2 s grace or across the boundary,
 so the minute that was open at the kill is exercised for real. Seeded: set
 MARKETFLOW_E2E_SEED to replay a run's choices (the seed is printed and in every failure).
