@@ -5,10 +5,11 @@ against what the scripted exchanges sent (tests/e2e/oracle.py says what "must" m
 Exchange time is compressed (tests/e2e/scripted.py): it starts 20+ minutes in the past and runs
 16-70x faster than the wall clock, so the window retention (600 s of exchange time) passes in
 seconds and past minutes close at once (the daemon closes a minute 2 s after its end by the
-later of the wall clock and the newest exchange timestamp, and the oracle assumes just that). It catches up with the wall clock a few seconds before
-a real minute boundary, where the last kill lands inside the 2 s grace or across the boundary,
-so the minute that was open at the kill is exercised for real. Seeded: set
-MARKETFLOW_E2E_SEED to replay a run's choices (the seed is printed and in every failure).
+later of the wall clock and the newest exchange timestamp, and the oracle assumes just that).
+It catches up with the wall clock a few seconds before a real minute boundary, where the last
+kill lands inside the 2 s grace or across the boundary, so the minute that was open at the kill
+is exercised for real. Seeded: set MARKETFLOW_E2E_SEED to replay a run's choices (the seed is
+printed and in every failure; timing still varies with the start time).
 """
 
 from __future__ import annotations
