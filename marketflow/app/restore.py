@@ -37,20 +37,33 @@ async def restore(
     retention_s: int,
     clock: Callable[[], int],
 ) -> None:
-    now_s = clock() // 1000
-    since_s = (now_s - retention_s) // 60 * 60  # whole minutes only
-    agg.floor_second = since_s
+    # The retention runs on exchange time (a replay or a feed behind our clock keeps its
+    # window), so the range to restore ends at the newest second either copy holds.
     try:
-        latest, seconds = await cache.load(since_s)
+        latest, seconds = await cache.load(0)  # all of it: its keys expire by themselves
         cache_marks = await cache.load_marks()
     except CacheUnavailable as exc:
         log.warning("restore_cache_unavailable error=%s", exc)
         latest, seconds, cache_marks = [], [], {}
-    rows: list[MinuteRow] = []
     store_marks: dict[str, Mark] = {}
+    newest_row: int | None = None
+    try:
+        newest_row = await store.newest_minute_ms()
+        store_marks = await store.load_marks()
+    except StoreUnavailable as exc:
+        log.warning("restore_store_unavailable error=%s", exc)
+    newest_s = max(
+        [s.second for s in seconds]
+        + [lp.timestamp_ms // 1000 for lp in latest]
+        + ([newest_row // 1000 + 59] if newest_row is not None else []),
+        default=clock() // 1000,
+    )
+    since_s = (newest_s - retention_s) // 60 * 60  # whole minutes only
+    agg.floor_second = since_s
+    seconds = [s for s in seconds if s.second >= since_s]
+    rows: list[MinuteRow] = []
     try:
         rows = await store.minutes_since(since_s * 1000)
-        store_marks = await store.load_marks()
     except StoreUnavailable as exc:
         log.warning("restore_store_unavailable error=%s", exc)
     rewrite = _seed(agg, seconds, rows)

@@ -63,6 +63,9 @@ class FakeStore:
     async def load_marks(self) -> dict[str, Mark]:
         return dict(self.marks)
 
+    async def newest_minute_ms(self) -> int | None:
+        return max((r.minute_ms for r in self.rows.values()), default=None)
+
     async def ping(self) -> bool:
         return not self.down
 

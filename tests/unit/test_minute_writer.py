@@ -50,6 +50,9 @@ class FakeStore:
     async def load_marks(self) -> dict[str, Mark]:
         return {}
 
+    async def newest_minute_ms(self) -> int | None:
+        return max((r.minute_ms for r in self.rows.values()), default=None)
+
     async def minutes_since(self, since_ms: int) -> list[MinuteRow]:
         return [r for r in self.rows.values() if r.minute_ms >= since_ms]
 

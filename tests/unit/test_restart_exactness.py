@@ -256,3 +256,19 @@ async def test_a_late_tick_only_in_redis_survives_a_restart_the_fuller_second_wi
     await agg2.flush()
     row = store.rows[("ex1", "BTCUSDT", T0)]
     assert (row.count, row.high) == (2, 12.0)
+
+
+async def test_restore_follows_exchange_time_not_the_wall_clock() -> None:
+    # A feed (or replay) 20 minutes behind our clock: the retention runs on exchange time,
+    # so the restored range must end at the newest exchange second, not at now - retention.
+    behind = T0 - 20 * 60_000
+    clock = ManualClock(T0)
+    cache, sink = FakeCache(), RecordingSink(FakeStore())
+    agg = new_agg(cache, sink, clock)
+    agg.fold(batch("ex1", *second_ticks(behind, range(60)), ("BTCUSDT", 1.0, behind + 60_100)))
+    await agg.flush()  # the closed minute's row is submitted ...
+    sink.store.rows.clear()  # ... but never reached the store (the crash came first)
+    agg2 = new_agg(cache, sink, clock)
+    await agg2.resume(sink.store)
+    await agg2.flush()
+    assert sink.store.rows[("ex1", "BTCUSDT", behind)].count == 60

@@ -215,6 +215,14 @@ class PostgresMinuteStore:
         records = await self._db.run(lambda conn: conn.fetch(_SINCE, since_ms))
         return [_row(r) for r in records]
 
+    async def newest_minute_ms(self) -> int | None:
+        got: int | None = await self._db.run(
+            lambda conn: conn.fetchval(
+                "SELECT (extract(epoch FROM max(timestamp)) * 1000)::bigint FROM minute_prices"
+            )
+        )
+        return got
+
     async def load_marks(self) -> dict[str, Mark]:
         records = await self._db.run(
             lambda conn: conn.fetch("SELECT source, position, made_ms FROM source_marks")

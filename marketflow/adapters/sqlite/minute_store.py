@@ -161,6 +161,12 @@ class SqliteMinuteStore:
         """Rows whose minute starts at or after ``since_ms``, oldest first."""
         return await self._db.run(lambda c: _since(c, since_ms))
 
+    async def newest_minute_ms(self) -> int | None:
+        (got,) = await self._db.run(
+            lambda c: c.execute("SELECT max(timestamp) FROM minute_prices").fetchone()
+        )
+        return None if got is None else int(got)
+
     async def load_marks(self) -> dict[str, Mark]:
         rows = await self._db.run(
             lambda c: c.execute("SELECT source, position, made_ms FROM source_marks").fetchall()
