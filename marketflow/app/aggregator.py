@@ -170,7 +170,7 @@ class Aggregator:
 
     async def resume(self, store: MinuteStore) -> None:
         """Rebuild the windows from the cache and the store after a restart (restore.py)."""
-        await restore(self, self._cache, store, self._pipeline.window_retention_s, self._clock)
+        await restore(self, self._cache, store, self._pipeline.window_retention_s)
 
     # -- coverage ----------------------------------------------------------------------------
 

@@ -17,7 +17,6 @@ was written with.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from marketflow.domain.aggregates import Mark, MinuteRow, SecondBucket
@@ -35,7 +34,6 @@ async def restore(
     cache: PriceCache,
     store: MinuteStore,
     retention_s: int,
-    clock: Callable[[], int],
 ) -> None:
     # The retention runs on exchange time (a replay or a feed behind our clock keeps its
     # window), so the range to restore ends at the newest second either copy holds.
@@ -56,8 +54,14 @@ async def restore(
         [s.second for s in seconds]
         + [lp.timestamp_ms // 1000 for lp in latest]
         + ([newest_row // 1000 + 59] if newest_row is not None else []),
-        default=clock() // 1000,
+        default=None,
     )
+    for source in {*cache_marks, *store_marks}:
+        candidates = [m for m in (cache_marks.get(source), store_marks.get(source)) if m]
+        agg.restore_position(source, max(candidates, key=lambda m: m[1]))
+    if newest_s is None:  # nothing stored anywhere: nothing to protect, nothing to restore
+        log.info("restored nothing: no cached seconds, no stored rows")
+        return
     since_s = (newest_s - retention_s) // 60 * 60  # whole minutes only
     agg.floor_second = since_s
     seconds = [s for s in seconds if s.second >= since_s]
@@ -76,9 +80,6 @@ async def restore(
             w.newest_second = max(w.newest_second, lp.timestamp_ms // 1000)
     for w in agg.all_windows():
         w.evict(retention_s)
-    for source in {*cache_marks, *store_marks}:
-        candidates = [m for m in (cache_marks.get(source), store_marks.get(source)) if m]
-        agg.restore_position(source, max(candidates, key=lambda m: m[1]))
     log.info(
         "restored since_s=%d seconds=%d minute_rows=%d rewrite_minutes=%d latest=%d marks=%s",
         since_s,
