@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shlex
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -22,9 +27,10 @@ import asyncpg
 import orjson
 import pytest
 import redis.asyncio as aioredis
+import simplefix
 
 from tests.e2e.conftest import daemon_config
-from tests.e2e.procs import Daemon, assert_real_stack, poll
+from tests.e2e.procs import ROOT, Daemon, assert_real_stack, minute_rows, poll
 from tests.harness.services import PostgresServer, RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -276,3 +282,121 @@ def test_late_tick_is_counted_in_health_and_metrics_and_every_metric_family_is_s
     assert value("marketflow_cache_up") == 1
     for name in ("accepted", "rejected", "filtered", "stored", "bytes"):
         assert value(f"marketflow_capture_{name}_total") == 0
+
+
+def test_test_mode_rows_are_stored_only_under_test_exchange_names(scripted: Scripted) -> None:
+    d = scripted.daemon
+    now = time.time_ns() // 1_000_000
+    live = [(201.5, now - 900), (203.5, now - 600), (202.0, now - 300)]
+    scripted.feed.send(b"".join(tick("SOLUSDT", p, ts) for p, ts in live))
+    wait_ticks(d, len(live))
+    assert d.request("POST", "/mode/test") == (200, {"mode": "test"})
+    d.wait_for("/prices/latest/BTCUSDT", lambda s, b: s == 200 and "test-" in b["source"])
+    for n in (1, 2, 3):
+        d.wait_for(f"/prices/latest/test-exchange{n}/SOLUSDT", lambda s, b: s == 200)
+    assert d.stop(signal.SIGTERM) == 0  # the partial minutes are written at shutdown
+
+    rows = asyncio.run(minute_rows(scripted.postgres.dsn))
+    names = {r["exchange"] for r in rows}
+    assert names == {FEED, "test-exchange1", "test-exchange2", "test-exchange3"}, names
+    ours = [r for r in rows if r["exchange"] == FEED]
+    by_minute: dict[int, list[float]] = {}
+    for p, ts in live:
+        by_minute.setdefault(ts // 60_000 * 60_000, []).append(p)
+    # Under the live name: exactly the live ticks, nothing the generator made.
+    assert {(r["pair_name"], r["minute_ms"], r["tick_count"], r["min_price"], r["max_price"])
+            for r in ours} == {("SOLUSDT", m, len(ps), min(ps), max(ps))
+                               for m, ps in by_minute.items()}  # fmt: skip
+
+
+def fix_message(begin: str, msg_type: str, seq: int, fields: list[tuple[int, str]]) -> bytes:
+    """Built by simplefix (a third-party encoder): its BodyLength and CheckSum are the oracle."""
+    m = simplefix.FixMessage()
+    m.append_pair(8, begin, header=True)
+    m.append_pair(35, msg_type, header=True)
+    m.append_pair(49, "CLIENT", header=True)
+    m.append_pair(56, "MARKETFLOW", header=True)
+    m.append_pair(34, seq, header=True)
+    m.append_pair(52, "20261126-12:00:00.000", header=True)
+    for tag, value in fields:
+        m.append_pair(tag, value)
+    return bytes(m.encode())
+
+
+def send_tcp(port: int, data: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+
+
+def test_capture_stores_fix_40_41_44_and_50sp2_end_to_end(scripted: Scripted) -> None:
+    d = scripted.daemon
+    port = d.get("/health")[1]["capture"]["listener"]["port"]
+    order40 = [(11, "A1"), (21, "1"), (55, "AAPL"), (54, "1"), (38, "100"), (40, "1")]
+    report41 = [(37, "O1"), (17, "E1"), (150, "0"), (39, "0"), (55, "MSFT"), (54, "2")]
+    request44 = [(262, "R1"), (263, "1"), (264, "1"), (146, "1"), (55, "IBM")]
+    order50sp2 = [(1128, "9"), (11, "A4"), (55, "TSLA"), (54, "1"), (40, "2")]
+    frames = [
+        fix_message("FIX.4.0", "D", 1, order40),
+        fix_message("FIX.4.1", "8", 2, report41),
+        fix_message("FIX.4.4", "V", 3, request44),
+        fix_message("FIXT.1.1", "D", 4, order50sp2),  # FIX 5.0SP2 over FIXT: ApplVerID 9
+    ]
+    send_tcp(port, b"".join(frames))
+
+    body = d.wait_for("/api/messages?limit=10", lambda s, b: s == 200 and len(b["messages"]) == 4)
+    got = sorted(
+        (m["seq_num"], m["begin_string"], m["msg_type"], m["msg_type_name"], m["symbol"])
+        for m in body["messages"]
+    )
+    assert got == [
+        (1, "FIX.4.0", "D", "NewOrderSingle", "AAPL"),
+        (2, "FIX.4.1", "8", "ExecutionReport", "MSFT"),
+        (3, "FIX.4.4", "V", "MarketDataRequest", "IBM"),
+        (4, "FIXT.1.1", "D", "NewOrderSingle", "TSLA"),
+    ]
+    detail = d.get(f"/api/messages/{body['messages'][0]['id']}")[1]  # newest: the 5.0SP2 one
+    assert {"tag": 1128, "name": "ApplVerID", "value": "9", "meaning": "FIX50SP2"} in detail[
+        "enriched"
+    ]
+    assert d.get("/api/messages/rejects")[1]["rejects"] == []
+    health = d.get("/health")[1]["capture"]
+    assert (health["accepted"], health["store"]) == (4, "postgres")
+
+
+NC_SHIM = """
+import contextlib, socket, sys
+# What `nc -q1 HOST PORT` does here: stdin to the socket, wait a second for EOF, close.
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.sendall(sys.stdin.buffer.read())
+s.shutdown(socket.SHUT_WR)
+s.settimeout(1)
+with contextlib.suppress(OSError):
+    s.recv(1)
+s.close()
+"""
+
+
+def test_readme_capture_example_runs_as_written(scripted: Scripted) -> None:
+    d = scripted.daemon
+    port = d.get("/health")[1]["capture"]["listener"]["port"]
+    readme = (ROOT / "README.md").read_text()
+    [command] = [ln.strip() for ln in readme.splitlines() if ln.strip().startswith("printf '8=FIX")]
+    printf, sep, nc = command.partition(" | ")
+    assert sep, command
+    assert nc == "nc -q1 127.0.0.1 9876", command
+    sink = (
+        "nc -q1 127.0.0.1"
+        if shutil.which("nc")
+        else f"{sys.executable} -c {shlex.quote(NC_SHIM)} 127.0.0.1"
+    )
+    subprocess.run(["bash", "-c", f"{printf} | {sink} {port}"], check=True, timeout=30)
+
+    body = d.wait_for(
+        "/api/messages?limit=10&msg_type=D", lambda s, b: s == 200 and len(b["messages"]) == 1
+    )
+    [msg] = body["messages"]
+    assert (msg["begin_string"], msg["msg_type"], msg["sender"], msg["target"]) == (
+        "FIX.4.2", "D", "CLIENT", "MF",
+    )  # fmt: skip
+    assert (msg["seq_num"], msg["symbol"]) == (1, "AAPL")
+    assert d.get("/api/messages/rejects")[1]["rejects"] == []  # BodyLength, CheckSum right
