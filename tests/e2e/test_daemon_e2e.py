@@ -139,7 +139,9 @@ def test_redis_down_rows_still_reach_postgres_and_api_answers(stack: Stack) -> N
         "the minute that closed while Redis was down in PostgreSQL",
     )
     stack.redis.start()
-    d.wait_for("/health", lambda s, b: b["redis"]["state"] == "up", timeout=30)
+    health = d.wait_for("/health", lambda s, b: b["redis"]["state"] == "up", timeout=30)
+    assert health["redis"]["kind"] == "redis"
+    d.wait_for("/health", lambda s, b: b["status"] == "ok")  # no longer degraded
 
     async def latest_in_redis() -> dict[bytes | str, bytes | str]:
         client = aioredis.Redis.from_url(stack.redis.url)
