@@ -92,7 +92,9 @@ def rows(data: bytes) -> list[dict[str, Any]]:
     return [orjson.loads(x) for x in data.splitlines()]
 
 
-def test_lines_parse_and_come_as_five_pairs_one_round_per_100_ms_at_most(simulator: Simulator) -> None:
+def test_lines_parse_and_come_as_five_pairs_one_round_per_100_ms_at_most(
+    simulator: Simulator,
+) -> None:
     with connect(simulator.port) as s:
         data = read_lines(s, 12 * 5)
 
