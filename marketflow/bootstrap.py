@@ -68,9 +68,11 @@ async def _open_configured(
     url: str,
     policy: Literal["embedded", "wait"],
     opener: Callable[[], Awaitable[T]],
+    retry_s: float = 2.0,
 ) -> T | None:
     """The configured service, or None when it is unreachable and ``policy`` is "embedded";
-    with "wait", retry every 2 s until it answers (a service started before its database)."""
+    with "wait", retry every ``retry_s`` until it answers (a service started before its
+    database)."""
     attempt = 0
     while True:
         attempt += 1
@@ -81,8 +83,9 @@ async def _open_configured(
                 log.warning("%s_unreachable host=%s error=%s fallback=embedded",
                             name, _host_of(url), exc)  # fmt: skip
                 return None
-            log.warning("%s_unreachable attempt=%d error=%s retry_in_s=2", name, attempt, exc)
-            await asyncio.sleep(2)
+            log.warning("%s_unreachable attempt=%d error=%s retry_in_s=%s",
+                        name, attempt, exc, retry_s)  # fmt: skip
+            await asyncio.sleep(retry_s)
 
 
 async def open_storage(settings: Settings) -> Database | None:

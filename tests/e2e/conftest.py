@@ -28,8 +28,9 @@ def daemon_config(
     return {
         "pairs": PAIRS,
         "http": {"host": "127.0.0.1", "port": 0},
-        "postgres": {"dsn": pg.dsn, "connect_timeout_s": 2.0},
-        "redis": {"url": rd.url, "connect_timeout_s": 1.0},
+        # "wait": a slow server must never turn into a silent SQLite / in-process fallback.
+        "postgres": {"dsn": pg.dsn, "connect_timeout_s": 2.0, "unreachable_at_start": "wait"},
+        "redis": {"url": rd.url, "connect_timeout_s": 1.0, "unreachable_at_start": "wait"},
         "embedded": {"data_dir": str(tmp / "var")},
         "pipeline": {"stale_after_s": 3.0, "reconnect_initial_s": 0.2, "reconnect_max_s": 2.0},
         "capture": {"enabled": True, "port": free_port()},

@@ -10,14 +10,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
 from tests.harness.services import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 
 
 def _wait_port(port: int, timeout: float) -> bool:
@@ -145,6 +148,45 @@ class Daemon(Proc):
         raise AssertionError(
             f"{path} never satisfied the check; last: {last}\n{self.log()[-3000:]}"
         )
+
+
+def poll(fetch: Callable[[], T], check: Callable[[T], bool], timeout: float, what: str) -> T:
+    """Call ``fetch`` until ``check`` holds for its result; the result, or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fetch()
+        if check(got):
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached in {timeout} s; last: {got!r:.3000}")
+        time.sleep(0.2)
+
+
+def feed_time_ms(body: Any) -> float:
+    return datetime.fromisoformat(body["timestamp"].replace("Z", "+00:00")).timestamp() * 1000
+
+
+def wait_feed_time(d: Daemon, epoch_s: float, path: str = "/prices/latest/BTCUSDT") -> None:
+    """Until the daemon serves a tick stamped at or after ``epoch_s`` (the feed's own clock)."""
+    d.wait_for(
+        path,
+        lambda s, b: s == 200 and feed_time_ms(b) >= epoch_s * 1000,
+        timeout=max(20.0, epoch_s - time.time() + 20),
+    )
+
+
+def assert_real_stack(d: Daemon) -> dict[str, Any]:
+    """The daemon runs on PostgreSQL and Redis (no embedded fallback); its /health."""
+    health: dict[str, Any] = d.wait_for(
+        "/health", lambda s, b: b["postgres"]["state"] == "up" and b["redis"]["state"] == "up"
+    )
+    assert health["postgres"]["kind"] == "postgres", health
+    assert health["redis"]["kind"] == "redis", health
+    if "capture" in health:
+        assert health["capture"]["store"] == "postgres", health
+    assert "storage_embedded" not in d.log()
+    assert "cache_embedded" not in d.log()
+    return health
 
 
 def to_toml(doc: dict[str, Any]) -> str:

@@ -13,7 +13,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import orjson
 import pytest
 
 from tests.e2e.conftest import daemon_config
-from tests.e2e.procs import Daemon, minute_rows
+from tests.e2e.procs import Daemon, assert_real_stack, minute_rows
 from tests.harness.services import PostgresServer, RedisServer
 
 pytestmark = pytest.mark.e2e
@@ -48,6 +48,9 @@ class HostileFeed:
     sock: socket.socket = field(default_factory=lambda: socket.create_server(("127.0.0.1", 0)))
     connections: int = 0
     done: threading.Event = field(default_factory=threading.Event)
+    # The daemon's ticks + rejects so far: the next piece goes after it moved (a separate read).
+    progress: Callable[[], int] | None = None
+    errors: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _held: list[socket.socket] = field(default_factory=list)
 
@@ -77,12 +80,25 @@ class HostileFeed:
                 self._held.append(conn)
 
     def _play(self, conn: socket.socket, script: list[bytes]) -> None:
-        for piece in script:
+        for i, piece in enumerate(script):
+            before = self._wait_progress(-1) if self.progress else 0  # -1: no answer yet
             try:
                 conn.sendall(piece)
             except OSError:  # the daemon went away: the test's assertions will tell
                 return
-            time.sleep(0.15)  # separate TCP reads on the daemon's side
+            if self.progress is not None and i < len(script) - 1:
+                self._wait_progress(before)
+
+    def _wait_progress(self, before: int) -> int:
+        """Poll until the daemon's count moves off ``before`` (it read the piece just sent)."""
+        assert self.progress is not None
+        deadline = time.monotonic() + 20
+        while (now := self.progress()) == before:
+            if time.monotonic() > deadline:
+                self.errors.append(f"the daemon counted nothing new after {before}")
+                break
+            time.sleep(0.02)
+        return now
 
     def start(self) -> None:
         threading.Thread(target=self.serve, daemon=True).start()
@@ -172,6 +188,15 @@ def hostile(
     config = daemon_config(tmp_path, [], private_postgres, private_redis)
     config["exchanges"] = [{"name": FEED, "host": "127.0.0.1", "port": feed.port}]
     daemon = Daemon(tmp_path, config)
+
+    def progress() -> int:
+        try:
+            st = daemon.get("/health")[1]["exchanges"][FEED]
+        except (OSError, KeyError):  # not answering yet
+            return -1
+        return int(st["ticks"]) + int(st["rejected"])
+
+    feed.progress = progress
     daemon.start()
     try:
         yield HostileStack(feed, daemon, private_postgres, valid, rejects)
@@ -192,7 +217,9 @@ def test_hostile_feed_is_counted_per_reason_and_valid_ticks_after_it_are_stored(
     hostile: HostileStack,
 ) -> None:
     d = hostile.daemon
-    assert hostile.feed.done.wait(20), "the daemon never came back for the second connection"
+    assert_real_stack(d)
+    assert hostile.feed.done.wait(60), "the daemon never came back for the second connection"
+    assert not hostile.feed.errors
     want_ticks = len(hostile.valid)
     st = d.wait_for("/health", lambda s, b: b["exchanges"][FEED]["ticks"] >= want_ticks)
     feed = st["exchanges"][FEED]
@@ -230,6 +257,31 @@ def test_hostile_feed_is_counted_per_reason_and_valid_ticks_after_it_are_stored(
             max(prices),
         ), key
         assert r["average_price"] == pytest.approx(sum(prices) / len(prices), rel=1e-12)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: RejectCounts keeps one sample per reason but nothing logs it for JSON "
+    "feeds (only feed_truncated_line logs a sample); README/DESIGN promise 'logged with a "
+    "sample'. Fix in the JSON feed adapter, then drop this mark",
+)
+def test_hostile_feed_rejects_are_logged_with_a_sample_per_reason(hostile: HostileStack) -> None:
+    d = hostile.daemon
+    assert hostile.feed.done.wait(60), "the daemon never came back for the second connection"
+    d.wait_for("/health", lambda s, b: b["exchanges"][FEED]["ticks"] >= len(hostile.valid))
+    samples = {  # a piece of the bad bytes each reason must show in the log
+        "bad_json": "this is not json",
+        "price_not_number": "100.5",
+        "price_not_positive": "-5",
+        "unknown_symbol": "XRPUSDT",
+        "not_an_object": "[1,2,3]",
+        "truncated_line": '"price":12',
+    }
+    lines = d.log().splitlines()
+    for reason, piece in samples.items():
+        logged = [ln for ln in lines if reason in ln and "sample" in ln]
+        assert logged, f"no sample logged for {reason}"
+        assert any(piece in ln for ln in logged), (reason, logged)
 
 
 def _request(d: Daemon, method: str, path: str) -> tuple[int, str]:
@@ -325,6 +377,7 @@ BAD_METHODS = [
 
 def test_bad_api_input_answers_4xx_with_a_json_error_never_500(hostile: HostileStack) -> None:
     d = hostile.daemon
+    assert_real_stack(d)
     d.wait_for(f"/prices/latest/{FEED}/BTCUSDT", lambda s, b: s == 200)
     failures = []
     for method, path in [("GET", p) for p in BAD_GETS] + BAD_METHODS:

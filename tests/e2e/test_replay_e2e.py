@@ -31,20 +31,19 @@ def write_capture(path: Path, ticks: list[Tick]) -> None:
     )
 
 
-def replay(tmp: Path, capture: Path, pace: list[str], dsn: str) -> tuple[int, str, float]:
-    """Run the replay command; its exit code, its log (stderr) and its wall time."""
+def replay(tmp: Path, capture: Path, pace: list[str], dsn: str) -> tuple[int, str]:
+    """Run the replay command; its exit code and its log (stderr)."""
     config = tmp / "replay.toml"
     config.write_text(
         to_toml(
             {
-                "postgres": {"dsn": dsn, "connect_timeout_s": 2.0},
+                "postgres": {"dsn": dsn, "connect_timeout_s": 2.0, "unreachable_at_start": "wait"},
                 "redis": {"url": ""},
                 "embedded": {"data_dir": str(tmp / "var")},
             }
         )
     )
     argv = [sys.executable, "-m", "marketflow", "replay", str(capture), *pace]
-    started = time.monotonic()
     done = subprocess.run(
         [*argv, "--config", str(config)],
         cwd=ROOT,
@@ -52,8 +51,7 @@ def replay(tmp: Path, capture: Path, pace: list[str], dsn: str) -> tuple[int, st
         timeout=60,
         check=False,
     )
-    elapsed = time.monotonic() - started
-    return done.returncode, (done.stdout + done.stderr).decode(errors="replace"), elapsed
+    return done.returncode, (done.stdout + done.stderr).decode(errors="replace")
 
 
 def capture_over_whole_minutes(first_minute_ms: int, minutes: int) -> list[Tick]:
@@ -81,9 +79,10 @@ def test_replay_max_writes_minute_rows_exactly_matching_the_capture(
     capture = tmp_path / "capture.jsonl"
     write_capture(capture, ticks)
 
-    code, log, _ = replay(tmp_path, capture, ["--max"], private_postgres.dsn)
+    code, log = replay(tmp_path, capture, ["--max"], private_postgres.dsn)
     assert code == 0, log
     assert f"ticks={len(ticks)} rejected=0" in log
+    assert "storage_embedded" not in log  # the rows below are read from PostgreSQL
 
     expected: dict[tuple[str, int], list[float]] = {}
     for symbol, price, ts in ticks:
@@ -100,7 +99,7 @@ def test_replay_max_writes_minute_rows_exactly_matching_the_capture(
         assert math.isclose(r["average_price"], math.fsum(prices) / len(prices), rel_tol=1e-12)
 
     # Replaying the same capture again rewrites the rows, never doubles them.
-    code, log, _ = replay(tmp_path, capture, ["--max"], private_postgres.dsn)
+    code, log = replay(tmp_path, capture, ["--max"], private_postgres.dsn)
     assert code == 0, log
     again = asyncio.run(minute_rows(private_postgres.dsn, "replay"))
     assert {(r["pair_name"], r["minute_ms"]): r["tick_count"] for r in again} == {
@@ -117,21 +116,25 @@ def _log_time(log: str, event: str) -> float:
     return datetime.fromisoformat(m.group(1) + "+00:00").timestamp()
 
 
-def test_replay_speed_10_takes_a_tenth_of_the_capture_span(tmp_path: Path) -> None:
+def test_replay_speed_10_paces_the_capture_ten_times_faster_and_max_does_not_pace(
+    tmp_path: Path,
+) -> None:
+    """Pacing is a lower bound (a loaded machine only makes a replay slower): --speed 10 never
+    runs ahead of a tenth of the capture's span; --max never waits for it."""
     span_s = 20.0
     start_ms = (int(time.time()) - 120) * 1000
     ticks = [("SOLUSDT", 200.0 + i / 100, start_ms + i * 200) for i in range(int(span_s * 5) + 1)]
     capture = tmp_path / "short.jsonl"
     write_capture(capture, ticks)
 
-    code, log, fast_s = replay(tmp_path, capture, ["--max"], "")
+    code, log = replay(tmp_path, capture, ["--max"], "")
     assert code == 0, log
+    assert f"ticks={len(ticks)} rejected=0" in log
     max_s = _log_time(log, "replay_finished") - _log_time(log, "replay_started")
-    code, log, paced_s = replay(tmp_path, capture, ["--speed", "10"], "")
+    code, log = replay(tmp_path, capture, ["--speed", "10"], "")
     assert code == 0, log
     assert f"ticks={len(ticks)} rejected=0" in log
     replay_s = _log_time(log, "replay_finished") - _log_time(log, "replay_started")
-    assert max_s < 0.5, max_s
-    assert span_s / 10 - 0.05 <= replay_s <= span_s / 10 + 0.5, replay_s
-    # The whole command: the paced replay plus the same start-up cost as --max.
-    assert paced_s - fast_s == pytest.approx(span_s / 10, abs=1.0), (paced_s, fast_s)
+    assert replay_s >= span_s / 10 - 0.05, replay_s  # paced: not faster than 10x
+    assert replay_s < span_s * 0.75, replay_s  # not at speed 1 (20 s); generous for load
+    assert max_s < span_s / 2, max_s  # --max: not paced at all (generous for load)

@@ -19,7 +19,14 @@ import orjson
 import pytest
 
 from tests.e2e.conftest import PAIRS, Stack
-from tests.e2e.procs import Daemon, minute_rows
+from tests.e2e.procs import (
+    Daemon,
+    assert_real_stack,
+    feed_time_ms,
+    minute_rows,
+    poll,
+    wait_feed_time,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -32,10 +39,6 @@ def rows_by_key(dsn: str) -> dict[Key, asyncpg.Record]:
     out = {(r["exchange"], r["pair_name"], r["minute_ms"]): r for r in rows}
     assert len(out) == len(rows), "more than one row for an (exchange, pair, minute)"
     return out
-
-
-def sleep_until(epoch_s: float) -> None:
-    time.sleep(max(0.0, epoch_s - time.time()))
 
 
 def next_minute_start() -> int:
@@ -56,17 +59,36 @@ def restart_and_measure_downtime(d: Daemon, exchanges: list[str], down_at_s: flo
     for ex in exchanges:
         body = d.wait_for(
             f"/prices/latest/{ex}/BTCUSDT",
-            lambda s, b: s == 200 and _ms(b["timestamp"]) > down_at_s * 1000,
+            lambda s, b: s == 200 and feed_time_ms(b) > down_at_s * 1000,
         )
-        worst = max(worst, _ms(body["timestamp"]) / 1000 - down_at_s)
+        worst = max(worst, feed_time_ms(body) / 1000 - down_at_s)
+    assert_real_stack(d)
     return worst
+
+
+def lowest_count(downtime_s: float) -> int:
+    # Lost: ticks sent while down, plus those of the last flush interval before a SIGKILL.
+    return 600 - math.ceil(downtime_s * TICKS_PER_S) - 2
+
+
+def wait_whole_minute(
+    dsn: str, names: list[str], minute_s: int, downtime_s: float
+) -> dict[Key, asyncpg.Record]:
+    """Poll PostgreSQL until the minute's row of every exchange x pair holds at least the
+    ticks the daemon saw (it closes a little after its end); the rows then."""
+    lowest = lowest_count(downtime_s)
+    keys = [(ex, pair, minute_s * 1000) for ex in names for pair in PAIRS]
+
+    def complete(rows: dict[Key, asyncpg.Record]) -> bool:
+        return all(k in rows and rows[k]["tick_count"] >= lowest for k in keys)
+
+    return poll(lambda: rows_by_key(dsn), complete, minute_s + 90 - time.time(), "whole minute")
 
 
 def assert_whole_minute(
     rows: dict[Key, asyncpg.Record], names: list[str], minute_s: int, downtime_s: float
 ) -> None:
-    # Lost: ticks sent while down, plus those of the last flush interval before a SIGKILL.
-    lowest = 600 - math.ceil(downtime_s * TICKS_PER_S) - 2
+    lowest = lowest_count(downtime_s)
     for ex in names:
         for pair in PAIRS:
             r = rows.get((ex, pair, minute_s * 1000))
@@ -80,35 +102,35 @@ def test_sigkill_then_sigterm_mid_minute_restart_rewrites_each_minute_whole_neve
     stack: Stack,
 ) -> None:
     d, names = stack.daemon, [s.name for s in stack.sims]
+    assert_real_stack(d)
     wait_all_flowing(d, names)
     first = next_minute_start()  # the daemon is up for the whole of this minute
 
     # (a) SIGKILL mid-minute, restart at once: the window comes back from Redis.
-    sleep_until(first + 15)
+    wait_feed_time(d, first + 15)
     killed_at = time.time()
     assert d.stop(signal.SIGKILL) == -signal.SIGKILL
     downtime = restart_and_measure_downtime(d, names, killed_at)
-    assert downtime < 15, downtime
-    sleep_until(first + 60 + 3.5)  # the minute closes 2 s after its end
-    rows = rows_by_key(stack.postgres.dsn)
+    assert downtime < 15, downtime  # else the minute below is not "mid-minute" any more
+    rows = wait_whole_minute(stack.postgres.dsn, names, first, downtime)
     assert_whole_minute(rows, names, first, downtime)
 
     # (b) SIGTERM mid-minute: the partial minute is written at shutdown, then rewritten
     # whole (with the ticks from before the stop, not added twice) after the restart.
     second = first + 60
-    sleep_until(second + 15)
+    wait_feed_time(d, second + 15)
     stopped_at = time.time()
     assert d.stop(signal.SIGTERM) == 0
     partial = rows_by_key(stack.postgres.dsn)
+    most = math.ceil((stopped_at - second) * TICKS_PER_S) + 20
     for ex in names:
         for pair in PAIRS:
             r = partial.get((ex, pair, second * 1000))
             assert r is not None, f"partial minute not written at shutdown: {ex} {pair}"
-            assert 140 <= r["tick_count"] <= 15 * TICKS_PER_S + 20, dict(r)
+            assert 140 <= r["tick_count"] <= most, (dict(r), most)
     downtime = restart_and_measure_downtime(d, names, stopped_at)
     assert downtime < 15, downtime
-    sleep_until(second + 60 + 3.5)
-    rows = rows_by_key(stack.postgres.dsn)
+    rows = wait_whole_minute(stack.postgres.dsn, names, second, downtime)
     assert_whole_minute(rows, names, second, downtime)
     for key in [k for k in partial if k[2] == first * 1000]:  # the earlier minute is untouched
         assert rows[key]["tick_count"] == partial[key]["tick_count"]
@@ -129,15 +151,16 @@ def test_sigterm_while_postgres_down_spills_rows_and_restart_writes_each_once(
     stack: Stack, tmp_path: Path
 ) -> None:
     d, names = stack.daemon, [s.name for s in stack.sims]
+    assert_real_stack(d)
     wait_all_flowing(d, names)
     # The spill file is named after the database it is for (never drained into another).
     spill = Path(d.get("/health")[1]["postgres"]["spill_path"])
     assert spill.parent == tmp_path / "var" / "spill"
     assert spill.name.startswith("minutes-postgres-")
-    if time.time() % 60 > 40:  # stop and restart well inside one minute (compared below)
-        sleep_until(next_minute_start() + 3)
-    time.sleep(2)
-    minute = int(time.time()) // 60 * 60_000
+    # Stop and restart well inside one minute (compared below), with ticks of it stored.
+    at = time.time() + 2 if time.time() % 60 <= 38 else next_minute_start() + 3
+    wait_feed_time(d, at)
+    minute = int(at) // 60 * 60_000
     stack.postgres.stop()
     assert d.stop(signal.SIGTERM) == 0
     assert spill.exists(), d.log()[-3000:]
@@ -149,6 +172,7 @@ def test_sigterm_while_postgres_down_spills_rows_and_restart_writes_each_once(
 
     stack.postgres.start()
     d.start()
+    assert_real_stack(d)
     d.wait_for(
         "/health",
         lambda s, b: (
@@ -167,9 +191,3 @@ def test_sigterm_while_postgres_down_spills_rows_and_restart_writes_each_once(
         assert r["tick_count"] == s["count"], (dict(r), s)
         assert (r["min_price"], r["max_price"]) == (s["low"], s["high"])
         assert r["average_price"] == pytest.approx(s["average"], rel=1e-12)
-
-
-def _ms(rfc3339: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp() * 1000

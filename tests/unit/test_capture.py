@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from marketflow.adapters.capture import decoder as capture_decoder
 from marketflow.adapters.capture.decoder import FixCaptureDecoder, _reference
 from marketflow.adapters.fix.codec import encode
-from marketflow.adapters.fix.dictionary import TAG_ENUMS, TAG_NAMES, enrich, meaning
+from marketflow.adapters.fix.dictionary import enrich, meaning
 from marketflow.app.capture import CaptureService
 from marketflow.domain.capture import (
     CapturedMessage,
@@ -41,10 +42,12 @@ class FakeCaptureStore:
         self.fail_next = 0
         self.gate: asyncio.Event | None = None
         self.written = asyncio.Event()
+        self.entered = asyncio.Event()  # a write has started (and may be held at the gate)
 
     async def write(
         self, messages: Sequence[CapturedMessage], rejects: Sequence[CaptureReject]
     ) -> list[CaptureReject]:
+        self.entered.set()
         if self.gate is not None:
             await self.gate.wait()
         if self.fail_next:
@@ -73,6 +76,12 @@ class FakeCaptureStore:
 
     async def aclose(self) -> None:
         return None
+
+
+async def settle(rounds: int = 50) -> None:
+    """Let every ready task run until it blocks (loop turns, not wall time)."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
 
 
 def order(seq: int = 1, symbol: str = "AAPL", side: str = "1", msg_type: str = "D") -> bytes:
@@ -167,7 +176,7 @@ async def test_full_batch_is_written_without_waiting_for_the_timer() -> None:
     store = FakeCaptureStore()
     async with service(store, batch_max=3) as svc:
         await svc.submit(PEER, 1, [order(i) for i in range(3)])
-        await asyncio.wait_for(store.written.wait(), 0.5)  # the timer is 10 s away
+        await asyncio.wait_for(store.written.wait(), 5.0)  # the timer is 10 s away
         assert store.writes == [3]
 
 
@@ -175,7 +184,7 @@ async def test_partial_batch_is_written_by_the_timer() -> None:
     store = FakeCaptureStore()
     async with service(store, flush_interval_ms=20) as svc:
         await svc.submit(PEER, 1, [order(1)])
-        await asyncio.wait_for(store.written.wait(), 1.0)
+        await asyncio.wait_for(store.written.wait(), 5.0)
     assert store.writes == [1]
 
 
@@ -184,7 +193,7 @@ async def test_store_outage_is_retried_until_stored() -> None:
     store.fail_next = 2
     async with service(store) as svc:
         await svc.submit(PEER, 1, [order(1), order(2)])
-        await asyncio.wait_for(svc.flush(), 2.0)
+        await asyncio.wait_for(svc.flush(), 5.0)
         stats = svc.stats()
     assert len(store.messages) == 2
     assert stats["store_errors"] == 2
@@ -198,12 +207,15 @@ async def test_slow_store_blocks_submit_instead_of_buffering() -> None:
         queue_batches=2,
     )  # fmt: skip
     await svc.start()
-    blocked = asyncio.create_task(_submit_many(svc, 10))
-    await asyncio.sleep(0.05)
-    assert not blocked.done()  # writer holds 1, queue holds 2: the 4th submit waits
+    submitted: list[int] = []
+    blocked = asyncio.create_task(_submit_many(svc, 10, submitted))
+    await asyncio.wait_for(store.entered.wait(), 5.0)
+    await settle()
+    assert not blocked.done()
+    assert submitted == [0, 1, 2]  # writer holds 1, queue holds 2: the 4th submit waits
     assert svc.stats()["queued_batches"] == 2
     store.gate.set()
-    await asyncio.wait_for(blocked, 1.0)
+    await asyncio.wait_for(blocked, 5.0)
     await svc.aclose()
     assert len(store.messages) == 10
 
@@ -217,14 +229,14 @@ async def test_full_queue_stops_every_connection_before_it_decodes_more() -> Non
     )  # fmt: skip
     await svc.start()
     await svc.submit(PEER, 1, [order(1), order(2)])  # the writer takes it, waits on the gate
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(store.entered.wait(), 5.0)
     await svc.submit(PEER, 1, [order(3), order(4)])  # queued: the queue is now full
     others = [asyncio.create_task(svc.submit(f"peer{i}", 1, [order(9)])) for i in range(5)]
-    await asyncio.sleep(0.05)
+    await settle()
     assert not any(t.done() for t in others)
     assert svc.stats()["accepted"] == 4  # nobody decoded a message while the queue was full
     store.gate.set()
-    await asyncio.wait_for(asyncio.gather(*others), 1.0)
+    await asyncio.wait_for(asyncio.gather(*others), 5.0)
     await svc.aclose()
     assert len(store.messages) == 9
 
@@ -239,55 +251,189 @@ async def test_aclose_is_idempotent_and_flushes() -> None:
     assert len(store.messages) == 1
 
 
-async def _submit_many(svc: CaptureService, n: int) -> None:
+async def _submit_many(svc: CaptureService, n: int, done: list[int]) -> None:
     for i in range(n):
         await svc.submit(PEER, 1, [order(i)])
+        done.append(i)
 
 
-TRICKY = [
-    order(),
-    order().replace(b"AAPL", b'A"B'),  # JSON must escape '"'
-    order().replace(b"AAPL", b"A\tB\nC\rD"),  # COPY text must escape these
-    order().replace(b"AAPL", b"A\x7fB\x02"),  # DEL (plain) and a control character (not)
-    order().replace(b"\x0155=AAPL", b"\x01269=0\x01270=1\x01269=1\x01270=2\x0155=AAPL"),
-    order().replace(b"AAPL", b"A=B"),  # "=" inside a value
-    order().replace(b"AAPL", "Société".encode()),  # non-ASCII
-    order().replace(b"AAPL", b"A\x00B"),  # NUL
-    order().replace(b"AAPL", b"A\\B"),  # backslash
-    order().replace(b"\x0154=1", b"\x0154="),  # empty value
-    order().replace(b"\x0154=1", b"\x0154"),  # field without "="
-    order().replace(b"\x0154=1", b"\x01054=1"),  # zero-padded tag
-    order().replace(b"\x0155=AAPL", b"\x0155=A=B\x0154"),  # counts balance, fields do not
-    order().replace(b"\x0149=CLIENT", b""),
+# Decoder paths. Frames are written out literally ("|" is SOH); BodyLength and CheckSum are
+# placeholders, the framer checks those before the decoder sees a frame. Every expected value
+# below is written by hand from the frame text, not computed by the code under test.
+HEAD = "8=FIX.4.2|9=120|35=D|49=CLIENT|56=MARKETFLOW|34=1|52=20261126-11:45:30.123|"
+BASE = HEAD + "11=ORD1|55=AAPL|54=1|38=100|40=2|44=187.25|10=000|"
+BASE_PAIRS = [
+    (8, "FIX.4.2"), (9, "120"), (35, "D"), (49, "CLIENT"), (56, "MARKETFLOW"), (34, "1"),
+    (52, "20261126-11:45:30.123"), (11, "ORD1"), (55, "AAPL"), (54, "1"), (38, "100"),
+    (40, "2"), (44, "187.25"), (10, "000"),
+]  # fmt: skip
+ORDER_HEADER = ("FIX.4.2", "D", "CLIENT", "MARKETFLOW", 1, "AAPL")
+
+
+def frame(text: str | bytes) -> bytes:
+    return (text.encode() if isinstance(text, str) else text).replace(b"|", b"\x01")
+
+
+def with_symbol(value: str) -> list[tuple[int, str]]:
+    return [(t, value if t == 55 else v) for t, v in BASE_PAIRS]
+
+
+# (frame text, its (tag, value) pairs, (BeginString, MsgType, Sender, Target, SeqNum, Symbol))
+FAST = [
+    (BASE, BASE_PAIRS, ORDER_HEADER),
+    (
+        HEAD + "269=0|270=1|269=1|270=2|55=AAPL|10=000|",
+        [
+            *BASE_PAIRS[:7],
+            (269, "0"),
+            (270, "1"),
+            (269, "1"),
+            (270, "2"),
+            (55, "AAPL"),
+            (10, "000"),
+        ],
+        ORDER_HEADER,
+    ),
+    (
+        "8=FIX.4.4|9=60|35=0|49=A|56=B|34=9|52=20260101-00:00:00|10=000|",
+        [
+            (8, "FIX.4.4"),
+            (9, "60"),
+            (35, "0"),
+            (49, "A"),
+            (56, "B"),
+            (34, "9"),
+            (52, "20260101-00:00:00"),
+            (10, "000"),
+        ],
+        ("FIX.4.4", "0", "A", "B", 9, None),
+    ),
+    (  # header out of the usual order, a zero-padded MsgSeqNum, the first Symbol counts
+        "8=FIX.4.2|9=99|49=C|35=8|34=0042|56=T|52=x|55=MSFT|9999=y|55=AAPL|10=000|",
+        [
+            (8, "FIX.4.2"),
+            (9, "99"),
+            (49, "C"),
+            (35, "8"),
+            (34, "0042"),
+            (56, "T"),
+            (52, "x"),
+            (55, "MSFT"),
+            (9999, "y"),
+            (55, "AAPL"),
+            (10, "000"),
+        ],
+        ("FIX.4.2", "8", "C", "T", 42, "MSFT"),
+    ),
+]
+
+# Frames the fast path must hand to the reference path, each with what must come out.
+ODD_SYMBOLS = [
+    (b'A"B', 'A"B'),  # JSON must escape '"'
+    (b"A\tB\nC\rD", "A\tB\nC\rD"),  # COPY text must escape these
+    (b"A\x7fB\x02", "A\x7fB\x02"),  # DEL (plain) and a control character (not)
+    (b"A=B", "A=B"),  # "=" inside a value
+    ("Société".encode(), "Société"),  # non-ASCII
+    (b"A\x00B", "A\\x00B"),  # NUL, escaped for PostgreSQL text
+    (b"A\\B", "A\\B"),  # backslash
+    (b"\xff\xfe", "\ufffd\ufffd"),  # not UTF-8
+]
+REFERENCE_VALID = [
+    (BASE.encode().replace(b"=AAPL|", b"=" + raw + b"|"), with_symbol(text),
+     (*ORDER_HEADER[:5], text))
+    for raw, text in ODD_SYMBOLS
+] + [
+    (BASE.replace("|54=1|", "|54=|"), [(t, "" if t == 54 else v) for t, v in BASE_PAIRS],
+     ORDER_HEADER),  # an empty value
+]  # fmt: skip
+REFERENCE_REJECTED = [
+    (BASE.replace("|54=1|", "|54|"), "parse_error: malformed field b'54'"),
+    (BASE.replace("|54=1|", "|054=1|"), "parse_error: malformed field b'054=1'"),
+    (BASE.replace("|55=AAPL|54=1|", "|55=A=B|54|"), "parse_error: malformed field b'54'"),
+    (BASE.replace("|49=CLIENT|", "|"), "missing_header_tags: 49"),
+    (BASE.replace("|34=1|", "|34=|"), "missing_header_tags: 34"),
+    (BASE.replace("|34=1|", "|34=x|").replace("AAPL", 'A"B'), "bad_seq_num: 'x'"),
+    (BASE[:-1], "parse_error: message does not end with SOH"),
 ]
 
 
-@pytest.mark.parametrize("frame", TRICKY)
-def test_fast_path_and_reference_path_agree(frame: bytes) -> None:
+@pytest.fixture
+def reference_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Frames the decoder handed to its reference path (the fast path handled the rest)."""
+    calls: list[bytes] = []
+
+    def spy(frame: bytes, received_ms: int, peer: str) -> CapturedMessage:
+        calls.append(frame)
+        return _reference(frame, received_ms, peer)
+
+    monkeypatch.setattr(capture_decoder, "_reference", spy)
+    return calls
+
+
+def header(msg: CapturedMessage) -> tuple[object, ...]:
+    return (msg.begin_string, msg.msg_type, msg.sender, msg.target, msg.seq_num, msg.symbol)
+
+
+def assert_decoded(
+    msg: CapturedMessage, pairs: list[tuple[int, str]], head: tuple[object, ...]
+) -> None:
+    assert list(zip(msg.tags, msg.values, strict=True)) == pairs
+    assert orjson.loads(msg.fields_json) == [[str(t), v] for t, v in pairs]
+    assert header(msg) == head
+    assert (msg.peer, msg.received_ms) == (PEER, 1)
+
+
+@pytest.mark.parametrize(("text", "pairs", "head"), FAST)
+def test_fast_path_decodes_plain_messages(
+    text: str,
+    pairs: list[tuple[int, str]],
+    head: tuple[object, ...],
+    reference_calls: list[bytes],
+) -> None:
     decoder = FixCaptureDecoder()
-    try:
-        expected: CapturedMessage | str = _reference(frame, 1, PEER)
-    except InvalidMessage as exc:
-        expected = exc.reason
-    for _ in range(2):  # first call fills the shape cache, second one uses it
-        try:
-            got: CapturedMessage | str = decoder.decode(frame, 1, PEER)
-        except InvalidMessage as exc:
-            got = exc.reason
-        if isinstance(expected, CapturedMessage):
-            assert isinstance(got, CapturedMessage)
-            assert (got.fields_json, list(got.tags), list(got.values)) == (
-                expected.fields_json, list(expected.tags), list(expected.values),
-            )  # fmt: skip
-            assert (got.begin_string, got.msg_type, got.sender, got.target) == (
-                expected.begin_string, expected.msg_type, expected.sender, expected.target,
-            )  # fmt: skip
-            assert (got.seq_num, got.symbol) == (expected.seq_num, expected.symbol)
-            assert orjson.loads(got.fields_json) == [
-                [str(t), v] for t, v in zip(expected.tags, expected.values, strict=True)
-            ]
-        else:
-            assert got == expected
+    for _ in range(2):  # the first call fills the shape cache, the second one uses it
+        msg = decoder.decode(frame(text), 1, PEER)
+        assert msg.plain
+        assert_decoded(msg, pairs, head)
+    assert reference_calls == []  # the fast path did it alone
+    assert_decoded(_reference(frame(text), 1, PEER), pairs, head)  # and the two paths agree
+
+
+def test_fast_path_rejects_a_non_numeric_seq_num_by_itself(reference_calls: list[bytes]) -> None:
+    decoder = FixCaptureDecoder()
+    for seq in ("x", "-1", "1.5"):
+        for _ in range(2):
+            with pytest.raises(InvalidMessage) as exc:
+                decoder.decode(frame(BASE.replace("|34=1|", f"|34={seq}|")), 1, PEER)
+            assert exc.value.reason == f"bad_seq_num: '{seq}'"
+    assert reference_calls == []
+
+
+@pytest.mark.parametrize(("raw", "pairs", "head"), REFERENCE_VALID)
+def test_reference_path_decodes_what_the_fast_path_hands_it(
+    raw: str | bytes,
+    pairs: list[tuple[int, str]],
+    head: tuple[object, ...],
+    reference_calls: list[bytes],
+) -> None:
+    decoder = FixCaptureDecoder()
+    for calls in (1, 2):
+        msg = decoder.decode(frame(raw), 1, PEER)
+        assert not msg.plain
+        assert_decoded(msg, pairs, head)
+        assert reference_calls == [frame(raw)] * calls
+
+
+@pytest.mark.parametrize(("text", "reason"), REFERENCE_REJECTED)
+def test_reference_path_rejects_with_the_reason(
+    text: str, reason: str, reference_calls: list[bytes]
+) -> None:
+    decoder = FixCaptureDecoder()
+    for calls in (1, 2):
+        with pytest.raises(InvalidMessage) as exc:
+            decoder.decode(frame(text), 1, PEER)
+        assert exc.value.reason == reason
+        assert len(reference_calls) == calls
 
 
 @given(st.binary(max_size=300))
@@ -298,37 +444,64 @@ def test_raw_text_round_trips_any_bytes(raw: bytes) -> None:
     assert raw_from_text(text) == raw
 
 
-def _old_stored_rows(frame: bytes) -> list[list[object]]:
-    """What the store used to keep per message: [tag, name, value, meaning] rows."""
-    msg = _reference(frame, 1, PEER)
-    return [
-        [tag, TAG_NAMES.get(tag), value, TAG_ENUMS.get(tag, {}).get(value)]
-        for tag, value in zip(msg.tags, msg.values, strict=True)
-    ]
+def named(tag: int, name: str | None, value: str, meaning_: str | None = None) -> dict[str, object]:
+    item: dict[str, object] = {"tag": tag, "name": name, "value": value}
+    if meaning_ is not None:
+        item["meaning"] = meaning_
+    return item
 
 
-def _old_expand(rows: list[list[object]]) -> list[dict[str, object]]:
-    """How the API used to turn those rows into its "enriched" objects."""
-    out: list[dict[str, object]] = []
-    for tag, name, value, meaning_ in rows:
-        item = {"tag": tag, "name": name, "value": value}
-        if meaning_ is not None:
-            item["meaning"] = meaning_
-        out.append(item)
-    return out
+# Names and meanings as the FIX 4.2/4.4 specification spells them.
+ENRICHED_BASE = [
+    named(8, "BeginString", "FIX.4.2"), named(9, "BodyLength", "120"),
+    named(35, "MsgType", "D", "NewOrderSingle"), named(49, "SenderCompID", "CLIENT"),
+    named(56, "TargetCompID", "MARKETFLOW"), named(34, "MsgSeqNum", "1"),
+    named(52, "SendingTime", "20261126-11:45:30.123"), named(11, "ClOrdID", "ORD1"),
+    named(55, "Symbol", "AAPL"), named(54, "Side", "1", "Buy"), named(38, "OrderQty", "100"),
+    named(40, "OrdType", "2", "Limit"), named(44, "Price", "187.25"),
+    named(10, "CheckSum", "000"),
+]  # fmt: skip
+ENRICHED = [
+    (BASE, ENRICHED_BASE),
+    (BASE.replace("AAPL", 'A"B'), [*ENRICHED_BASE[:8], named(55, "Symbol", 'A"B'),
+                                   *ENRICHED_BASE[9:]]),
+    (BASE.replace("|54=1|", "|54=|"), [*ENRICHED_BASE[:9], named(54, "Side", ""),
+                                       *ENRICHED_BASE[10:]]),  # no meaning for ""
+    (BASE.replace("|54=1|38=100|40=2|", "|54=2|38=100|40=1|"), [*ENRICHED_BASE[:9],
+     named(54, "Side", "2", "Sell"), ENRICHED_BASE[10], named(40, "OrdType", "1", "Market"),
+     *ENRICHED_BASE[12:]]),
+    (BASE.replace("|54=1|", "|54=Z|9999=q|"), [*ENRICHED_BASE[:9], named(54, "Side", "Z"),
+     named(9999, None, "q"), *ENRICHED_BASE[10:]]),  # not an enum value; an unknown tag
+    (
+        "8=FIX.4.4|9=90|35=W|49=A|56=B|34=2|52=x|262=r1|268=2|269=0|270=10.5|269=1|270=11|10=1|",
+        [named(8, "BeginString", "FIX.4.4"), named(9, "BodyLength", "90"),
+         named(35, "MsgType", "W", "MarketDataSnapshotFullRefresh"),
+         named(49, "SenderCompID", "A"), named(56, "TargetCompID", "B"),
+         named(34, "MsgSeqNum", "2"), named(52, "SendingTime", "x"),
+         named(262, "MDReqID", "r1"), named(268, "NoMDEntries", "2"),
+         named(269, "MDEntryType", "0", "Bid"), named(270, "MDEntryPx", "10.5"),
+         named(269, "MDEntryType", "1", "Offer"), named(270, "MDEntryPx", "11"),
+         named(10, "CheckSum", "1")],
+    ),
+    (
+        "8=FIX.4.2|9=60|35=0|49=A|56=B|34=9|52=x|10=000|",
+        [named(8, "BeginString", "FIX.4.2"), named(9, "BodyLength", "60"),
+         named(35, "MsgType", "0", "Heartbeat"), named(49, "SenderCompID", "A"),
+         named(56, "TargetCompID", "B"), named(34, "MsgSeqNum", "9"),
+         named(52, "SendingTime", "x"), named(10, "CheckSum", "000")],
+    ),
+]  # fmt: skip
 
 
-@pytest.mark.parametrize("frame", [f for f in TRICKY if f is not TRICKY[-1]])
-def test_read_time_enrichment_equals_what_was_stored_before(frame: bytes) -> None:
-    try:
-        got = FixCaptureDecoder().decode(frame, 1, PEER)
-    except InvalidMessage:
-        return  # rejected both ways (test_fast_path_and_reference_path_agree)
-    old = _old_stored_rows(frame)
+@pytest.mark.parametrize(("text", "expected"), ENRICHED)
+def test_read_time_enrichment_names_fields_as_the_fix_specification(
+    text: str, expected: list[dict[str, object]]
+) -> None:
+    got = FixCaptureDecoder().decode(frame(text), 1, PEER)
     pairs = stored_fields(orjson.loads(got.fields_json))
-    assert enrich(pairs) == _old_expand(old)
-    assert [[tag, value] for tag, value in pairs] == [[row[0], row[2]] for row in old]
-    # Rows stored in the old layout still read back as the same pairs.
+    assert enrich(pairs) == expected
+    # Rows stored in the old layout ([tag, name, value, meaning]) read back as the same pairs.
+    old = [[e["tag"], e["name"], e["value"], e.get("meaning")] for e in expected]
     assert stored_fields(orjson.loads(orjson.dumps(old))) == pairs
 
 

@@ -15,7 +15,8 @@ from marketflow.app.ingest import RunningSource
 from marketflow.domain.ticks import TickBatch
 from marketflow.settings import DEFAULT_PAIRS
 from marketflow.settings import TestModeSettings as GeneratorSettings  # not a test class
-from marketflow.simulator.walk import PriceWalk, render_rounds
+from marketflow.simulator.walk import PriceWalk
+from tests.harness.walk_oracle import PAIRS, line, walk_rounds
 
 
 class FakeTime:
@@ -75,10 +76,15 @@ async def test_bytes_are_exactly_the_simulator_format_for_the_same_seed() -> Non
         PriceWalk.for_port(40101, seed=3), 100, t.clock_ms, sleep=t.sleep, monotonic=t.monotonic
     )
 
-    items, _ = await run_for(producer, 2)
+    items, _ = await run_for(producer, 3)
 
-    oracle = PriceWalk.for_port(40101, seed=3)
-    assert [c for c, _ in items] == [render_rounds(oracle, 1, ms) for _, ms in items]
+    rounds = walk_rounds(40101, seed=3, rounds=3)  # the walk re-implemented in the test
+    expected = [
+        b"".join(line(p, price, ms) for p, price in zip(PAIRS, prices, strict=True))
+        for prices, (_, ms) in zip(rounds, items, strict=True)
+    ]
+    assert [c for c, _ in items] == expected
+    assert items[0][0].startswith(b'{"symbol":"BTCUSDT","price":')  # the wire format, literally
 
 
 async def test_factory_source_parses_through_json_lines_parser_with_status_rejects() -> None:
@@ -109,8 +115,10 @@ def test_sources_differ_but_a_seed_repeats() -> None:
     assert isinstance(b0, GeneratorProducer)
     assert isinstance(a1, GeneratorProducer)
 
-    assert a0.walk.step() == b0.walk.step()
-    assert a0.walk.step()[1:] != a1.walk.step()[1:]
+    first, second = walk_rounds(40101, seed=1, rounds=2)
+    assert a0.walk.step() == b0.walk.step() == first  # exchange 0: 40101's walk, seed 1
+    assert a0.walk.step() == second
+    assert a1.walk.step() == walk_rounds(40102, seed=2, rounds=1)[0]  # 40102, seed + index
 
 
 async def test_a_blocked_queue_skips_missed_intervals_instead_of_bursting() -> None:

@@ -120,10 +120,18 @@ async def until(cond: Callable[[], bool], within_s: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def send(w: asyncio.StreamWriter, data: bytes, pause_s: float = 0.03) -> None:
+async def settle(rounds: int = 200) -> None:
+    """Let every ready task run until it blocks (loop turns, not wall time)."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+async def send(w: asyncio.StreamWriter, data: bytes, read_by: FeedStatus) -> None:
+    """Write ``data`` and wait until the reader has read it: the next write is a separate read."""
+    before = read_by.bytes_in
     w.write(data)
     await w.drain()
-    await asyncio.sleep(pause_s)  # let the reader see it as a separate read
+    await until(lambda: read_by.bytes_in >= before + len(data))
 
 
 async def test_partial_lines_across_reads_are_put_only_when_complete(
@@ -133,10 +141,10 @@ async def test_partial_lines_across_reads_are_put_only_when_complete(
     w = await server.connection()
     one, two, three = line(1.5), line(2.5, "ETHUSDT"), line(3.5, "SOLUSDT")
 
-    await send(w, one[:10])
-    await send(w, one[10:30])
-    await send(w, one[30:] + two[:5])
-    await send(w, two[5:] + three)
+    await send(w, one[:10], reader.status)
+    await send(w, one[10:30], reader.status)
+    await send(w, one[30:] + two[:5], reader.status)
+    await send(w, two[5:] + three, reader.status)
     chunks = await reader.collect(len(one + two + three))
 
     assert all(c.endswith(b"\n") for c in chunks)
@@ -158,8 +166,8 @@ async def test_crlf_blank_and_garbage_lines_reach_the_parser_which_skips_them(
     try:
         w = await server.connection()
         data = line(1.0).replace(b"\n", b"\r\n") + b"\r\n\n" + b"garbage{\n" + line(2.0)
-        await send(w, data[:7])
-        await send(w, data[7:])
+        await send(w, data[:7], source.status)
+        await send(w, data[7:], source.status)
         chunks = [(await asyncio.wait_for(queue.get(), 5))[0]]
         while sum(map(len, chunks)) < len(data):
             chunks.append((await asyncio.wait_for(queue.get(), 5))[0])
@@ -180,11 +188,13 @@ async def test_reconnect_starts_with_a_fresh_buffer(
 ) -> None:
     reader = reader_factory(server.port)
     w1 = await server.connection()
-    await send(w1, line(1.0) + b'{"symbol":"BTCUSDT","pri')  # half a line, then the drop
+    await send(
+        w1, line(1.0) + b'{"symbol":"BTCUSDT","pri', reader.status
+    )  # half a line, then the drop
     w1.close()
 
     w2 = await server.connection()
-    await send(w2, line(2.0))
+    await send(w2, line(2.0), reader.status)
 
     assert await reader.chunk() == line(1.0)
     assert await reader.chunk() == line(2.0)  # nothing of the old half line glued to it
@@ -199,10 +209,12 @@ async def test_line_longer_than_max_is_dropped_whole_and_counted(
     reader = reader_factory(server.port)
     w = await server.connection()
 
-    await send(w, line(1.0) + b"x" * 200)
-    await send(w, b"y" * 200)  # 400 bytes without a newline: over max_line_bytes = 256
-    await send(w, b"z" * 100)  # still the same long line: skipped, not counted again
-    await send(w, b"zz\n" + line(2.0))
+    await send(w, line(1.0) + b"x" * 200, reader.status)
+    await send(
+        w, b"y" * 200, reader.status
+    )  # 400 bytes without a newline: over max_line_bytes = 256
+    await send(w, b"z" * 100, reader.status)  # still the same long line: skipped, not counted again
+    await send(w, b"zz\n" + line(2.0), reader.status)
 
     assert await reader.chunk() == line(1.0)
     assert await reader.chunk() == line(2.0)
@@ -216,7 +228,7 @@ async def test_silent_connection_is_marked_stale_and_reconnected(
 ) -> None:
     reader = reader_factory(server.port)
     w1 = await server.connection()
-    await send(w1, line(1.0))
+    await send(w1, line(1.0), reader.status)
     assert await reader.chunk() == line(1.0)
 
     w2 = await server.connection(within_s=3.0)  # after stale_after_s = 0.3 of silence
@@ -224,7 +236,7 @@ async def test_silent_connection_is_marked_stale_and_reconnected(
     assert reader.status.stale
     assert reader.status.reconnects == 1
     assert reader.status.last_error.startswith("no data for")
-    await send(w2, line(2.0))
+    await send(w2, line(2.0), reader.status)
     assert await reader.chunk() == line(2.0)
     assert not reader.status.stale
     assert reader.status.connected
@@ -248,11 +260,12 @@ async def test_full_queue_stops_reading_so_tcp_pushes_back(
 
     flooder = asyncio.create_task(flood())
     try:
-        await until(lambda: reader.queue.full())
-        await asyncio.sleep(0.3)
+        # Queue full and the sender's writes no longer drain: its socket buffer is full.
+        await until(lambda: reader.queue.full() and w.transport.get_write_buffer_size() > 0)
+        await settle()  # whatever was ready runs until it blocks (a last chunk may be read)
         read_when_full = reader.status.bytes_in
         sent_when_full = sent
-        await asyncio.sleep(0.3)
+        await settle()
 
         # The producer is parked on queue.put: it reads nothing more, so the sender stalls.
         assert reader.status.bytes_in == read_when_full
@@ -285,7 +298,7 @@ async def test_unreachable_exchange_is_retried_with_logged_attempts_until_it_com
     await late.start(port)
     try:
         w = await late.connection()
-        await send(w, line(7.0))
+        await send(w, line(7.0), reader.status)
         assert await reader.chunk() == line(7.0)
         assert reader.status.connected
     finally:

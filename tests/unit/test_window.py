@@ -61,12 +61,19 @@ def test_ticks_older_than_retention_are_counted_late_not_stored() -> None:
 def test_retention_follows_exchange_time_so_an_old_replay_keeps_every_tick() -> None:
     w = PairWindow("ex", "BTCUSDT")
     day_ago = T0 - 86_400_000
+    rows = []
     for minute in range(15):  # 15 minutes of old ticks, flushed as a replay would be
-        w.add([(1.0 + minute, day_ago + minute * 60_000 + 5_000)], T0)
+        ticks = [(1.0 + minute, day_ago + minute * 60_000 + 5_000),
+                 (2.0 + minute, day_ago + minute * 60_000 + 59_999)]  # fmt: skip
+        w.add(ticks, T0)
         w.take_dirty_seconds()
-        w.closed_minutes(T0, 2000)
+        rows += w.closed_minutes(T0, 2000)
         w.evict(retention_s=300)
     assert w.late == 0
+    # Every tick is in its minute's row: none dropped by the eviction a day "later".
+    assert [(r.minute_ms, r.count, r.low, r.high, r.average) for r in rows] == [
+        (day_ago + m * 60_000, 2, 1.0 + m, 2.0 + m, 1.5 + m) for m in range(15)
+    ]
 
 
 def test_pending_minute_is_not_evicted_before_it_is_emitted() -> None:
