@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from marketflow.domain.ticks import RejectCounts
+
+log = logging.getLogger("marketflow.feeds")
 
 
 @dataclass(slots=True)
@@ -24,6 +27,15 @@ class FeedStatus:
     chunks: int = 0
     bytes_in: int = 0
     rejects: RejectCounts = field(default_factory=RejectCounts)
+
+    def __post_init__(self) -> None:
+        if self.rejects.on_sample is None:
+            self.rejects.on_sample = self._log_sample
+
+    def _log_sample(self, reason: str, count: int, raw: bytes) -> None:
+        log.warning(
+            "input_rejected source=%s reason=%s count=%d sample=%r", self.name, reason, count, raw
+        )
 
     def snapshot(self, now_ms: int, skew_s: float | None = None) -> dict[str, object]:
         """The /health view; ``skew_s`` is receipt time minus exchange time of the newest tick."""

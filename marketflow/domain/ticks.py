@@ -7,6 +7,7 @@ cost more than parsing it. Ticks travel in batches, one batch per parsed chunk o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 Tick = tuple[str, float, int]
@@ -59,15 +60,23 @@ class TickBatch:
 
 @dataclass(slots=True)
 class RejectCounts:
-    """Rejected input per reason, with one raw sample per reason for the log."""
+    """Rejected input per reason, with one raw sample per reason for the log.
+
+    ``on_sample(reason, count, raw)`` is called for the 1st, 2nd, 4th, 8th ... reject of a
+    reason (each time the count passes a power of two): a sample in the log, never a flood.
+    """
 
     counts: dict[str, int] = field(default_factory=dict)
     samples: dict[str, bytes] = field(default_factory=dict)
+    on_sample: Callable[[str, int, bytes], None] | None = None
 
     def add(self, reason: str, raw: bytes, n: int = 1) -> None:
-        self.counts[reason] = self.counts.get(reason, 0) + n
+        before = self.counts.get(reason, 0)
+        after = self.counts[reason] = before + n
         if reason not in self.samples:
             self.samples[reason] = raw[:200]
+        if self.on_sample is not None and after.bit_length() != before.bit_length():
+            self.on_sample(reason, after, raw[:200])
 
     def total(self) -> int:
         return sum(self.counts.values())

@@ -259,12 +259,6 @@ def test_hostile_feed_is_counted_per_reason_and_valid_ticks_after_it_are_stored(
         assert r["average_price"] == pytest.approx(sum(prices) / len(prices), rel=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: RejectCounts keeps one sample per reason but nothing logs it for JSON "
-    "feeds (only feed_truncated_line logs a sample); README/DESIGN promise 'logged with a "
-    "sample'. Fix in the JSON feed adapter, then drop this mark",
-)
 def test_hostile_feed_rejects_are_logged_with_a_sample_per_reason(hostile: HostileStack) -> None:
     d = hostile.daemon
     assert hostile.feed.done.wait(60), "the daemon never came back for the second connection"

@@ -237,16 +237,7 @@ class FixFeedProducer:
         self._pending = None
 
     def _reject(self, reject: FrameReject, status: FeedStatus) -> None:
-        status.rejects.add(reject.reason, reject.raw)
-        n = status.rejects.counts[reject.reason]
-        if n & (n - 1) == 0:  # log the 1st, 2nd, 4th, 8th ...: a sample, never a flood
-            log.warning(
-                "fix_frame_rejected source=%s reason=%s count=%d sample=%r",
-                self.name,
-                reject.reason,
-                n,
-                reject.raw[:200],
-            )
+        status.rejects.add(reject.reason, reject.raw)  # FeedStatus logs a sample
 
     async def _shutdown(
         self,
