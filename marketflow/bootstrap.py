@@ -15,6 +15,7 @@ import contextlib
 import functools
 import logging
 import os
+import random
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -44,6 +45,7 @@ from marketflow.app.ingest import Source
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.app.modes import Mode, ModeController
 from marketflow.app.queries import PriceQueries
+from marketflow.backoff import Backoff
 from marketflow.domain.capture import CaptureStore
 from marketflow.domain.errors import CacheUnavailable, ConfigError, StoreUnavailable
 from marketflow.domain.ports import MinuteStore, PriceCache
@@ -69,10 +71,12 @@ async def _open_configured(
     policy: Literal["embedded", "wait"],
     opener: Callable[[], Awaitable[T]],
     retry_s: float = 2.0,
+    rng: random.Random | None = None,
 ) -> T | None:
     """The configured service, or None when it is unreachable and ``policy`` is "embedded";
-    with "wait", retry every ``retry_s`` until it answers (a service started before its
-    database)."""
+    with "wait", retry every ``retry_s`` (jittered down to half of it, so daemons started
+    together spread out) until it answers (a service started before its database)."""
+    backoff = Backoff(retry_s, retry_s, rng or random.Random())  # a fixed policy, jittered
     attempt = 0
     while True:
         attempt += 1
@@ -83,9 +87,10 @@ async def _open_configured(
                 log.warning("%s_unreachable host=%s error=%s fallback=embedded",
                             name, _host_of(url), exc)  # fmt: skip
                 return None
-            log.warning("%s_unreachable attempt=%d error=%s retry_in_s=%s",
-                        name, attempt, exc, retry_s)  # fmt: skip
-            await asyncio.sleep(retry_s)
+            delay = backoff.fail()
+            log.warning("%s_unreachable attempt=%d error=%s retry_in_s=%.2f",
+                        name, attempt, exc, delay)  # fmt: skip
+            await asyncio.sleep(delay)
 
 
 async def open_storage(settings: Settings) -> Database | None:

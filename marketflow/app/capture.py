@@ -6,7 +6,7 @@ anyway) and appends to the pending batch. A full batch (``batch_max``), or whate
 every ``flush_interval_ms``, goes on a small bounded queue; one writer task stores it. When the
 store is slow or down, the queue fills, ``submit`` blocks, the connections stop reading and TCP
 flow control pushes back on the senders: memory stays bounded, nothing is dropped. The writer
-retries a failed batch with capped exponential backoff until the store comes back.
+retries a failed batch with backoff (marketflow.backoff) until the store comes back.
 
 Filters (CaptureSettings.filters): every ``include`` rule must match (the tag has one of the
 values, in any occurrence), and no ``exclude`` rule may match. Filtered messages are counted,
@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from marketflow.backoff import Backoff
 from marketflow.domain.capture import (
     CapturedMessage,
     CaptureReject,
@@ -68,6 +69,7 @@ class CaptureService:
         retry_initial_s: float = 0.1,
         retry_max_s: float = 5.0,
         drain_timeout_s: float = 10.0,
+        rng: random.Random | None = None,
     ) -> None:
         self.store = store
         self._decoder = decoder
@@ -88,7 +90,7 @@ class CaptureService:
         self._room.set()
         self._messages: list[CapturedMessage] = []
         self._rejects: list[CaptureReject] = []
-        self._retry = (retry_initial_s, retry_max_s)
+        self._backoff = Backoff(retry_initial_s, retry_max_s, rng or random.Random())
         self._drain_timeout_s = drain_timeout_s
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -196,12 +198,12 @@ class CaptureService:
                     queue.task_done()
 
     async def _write(self, messages: list[CapturedMessage], rejects: list[CaptureReject]) -> None:
-        delay, cap = self._retry
         while True:
             try:
                 refused = await self.store.write(messages, rejects)
             except StoreUnavailable as exc:
                 self.store_errors += 1
+                delay = self._backoff.fail()
                 log.warning(
                     "capture_store_unavailable rows=%d retry_in_s=%.2f error=%s",
                     len(messages) + len(rejects), delay, exc,
@@ -209,15 +211,16 @@ class CaptureService:
             except Exception:
                 # A bug or an unexpected driver error: keep the batch and retry, like an outage.
                 self.store_errors += 1
+                delay = self._backoff.fail()
                 log.exception("capture_store_failed rows=%d", len(messages) + len(rejects))
             else:
+                self._backoff.reset()
                 for reject in refused:
                     self.rejected[reason_key(reject.reason)] += 1
                 self.stored += len(messages) - len(refused)
                 self.stored_rejects += len(rejects) + len(refused)
                 return
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, cap)
+            await asyncio.sleep(delay)
 
     async def flush(self) -> None:
         """Hand over what is pending and wait until everything queued is stored."""

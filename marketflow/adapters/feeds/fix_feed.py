@@ -7,8 +7,8 @@ queue as one FixItem, with the session's mark (the next expected inbound MsgSeqN
 session applied are always put, also when a later message of the same read ends the session,
 when the read loop is cancelled while blocked on a full queue, and during the logout wait.
 Sequence numbers carry over from one connection to the next and, through the sequence store,
-across restarts. Reconnects never give up: exponential backoff with jitter, capped, every
-attempt logged. The parser (see fix_market_data.py) runs in the worker pool.
+across restarts. Reconnects never give up (marketflow.backoff), every attempt logged. The
+parser (see fix_market_data.py) runs in the worker pool.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from marketflow.adapters.fix.seq_store import SequenceStore
 from marketflow.adapters.fix.session import FixSession, FixSessionError, LinkDead, SessionConfig
 from marketflow.app.feed_status import FeedStatus
 from marketflow.app.ingest import Clock, Source
+from marketflow.backoff import Backoff, reconnect_forever
 from marketflow.settings import ExchangeSettings, PipelineSettings
 
 __all__ = ["FixFeedProducer", "FixItem", "FixMarketDataParser", "build_fix_source"]
@@ -67,7 +68,9 @@ class FixFeedProducer:
         self._pipeline = pipeline
         self._clock = clock
         self._monotonic = monotonic
-        self._rng = rng or random.Random()
+        self.backoff = Backoff(
+            pipeline.reconnect_initial_s, pipeline.reconnect_max_s, rng or random.Random()
+        )
         self._connect_timeout_s = connect_timeout_s
         self._logout_wait_s = logout_wait_s
         self._store = store
@@ -100,54 +103,42 @@ class FixFeedProducer:
     async def run(self, out: FixQueue, status: FeedStatus) -> None:
         """Connect, run sessions and reconnect until cancelled."""
         status.address = f"{self.host}:{self.port}"
-        failures = 0
-        while True:
+        first = True
+
+        async def connect() -> None:
+            nonlocal first
+            status.reconnects += not first
+            first = False
             status.connect_attempts += 1
             log.info(
                 "fix_connect source=%s address=%s attempt=%d",
-                self.name,
-                status.address,
-                status.connect_attempts,
-            )
-            logged_on = False
-            previous = self.session
+                self.name, status.address, status.connect_attempts,
+            )  # fmt: skip
             try:
-                logged_on = await self._connection(out, status)
-                error = "connection closed by the venue"
-            except asyncio.CancelledError:
+                await self._connection(out, status)
+            finally:
                 status.connected = False
-                raise
-            except (OSError, EOFError, TimeoutError, FixSessionError) as exc:
+
+        def ended(exc: Exception | None, delay: float) -> None:
+            if exc is None:
+                error = "connection closed by the venue"
+            elif isinstance(exc, OSError | EOFError | TimeoutError | FixSessionError):
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 status.stale = status.stale or isinstance(exc, LinkDead)
-            except Exception as exc:  # a feed bug must not end the daemon: log it and retry
-                log.exception("fix_connection_failed source=%s", self.name)
+            else:  # a feed bug must not end the daemon: logged with its traceback, retried
+                log.error("fix_connection_failed source=%s", self.name, exc_info=exc)
                 error = f"{type(exc).__name__}: {exc}"
-            session = self.session
-            if session is not None and session is not previous:
-                logged_on = logged_on or session.md_req_id is not None
-            status.connected = False
             status.last_error = error
-            failures = 1 if logged_on else failures + 1  # a session that worked resets backoff
-            delay = self._backoff(failures)
             log.warning(
                 "fix_disconnected source=%s error=%s retry_in_s=%.2f failures=%d",
-                self.name,
-                error,
-                delay,
-                failures,
-            )
-            await asyncio.sleep(delay)
-            status.reconnects += 1
+                self.name, error, delay, self.backoff.failures,
+            )  # fmt: skip
 
-    def _backoff(self, failures: int) -> float:
-        """Exponential in consecutive failures, capped, with jitter so venues are not stormed."""
-        p = self._pipeline
-        base = min(p.reconnect_max_s, p.reconnect_initial_s * 2.0 ** min(failures - 1, 30))
-        return base * self._rng.uniform(0.5, 1.0)
+        await reconnect_forever(connect, self.backoff, ended)
 
-    async def _connection(self, out: FixQueue, status: FeedStatus) -> bool:
-        """One TCP connection and FIX session; returns on EOF, raises on failures."""
+    async def _connection(self, out: FixQueue, status: FeedStatus) -> None:
+        """One TCP connection and FIX session; returns on EOF, raises on failures. A session
+        that logged on resets the backoff, however it ended."""
         next_out, next_in = self.starting_seqs()
         async with asyncio.timeout(self._connect_timeout_s):
             reader, writer = await asyncio.open_connection(self.host, self.port)
@@ -172,12 +163,13 @@ class FixFeedProducer:
             raise
         finally:
             self._seqs = (session.next_out_seq, session.expected_in_seq)
+            if session.md_req_id is not None:
+                self.backoff.reset()
             session.persist()
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
                 async with asyncio.timeout(1.0):
                     await writer.wait_closed()
-        return session.md_req_id is not None
 
     async def _read_loop(
         self,

@@ -1,9 +1,9 @@
-"""A live exchange feed: newline-delimited JSON over TCP (PROTOCOLS.md section 1).
+"""A live exchange feed: newline-delimited JSON over TCP (docs/protocols.md, JSON ticks).
 
 The producer reads 64 KiB chunks, never a line at a time, and puts only complete lines on the
 source queue (the parser turns a whole chunk into one batch). It owns the connection's life:
 connect with a timeout, mark the feed stale and reconnect when it goes silent, reconnect
-forever with capped exponential backoff and jitter. ``await queue.put`` blocks while the
+forever (marketflow.backoff). ``await queue.put`` blocks while the
 source queue is full, so the socket is not read and TCP flow control pushes back on the
 exchange: nothing is dropped and memory stays bounded.
 """
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from marketflow.adapters.feeds.json_lines import JsonLinesParser
 from marketflow.app.feed_status import FeedStatus
 from marketflow.app.ingest import Clock, Source
+from marketflow.backoff import Backoff, reconnect_forever
 from marketflow.settings import ExchangeSettings, PipelineSettings
 
 log = logging.getLogger("marketflow.feeds.json")
@@ -45,38 +46,37 @@ class TcpJsonProducer:
         self._pipeline = pipeline
         self._clock = clock
         self._connect_timeout_s = connect_timeout_s
-        self._rng = rng or random.Random()
-
-    def backoff_s(self, failures: int) -> float:
-        """Delay before attempt ``failures + 1``: exponential, capped, jittered (50-100 %)."""
-        p = self._pipeline
-        base = min(p.reconnect_max_s, p.reconnect_initial_s * 2.0 ** min(failures - 1, 30))
-        return base * self._rng.uniform(0.5, 1.0)
+        p = pipeline
+        self.backoff = Backoff(p.reconnect_initial_s, p.reconnect_max_s, rng or random.Random())
 
     async def run(self, out: asyncio.Queue[tuple[bytes, int]], status: FeedStatus) -> None:
         """Connect, read and reconnect until cancelled."""
         status.address = f"{self.host}:{self.port}"
-        failures = 0
-        while True:
+        first = True
+
+        async def connect() -> None:
+            nonlocal first
+            status.reconnects += not first
+            first = False
             status.connect_attempts += 1
-            got_data = False
             try:
-                got_data = await self._connection(out, status)
-                error = "connection closed by the exchange"
-            except _Stale:
-                status.stale = True
-                error = f"no data for {self._pipeline.stale_after_s:g}s"
-            except (OSError, TimeoutError) as exc:
-                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            except Exception as exc:  # a feed bug must not end the feed: retry
-                log.exception("feed_failed exchange=%s", status.name)
-                error = f"{type(exc).__name__}: {exc}"
+                if await self._connection(out, status):
+                    self.backoff.reset()  # it delivered data: a restarted exchange is back fast
             finally:
                 status.connected = False
+
+        def ended(exc: Exception | None, delay: float) -> None:
+            if exc is None:
+                error = "connection closed by the exchange"
+            elif isinstance(exc, _Stale):
+                status.stale = True
+                error = f"no data for {self._pipeline.stale_after_s:g}s"
+            elif isinstance(exc, OSError | TimeoutError):
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            else:  # a feed bug: logged with its traceback, retried like an outage
+                log.error("feed_failed exchange=%s", status.name, exc_info=exc)
+                error = f"{type(exc).__name__}: {exc}"
             status.last_error = error
-            # A connection that delivered data resets the backoff: a restart is retried fast.
-            failures = 1 if got_data else failures + 1
-            delay = self.backoff_s(failures)
             log.warning(
                 "feed_connect_failed exchange=%s attempt=%d retry_in_s=%.2f error=%s",
                 status.name,
@@ -84,8 +84,8 @@ class TcpJsonProducer:
                 delay,
                 error,
             )
-            await asyncio.sleep(delay)
-            status.reconnects += 1
+
+        await reconnect_forever(connect, self.backoff, ended)
 
     async def _connection(self, out: asyncio.Queue[tuple[bytes, int]], status: FeedStatus) -> bool:
         """One connection until EOF; True when it delivered any data. Raises on failures."""
