@@ -41,13 +41,13 @@ from marketflow.adapters.sqlite.minute_store import open_sqlite
 from marketflow.app.aggregator import Aggregator
 from marketflow.app.capture import CaptureService
 from marketflow.app.health import HealthReport
-from marketflow.app.ingest import Source
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.app.modes import Mode, ModeController
 from marketflow.app.queries import PriceQueries
 from marketflow.backoff import Backoff
 from marketflow.domain.capture import CaptureStore
 from marketflow.domain.errors import CacheUnavailable, ConfigError, StoreUnavailable
+from marketflow.domain.feeds import Source
 from marketflow.domain.ports import MinuteStore, PriceCache
 from marketflow.domain.ticks import TickBatch
 from marketflow.entrypoints.http_api import build_app

@@ -12,8 +12,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from marketflow.app.feed_status import FeedStatus
-from marketflow.app.ingest import RunningSource, Source
+from marketflow.app.ingest import RunningSource
+from marketflow.domain.feeds import FeedStatus, Source
 from marketflow.domain.ticks import TickBatch
 
 log = logging.getLogger("marketflow.modes")

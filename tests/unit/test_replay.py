@@ -16,8 +16,8 @@ from marketflow.adapters.feeds.replay import (
     build_file_source,
     detect_format,
 )
-from marketflow.app.feed_status import FeedStatus
 from marketflow.app.ingest import RunningSource
+from marketflow.domain.feeds import FeedStatus
 from marketflow.domain.ticks import TickBatch
 from marketflow.entrypoints import replay as replay_cli
 from marketflow.settings import DEFAULT_PAIRS, ExchangeSettings

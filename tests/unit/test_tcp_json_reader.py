@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from marketflow.adapters.feeds.tcp_json import TcpJsonProducer, build_json_source
-from marketflow.app.feed_status import FeedStatus
+from marketflow.domain.feeds import FeedStatus
 from marketflow.settings import DEFAULT_PAIRS, ExchangeSettings, PipelineSettings
 from tests.harness.services import free_port
 

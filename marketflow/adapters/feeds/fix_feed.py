@@ -25,9 +25,8 @@ from marketflow.adapters.feeds.fix_market_data import FixItem, FixMarketDataPars
 from marketflow.adapters.fix.codec import FixFramer, FrameReject
 from marketflow.adapters.fix.seq_store import SequenceStore
 from marketflow.adapters.fix.session import FixSession, FixSessionError, LinkDead, SessionConfig
-from marketflow.app.feed_status import FeedStatus
-from marketflow.app.ingest import Clock, Source
 from marketflow.backoff import Backoff, reconnect_forever
+from marketflow.domain.feeds import Clock, FeedStatus, Source
 from marketflow.settings import ExchangeSettings, PipelineSettings
 
 __all__ = ["FixFeedProducer", "FixItem", "FixMarketDataParser", "build_fix_source"]

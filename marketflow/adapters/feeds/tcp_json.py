@@ -16,9 +16,8 @@ import random
 from collections.abc import Sequence
 
 from marketflow.adapters.feeds.json_lines import JsonLinesParser
-from marketflow.app.feed_status import FeedStatus
-from marketflow.app.ingest import Clock, Source
 from marketflow.backoff import Backoff, reconnect_forever
+from marketflow.domain.feeds import Clock, FeedStatus, Source
 from marketflow.settings import ExchangeSettings, PipelineSettings
 
 log = logging.getLogger("marketflow.feeds.json")

@@ -1,11 +1,19 @@
-"""What /health and the metrics say about one source: connection, freshness, counts."""
+"""Feeds as the application sees them: a source (producer + parser) and its status.
+
+The ports the feed adapters implement (``Producer``, ``Parser``) and what they report
+(``FeedStatus``: connection, freshness, counts, shown by /health and the metrics). The ingest
+pipeline (app/ingest.py) runs sources; adapters/feeds/ builds them.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
-from marketflow.domain.ticks import RejectCounts
+from marketflow.domain.ticks import RejectCounts, TickBatch
 
 log = logging.getLogger("marketflow.feeds")
 
@@ -53,3 +61,29 @@ class FeedStatus:
             "rejected": self.rejects.total(),
             "rejected_by_reason": dict(self.rejects.counts),
         }
+
+
+ItemT = TypeVar("ItemT")
+ItemT_contra = TypeVar("ItemT_contra", contravariant=True)
+
+Clock = Callable[[], int]
+"""Wall clock in Unix epoch milliseconds (injected so tests control time)."""
+
+
+class Producer(Protocol[ItemT]):
+    """Puts ``(item, received_ms)`` on ``out`` until cancelled; handles its own reconnects."""
+
+    async def run(self, out: asyncio.Queue[tuple[ItemT, int]], status: FeedStatus) -> None: ...
+
+
+class Parser(Protocol[ItemT_contra]):
+    def parse(self, item: ItemT_contra, received_ms: int) -> TickBatch: ...
+
+
+@dataclass
+class Source(Generic[ItemT]):
+    """One exchange connection (or generator, or file) with its own queue and worker pool."""
+
+    status: FeedStatus
+    producer: Producer[ItemT]
+    parser: Parser[ItemT]
