@@ -32,6 +32,7 @@ from marketflow.adapters.feeds.fix_feed import build_fix_source
 from marketflow.adapters.feeds.generator import build_generator_source
 from marketflow.adapters.feeds.replay import build_file_source
 from marketflow.adapters.feeds.tcp_json import build_json_source
+from marketflow.adapters.fix.dictionary import FixDictionary
 from marketflow.adapters.memory_cache import MemoryPriceCache
 from marketflow.adapters.postgres.database import Database, open_database
 from marketflow.adapters.postgres.minute_store import PostgresMinuteStore
@@ -285,7 +286,7 @@ class Daemon:
             store = PostgresCaptureStore(self._db)
         self._capture_store = store
         self._exit.push_async_callback(store.aclose)
-        self.capture = CaptureService(store, s.capture, FixCaptureDecoder())
+        self.capture = CaptureService(store, s.capture, FixCaptureDecoder(), FixDictionary())
         await self.capture.start()
         self._exit.push_async_callback(self.capture.aclose)
         self.capture_listener = CaptureListener(self.capture, s.capture)

@@ -11,8 +11,8 @@ retries a failed batch with backoff (marketflow.backoff) until the store comes b
 Filters (CaptureSettings.filters): every ``include`` rule must match (the tag has one of the
 values, in any occurrence), and no ``exclude`` rule may match. Filtered messages are counted,
 not stored. Invalid messages are stored as rejects with their reason, never silently dropped.
-Enrichment (tag names, enum meanings) follows from the static dictionary and is done when the
-audit trail is read, not stored per message.
+Enrichment (tag names, enum meanings) follows from the static dictionary (the injected
+``FieldDictionary``) and is done when the audit trail is read, not stored per message.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from marketflow.domain.capture import (
     CapturedMessage,
     CaptureReject,
     CaptureStore,
+    EnrichedField,
+    FieldDictionary,
     InvalidMessage,
     MessageQuery,
     StoredMessage,
@@ -64,6 +66,7 @@ class CaptureService:
         store: CaptureStore,
         settings: CaptureSettings,
         decoder: MessageDecoder,
+        dictionary: FieldDictionary,
         *,
         queue_batches: int = 4,
         retry_initial_s: float = 0.1,
@@ -73,6 +76,7 @@ class CaptureService:
     ) -> None:
         self.store = store
         self._decoder = decoder
+        self._dictionary = dictionary
         self._batch_max = settings.batch_max
         self._interval_s = settings.flush_interval_ms / 1000
         self._includes = [
@@ -277,3 +281,11 @@ class CaptureService:
     async def list_rejects(self, limit: int, before_id: int | None = None) -> list[StoredReject]:
         """Stored rejects, newest first."""
         return await self.store.list_rejects(limit, before_id)
+
+    def type_name(self, msg_type: str) -> str | None:
+        """The name of a message type, e.g. "D" -> "NewOrderSingle" (read-time enrichment)."""
+        return self._dictionary.meaning(35, msg_type)
+
+    def enrich(self, fields: Sequence[tuple[int, str]]) -> list[EnrichedField]:
+        """Stored (tag, value) pairs with their names and meanings (read-time enrichment)."""
+        return self._dictionary.enrich(fields)

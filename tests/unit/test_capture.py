@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from marketflow.adapters.capture import decoder as capture_decoder
 from marketflow.adapters.capture.decoder import FixCaptureDecoder, _reference
 from marketflow.adapters.fix.codec import encode
-from marketflow.adapters.fix.dictionary import enrich, meaning
+from marketflow.adapters.fix.dictionary import FixDictionary, enrich, meaning
 from marketflow.app.capture import CaptureService
 from marketflow.domain.capture import (
     CapturedMessage,
@@ -102,6 +102,7 @@ def service(store: FakeCaptureStore, **settings: object) -> CaptureService:
         store,
         CaptureSettings.model_validate(options),
         FixCaptureDecoder(),
+        FixDictionary(),
         retry_initial_s=0.01,
     )
 
@@ -204,7 +205,7 @@ async def test_slow_store_blocks_submit_instead_of_buffering() -> None:
     store.gate = asyncio.Event()
     svc = CaptureService(
         store, CaptureSettings(batch_max=1, flush_interval_ms=10_000), FixCaptureDecoder(),
-        queue_batches=2,
+        FixDictionary(), queue_batches=2,
     )  # fmt: skip
     await svc.start()
     submitted: list[int] = []
@@ -225,7 +226,7 @@ async def test_full_queue_stops_every_connection_before_it_decodes_more() -> Non
     store.gate = asyncio.Event()
     svc = CaptureService(
         store, CaptureSettings(batch_max=2, flush_interval_ms=10_000), FixCaptureDecoder(),
-        queue_batches=1,
+        FixDictionary(), queue_batches=1,
     )  # fmt: skip
     await svc.start()
     await svc.submit(PEER, 1, [order(1), order(2)])  # the writer takes it, waits on the gate
@@ -500,9 +501,6 @@ def test_read_time_enrichment_names_fields_as_the_fix_specification(
     got = FixCaptureDecoder().decode(frame(text), 1, PEER)
     pairs = stored_fields(orjson.loads(got.fields_json))
     assert enrich(pairs) == expected
-    # Rows stored in the old layout ([tag, name, value, meaning]) read back as the same pairs.
-    old = [[e["tag"], e["name"], e["value"], e.get("meaning")] for e in expected]
-    assert stored_fields(orjson.loads(orjson.dumps(old))) == pairs
 
 
 def test_plain_flag_only_on_messages_that_need_no_escaping() -> None:
