@@ -7,7 +7,6 @@ when Prometheus scrapes, so exporting costs nothing on the hot path.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -19,9 +18,8 @@ from marketflow.app.health import HealthReport
 class DaemonCollector(Collector):
     """Feeds, queues, cache and storage figures from one HealthReport."""
 
-    def __init__(self, report: HealthReport, extra: Callable[[], dict[str, Any]] | None) -> None:
+    def __init__(self, report: HealthReport) -> None:
         self._report = report
-        self._extra = extra
 
     def collect(self) -> Iterator[Metric]:
         doc = self._report.build()
@@ -103,15 +101,10 @@ class DaemonCollector(Collector):
                     f"FIX capture: {key.replace('_', ' ')}",
                     value=cap.get(key, 0),
                 )
-        if self._extra is not None:
-            for key, value in self._extra().items():
-                if isinstance(value, int | float):
-                    yield GaugeMetricFamily(f"marketflow_{key}", key.replace("_", " "), value=value)
 
 
-def metrics_renderer(
-    report: HealthReport, extra: Callable[[], dict[str, Any]] | None = None
-) -> Callable[[], bytes]:
+def metrics_renderer(report: HealthReport) -> Callable[[], bytes]:
+    """The /metrics body, collected from ``report`` at every scrape."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(report, extra))
+    registry.register(DaemonCollector(report))
     return lambda: generate_latest(registry)
