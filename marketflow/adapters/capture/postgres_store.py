@@ -11,13 +11,13 @@ time from the static dictionary, see domain.capture).
 
 Write cost is what limits the capture rate, on both sides of the socket:
 - messages go in as one COPY in text format, one line per message built with one f-string
-  (about 1 us, against about 5 us for asyncpg's per-record binary encoding); a plain message
+  (cheaper than asyncpg's per-record binary encoding; see the README's figures); a plain message
   (CapturedMessage.plain) needs no escaping at all;
 - jsonb input is the database's largest per-row cost, so ``fields`` holds only the parsed
-  pairs (tags as strings: about 17% smaller than numbers, and no numeric parsing);
+  pairs (tags as strings: smaller than numbers in jsonb, and no numeric parsing);
 - indexes: the primary key (newest first, by id), (msg_type, id) and (symbol, id) for the
   API's filtered listings, and BRIN on ``received_at`` (rows arrive in time order, so a BRIN
-  index of a few pages serves ``since``; a B-tree cost about 2 us per row).
+  index of a few pages serves ``since``, where a B-tree costs more per row to keep up).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Newline-delimited JSON price feed (PROTOCOLS.md section 1): bytes -> validated tick batches.
+"""Newline-delimited JSON price feed (docs/protocols.md): bytes -> validated tick batches.
 
 The parser is built once per source and turns a chunk of complete lines into one TickBatch.
 
