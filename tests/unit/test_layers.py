@@ -13,13 +13,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2] / "marketflow"
 
-# Modules every layer above the domain may use: the reconnect policy, the settings object and
+# Modules every layer above the domain may use: the reconnect policy, `async with`, settings and
 # log configuration (each of them imports at most the domain).
-SHARED = {"backoff", "settings", "logs"}
+SHARED = {"backoff", "lifecycle", "settings", "logs"}
 # Which top-level parts of marketflow each part may import (its own part always).
 ALLOWED: dict[str, set[str]] = {
     "domain": set(),
     "backoff": set(),
+    "lifecycle": set(),
     "logs": set(),
     "settings": {"domain"},
     "app": {"domain"} | SHARED,

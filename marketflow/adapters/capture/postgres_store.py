@@ -45,6 +45,7 @@ from marketflow.domain.capture import (
     raw_to_text,
     stored_fields,
 )
+from marketflow.lifecycle import Closing
 from marketflow.settings import PostgresSettings
 
 _MESSAGE_COLUMNS = (
@@ -107,7 +108,7 @@ def _copy_lines(messages: Sequence[CapturedMessage]) -> bytes:
     return "".join(lines).encode()
 
 
-class PostgresCaptureStore:
+class PostgresCaptureStore(Closing):
     """CaptureStore on PostgreSQL; build with ``await PostgresCaptureStore.open(settings)``."""
 
     kind = "postgres"
@@ -121,12 +122,6 @@ class PostgresCaptureStore:
         """A capture store on a database of its own (tools and benchmarks; the daemon shares
         its one Database); raises StoreUnavailable when unreachable."""
         return cls(await open_database(settings), owns_db=True)
-
-    async def __aenter__(self) -> PostgresCaptureStore:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the database when this store opened it (idempotent)."""

@@ -23,6 +23,7 @@ from marketflow.domain.capture import (
     raw_to_text,
     stored_fields,
 )
+from marketflow.lifecycle import Closing
 
 # Version 1 adopts a file made by an older version as it is (IF NOT EXISTS).
 MIGRATIONS: tuple[tuple[int, str], ...] = (
@@ -70,7 +71,7 @@ _SELECT = (
 )
 
 
-class SqliteCaptureStore:
+class SqliteCaptureStore(Closing):
     """CaptureStore on a local SQLite file; build with ``await SqliteCaptureStore.open(path)``."""
 
     kind = "sqlite"
@@ -82,12 +83,6 @@ class SqliteCaptureStore:
     async def open(cls, path: Path) -> SqliteCaptureStore:
         """Open (creating the file, its directory and the tables when missing)."""
         return cls(await open_database(path, MIGRATIONS))
-
-    async def __aenter__(self) -> SqliteCaptureStore:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the file (idempotent)."""
