@@ -40,6 +40,11 @@ class FeedStatus:
         if self.rejects.on_sample is None:
             self.rejects.on_sample = self._log_sample
 
+    def connecting(self) -> None:
+        """Count a connection attempt; every one after the first is also a reconnect."""
+        self.reconnects += self.connect_attempts > 0
+        self.connect_attempts += 1
+
     def _log_sample(self, reason: str, count: int, raw: bytes) -> None:
         log.warning(
             "input_rejected source=%s reason=%s count=%d sample=%r", self.name, reason, count, raw

@@ -102,13 +102,9 @@ class FixFeedProducer:
     async def run(self, out: FixQueue, status: FeedStatus) -> None:
         """Connect, run sessions and reconnect until cancelled."""
         status.address = f"{self.host}:{self.port}"
-        first = True
 
         async def connect() -> None:
-            nonlocal first
-            status.reconnects += not first
-            first = False
-            status.connect_attempts += 1
+            status.connecting()
             log.info(
                 "fix_connect source=%s address=%s attempt=%d",
                 self.name, status.address, status.connect_attempts,

@@ -51,13 +51,9 @@ class TcpJsonProducer:
     async def run(self, out: asyncio.Queue[tuple[bytes, int]], status: FeedStatus) -> None:
         """Connect, read and reconnect until cancelled."""
         status.address = f"{self.host}:{self.port}"
-        first = True
 
         async def connect() -> None:
-            nonlocal first
-            status.reconnects += not first
-            first = False
-            status.connect_attempts += 1
+            status.connecting()
             try:
                 if await self._connection(out, status):
                     self.backoff.reset()  # it delivered data: a restarted exchange is back fast
