@@ -38,8 +38,8 @@ from marketflow.adapters.capture.postgres_store import PostgresCaptureStore
 from marketflow.adapters.fix.codec import encode
 from marketflow.adapters.fix.dictionary import FixDictionary
 from marketflow.app.capture import CaptureService
-from marketflow.bootstrap import tune_gc
 from marketflow.settings import CaptureSettings, PostgresSettings
+from marketflow.startup import tune_gc
 from tests.harness.services import PostgresServer
 
 
@@ -240,7 +240,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.messages < 1 or args.clients < 1:
         parser.error("--messages and --clients must be positive")
-    tune_gc()  # as the daemon does (marketflow.bootstrap)
+    tune_gc()  # as the daemon does (marketflow.startup)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if args.sender:
             runner.run(_send(args.sender, args.messages, args.clients))

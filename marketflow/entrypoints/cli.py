@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(main_coro: Coroutine[Any, Any, int], prog: str) -> int:
     """The daemon's event loop (uvloop) for the daemon and a replay alike (both tune the GC
-    the same way: bootstrap.tune_gc)."""
+    the same way: startup.tune_gc)."""
     try:
         return uvloop.run(main_coro)
     except ConfigError as exc:

@@ -28,7 +28,8 @@ ALLOWED: dict[str, set[str]] = {
     # The entrypoints reach adapters only through the composition root.
     "entrypoints": {"domain", "app", "bootstrap"} | SHARED,
     "simulator": {"domain", "adapters"} | SHARED,
-    "bootstrap": {"domain", "app", "adapters", "entrypoints"} | SHARED,
+    "startup": {"domain", "adapters"} | SHARED,  # what bootstrap opens first
+    "bootstrap": {"domain", "app", "adapters", "entrypoints", "startup"} | SHARED,
     "__main__": {"entrypoints"},
     "devstack": {"domain", "settings", "simulator", "entrypoints", "logs"},
 }
