@@ -14,6 +14,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Sequence
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 
 from marketflow.adapters.feeds.json_lines import JsonLinesParser
 from marketflow.backoff import Backoff, reconnect_forever
@@ -27,25 +28,21 @@ class _Stale(Exception):
     """The connection was silent for ``stale_after_s``."""
 
 
+@dataclass(eq=False)
 class TcpJsonProducer:
     """Connects to one exchange and feeds chunks of complete lines to the source queue."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        pipeline: PipelineSettings,
-        clock: Clock,
-        *,
-        connect_timeout_s: float = 5.0,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.host = host
-        self.port = port
-        self._pipeline = pipeline
-        self._clock = clock
-        self._connect_timeout_s = connect_timeout_s
-        p = pipeline
+    host: str
+    port: int
+    pipeline: PipelineSettings
+    clock: Clock
+    _: KW_ONLY
+    connect_timeout_s: float = 5.0
+    rng: InitVar[random.Random | None] = None
+    backoff: Backoff = field(init=False)
+
+    def __post_init__(self, rng: random.Random | None) -> None:
+        p = self.pipeline
         self.backoff = Backoff(p.reconnect_initial_s, p.reconnect_max_s, rng or random.Random())
 
     async def run(self, out: asyncio.Queue[tuple[bytes, int]], status: FeedStatus) -> None:
@@ -65,7 +62,7 @@ class TcpJsonProducer:
                 error = "connection closed by the exchange"
             elif isinstance(exc, _Stale):
                 status.stale = True
-                error = f"no data for {self._pipeline.stale_after_s:g}s"
+                error = f"no data for {self.pipeline.stale_after_s:g}s"
             elif isinstance(exc, OSError | TimeoutError):
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:  # a feed bug: logged with its traceback, retried like an outage
@@ -84,8 +81,8 @@ class TcpJsonProducer:
 
     async def _connection(self, out: asyncio.Queue[tuple[bytes, int]], status: FeedStatus) -> bool:
         """One connection until EOF; True when it delivered any data. Raises on failures."""
-        p = self._pipeline
-        async with asyncio.timeout(self._connect_timeout_s):
+        p = self.pipeline
+        async with asyncio.timeout(self.connect_timeout_s):
             reader, writer = await asyncio.open_connection(
                 self.host, self.port, limit=p.read_chunk_bytes
             )
@@ -102,12 +99,12 @@ class TcpJsonProducer:
         out: asyncio.Queue[tuple[bytes, int]],
         status: FeedStatus,
     ) -> bool:
-        p = self._pipeline
+        p = self.pipeline
         chunk_bytes = p.read_chunk_bytes
         max_line = p.max_line_bytes
         stale_s = p.stale_after_s
         rejects = status.rejects
-        clock = self._clock
+        clock = self.clock
         rest = b""  # a fresh buffer per connection: never glue lines across connections
         skipping = False  # inside an over-long line: drop bytes up to its newline
         got_data = False
