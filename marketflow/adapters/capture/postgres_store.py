@@ -30,6 +30,7 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
+from marketflow.adapters.capture.listing import listing_filter
 from marketflow.adapters.postgres.database import (
     CONNECTION_ERRORS,
     STALE_ERRORS,
@@ -184,18 +185,9 @@ class PostgresCaptureStore(Closing):
 
     async def list_messages(self, query: MessageQuery) -> list[StoredMessage]:
         """Newest first, filtered, paged by ``before_id`` (keyset) or ``offset``."""
-        where: list[str] = []
-        args: list[object] = []
-        for column, value in (
-            ("id <", query.before_id),
-            ("msg_type =", query.msg_type),
-            ("symbol =", query.symbol),
-            ("received_at >=", None if query.since_ms is None else _ts(query.since_ms)),
-        ):
-            if value is not None:
-                args.append(value)
-                where.append(f"{column} ${len(args)}")
-        sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        since = None if query.since_ms is None else _ts(query.since_ms)
+        where, args = listing_filter(query, ("received_at", since), lambda n: f"${n}")
+        sql = _SELECT + where
         args += [query.limit, query.offset]
         sql += f" ORDER BY id DESC LIMIT ${len(args) - 1} OFFSET ${len(args)}"
         return [_message(r) for r in await self._fetch(sql, *args)]

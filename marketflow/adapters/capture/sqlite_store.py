@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from marketflow.adapters.capture.listing import listing_filter
 from marketflow.adapters.sqlite.database import SqliteDatabase, open_database
 from marketflow.domain.capture import (
     CapturedMessage,
@@ -119,18 +120,8 @@ class SqliteCaptureStore(Closing):
 
     async def list_messages(self, query: MessageQuery) -> list[StoredMessage]:
         """Newest first, filtered, paged by ``before_id`` (keyset) or ``offset``."""
-        where: list[str] = []
-        args: list[object] = []
-        for clause, value in (
-            ("id < ?", query.before_id),
-            ("msg_type = ?", query.msg_type),
-            ("symbol = ?", query.symbol),
-            ("received_ms >= ?", query.since_ms),
-        ):
-            if value is not None:
-                where.append(clause)
-                args.append(value)
-        sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        where, args = listing_filter(query, ("received_ms", query.since_ms), lambda _: "?")
+        sql = _SELECT + where
         sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
         rows = await self._db.run(
             lambda c: c.execute(sql, (*args, query.limit, query.offset)).fetchall()
