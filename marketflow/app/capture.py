@@ -69,10 +69,8 @@ class CaptureService:
         dictionary: FieldDictionary,
         *,
         queue_batches: int = 4,
-        retry_initial_s: float = 0.1,
-        retry_max_s: float = 5.0,
+        retry: Backoff | None = None,
         drain_timeout_s: float = 10.0,
-        rng: random.Random | None = None,
     ) -> None:
         self.store = store
         self._decoder = decoder
@@ -94,7 +92,7 @@ class CaptureService:
         self._room.set()
         self._messages: list[CapturedMessage] = []
         self._rejects: list[CaptureReject] = []
-        self._backoff = Backoff(retry_initial_s, retry_max_s, rng or random.Random())
+        self._backoff = retry or Backoff(0.1, 5.0, random.Random())  # a failed batch's retries
         self._drain_timeout_s = drain_timeout_s
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False

@@ -49,10 +49,8 @@ class MinuteWriter:
         max_in_memory: int,
         clock: Clock,
         *,
-        retry_initial_s: float = 0.25,
-        retry_max_s: float = 4.0,
+        retry: Backoff | None = None,
         spill_after_s: float = 30.0,
-        rng: random.Random | None = None,
     ) -> None:
         self.store = store
         self.spill = spill
@@ -60,8 +58,9 @@ class MinuteWriter:
         self._marks: dict[str, Mark] = {}
         self._max = max(1, max_in_memory)
         self._clock = clock
-        self._retry = Backoff(retry_initial_s, retry_max_s, rng or random.Random())
-        self._retry_in_s = retry_initial_s
+        # Default: 0.25 s doubling up to 4 s between attempts while the store is down.
+        self._retry = retry or Backoff(0.25, 4.0, random.Random())
+        self._retry_in_s = 0.0
         self._pending: dict[Key, MinuteRow] = {}
         self._spill_exists = False  # True from the first append until the file is deleted
         self._spilled = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Sequence
 
 import orjson
@@ -15,6 +16,7 @@ from marketflow.adapters.capture.decoder import FixCaptureDecoder, _reference
 from marketflow.adapters.fix.codec import encode
 from marketflow.adapters.fix.dictionary import FixDictionary, enrich, meaning
 from marketflow.app.capture import CaptureService
+from marketflow.backoff import Backoff
 from marketflow.domain.capture import (
     CapturedMessage,
     CaptureReject,
@@ -103,7 +105,7 @@ def service(store: FakeCaptureStore, **settings: object) -> CaptureService:
         CaptureSettings.model_validate(options),
         FixCaptureDecoder(),
         FixDictionary(),
-        retry_initial_s=0.01,
+        retry=Backoff(0.01, 5.0, random.Random(0)),
     )
 
 
