@@ -7,12 +7,30 @@ when Prometheus scrapes, so exporting costs nothing on the hot path.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from marketflow.app.health import HealthReport
+
+# The per-source families: (kind, name, help, value from the source's /health entry or None).
+_PER_SOURCE: tuple[
+    tuple[type[CounterMetricFamily | GaugeMetricFamily], str, str, Callable[[Any], Any]], ...
+] = (
+    (CounterMetricFamily, "marketflow_ticks", "Valid ticks received per source",
+     lambda ex: ex["ticks"]),
+    (CounterMetricFamily, "marketflow_reconnects", "Reconnects per source",
+     lambda ex: ex["reconnects"]),
+    (GaugeMetricFamily, "marketflow_source_connected", "1 when the source is connected and fresh",
+     lambda ex: 1.0 if ex["connected"] and not ex["stale"] else 0.0),
+    (GaugeMetricFamily, "marketflow_last_tick_age_seconds", "Seconds since the last tick",
+     lambda ex: ex["last_tick_age_s"]),
+    (GaugeMetricFamily, "marketflow_receipt_lag_seconds",
+     "Receipt time minus exchange timestamp of the newest tick (grows under backpressure)",
+     lambda ex: ex["clock_skew_s"]),
+)  # fmt: skip
 
 
 class DaemonCollector(Collector):
@@ -23,46 +41,30 @@ class DaemonCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         doc = self._report.build()
-        ticks = CounterMetricFamily(
-            "marketflow_ticks", "Valid ticks received per source", labels=["source"]
-        )
+        exchanges = doc["exchanges"]
+        families: list[Metric] = []
+        for family, name, help_text, value_of in _PER_SOURCE:
+            metric = family(name, help_text, labels=["source"])
+            for source, ex in exchanges.items():
+                value = value_of(ex)
+                if value is not None:
+                    metric.add_metric([source], value)
+            families.append(metric)
         rejected = CounterMetricFamily(
             "marketflow_rejected",
             "Rejected input per source and reason",
             labels=["source", "reason"],
         )
-        reconnects = CounterMetricFamily(
-            "marketflow_reconnects", "Reconnects per source", labels=["source"]
-        )
-        connected = GaugeMetricFamily(
-            "marketflow_source_connected",
-            "1 when the source is connected and fresh",
-            labels=["source"],
-        )
-        age = GaugeMetricFamily(
-            "marketflow_last_tick_age_seconds", "Seconds since the last tick", labels=["source"]
-        )
-        skew = GaugeMetricFamily(
-            "marketflow_receipt_lag_seconds",
-            "Receipt time minus exchange timestamp of the newest tick (grows under backpressure)",
-            labels=["source"],
-        )
-        for name, ex in doc["exchanges"].items():
-            if ex["clock_skew_s"] is not None:
-                skew.add_metric([name], ex["clock_skew_s"])
-            ticks.add_metric([name], ex["ticks"])
-            reconnects.add_metric([name], ex["reconnects"])
-            connected.add_metric([name], 1.0 if ex["connected"] and not ex["stale"] else 0.0)
-            if ex["last_tick_age_s"] is not None:
-                age.add_metric([name], ex["last_tick_age_s"])
+        for source, ex in exchanges.items():
             for reason, n in ex["rejected_by_reason"].items():
-                rejected.add_metric([name, reason], n)
+                rejected.add_metric([source, reason], n)
+        families.insert(1, rejected)
         depth = GaugeMetricFamily(
             "marketflow_queue_depth", "Items waiting per queue", labels=["queue"]
         )
         for q, n in doc["queues"].items():
             depth.add_metric([q], n)
-        yield from (ticks, rejected, reconnects, connected, age, skew, depth)
+        yield from (*families, depth)
         yield CounterMetricFamily(
             "marketflow_late_ticks", "Ticks older than the window", value=doc["late_ticks"]
         )
