@@ -38,6 +38,7 @@ from marketflow.adapters.sqlite.minute_store import open_sqlite
 from marketflow.app.aggregator import Aggregator
 from marketflow.app.capture import CaptureService
 from marketflow.app.health import HealthReport
+from marketflow.app.ingest import RunningSource
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.app.modes import Mode, ModeController
 from marketflow.app.queries import PriceQueries
@@ -152,9 +153,12 @@ class Daemon:
         self.modes = ModeController(
             {"live": self._live_sources, "test": self._test_sources},
             {"live": [e.name for e in s.exchanges], "test": list(s.test_source_names())},
-            self.fanin,
-            s.pipeline.workers_per_source,
-            s.pipeline.source_queue_chunks,
+            functools.partial(
+                RunningSource,
+                fanin=self.fanin,
+                workers=s.pipeline.workers_per_source,
+                queue_size=s.pipeline.source_queue_chunks,
+            ),
         )
         self.aggregator = Aggregator(
             self.fanin,

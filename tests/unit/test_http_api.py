@@ -7,6 +7,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from marketflow.app.aggregator import Aggregator
 from marketflow.app.health import HealthReport
+from marketflow.app.ingest import RunningSource
 from marketflow.app.modes import ModeController
 from marketflow.app.queries import PriceQueries
 from marketflow.domain.aggregates import MinuteRow
@@ -56,9 +57,7 @@ async def api() -> AsyncIterator[Api]:
     modes = ModeController(
         {"live": lambda: sources(*live), "test": lambda: sources(*test)},
         {"live": live, "test": test},
-        fanin,
-        5,
-        8,
+        lambda src: RunningSource(src, fanin, 5, 8),
     )
     await modes.switch("live")
     writer = type("W", (), {"status": lambda self: {"state": "up", "kind": "fake"}})()
