@@ -36,9 +36,10 @@ from marketflow.adapters.capture.decoder import FixCaptureDecoder
 from marketflow.adapters.capture.listener import CaptureListener
 from marketflow.adapters.capture.postgres_store import PostgresCaptureStore
 from marketflow.adapters.fix.codec import encode
+from marketflow.adapters.fix.dictionary import FixDictionary
 from marketflow.app.capture import CaptureService
-from marketflow.entrypoints.cli import tune_gc
 from marketflow.settings import CaptureSettings, PostgresSettings
+from marketflow.startup import tune_gc
 from tests.harness.services import PostgresServer
 
 
@@ -149,7 +150,7 @@ async def _run(messages: int, clients: int, profile: bool, pin: bool) -> dict[st
         postmaster = int((server.data_dir / "postmaster.pid").read_text().split()[0])
         settings = CaptureSettings(port=0)
         store = await PostgresCaptureStore.open(PostgresSettings(dsn=server.dsn))
-        service = CaptureService(store, settings, FixCaptureDecoder())
+        service = CaptureService(store, settings, FixCaptureDecoder(), FixDictionary())
         async with store, service, CaptureListener(service, settings) as listener:
             sender = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "bench.fix", "--sender", str(listener.port),
@@ -239,7 +240,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.messages < 1 or args.clients < 1:
         parser.error("--messages and --clients must be positive")
-    tune_gc()  # as the daemon does (marketflow.entrypoints.cli)
+    tune_gc()  # as the daemon does (marketflow.startup)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if args.sender:
             runner.run(_send(args.sender, args.messages, args.clients))

@@ -14,12 +14,11 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 from aiohttp import web
 
@@ -31,92 +30,34 @@ from marketflow.adapters.feeds.fix_feed import build_fix_source
 from marketflow.adapters.feeds.generator import build_generator_source
 from marketflow.adapters.feeds.replay import build_file_source
 from marketflow.adapters.feeds.tcp_json import build_json_source
-from marketflow.adapters.memory_cache import MemoryPriceCache
-from marketflow.adapters.postgres.database import Database, open_database
+from marketflow.adapters.fix.dictionary import FixDictionary
+from marketflow.adapters.postgres.database import Database
 from marketflow.adapters.postgres.minute_store import PostgresMinuteStore
-from marketflow.adapters.redis_cache import open_redis
 from marketflow.adapters.spill_file import JsonlSpillFile
 from marketflow.adapters.sqlite.minute_store import open_sqlite
 from marketflow.app.aggregator import Aggregator
 from marketflow.app.capture import CaptureService
 from marketflow.app.health import HealthReport
-from marketflow.app.ingest import Source
+from marketflow.app.ingest import RunningSource
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.app.modes import Mode, ModeController
 from marketflow.app.queries import PriceQueries
 from marketflow.domain.capture import CaptureStore
-from marketflow.domain.errors import CacheUnavailable, ConfigError, StoreUnavailable
+from marketflow.domain.errors import ConfigError
+from marketflow.domain.feeds import Source
 from marketflow.domain.ports import MinuteStore, PriceCache
 from marketflow.domain.ticks import TickBatch
 from marketflow.entrypoints.http_api import build_app
 from marketflow.entrypoints.http_messages import add_message_routes
 from marketflow.entrypoints.metrics import metrics_renderer
 from marketflow.settings import ExchangeSettings, Settings
+from marketflow.startup import adopt_spill, open_cache, open_storage, reserve_port, tune_gc
 
 log = logging.getLogger("marketflow")
 
 
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-T = TypeVar("T")
-
-
-async def _open_configured(
-    name: str,
-    url: str,
-    policy: Literal["embedded", "wait"],
-    opener: Callable[[], Awaitable[T]],
-    retry_s: float = 2.0,
-) -> T | None:
-    """The configured service, or None when it is unreachable and ``policy`` is "embedded";
-    with "wait", retry every ``retry_s`` until it answers (a service started before its
-    database)."""
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return await opener()
-        except (StoreUnavailable, CacheUnavailable) as exc:
-            if policy == "embedded":
-                log.warning("%s_unreachable host=%s error=%s fallback=embedded",
-                            name, _host_of(url), exc)  # fmt: skip
-                return None
-            log.warning("%s_unreachable attempt=%d error=%s retry_in_s=%s",
-                        name, attempt, exc, retry_s)  # fmt: skip
-            await asyncio.sleep(retry_s)
-
-
-async def open_storage(settings: Settings) -> Database | None:
-    """The configured PostgreSQL, or None for the embedded SQLite files (not configured, or
-    unreachable at start with the "embedded" policy)."""
-    pg = settings.postgres
-    if not pg.dsn:
-        return None
-    return await _open_configured(
-        "postgres", pg.dsn, pg.unreachable_at_start, lambda: open_database(pg)
-    )
-
-
-async def open_cache(settings: Settings) -> tuple[PriceCache, bool]:
-    """Redis when configured and reachable, else the in-process cache."""
-    rs = settings.redis
-    retention = settings.pipeline.window_retention_s
-    if rs.url:
-        cache = await _open_configured(
-            "redis", rs.url, rs.unreachable_at_start, lambda: open_redis(rs, retention)
-        )
-        if cache is not None:
-            return cache, False
-    log.warning("cache_embedded kind=memory")
-    return MemoryPriceCache(retention), True
-
-
-def _host_of(url: str) -> str:
-    """Host part of a DSN/URL for logs, never the credentials."""
-    rest = url.split("://", 1)[-1]
-    return rest.rsplit("@", 1)[-1].split("/", 1)[0]
 
 
 def live_source(
@@ -136,29 +77,6 @@ def live_source(
             resume_mark=resume_mark,
         )
     return build_json_source(ex, settings.pairs, settings.pipeline, wall_clock_ms)
-
-
-def adopt_spill(legacy: Path, spill: Path) -> None:
-    """Move a spill file of an older version (one file for any store) to ``spill``."""
-    if not legacy.exists():
-        return
-    if spill.exists():
-        with spill.open("ab") as out:
-            out.write(legacy.read_bytes())
-            out.flush()
-            os.fsync(out.fileno())
-        legacy.unlink()
-    else:
-        os.replace(legacy, spill)
-    log.warning("minute_spill_adopted from=%s to=%s", legacy, spill)
-
-
-def reserve_port(host: str, port: int) -> socket.socket:
-    """Bind the HTTP port now, so 'address in use' is reported before anything else starts."""
-    try:
-        return socket.create_server((host, port), reuse_port=False)
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
 class Daemon:
@@ -235,9 +153,12 @@ class Daemon:
         self.modes = ModeController(
             {"live": self._live_sources, "test": self._test_sources},
             {"live": [e.name for e in s.exchanges], "test": list(s.test_source_names())},
-            self.fanin,
-            s.pipeline.workers_per_source,
-            s.pipeline.source_queue_chunks,
+            functools.partial(
+                RunningSource,
+                fanin=self.fanin,
+                workers=s.pipeline.workers_per_source,
+                queue_size=s.pipeline.source_queue_chunks,
+            ),
         )
         self.aggregator = Aggregator(
             self.fanin,
@@ -280,7 +201,7 @@ class Daemon:
             store = PostgresCaptureStore(self._db)
         self._capture_store = store
         self._exit.push_async_callback(store.aclose)
-        self.capture = CaptureService(store, s.capture, FixCaptureDecoder())
+        self.capture = CaptureService(store, s.capture, FixCaptureDecoder(), FixDictionary())
         await self.capture.start()
         self._exit.push_async_callback(self.capture.aclose)
         self.capture_listener = CaptureListener(self.capture, s.capture)
@@ -385,6 +306,7 @@ class Daemon:
 
 async def run_daemon(settings: Settings, stop: asyncio.Event) -> int:
     """Run until ``stop`` is set (signals) or a core task dies; 0 on a clean stop."""
+    tune_gc()
     daemon = Daemon(settings)
     await daemon.start()
     died = asyncio.create_task(daemon.died.wait())
@@ -397,7 +319,9 @@ async def run_daemon(settings: Settings, stop: asyncio.Event) -> int:
 
 
 async def run_replay(settings: Settings, path: Path, speed: float) -> int:
-    """Replay one capture file through the pipeline into storage, then exit."""
+    """Replay one capture file through the pipeline into storage, then exit (with the
+    daemon's GC settings: the same hot path)."""
+    tune_gc()
     source = ExchangeSettings(name="replay", type="file", path=path, speed=speed)
     replay_settings = settings.model_copy(update={"exchanges": (source,), "mode": "live"})
     # No resume: the file is the whole truth for the minutes it covers. Merging them with

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from types import TracebackType
-from typing import Self
 
 from marketflow.domain.aggregates import LatestPrice, Mark, SecondBucket
 from marketflow.domain.errors import CacheUnavailable
+from marketflow.lifecycle import Closing
 
 EXPIRY_MARGIN_S = 120
 
 _MinuteKey = tuple[str, str, int]  # (exchange, symbol, minute start in epoch seconds)
 
 
-class MemoryPriceCache:
+class MemoryPriceCache(Closing):
     """``PriceCache`` in a dict; lost on restart, like a Redis without persistence."""
 
     kind = "memory"
@@ -94,14 +93,3 @@ class MemoryPriceCache:
     def _check_open(self) -> None:
         if self._closed:
             raise CacheUnavailable("memory: cache is closed")
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

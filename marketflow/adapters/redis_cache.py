@@ -32,8 +32,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -45,6 +44,7 @@ from redis.retry import Retry
 
 from marketflow.domain.aggregates import LatestPrice, Mark, SecondBucket
 from marketflow.domain.errors import CacheUnavailable
+from marketflow.lifecycle import Closing
 from marketflow.settings import RedisSettings
 
 log = logging.getLogger("marketflow.redis")
@@ -95,7 +95,7 @@ def _encode_second(b: SecondBucket) -> str:
     return f"{b.low!r},{b.high!r},{b.total!r},{b.count}"
 
 
-class RedisPriceCache:
+class RedisPriceCache(Closing):
     """``PriceCache`` on Redis, in the layout documented above."""
 
     kind = "redis"
@@ -258,17 +258,6 @@ class RedisPriceCache:
     def _check_open(self) -> None:
         if self._closed:
             raise CacheUnavailable("redis: cache is closed")
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 def _describe(exc: BaseException) -> str:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from marketflow.app.restore import restore
+from marketflow.backoff import Backoff
 from marketflow.domain.aggregates import LatestPrice, Mark, MinuteRow, SecondBucket
 from marketflow.domain.errors import CacheUnavailable
 from marketflow.domain.ports import MinuteStore, PriceCache
@@ -65,7 +66,6 @@ class Aggregator:
         self._pipeline = pipeline
         self._clock = clock
         self._healthy = healthy_sources
-        self._rng = rng or random.Random()
         self.windows: dict[str, dict[str, PairWindow]] = {}
         self.books: dict[tuple[str, str], BookUpdate] = {}
         # source -> (position, made_ms): folded positions; made_ms is the flush that took it
@@ -83,7 +83,7 @@ class Aggregator:
         self.cache_up = True
         self.cache_error = ""
         self._cache_retry_at = 0
-        self._cache_backoff_ms = 500
+        self._cache_backoff = Backoff(1.0, 5.0, rng or random.Random())
         self._refill = False
         self.flushes = 0
 
@@ -258,9 +258,7 @@ class Aggregator:
                 log.warning("cache_down kind=%s error=%s", self._cache.kind, exc)
             self.cache_up = False
             self.cache_error = str(exc)
-            self._cache_backoff_ms = min(self._cache_backoff_ms * 2, 5000)
-            jitter = self._rng.uniform(0.5, 1.0)
-            self._cache_retry_at = now + int(self._cache_backoff_ms * jitter)
+            self._cache_retry_at = now + int(self._cache_backoff.fail() * 1000)
             return
         if not self.cache_up or self._refill:
             log.info("cache_refilled kind=%s seconds=%d", self._cache.kind, len(seconds))
@@ -269,7 +267,7 @@ class Aggregator:
             log.warning("cache_lost_data kind=%s action=refill", self._cache.kind)
         self.cache_up = True
         self.cache_error = ""
-        self._cache_backoff_ms = 500
+        self._cache_backoff.reset()
 
     def late_ticks(self) -> int:
         return sum(w.late for w in self.all_windows())

@@ -6,13 +6,13 @@ anyway) and appends to the pending batch. A full batch (``batch_max``), or whate
 every ``flush_interval_ms``, goes on a small bounded queue; one writer task stores it. When the
 store is slow or down, the queue fills, ``submit`` blocks, the connections stop reading and TCP
 flow control pushes back on the senders: memory stays bounded, nothing is dropped. The writer
-retries a failed batch with capped exponential backoff until the store comes back.
+retries a failed batch with backoff (marketflow.backoff) until the store comes back.
 
 Filters (CaptureSettings.filters): every ``include`` rule must match (the tag has one of the
 values, in any occurrence), and no ``exclude`` rule may match. Filtered messages are counted,
 not stored. Invalid messages are stored as rejects with their reason, never silently dropped.
-Enrichment (tag names, enum meanings) follows from the static dictionary and is done when the
-audit trail is read, not stored per message.
+Enrichment (tag names, enum meanings) follows from the static dictionary (the injected
+``FieldDictionary``) and is done when the audit trail is read, not stored per message.
 """
 
 from __future__ import annotations
@@ -24,10 +24,13 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from marketflow.backoff import Backoff
 from marketflow.domain.capture import (
     CapturedMessage,
     CaptureReject,
     CaptureStore,
+    EnrichedField,
+    FieldDictionary,
     InvalidMessage,
     MessageQuery,
     StoredMessage,
@@ -63,14 +66,15 @@ class CaptureService:
         store: CaptureStore,
         settings: CaptureSettings,
         decoder: MessageDecoder,
+        dictionary: FieldDictionary,
         *,
         queue_batches: int = 4,
-        retry_initial_s: float = 0.1,
-        retry_max_s: float = 5.0,
+        retry: Backoff | None = None,
         drain_timeout_s: float = 10.0,
     ) -> None:
         self.store = store
         self._decoder = decoder
+        self._dictionary = dictionary
         self._batch_max = settings.batch_max
         self._interval_s = settings.flush_interval_ms / 1000
         self._includes = [
@@ -88,7 +92,7 @@ class CaptureService:
         self._room.set()
         self._messages: list[CapturedMessage] = []
         self._rejects: list[CaptureReject] = []
-        self._retry = (retry_initial_s, retry_max_s)
+        self._backoff = retry or Backoff(0.1, 5.0, random.Random())  # a failed batch's retries
         self._drain_timeout_s = drain_timeout_s
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -196,12 +200,12 @@ class CaptureService:
                     queue.task_done()
 
     async def _write(self, messages: list[CapturedMessage], rejects: list[CaptureReject]) -> None:
-        delay, cap = self._retry
         while True:
             try:
                 refused = await self.store.write(messages, rejects)
             except StoreUnavailable as exc:
                 self.store_errors += 1
+                delay = self._backoff.fail()
                 log.warning(
                     "capture_store_unavailable rows=%d retry_in_s=%.2f error=%s",
                     len(messages) + len(rejects), delay, exc,
@@ -209,15 +213,16 @@ class CaptureService:
             except Exception:
                 # A bug or an unexpected driver error: keep the batch and retry, like an outage.
                 self.store_errors += 1
+                delay = self._backoff.fail()
                 log.exception("capture_store_failed rows=%d", len(messages) + len(rejects))
             else:
+                self._backoff.reset()
                 for reject in refused:
                     self.rejected[reason_key(reject.reason)] += 1
                 self.stored += len(messages) - len(refused)
                 self.stored_rejects += len(rejects) + len(refused)
                 return
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, cap)
+            await asyncio.sleep(delay)
 
     async def flush(self) -> None:
         """Hand over what is pending and wait until everything queued is stored."""
@@ -274,3 +279,11 @@ class CaptureService:
     async def list_rejects(self, limit: int, before_id: int | None = None) -> list[StoredReject]:
         """Stored rejects, newest first."""
         return await self.store.list_rejects(limit, before_id)
+
+    def type_name(self, msg_type: str) -> str | None:
+        """The name of a message type, e.g. "D" -> "NewOrderSingle" (read-time enrichment)."""
+        return self._dictionary.meaning(35, msg_type)
+
+    def enrich(self, fields: Sequence[tuple[int, str]]) -> list[EnrichedField]:
+        """Stored (tag, value) pairs with their names and meanings (read-time enrichment)."""
+        return self._dictionary.enrich(fields)

@@ -12,39 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import TypeVar
 
-from marketflow.app.feed_status import FeedStatus
+from marketflow.domain.feeds import Source
 from marketflow.domain.ticks import TickBatch
 
 log = logging.getLogger("marketflow.ingest")
 
 ItemT = TypeVar("ItemT")
-ItemT_contra = TypeVar("ItemT_contra", contravariant=True)
-
-Clock = Callable[[], int]
-"""Wall clock in Unix epoch milliseconds (injected so tests control time)."""
-
-
-class Producer(Protocol[ItemT]):
-    """Puts ``(item, received_ms)`` on ``out`` until cancelled; handles its own reconnects."""
-
-    async def run(self, out: asyncio.Queue[tuple[ItemT, int]], status: FeedStatus) -> None: ...
-
-
-class Parser(Protocol[ItemT_contra]):
-    def parse(self, item: ItemT_contra, received_ms: int) -> TickBatch: ...
-
-
-@dataclass
-class Source(Generic[ItemT]):
-    """One exchange connection (or generator, or file) with its own queue and worker pool."""
-
-    status: FeedStatus
-    producer: Producer[ItemT]
-    parser: Parser[ItemT]
 
 
 class SourceQueue(asyncio.Queue[tuple[ItemT, int]]):

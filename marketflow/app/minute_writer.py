@@ -5,7 +5,7 @@ PostgreSQL down: minute rows are kept and written when it returns; none lost or 
 ``submit()`` never blocks the aggregator: rows wait in memory (a later version of the same
 (exchange, symbol, minute) replaces an earlier one) until the background task writes them in
 one ``upsert_minutes`` batch. When the store is unavailable the rows stay, the writer reports
-itself down, and it retries with exponential backoff and jitter. Past ``max_in_memory``
+itself down, and it retries with backoff (marketflow.backoff). Past ``max_in_memory``
 pending rows, after ``spill_after_s`` of outage (before the cache would expire the seconds
 the rows were made from), and at close while the store is still down, rows go to a spill file
 (JSON lines, fsynced) so that even a crash loses nothing; the next start writes that file
@@ -26,6 +26,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from marketflow.backoff import Backoff
 from marketflow.domain.aggregates import Mark, MinuteRow
 from marketflow.domain.errors import StoreUnavailable
 from marketflow.domain.ports import MinuteStore, RowSpill
@@ -48,10 +49,8 @@ class MinuteWriter:
         max_in_memory: int,
         clock: Clock,
         *,
-        retry_initial_s: float = 0.25,
-        retry_max_s: float = 4.0,
+        retry: Backoff | None = None,
         spill_after_s: float = 30.0,
-        rng: random.Random | None = None,
     ) -> None:
         self.store = store
         self.spill = spill
@@ -59,14 +58,13 @@ class MinuteWriter:
         self._marks: dict[str, Mark] = {}
         self._max = max(1, max_in_memory)
         self._clock = clock
-        self._retry_initial = retry_initial_s
-        self._retry_max = retry_max_s
-        self._rng = rng or random.Random()
+        # Default: 0.25 s doubling up to 4 s between attempts while the store is down.
+        self._retry = retry or Backoff(0.25, 4.0, random.Random())
+        self._retry_in_s = 0.0
         self._pending: dict[Key, MinuteRow] = {}
         self._spill_exists = False  # True from the first append until the file is deleted
         self._spilled = 0
         self._written = 0
-        self._failures = 0
         self._state = "up"
         self._last_error: str | None = None
         self._down_since_ms: int | None = None
@@ -172,13 +170,12 @@ class MinuteWriter:
                 continue
             if await self._attempt():
                 continue
-            delay = min(self._retry_max, self._retry_initial * 2 ** (self._failures - 1))
-            delay = delay / 2 + self._rng.uniform(0, delay / 2)  # jitter: no herd
+            delay = self._retry_in_s
             log.warning(
                 "minute_store_down kind=%s attempt=%d pending=%d spilled=%d "
                 "retry_in_s=%.2f error=%s",
                 self.store.kind,
-                self._failures,
+                self._retry.failures,
                 len(self._pending),
                 self._spilled,
                 delay,
@@ -315,7 +312,8 @@ class MinuteWriter:
         )
 
     def _mark_down(self, error: str) -> None:
-        self._failures += 1
+        # Every failed attempt counts (also those of start and close) towards the next delay.
+        self._retry_in_s = self._retry.fail()
         self._last_error = error
         if self._state != "down":
             self._state = "down"
@@ -326,11 +324,11 @@ class MinuteWriter:
             log.info(
                 "minute_store_up kind=%s after_attempts=%d written=%d",
                 self.store.kind,
-                self._failures,
+                self._retry.failures,
                 self._written,
             )
         self._state = "up"
-        self._failures = 0
+        self._retry.reset()
         self._down_since_ms = None
 
     def _fail_waiters(self, exc: StoreUnavailable) -> None:

@@ -12,9 +12,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from marketflow.app.feed_status import FeedStatus
-from marketflow.app.ingest import RunningSource, Source
-from marketflow.domain.ticks import TickBatch
+from marketflow.app.ingest import RunningSource
+from marketflow.domain.feeds import FeedStatus, Source
 
 log = logging.getLogger("marketflow.modes")
 
@@ -29,15 +28,12 @@ class ModeController:
         self,
         factories: dict[Mode, SourceFactory],
         names: dict[Mode, Sequence[str]],
-        fanin: asyncio.Queue[TickBatch],
-        workers: int,
-        queue_size: int,
+        start: Callable[[Source[object]], RunningSource],
     ) -> None:
+        """``start`` runs one source (its queue and worker pool, feeding the fan-in queue)."""
         self._factories = factories
         self._names = names
-        self._fanin = fanin
-        self._workers = workers
-        self._queue_size = queue_size
+        self._start = start
         self._running: list[RunningSource] = []
         self._lock = asyncio.Lock()
         self.mode: Mode | None = None
@@ -66,10 +62,7 @@ class ModeController:
                 return mode
             previous = self.mode
             await self._stop_all()
-            self._running = [
-                RunningSource(src, self._fanin, self._workers, self._queue_size)
-                for src in self._factories[mode]()
-            ]
+            self._running = [self._start(src) for src in self._factories[mode]()]
             for r in self._running:
                 self.statuses[r.name] = r.source.status
             self.mode = mode

@@ -17,20 +17,33 @@ was written with.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import Protocol
 
 from marketflow.domain.aggregates import Mark, MinuteRow, SecondBucket
 from marketflow.domain.errors import CacheUnavailable, StoreUnavailable
 from marketflow.domain.ports import MinuteStore, PriceCache
-
-if TYPE_CHECKING:
-    from marketflow.app.aggregator import Aggregator
+from marketflow.domain.window import PairWindow
 
 log = logging.getLogger("marketflow.restore")
 
 
+class Restorable(Protocol):
+    """What a restore rebuilds (app.aggregator.Aggregator): windows, marks and coverage."""
+
+    floor_second: int
+    marks: dict[str, Mark]
+    coverage: dict[str, dict[int, int]]
+
+    def window_for(self, exchange: str, symbol: str) -> PairWindow: ...
+
+    def all_windows(self) -> Iterator[PairWindow]: ...
+
+    def restore_position(self, source: str, mark: Mark) -> None: ...
+
+
 async def restore(
-    agg: Aggregator,
+    agg: Restorable,
     cache: PriceCache,
     store: MinuteStore,
     retention_s: int,
@@ -91,7 +104,7 @@ async def restore(
     )
 
 
-def _seed(agg: Aggregator, seconds: list[SecondBucket], rows: list[MinuteRow]) -> int:
+def _seed(agg: Restorable, seconds: list[SecondBucket], rows: list[MinuteRow]) -> int:
     """Merge cached seconds and stored rows into the windows; mark for rewriting every
     minute the merge holds more of than its row. Returns how many."""
     touched: set[tuple[str, str, int]] = set()

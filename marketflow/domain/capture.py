@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import NotRequired, Protocol, TypedDict
 
 _ESCAPE = re.compile(rb"\\(\\|x[0-9a-f]{2})")
 
@@ -103,15 +103,30 @@ class StoredMessage:
     fields: list[tuple[int, str]]  # the parsed (tag, value) pairs, in wire order
 
 
-def stored_fields(fields: Sequence[Sequence[Any]]) -> list[tuple[int, str]]:
-    """Stored ``fields`` JSON (decoded) as ``(tag, value)`` pairs.
-
-    Reads both layouts: ``["tag", "value"]`` pairs, and the ``[tag, name, value, meaning]``
-    rows that rows stored before read-time enrichment still hold.
-    """
-    if fields and len(fields[0]) == 4:
-        return [(int(row[0]), row[2]) for row in fields]
+def stored_fields(fields: Sequence[Sequence[str]]) -> list[tuple[int, str]]:
+    """Stored ``fields`` JSON (decoded ``["tag", "value"]`` pairs) as ``(tag, value)`` pairs."""
     return [(int(tag), value) for tag, value in fields]
+
+
+class EnrichedField(TypedDict):
+    """One field of a message with its dictionary name and, for enumerations, its meaning."""
+
+    tag: int
+    name: str | None
+    value: str
+    meaning: NotRequired[str]
+
+
+class FieldDictionary(Protocol):
+    """Names and enumerated meanings of a protocol's fields (the static FIX dictionary)."""
+
+    def meaning(self, tag: int, value: str) -> str | None:
+        """The meaning of ``value`` for an enumerated ``tag``, e.g. (54, "1") -> "Buy"."""
+        ...
+
+    def enrich(self, fields: Sequence[tuple[int, str]]) -> list[EnrichedField]:
+        """Per field, in wire order: tag, name, value and meaning where one applies."""
+        ...
 
 
 @dataclass(slots=True)

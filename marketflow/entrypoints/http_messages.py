@@ -16,15 +16,15 @@ be reached answers 503. ``raw`` shows SOH as ``|`` for reading; ``raw_base64`` i
 from __future__ import annotations
 
 import base64
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
-from marketflow.adapters.fix.dictionary import enrich, meaning
 from marketflow.domain.capture import (
+    EnrichedField,
     MessageQuery,
     StoredMessage,
     StoredReject,
@@ -51,6 +51,10 @@ class MessageQueries(Protocol):
     async def list_rejects(
         self, limit: int, before_id: int | None = None
     ) -> list[StoredReject]: ...
+
+    def type_name(self, msg_type: str) -> str | None: ...
+
+    def enrich(self, fields: Sequence[tuple[int, str]]) -> list[EnrichedField]: ...
 
 
 class _BadRequest(Exception):
@@ -121,20 +125,20 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
-def _summary(m: StoredMessage) -> dict[str, Any]:
+def _summary(m: StoredMessage, names: MessageQueries) -> dict[str, Any]:
     return {
         "id": m.id, "received_at": _iso(m.received_ms), "received_ms": m.received_ms,
         "peer": m.peer, "begin_string": m.begin_string, "msg_type": m.msg_type,
-        "msg_type_name": meaning(35, m.msg_type), "sender": m.sender, "target": m.target,
+        "msg_type_name": names.type_name(m.msg_type), "sender": m.sender, "target": m.target,
         "seq_num": m.seq_num, "symbol": m.symbol, "raw": raw_display(m.raw),
     }  # fmt: skip
 
 
-def _detail(m: StoredMessage) -> dict[str, Any]:
-    body = _summary(m)
+def _detail(m: StoredMessage, names: MessageQueries) -> dict[str, Any]:
+    body = _summary(m, names)
     body["raw_base64"] = base64.b64encode(raw_from_text(m.raw)).decode()
     body["parsed"] = [[tag, value] for tag, value in m.fields]
-    body["enriched"] = enrich(m.fields)
+    body["enriched"] = names.enrich(m.fields)
     return body
 
 
@@ -174,7 +178,9 @@ def add_message_routes(app: web.Application, service: MessageQueries) -> None:
         )
         messages = await service.list_messages(query)
         next_id = messages[-1].id if len(messages) == limit else None
-        return _json({"messages": [_summary(m) for m in messages], "next_before_id": next_id})
+        return _json(
+            {"messages": [_summary(m, service) for m in messages], "next_before_id": next_id}
+        )
 
     async def get_message(request: web.Request) -> web.Response:
         message_id = _int(request.match_info, "id", 1, _MAX_ID, None)
@@ -183,7 +189,7 @@ def add_message_routes(app: web.Application, service: MessageQueries) -> None:
         message = await service.get_message(message_id)
         if message is None:
             return _json({"error": f"no message with id {message_id}"}, 404)
-        return _json(_detail(message))
+        return _json(_detail(message, service))
 
     async def list_rejects(request: web.Request) -> web.Response:
         _check_params(request, _REJECT_PARAMS)

@@ -15,56 +15,56 @@ from prometheus_client.registry import Collector
 
 from marketflow.app.health import HealthReport
 
+# The per-source families: (kind, name, help, value from the source's /health entry or None).
+_PER_SOURCE: tuple[
+    tuple[type[CounterMetricFamily | GaugeMetricFamily], str, str, Callable[[Any], Any]], ...
+] = (
+    (CounterMetricFamily, "marketflow_ticks", "Valid ticks received per source",
+     lambda ex: ex["ticks"]),
+    (CounterMetricFamily, "marketflow_reconnects", "Reconnects per source",
+     lambda ex: ex["reconnects"]),
+    (GaugeMetricFamily, "marketflow_source_connected", "1 when the source is connected and fresh",
+     lambda ex: 1.0 if ex["connected"] and not ex["stale"] else 0.0),
+    (GaugeMetricFamily, "marketflow_last_tick_age_seconds", "Seconds since the last tick",
+     lambda ex: ex["last_tick_age_s"]),
+    (GaugeMetricFamily, "marketflow_receipt_lag_seconds",
+     "Receipt time minus exchange timestamp of the newest tick (grows under backpressure)",
+     lambda ex: ex["clock_skew_s"]),
+)  # fmt: skip
+
 
 class DaemonCollector(Collector):
     """Feeds, queues, cache and storage figures from one HealthReport."""
 
-    def __init__(self, report: HealthReport, extra: Callable[[], dict[str, Any]] | None) -> None:
+    def __init__(self, report: HealthReport) -> None:
         self._report = report
-        self._extra = extra
 
     def collect(self) -> Iterator[Metric]:
         doc = self._report.build()
-        ticks = CounterMetricFamily(
-            "marketflow_ticks", "Valid ticks received per source", labels=["source"]
-        )
+        exchanges = doc["exchanges"]
+        families: list[Metric] = []
+        for family, name, help_text, value_of in _PER_SOURCE:
+            metric = family(name, help_text, labels=["source"])
+            for source, ex in exchanges.items():
+                value = value_of(ex)
+                if value is not None:
+                    metric.add_metric([source], value)
+            families.append(metric)
         rejected = CounterMetricFamily(
             "marketflow_rejected",
             "Rejected input per source and reason",
             labels=["source", "reason"],
         )
-        reconnects = CounterMetricFamily(
-            "marketflow_reconnects", "Reconnects per source", labels=["source"]
-        )
-        connected = GaugeMetricFamily(
-            "marketflow_source_connected",
-            "1 when the source is connected and fresh",
-            labels=["source"],
-        )
-        age = GaugeMetricFamily(
-            "marketflow_last_tick_age_seconds", "Seconds since the last tick", labels=["source"]
-        )
-        skew = GaugeMetricFamily(
-            "marketflow_receipt_lag_seconds",
-            "Receipt time minus exchange timestamp of the newest tick (grows under backpressure)",
-            labels=["source"],
-        )
-        for name, ex in doc["exchanges"].items():
-            if ex["clock_skew_s"] is not None:
-                skew.add_metric([name], ex["clock_skew_s"])
-            ticks.add_metric([name], ex["ticks"])
-            reconnects.add_metric([name], ex["reconnects"])
-            connected.add_metric([name], 1.0 if ex["connected"] and not ex["stale"] else 0.0)
-            if ex["last_tick_age_s"] is not None:
-                age.add_metric([name], ex["last_tick_age_s"])
+        for source, ex in exchanges.items():
             for reason, n in ex["rejected_by_reason"].items():
-                rejected.add_metric([name, reason], n)
+                rejected.add_metric([source, reason], n)
+        families.insert(1, rejected)
         depth = GaugeMetricFamily(
             "marketflow_queue_depth", "Items waiting per queue", labels=["queue"]
         )
         for q, n in doc["queues"].items():
             depth.add_metric([q], n)
-        yield from (ticks, rejected, reconnects, connected, age, skew, depth)
+        yield from (*families, depth)
         yield CounterMetricFamily(
             "marketflow_late_ticks", "Ticks older than the window", value=doc["late_ticks"]
         )
@@ -103,15 +103,10 @@ class DaemonCollector(Collector):
                     f"FIX capture: {key.replace('_', ' ')}",
                     value=cap.get(key, 0),
                 )
-        if self._extra is not None:
-            for key, value in self._extra().items():
-                if isinstance(value, int | float):
-                    yield GaugeMetricFamily(f"marketflow_{key}", key.replace("_", " "), value=value)
 
 
-def metrics_renderer(
-    report: HealthReport, extra: Callable[[], dict[str, Any]] | None = None
-) -> Callable[[], bytes]:
+def metrics_renderer(report: HealthReport) -> Callable[[], bytes]:
+    """The /metrics body, collected from ``report`` at every scrape."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(report, extra))
+    registry.register(DaemonCollector(report))
     return lambda: generate_latest(registry)

@@ -1,6 +1,6 @@
 """A stand-in for the reference exchange programs: newline JSON prices over TCP.
 
-Behaviour (PROTOCOLS.md section 1): streaming starts at connect, the client sends nothing;
+Behaviour (docs/protocols.md, JSON ticks): streaming starts at connect, the client sends nothing;
 every 100 ms one line per pair, all with the same wall-clock timestamp; every client of one
 port gets the lines of ONE shared price walk; a client that goes away is dropped and the
 server never closes a connection itself.
@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from typing import cast
 
-from marketflow.simulator.walk import PriceWalk, render_rounds
+from marketflow.domain.walk import PAIRS, VENUE_START_PRICES, PriceWalk, render_rounds
 
 log = logging.getLogger("marketflow.simulator")
 
@@ -26,6 +27,11 @@ DEFAULT_RATE = 50  # lines/s per connection, as the reference programs send
 MIN_SLICE_S = 0.005  # at high rates, lines are built for this much time at once
 MAX_BACKLOG_S = 0.1  # behind schedule by more than this (a stalled reader): skip, not burst
 WRITE_HIGH_WATER = 1 << 20  # bytes buffered per client before it counts as not reading
+DEFAULT_PORT = 40101
+# The reference programs listen on 40101, 40102, 40103, each with its own starting prices.
+START_PRICES: Mapping[int, Mapping[str, float]] = {
+    DEFAULT_PORT + i: prices for i, prices in enumerate(VENUE_START_PRICES)
+}
 
 
 def now_ms() -> int:
@@ -133,9 +139,19 @@ class JsonExchange:
             await asyncio.sleep(max(base + (done + 1) * round_s - loop.time(), min_sleep_s))
 
 
+def start_prices(port: int) -> Mapping[str, float]:
+    """Starting prices of the reference program on ``port`` (40101's for any other port)."""
+    return START_PRICES.get(port, START_PRICES[DEFAULT_PORT])
+
+
+def walk_for_port(port: int, pairs: Sequence[str] = PAIRS, seed: int | None = None) -> PriceWalk:
+    """The walk of the reference program listening on ``port``."""
+    return PriceWalk(start_prices(port), pairs, seed)
+
+
 async def serve(host: str, port: int, rate: float, seed: int | None) -> None:
     """Listen on ``host:port`` until cancelled; the walk starts at ``port``'s prices."""
-    exchange = JsonExchange(PriceWalk.for_port(port, seed=seed), rate)
+    exchange = JsonExchange(walk_for_port(port, seed=seed), rate)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(exchange.protocol, host, port, reuse_address=True)
     log.info("simulator_listening host=%s port=%d rate=%s protocol=json", host, port, rate)

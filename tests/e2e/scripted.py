@@ -1,6 +1,6 @@
 """A scripted JSON exchange for exactness tests: every line it sends is recorded.
 
-The exchange speaks PROTOCOLS.md section 1 (newline JSON over TCP, the client sends nothing) to
+The exchange speaks docs/protocols.md (newline JSON over TCP, the client sends nothing) to
 one client at a time: a newer connection replaces the older one, as after a daemon restart.
 Each tick is recorded with its symbol, price, exchange timestamp, the wall time its line was
 handed to the kernel and the connection it went out on, so a test knows exactly what the daemon

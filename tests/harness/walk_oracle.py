@@ -1,6 +1,6 @@
 """A second, independent implementation of the simulators' price walk and line format.
 
-Written from PROTOCOLS.md section 1 and the walk's documented rule, not imported from
+Written from docs/protocols.md (JSON ticks) and the walk's documented rule, not imported from
 marketflow: tests compare what the simulator and the test-mode generator send with this.
 BTCUSDT moves by U(-250, 250) but never below 99 % of its last price, every other pair by
 U(-1 %, +1 %); one ``random.Random(seed)`` draw per pair per round, pairs in wire order.

@@ -18,6 +18,7 @@ from marketflow.adapters.capture.listener import CaptureListener
 from marketflow.adapters.capture.postgres_store import PostgresCaptureStore
 from marketflow.adapters.capture.sqlite_store import SqliteCaptureStore
 from marketflow.adapters.fix.codec import encode
+from marketflow.adapters.fix.dictionary import FixDictionary
 from marketflow.app.capture import CaptureService
 from marketflow.domain.capture import CaptureStore
 from marketflow.entrypoints.http_messages import add_message_routes
@@ -91,7 +92,7 @@ async def open_capture(store_target: str | Path, **settings: Any) -> AsyncIterat
     else:
         store = await SqliteCaptureStore.open(store_target)
     config = CaptureSettings(**{"port": 0, "batch_max": 500, "flush_interval_ms": 10, **settings})
-    service = CaptureService(store, config, FixCaptureDecoder())
+    service = CaptureService(store, config, FixCaptureDecoder(), FixDictionary())
     app = web.Application()
     add_message_routes(app, service)
     async with (

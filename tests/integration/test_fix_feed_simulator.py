@@ -13,7 +13,8 @@ import orjson
 import pytest
 
 from marketflow.adapters.feeds.fix_feed import FixFeedProducer, FixItem, build_fix_source
-from marketflow.app.ingest import RunningSource, Source
+from marketflow.app.ingest import RunningSource
+from marketflow.domain.feeds import Source
 from marketflow.domain.ticks import Tick, TickBatch
 from marketflow.settings import DEFAULT_PAIRS, ExchangeSettings, PipelineSettings
 from marketflow.simulator.fix_venue import FixVenue

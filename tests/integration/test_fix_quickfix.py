@@ -22,7 +22,8 @@ import pytest
 
 from marketflow.adapters.feeds.fix_feed import FixFeedProducer, FixItem, build_fix_source
 from marketflow.adapters.fix.codec import FixFramer
-from marketflow.app.ingest import RunningSource, Source
+from marketflow.app.ingest import RunningSource
+from marketflow.domain.feeds import Source
 from marketflow.domain.ticks import Tick, TickBatch
 from marketflow.settings import ExchangeSettings, PipelineSettings
 from tests.harness.services import free_port

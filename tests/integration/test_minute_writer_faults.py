@@ -14,6 +14,7 @@ from marketflow.adapters.postgres.minute_store import open_postgres
 from marketflow.adapters.redis_cache import open_redis
 from marketflow.adapters.spill_file import JsonlSpillFile
 from marketflow.app.minute_writer import MinuteWriter
+from marketflow.backoff import Backoff
 from marketflow.domain.aggregates import LatestPrice, MinuteRow, SecondBucket
 from marketflow.domain.errors import CacheUnavailable, StoreUnavailable
 from marketflow.domain.ports import MinuteStore
@@ -39,9 +40,7 @@ def writer(store: MinuteStore, spill: Path, max_in_memory: int = 1000) -> Minute
         JsonlSpillFile(spill),
         max_in_memory,
         clock,
-        retry_initial_s=0.05,
-        retry_max_s=0.2,
-        rng=random.Random(7),
+        retry=Backoff(0.05, 0.2, random.Random(7)),
     )
 
 

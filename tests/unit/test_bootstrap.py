@@ -10,9 +10,9 @@ import pytest
 
 from marketflow.adapters.postgres.minute_store import open_postgres
 from marketflow.adapters.redis_cache import open_redis
-from marketflow.bootstrap import _host_of, _open_configured
 from marketflow.domain.errors import StoreUnavailable
 from marketflow.settings import PostgresSettings, RedisSettings
+from marketflow.startup import _host_of, _open_configured
 from tests.harness.services import free_port
 
 SECRET = "s3cr3t-pw"  # noqa: S105 - a marker to look for in the log

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Sequence
 
 import orjson
@@ -13,8 +14,9 @@ from hypothesis import strategies as st
 from marketflow.adapters.capture import decoder as capture_decoder
 from marketflow.adapters.capture.decoder import FixCaptureDecoder, _reference
 from marketflow.adapters.fix.codec import encode
-from marketflow.adapters.fix.dictionary import enrich, meaning
+from marketflow.adapters.fix.dictionary import FixDictionary, enrich, meaning
 from marketflow.app.capture import CaptureService
+from marketflow.backoff import Backoff
 from marketflow.domain.capture import (
     CapturedMessage,
     CaptureReject,
@@ -102,7 +104,8 @@ def service(store: FakeCaptureStore, **settings: object) -> CaptureService:
         store,
         CaptureSettings.model_validate(options),
         FixCaptureDecoder(),
-        retry_initial_s=0.01,
+        FixDictionary(),
+        retry=Backoff(0.01, 5.0, random.Random(0)),
     )
 
 
@@ -204,7 +207,7 @@ async def test_slow_store_blocks_submit_instead_of_buffering() -> None:
     store.gate = asyncio.Event()
     svc = CaptureService(
         store, CaptureSettings(batch_max=1, flush_interval_ms=10_000), FixCaptureDecoder(),
-        queue_batches=2,
+        FixDictionary(), queue_batches=2,
     )  # fmt: skip
     await svc.start()
     submitted: list[int] = []
@@ -225,7 +228,7 @@ async def test_full_queue_stops_every_connection_before_it_decodes_more() -> Non
     store.gate = asyncio.Event()
     svc = CaptureService(
         store, CaptureSettings(batch_max=2, flush_interval_ms=10_000), FixCaptureDecoder(),
-        queue_batches=1,
+        FixDictionary(), queue_batches=1,
     )  # fmt: skip
     await svc.start()
     await svc.submit(PEER, 1, [order(1), order(2)])  # the writer takes it, waits on the gate
@@ -500,9 +503,6 @@ def test_read_time_enrichment_names_fields_as_the_fix_specification(
     got = FixCaptureDecoder().decode(frame(text), 1, PEER)
     pairs = stored_fields(orjson.loads(got.fields_json))
     assert enrich(pairs) == expected
-    # Rows stored in the old layout ([tag, name, value, meaning]) read back as the same pairs.
-    old = [[e["tag"], e["name"], e["value"], e.get("meaning")] for e in expected]
-    assert stored_fields(orjson.loads(orjson.dumps(old))) == pairs
 
 
 def test_plain_flag_only_on_messages_that_need_no_escaping() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import shutil
 import tempfile
 from collections import Counter
@@ -27,6 +28,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from marketflow.adapters.spill_file import JsonlSpillFile
 from marketflow.app.aggregator import Aggregator
 from marketflow.app.minute_writer import MinuteWriter
+from marketflow.backoff import Backoff
 from marketflow.domain.errors import StoreUnavailable
 from marketflow.domain.ticks import TickBatch
 from marketflow.settings import PipelineSettings
@@ -60,7 +62,7 @@ class ExactnessMachine(RuleBasedStateMachine):
             JsonlSpillFile(self.dir / "spill.jsonl"),
             3,
             self.clock,
-            retry_initial_s=0.001,
+            retry=Backoff(0.001, 4.0, random.Random()),
         )
         self.agg = Aggregator(
             asyncio.Queue(), self.cache, self.writer, PIPE, self.clock,

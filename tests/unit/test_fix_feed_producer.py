@@ -20,7 +20,7 @@ from marketflow.adapters.feeds.fix_market_data import FixMarketDataParser
 from marketflow.adapters.fix.codec import FixFramer, parse_fields
 from marketflow.adapters.fix.seq_store import SequenceStore
 from marketflow.adapters.fix.session import SessionConfig, SessionState
-from marketflow.app.feed_status import FeedStatus
+from marketflow.domain.feeds import FeedStatus
 from marketflow.domain.ticks import RejectCounts
 from marketflow.settings import PipelineSettings
 from tests.unit.test_fix_session import md, venue

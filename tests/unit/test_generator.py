@@ -10,12 +10,12 @@ import pytest
 
 from marketflow.adapters.feeds.generator import GeneratorProducer, build_generator_source
 from marketflow.adapters.feeds.json_lines import JsonLinesParser
-from marketflow.app.feed_status import FeedStatus
 from marketflow.app.ingest import RunningSource
+from marketflow.domain.feeds import FeedStatus
 from marketflow.domain.ticks import TickBatch
 from marketflow.settings import DEFAULT_PAIRS
 from marketflow.settings import TestModeSettings as GeneratorSettings  # not a test class
-from marketflow.simulator.walk import PriceWalk
+from marketflow.simulator.json_exchange import walk_for_port
 from tests.harness.walk_oracle import PAIRS, line, walk_rounds
 
 
@@ -55,7 +55,7 @@ async def run_for(
 
 async def test_one_chunk_per_interval_with_one_line_per_pair_stamped_by_the_clock() -> None:
     t = FakeTime()
-    walk = PriceWalk.for_port(40101, seed=9)
+    walk = walk_for_port(40101, seed=9)
     producer = GeneratorProducer(walk, 100, t.clock_ms, sleep=t.sleep, monotonic=t.monotonic)
 
     items, status = await run_for(producer, 3)
@@ -73,7 +73,7 @@ async def test_one_chunk_per_interval_with_one_line_per_pair_stamped_by_the_cloc
 async def test_bytes_are_exactly_the_simulator_format_for_the_same_seed() -> None:
     t = FakeTime()
     producer = GeneratorProducer(
-        PriceWalk.for_port(40101, seed=3), 100, t.clock_ms, sleep=t.sleep, monotonic=t.monotonic
+        walk_for_port(40101, seed=3), 100, t.clock_ms, sleep=t.sleep, monotonic=t.monotonic
     )
 
     items, _ = await run_for(producer, 3)
@@ -124,7 +124,7 @@ def test_sources_differ_but_a_seed_repeats() -> None:
 async def test_a_blocked_queue_skips_missed_intervals_instead_of_bursting() -> None:
     t = FakeTime()
     producer = GeneratorProducer(
-        PriceWalk.for_port(40101, seed=1), 100, t.clock_ms, sleep=t.sleep, monotonic=t.monotonic
+        walk_for_port(40101, seed=1), 100, t.clock_ms, sleep=t.sleep, monotonic=t.monotonic
     )
     status = FeedStatus(name="test-exchange1", protocol="generator")
     queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue(1)
@@ -165,4 +165,4 @@ async def test_generator_runs_in_the_real_worker_pool() -> None:
 
 def test_zero_interval_is_refused() -> None:
     with pytest.raises(ValueError, match="interval_ms"):
-        GeneratorProducer(PriceWalk.for_port(40101), 0, int)
+        GeneratorProducer(walk_for_port(40101), 0, int)

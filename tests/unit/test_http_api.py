@@ -6,12 +6,12 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from marketflow.app.aggregator import Aggregator
-from marketflow.app.feed_status import FeedStatus
 from marketflow.app.health import HealthReport
-from marketflow.app.ingest import Source
+from marketflow.app.ingest import RunningSource
 from marketflow.app.modes import ModeController
 from marketflow.app.queries import PriceQueries
 from marketflow.domain.aggregates import MinuteRow
+from marketflow.domain.feeds import FeedStatus, Source
 from marketflow.domain.ticks import TickBatch
 from marketflow.entrypoints.http_api import build_app
 from marketflow.entrypoints.metrics import metrics_renderer
@@ -57,9 +57,7 @@ async def api() -> AsyncIterator[Api]:
     modes = ModeController(
         {"live": lambda: sources(*live), "test": lambda: sources(*test)},
         {"live": live, "test": test},
-        fanin,
-        5,
-        8,
+        lambda src: RunningSource(src, fanin, 5, 8),
     )
     await modes.switch("live")
     writer = type("W", (), {"status": lambda self: {"state": "up", "kind": "fake"}})()

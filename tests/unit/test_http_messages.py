@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from marketflow.domain.capture import MessageQuery, StoredMessage, StoredReject
+from marketflow.domain.capture import EnrichedField, MessageQuery, StoredMessage, StoredReject
 from marketflow.entrypoints.http_messages import add_message_routes, parse_since
 
 HUGE = "9" * 5000  # more digits than int() converts from a str (sys.get_int_max_str_digits)
@@ -31,6 +31,12 @@ class RecordingQueries:
 
     async def list_rejects(self, limit: int, before_id: int | None = None) -> list[StoredReject]:
         self.rejects.append((limit, before_id))
+        return []
+
+    def type_name(self, msg_type: str) -> str | None:
+        return None
+
+    def enrich(self, fields: Sequence[tuple[int, str]]) -> list[EnrichedField]:
         return []
 
 

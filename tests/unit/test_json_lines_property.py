@@ -1,6 +1,6 @@
 """Property: the chunk parser keeps exactly the valid lines, whatever surrounds them.
 
-The oracle decodes each line on its own, the way PROTOCOLS.md section 1 defines the feed: one
+The oracle decodes each line on its own, the way docs/protocols.md defines the feed: one
 JSON object per line. The chunk fast path must never see more (or fewer) ticks than that.
 """
 

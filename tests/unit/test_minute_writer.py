@@ -12,6 +12,7 @@ import pytest
 
 from marketflow.adapters.spill_file import JsonlSpillFile
 from marketflow.app.minute_writer import MinuteWriter
+from marketflow.backoff import Backoff
 from marketflow.domain.aggregates import History, Mark, MinuteRow
 from marketflow.domain.errors import StoreUnavailable
 
@@ -77,9 +78,7 @@ def make_writer(store: FakeStore, path: Path, max_in_memory: int = 1000) -> Minu
         JsonlSpillFile(path),
         max_in_memory,
         clock,
-        retry_initial_s=0.01,
-        retry_max_s=0.05,
-        rng=random.Random(1),
+        retry=Backoff(0.01, 0.05, random.Random(1)),
     )
 
 

@@ -16,11 +16,17 @@ from marketflow.adapters.feeds.replay import (
     build_file_source,
     detect_format,
 )
-from marketflow.app.feed_status import FeedStatus
 from marketflow.app.ingest import RunningSource
+from marketflow.domain.feeds import FeedStatus
 from marketflow.domain.ticks import TickBatch
-from marketflow.entrypoints import replay as replay_cli
+from marketflow.entrypoints import cli
 from marketflow.settings import DEFAULT_PAIRS, ExchangeSettings
+
+
+def replay_main(argv: list[str]) -> int:
+    """``marketflow replay ARGV...`` in this process."""
+    return cli.main(["replay", *argv])
+
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 TS = 1795694355187
@@ -231,9 +237,9 @@ def test_cli_max_means_speed_zero_and_calls_bootstrap(
     monkeypatch.chdir(tmp_path)  # no ./config.toml here: defaults
     capture = FIXTURES / "json" / "simulator_clean.jsonl"
 
-    assert replay_cli.main([str(capture), "--max"]) == 0
-    assert replay_cli.main([str(capture), "--speed", "4"]) == 0
-    assert replay_cli.main([str(capture)]) == 0
+    assert replay_main([str(capture), "--max"]) == 0
+    assert replay_main([str(capture), "--speed", "4"]) == 0
+    assert replay_main([str(capture)]) == 0
     assert calls == [(capture, 0.0), (capture, 4.0), (capture, 1.0)]
 
 
@@ -248,12 +254,12 @@ def test_cli_max_means_speed_zero_and_calls_bootstrap(
 )
 def test_cli_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
-        replay_cli.main(argv)
+        replay_main(argv)
 
     assert exc.value.code == 2
     assert "marketflow replay:" in capsys.readouterr().err
 
 
 def test_cli_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert replay_cli.main([str(tmp_path / "missing.jsonl")]) == 2
+    assert replay_main([str(tmp_path / "missing.jsonl")]) == 2
     assert "not a readable file" in capsys.readouterr().err

@@ -10,9 +10,9 @@ import orjson
 import pytest
 
 from marketflow.adapters.sqlite.minute_store import open_sqlite
-from marketflow.app.feed_status import FeedStatus
-from marketflow.app.ingest import RunningSource, Source
+from marketflow.app.ingest import RunningSource
 from marketflow.bootstrap import Daemon
+from marketflow.domain.feeds import FeedStatus, Source
 from marketflow.domain.ticks import TickBatch
 from marketflow.settings import Settings
 

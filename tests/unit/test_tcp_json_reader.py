@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from marketflow.adapters.feeds.tcp_json import TcpJsonProducer, build_json_source
-from marketflow.app.feed_status import FeedStatus
+from marketflow.domain.feeds import FeedStatus
 from marketflow.settings import DEFAULT_PAIRS, ExchangeSettings, PipelineSettings
 from tests.harness.services import free_port
 
@@ -303,16 +302,6 @@ async def test_unreachable_exchange_is_retried_with_logged_attempts_until_it_com
         assert reader.status.connected
     finally:
         await late.close()
-
-
-def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
-    pipeline = PipelineSettings(reconnect_initial_s=0.5, reconnect_max_s=30.0)
-    producer = TcpJsonProducer("127.0.0.1", 1, pipeline, clock, rng=random.Random(1))
-
-    for failures, base in [(1, 0.5), (2, 1.0), (3, 2.0), (6, 16.0), (7, 30.0), (100, 30.0)]:
-        delays = [producer.backoff_s(failures) for _ in range(200)]
-        assert all(0.5 * base <= d <= base for d in delays)
-        assert len(set(delays)) > 100  # jittered: reconnecting feeds do not move in step
 
 
 async def test_cancel_stops_the_producer_and_closes_the_connection(

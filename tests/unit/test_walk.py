@@ -5,14 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from marketflow.simulator.walk import (
-    PAIRS,
-    START_PRICES,
-    UNKNOWN_PAIR_START,
-    PriceWalk,
-    render_rounds,
-    start_prices,
-)
+from marketflow.domain.walk import PAIRS, UNKNOWN_PAIR_START, PriceWalk, render_rounds
+from marketflow.simulator.json_exchange import START_PRICES, start_prices, walk_for_port
 
 
 @pytest.mark.parametrize(
@@ -20,7 +14,7 @@ from marketflow.simulator.walk import (
                              (40103, 100049.0, 3022.0)]
 )  # fmt: skip
 def test_each_reference_port_starts_at_its_prices(port: int, btc: float, eth: float) -> None:
-    walk = PriceWalk.for_port(port, seed=1)
+    walk = walk_for_port(port, seed=1)
 
     prices = dict(zip(walk.pairs, walk.prices(), strict=True))
 
@@ -33,7 +27,7 @@ def test_unknown_port_uses_40101_prices() -> None:
 
 
 def test_same_seed_gives_same_walk_and_other_seed_differs() -> None:
-    a, b, c = (PriceWalk.for_port(40101, seed=s) for s in (7, 7, 8))
+    a, b, c = (walk_for_port(40101, seed=s) for s in (7, 7, 8))
 
     steps_a = [a.step() for _ in range(100)]
 
@@ -42,7 +36,7 @@ def test_same_seed_gives_same_walk_and_other_seed_differs() -> None:
 
 
 def test_btc_moves_at_most_250_and_never_below_99_percent() -> None:
-    walk = PriceWalk.for_port(40101, seed=3)
+    walk = walk_for_port(40101, seed=3)
     prev = walk.prices()[0]
     for _ in range(10_000):
         p = walk.step()[0]
@@ -62,7 +56,7 @@ def test_btc_floor_applies_when_price_is_small() -> None:
 
 
 def test_other_pairs_move_at_most_one_percent_per_tick() -> None:
-    walk = PriceWalk.for_port(40102, seed=4)
+    walk = walk_for_port(40102, seed=4)
     prev = walk.prices()
     for _ in range(10_000):
         now = walk.step()
@@ -72,15 +66,15 @@ def test_other_pairs_move_at_most_one_percent_per_tick() -> None:
 
 
 def test_unknown_pair_gets_a_default_start() -> None:
-    walk = PriceWalk.for_port(40101, ("BTCUSDT", "XRPUSDT"))
+    walk = walk_for_port(40101, ("BTCUSDT", "XRPUSDT"))
 
     assert walk.prices() == (100000.0, UNKNOWN_PAIR_START)
 
 
 def test_render_rounds_is_the_feed_format_one_line_per_pair_in_order() -> None:
-    walk = PriceWalk.for_port(40101, seed=2)
+    walk = walk_for_port(40101, seed=2)
     expected = [walk.step() for _ in range(3)]
-    replay = PriceWalk.for_port(40101, seed=2)
+    replay = walk_for_port(40101, seed=2)
 
     data = render_rounds(replay, 3, 1795482633071)
 

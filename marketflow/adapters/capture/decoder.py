@@ -3,8 +3,9 @@
 The framer (codec.FixFramer) has already checked BeginString, BodyLength and CheckSum; this adds
 the field syntax, the required header tags (8, 9, 35, 49, 56, 34, 52) and an integer MsgSeqNum,
 and builds the parsed fields as a JSON array of ``["tag", "value"]`` pairs. Names and enum
-meanings are not part of what is stored: they follow from the static dictionary, and the API
-adds them when it reads (dictionary.enrich), so the hot path does no per-field lookups.
+meanings are not part of what is stored: they follow from the static dictionary, added when
+the audit trail is read (app.capture's FieldDictionary port), so the hot path does no
+per-field lookups.
 
 Two paths, same output (tests hold them equal). The fast path covers the usual message
 ("plain": printable ASCII and SOH, no ``"`` or backslash, exactly one ``=`` per field, no empty
@@ -27,10 +28,8 @@ from marketflow.adapters.fix.codec import (
     missing_header_tags,
     parse_fields,
 )
-from marketflow.adapters.fix.dictionary import TAG_ENUMS
 from marketflow.domain.capture import CapturedMessage, InvalidMessage, clean_text
 
-_MSG_TYPES = TAG_ENUMS[35]
 _MAX_SHAPES = 4096  # a peer sending random tag sets must not grow memory without bound
 # A field without "=": with as many "=" as SOH there is then one with two, and the split below
 # would pair tags with the wrong values.
@@ -105,10 +104,6 @@ class FixCaptureDecoder:
                             shape.tags, values, fields_json, True,
                         )  # fmt: skip
         return _reference(frame, received_ms, peer)
-
-    def type_name(self, msg_type: str) -> str | None:
-        """35=D -> "NewOrderSingle"."""
-        return _MSG_TYPES.get(msg_type)
 
 
 def _reference(frame: bytes, received_ms: int, peer: str) -> CapturedMessage:

@@ -1,9 +1,9 @@
-"""TCP listener of the FIX capture audit trail (PROTOCOLS.md section 3).
+"""TCP listener of the FIX capture audit trail (docs/protocols.md, FIX capture).
 
 Clients up to ``max_connections``, no session handshake. Each connection has its own
 FixFramer, reads chunks of up to 16 KiB (about a hundred messages: with many busy clients, a
-smaller chunk per connection and loop round keeps the loop responsive to the store writer;
-measured ~10% more stored per second than 64 KiB with 20 clients) and hands the frames of each
+smaller chunk per connection and loop round keeps the loop responsive to the store writer,
+which stores more per second than with 64 KiB chunks) and hands the frames of each
 read to the capture use case with the receipt time and the peer address. ``submit`` blocks
 while storage is behind, so a connection then stops reading and TCP flow control slows its
 sender. The listener never buffers without bound: per connection, the stream reader's buffer

@@ -11,13 +11,13 @@ time from the static dictionary, see domain.capture).
 
 Write cost is what limits the capture rate, on both sides of the socket:
 - messages go in as one COPY in text format, one line per message built with one f-string
-  (about 1 us, against about 5 us for asyncpg's per-record binary encoding); a plain message
+  (cheaper than asyncpg's per-record binary encoding; see the README's figures); a plain message
   (CapturedMessage.plain) needs no escaping at all;
 - jsonb input is the database's largest per-row cost, so ``fields`` holds only the parsed
-  pairs (tags as strings: about 17% smaller than numbers, and no numeric parsing);
+  pairs (tags as strings: smaller than numbers in jsonb, and no numeric parsing);
 - indexes: the primary key (newest first, by id), (msg_type, id) and (symbol, id) for the
   API's filtered listings, and BRIN on ``received_at`` (rows arrive in time order, so a BRIN
-  index of a few pages serves ``since``; a B-tree cost about 2 us per row).
+  index of a few pages serves ``since``, where a B-tree costs more per row to keep up).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
+from marketflow.adapters.capture.listing import listing_filter
 from marketflow.adapters.postgres.database import (
     CONNECTION_ERRORS,
     STALE_ERRORS,
@@ -45,6 +46,7 @@ from marketflow.domain.capture import (
     raw_to_text,
     stored_fields,
 )
+from marketflow.lifecycle import Closing
 from marketflow.settings import PostgresSettings
 
 _MESSAGE_COLUMNS = (
@@ -107,7 +109,7 @@ def _copy_lines(messages: Sequence[CapturedMessage]) -> bytes:
     return "".join(lines).encode()
 
 
-class PostgresCaptureStore:
+class PostgresCaptureStore(Closing):
     """CaptureStore on PostgreSQL; build with ``await PostgresCaptureStore.open(settings)``."""
 
     kind = "postgres"
@@ -121,12 +123,6 @@ class PostgresCaptureStore:
         """A capture store on a database of its own (tools and benchmarks; the daemon shares
         its one Database); raises StoreUnavailable when unreachable."""
         return cls(await open_database(settings), owns_db=True)
-
-    async def __aenter__(self) -> PostgresCaptureStore:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the database when this store opened it (idempotent)."""
@@ -189,18 +185,9 @@ class PostgresCaptureStore:
 
     async def list_messages(self, query: MessageQuery) -> list[StoredMessage]:
         """Newest first, filtered, paged by ``before_id`` (keyset) or ``offset``."""
-        where: list[str] = []
-        args: list[object] = []
-        for column, value in (
-            ("id <", query.before_id),
-            ("msg_type =", query.msg_type),
-            ("symbol =", query.symbol),
-            ("received_at >=", None if query.since_ms is None else _ts(query.since_ms)),
-        ):
-            if value is not None:
-                args.append(value)
-                where.append(f"{column} ${len(args)}")
-        sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        since = None if query.since_ms is None else _ts(query.since_ms)
+        where, args = listing_filter(query, ("received_at", since), lambda n: f"${n}")
+        sql = _SELECT + where
         args += [query.limit, query.offset]
         sql += f" ORDER BY id DESC LIMIT ${len(args) - 1} OFFSET ${len(args)}"
         return [_message(r) for r in await self._fetch(sql, *args)]

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from marketflow.adapters.capture.listing import listing_filter
 from marketflow.adapters.sqlite.database import SqliteDatabase, open_database
 from marketflow.domain.capture import (
     CapturedMessage,
@@ -23,6 +24,7 @@ from marketflow.domain.capture import (
     raw_to_text,
     stored_fields,
 )
+from marketflow.lifecycle import Closing
 
 # Version 1 adopts a file made by an older version as it is (IF NOT EXISTS).
 MIGRATIONS: tuple[tuple[int, str], ...] = (
@@ -70,7 +72,7 @@ _SELECT = (
 )
 
 
-class SqliteCaptureStore:
+class SqliteCaptureStore(Closing):
     """CaptureStore on a local SQLite file; build with ``await SqliteCaptureStore.open(path)``."""
 
     kind = "sqlite"
@@ -82,12 +84,6 @@ class SqliteCaptureStore:
     async def open(cls, path: Path) -> SqliteCaptureStore:
         """Open (creating the file, its directory and the tables when missing)."""
         return cls(await open_database(path, MIGRATIONS))
-
-    async def __aenter__(self) -> SqliteCaptureStore:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Close the file (idempotent)."""
@@ -124,18 +120,8 @@ class SqliteCaptureStore:
 
     async def list_messages(self, query: MessageQuery) -> list[StoredMessage]:
         """Newest first, filtered, paged by ``before_id`` (keyset) or ``offset``."""
-        where: list[str] = []
-        args: list[object] = []
-        for clause, value in (
-            ("id < ?", query.before_id),
-            ("msg_type = ?", query.msg_type),
-            ("symbol = ?", query.symbol),
-            ("received_ms >= ?", query.since_ms),
-        ):
-            if value is not None:
-                where.append(clause)
-                args.append(value)
-        sql = _SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        where, args = listing_filter(query, ("received_ms", query.since_ms), lambda _: "?")
+        sql = _SELECT + where
         sql += " ORDER BY id DESC LIMIT ? OFFSET ?"
         rows = await self._db.run(
             lambda c: c.execute(sql, (*args, query.limit, query.offset)).fetchall()

@@ -7,8 +7,8 @@ queue as one FixItem, with the session's mark (the next expected inbound MsgSeqN
 session applied are always put, also when a later message of the same read ends the session,
 when the read loop is cancelled while blocked on a full queue, and during the logout wait.
 Sequence numbers carry over from one connection to the next and, through the sequence store,
-across restarts. Reconnects never give up: exponential backoff with jitter, capped, every
-attempt logged. The parser (see fix_market_data.py) runs in the worker pool.
+across restarts. Reconnects never give up (marketflow.backoff), every attempt logged. The
+parser (see fix_market_data.py) runs in the worker pool.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 from pathlib import Path
 
 from marketflow.adapters.feeds.fix_market_data import FixItem, FixMarketDataParser
 from marketflow.adapters.fix.codec import FixFramer, FrameReject
 from marketflow.adapters.fix.seq_store import SequenceStore
 from marketflow.adapters.fix.session import FixSession, FixSessionError, LinkDead, SessionConfig
-from marketflow.app.feed_status import FeedStatus
-from marketflow.app.ingest import Clock, Source
+from marketflow.backoff import Backoff, reconnect_forever
+from marketflow.domain.feeds import Clock, FeedStatus, Source
 from marketflow.settings import ExchangeSettings, PipelineSettings
 
 __all__ = ["FixFeedProducer", "FixItem", "FixMarketDataParser", "build_fix_source"]
@@ -41,49 +42,40 @@ def _no_mark() -> int | None:
     return None
 
 
+@dataclass(eq=False)
 class FixFeedProducer:
     """Connects to a FIX venue, runs the session and feeds market-data frames to the queue."""
 
-    def __init__(
-        self,
-        name: str,
-        host: str,
-        port: int,
-        session: SessionConfig,
-        pipeline: PipelineSettings,
-        clock: Clock,
-        *,
-        monotonic: Callable[[], float] = time.monotonic,
-        rng: random.Random | None = None,
-        connect_timeout_s: float = 5.0,
-        logout_wait_s: float = 1.0,
-        store: SequenceStore | None = None,
-        resume_mark: Callable[[], int | None] = _no_mark,
-    ) -> None:
-        self.name = name
-        self.host = host
-        self.port = port
-        self.session_config = session
-        self._pipeline = pipeline
-        self._clock = clock
-        self._monotonic = monotonic
-        self._rng = rng or random.Random()
-        self._connect_timeout_s = connect_timeout_s
-        self._logout_wait_s = logout_wait_s
-        self._store = store
-        self._resume_mark = resume_mark
-        self._seqs: tuple[int, int] | None = None  # (next out, next in) between connections
-        self._pending: tuple[FixItem, int] | None = None  # being put when cancelled
-        self.session: FixSession | None = None  # the current one, for stats and tests
+    name: str
+    host: str
+    port: int
+    session_config: SessionConfig
+    pipeline: PipelineSettings
+    clock: Clock
+    _: KW_ONLY
+    monotonic: Callable[[], float] = time.monotonic
+    rng: InitVar[random.Random | None] = None
+    connect_timeout_s: float = 5.0
+    logout_wait_s: float = 1.0
+    store: SequenceStore | None = None
+    resume_mark: Callable[[], int | None] = _no_mark
+    backoff: Backoff = field(init=False)
+    session: FixSession | None = field(init=False, default=None)  # the current one
+    _seqs: tuple[int, int] | None = field(init=False, default=None)  # (next out, next in)
+    _pending: tuple[FixItem, int] | None = field(init=False, default=None)  # put when cancelled
+
+    def __post_init__(self, rng: random.Random | None) -> None:
+        p = self.pipeline
+        self.backoff = Backoff(p.reconnect_initial_s, p.reconnect_max_s, rng or random.Random())
 
     def starting_seqs(self) -> tuple[int, int]:
         """(next out, next expected in) for the next connection. At the first connection of
         this producer: the core's durable mark, else the store's numbers, else 1; later, what
         the previous session ended with (nothing in-process is lost)."""
         if self._seqs is None:
-            saved = self._store.load() if self._store is not None else None
+            saved = self.store.load() if self.store is not None else None
             try:
-                mark = self._resume_mark()
+                mark = self.resume_mark()
             except Exception:  # the core's store may be down: the sequence file still serves
                 log.exception("fix_resume_mark_failed source=%s", self.name)
                 mark = None
@@ -100,67 +92,51 @@ class FixFeedProducer:
     async def run(self, out: FixQueue, status: FeedStatus) -> None:
         """Connect, run sessions and reconnect until cancelled."""
         status.address = f"{self.host}:{self.port}"
-        failures = 0
-        while True:
-            status.connect_attempts += 1
+
+        async def connect() -> None:
+            status.connecting()
             log.info(
                 "fix_connect source=%s address=%s attempt=%d",
-                self.name,
-                status.address,
-                status.connect_attempts,
-            )
-            logged_on = False
-            previous = self.session
+                self.name, status.address, status.connect_attempts,
+            )  # fmt: skip
             try:
-                logged_on = await self._connection(out, status)
-                error = "connection closed by the venue"
-            except asyncio.CancelledError:
+                await self._connection(out, status)
+            finally:
                 status.connected = False
-                raise
-            except (OSError, EOFError, TimeoutError, FixSessionError) as exc:
+
+        def ended(exc: Exception | None, delay: float) -> None:
+            if exc is None:
+                error = "connection closed by the venue"
+            elif isinstance(exc, OSError | EOFError | TimeoutError | FixSessionError):
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 status.stale = status.stale or isinstance(exc, LinkDead)
-            except Exception as exc:  # a feed bug must not end the daemon: log it and retry
-                log.exception("fix_connection_failed source=%s", self.name)
+            else:  # a feed bug must not end the daemon: logged with its traceback, retried
+                log.error("fix_connection_failed source=%s", self.name, exc_info=exc)
                 error = f"{type(exc).__name__}: {exc}"
-            session = self.session
-            if session is not None and session is not previous:
-                logged_on = logged_on or session.md_req_id is not None
-            status.connected = False
             status.last_error = error
-            failures = 1 if logged_on else failures + 1  # a session that worked resets backoff
-            delay = self._backoff(failures)
             log.warning(
                 "fix_disconnected source=%s error=%s retry_in_s=%.2f failures=%d",
-                self.name,
-                error,
-                delay,
-                failures,
-            )
-            await asyncio.sleep(delay)
-            status.reconnects += 1
+                self.name, error, delay, self.backoff.failures,
+            )  # fmt: skip
 
-    def _backoff(self, failures: int) -> float:
-        """Exponential in consecutive failures, capped, with jitter so venues are not stormed."""
-        p = self._pipeline
-        base = min(p.reconnect_max_s, p.reconnect_initial_s * 2.0 ** min(failures - 1, 30))
-        return base * self._rng.uniform(0.5, 1.0)
+        await reconnect_forever(connect, self.backoff, ended)
 
-    async def _connection(self, out: FixQueue, status: FeedStatus) -> bool:
-        """One TCP connection and FIX session; returns on EOF, raises on failures."""
+    async def _connection(self, out: FixQueue, status: FeedStatus) -> None:
+        """One TCP connection and FIX session; returns on EOF, raises on failures. A session
+        that logged on resets the backoff, however it ended."""
         next_out, next_in = self.starting_seqs()
-        async with asyncio.timeout(self._connect_timeout_s):
+        async with asyncio.timeout(self.connect_timeout_s):
             reader, writer = await asyncio.open_connection(self.host, self.port)
-        framer = FixFramer(self._pipeline.max_line_bytes)  # a fresh buffer per connection
+        framer = FixFramer(self.pipeline.max_line_bytes)  # a fresh buffer per connection
         session = FixSession(
             self.session_config,
             writer,
-            monotonic=self._monotonic,
-            wall_ms=self._clock,
+            monotonic=self.monotonic,
+            wall_ms=self.clock,
             rejects=status.rejects,
             next_out=next_out,
             next_in=next_in,
-            persist=self._store.save if self._store is not None else None,
+            persist=self.store.save if self.store is not None else None,
         )
         self.session = session
         try:
@@ -172,12 +148,13 @@ class FixFeedProducer:
             raise
         finally:
             self._seqs = (session.next_out_seq, session.expected_in_seq)
+            if session.md_req_id is not None:
+                self.backoff.reset()
             session.persist()
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
                 async with asyncio.timeout(1.0):
                     await writer.wait_closed()
-        return session.md_req_id is not None
 
     async def _read_loop(
         self,
@@ -188,13 +165,13 @@ class FixFeedProducer:
         out: FixQueue,
         status: FeedStatus,
     ) -> None:
-        chunk = self._pipeline.read_chunk_bytes
-        persisted = self._monotonic()
+        chunk = self.pipeline.read_chunk_bytes
+        persisted = self.monotonic()
         while True:
             try:
                 wait = session.poll()  # heartbeats, test requests, resend timeout; LinkDead
             finally:
-                await self._flush(session, out, self._clock())  # an abandoned gap drains
+                await self._flush(session, out, self.clock())  # an abandoned gap drains
             await writer.drain()  # surfaces a broken pipe; session messages are tiny
             try:
                 async with asyncio.timeout(wait):
@@ -203,7 +180,7 @@ class FixFeedProducer:
                 continue
             if not data:
                 return
-            received_ms = self._clock()
+            received_ms = self.clock()
             status.bytes_in += len(data)
             status.chunks += 1
             status.stale = False
@@ -213,7 +190,7 @@ class FixFeedProducer:
                 await self._flush(session, out, received_ms)
             if session.closed:
                 return
-            now = self._monotonic()
+            now = self.monotonic()
             if now - persisted >= _PERSIST_EVERY_S:
                 session.persist()
                 persisted = now
@@ -251,7 +228,7 @@ class FixFeedProducer:
         keeping the market data read meanwhile. Puts are bounded too (the workers may be
         gone); what cannot be put is counted (``dropped_at_shutdown``), never silent."""
         pending, self._pending = self._pending, None
-        deadline = asyncio.get_running_loop().time() + self._logout_wait_s
+        deadline = asyncio.get_running_loop().time() + self.logout_wait_s
         with contextlib.suppress(OSError, TimeoutError, FixSessionError):
             async with asyncio.timeout_at(deadline):
                 if pending is not None:
@@ -259,17 +236,17 @@ class FixFeedProducer:
                     pending = None
                 session.logout("shutdown")
                 while not session.closed:
-                    data = await reader.read(self._pipeline.read_chunk_bytes)
+                    data = await reader.read(self.pipeline.read_chunk_bytes)
                     if not data:
                         break
                     self._feed(framer, session, data, status)
         frames = session.take_market_data()
         items = [] if pending is None else [pending]
         if frames:
-            items.append((FixItem(frames, session.expected_in_seq), self._clock()))
+            items.append((FixItem(frames, session.expected_in_seq), self.clock()))
         for n, item in enumerate(items):
             try:
-                async with asyncio.timeout(self._logout_wait_s):
+                async with asyncio.timeout(self.logout_wait_s):
                     await out.put(item)
             except TimeoutError:
                 lost = sum(len(i[0].frames) for i in items[n:])

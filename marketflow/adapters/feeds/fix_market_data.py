@@ -1,4 +1,4 @@
-"""FIX market data (PROTOCOLS.md section 2): 35=W / 35=X frames -> validated tick batches.
+"""FIX market data (docs/protocols.md): 35=W / 35=X frames -> validated tick batches.
 
 Trade entries (269=2) of incremental refreshes are ticks; bid and offer entries (269=0/1)
 move the venue's top of book. A snapshot's trade entry repeats the last trade already

@@ -12,10 +12,9 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
 from marketflow.adapters.feeds.json_lines import JsonLinesParser
-from marketflow.app.feed_status import FeedStatus
-from marketflow.app.ingest import Clock, Source
+from marketflow.domain.feeds import Clock, FeedStatus, Source
+from marketflow.domain.walk import PriceWalk, render_rounds, venue_start_prices
 from marketflow.settings import TestModeSettings
-from marketflow.simulator.walk import DEFAULT_PORT, PriceWalk, render_rounds
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -78,13 +77,14 @@ def build_generator_source(
     index: int,
     clock: Clock,
 ) -> Source[bytes]:
-    """Test source number ``index`` (0-based): the walk of exchange ``index + 1``.
+    """Test source number ``index`` (0-based): the walk of reference exchange ``index + 1``
+    (its starting prices, the first exchange's beyond the third).
 
     Each source gets its own seed (``seed + index``) so the sources differ but a seeded run
     repeats exactly.
     """
     seed = None if settings.seed is None else settings.seed + index
-    walk = PriceWalk.for_port(DEFAULT_PORT + index, pairs, seed)
+    walk = PriceWalk(venue_start_prices(index), pairs, seed)
     status = FeedStatus(name=name, protocol="generator", address="generator")
     parser = JsonLinesParser(name, frozenset(pairs), status.rejects)
     producer = GeneratorProducer(walk, settings.interval_ms, clock)

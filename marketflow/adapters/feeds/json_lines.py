@@ -1,4 +1,4 @@
-"""Newline-delimited JSON price feed (PROTOCOLS.md section 1): bytes -> validated tick batches.
+"""Newline-delimited JSON price feed (docs/protocols.md): bytes -> validated tick batches.
 
 The parser is built once per source and turns a chunk of complete lines into one TickBatch.
 
@@ -18,6 +18,7 @@ saves the line count: the join adds 3 bytes per line break.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import orjson
 
@@ -36,24 +37,15 @@ _TICK_KEYS = ("symbol", "price", "timestamp")
 _SEPARATOR = b",0,\n"  # see the module docstring: why exactly this
 
 
+@dataclass(slots=True, eq=False)
 class JsonLinesParser:
     """Validates ``{"symbol","price","timestamp"}`` objects of one exchange; counts rejects."""
 
-    __slots__ = ("exchange", "max_ahead_ms", "max_price", "rejects", "symbols")
-
-    def __init__(
-        self,
-        exchange: str,
-        symbols: frozenset[str],
-        rejects: RejectCounts,
-        max_ahead_ms: int = MAX_AHEAD_MS,
-        max_price: float = MAX_PRICE,
-    ) -> None:
-        self.exchange = exchange
-        self.symbols = symbols
-        self.rejects = rejects
-        self.max_ahead_ms = max_ahead_ms
-        self.max_price = max_price
+    exchange: str
+    symbols: frozenset[str]
+    rejects: RejectCounts
+    max_ahead_ms: int = MAX_AHEAD_MS
+    max_price: float = MAX_PRICE
 
     def parse(self, chunk: bytes, received_ms: int) -> TickBatch:
         """Parse complete lines (the last one may lack its newline)."""

@@ -24,8 +24,7 @@ from marketflow.adapters.feeds.fix_market_data import FixMarketDataParser
 from marketflow.adapters.feeds.json_lines import JsonLinesParser
 from marketflow.adapters.fix.codec import SOH, FixFramer, FrameReject
 from marketflow.adapters.fix.timestamps import parse_utc
-from marketflow.app.feed_status import FeedStatus
-from marketflow.app.ingest import Clock, Source
+from marketflow.domain.feeds import Clock, FeedStatus, Source
 from marketflow.domain.ticks import MAX_PRICE
 from marketflow.settings import ExchangeSettings
 

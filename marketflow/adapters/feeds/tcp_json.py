@@ -1,9 +1,9 @@
-"""A live exchange feed: newline-delimited JSON over TCP (PROTOCOLS.md section 1).
+"""A live exchange feed: newline-delimited JSON over TCP (docs/protocols.md, JSON ticks).
 
 The producer reads 64 KiB chunks, never a line at a time, and puts only complete lines on the
 source queue (the parser turns a whole chunk into one batch). It owns the connection's life:
 connect with a timeout, mark the feed stale and reconnect when it goes silent, reconnect
-forever with capped exponential backoff and jitter. ``await queue.put`` blocks while the
+forever (marketflow.backoff). ``await queue.put`` blocks while the
 source queue is full, so the socket is not read and TCP flow control pushes back on the
 exchange: nothing is dropped and memory stays bounded.
 """
@@ -14,10 +14,11 @@ import asyncio
 import logging
 import random
 from collections.abc import Sequence
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 
 from marketflow.adapters.feeds.json_lines import JsonLinesParser
-from marketflow.app.feed_status import FeedStatus
-from marketflow.app.ingest import Clock, Source
+from marketflow.backoff import Backoff, reconnect_forever
+from marketflow.domain.feeds import Clock, FeedStatus, Source
 from marketflow.settings import ExchangeSettings, PipelineSettings
 
 log = logging.getLogger("marketflow.feeds.json")
@@ -27,56 +28,47 @@ class _Stale(Exception):
     """The connection was silent for ``stale_after_s``."""
 
 
+@dataclass(eq=False)
 class TcpJsonProducer:
     """Connects to one exchange and feeds chunks of complete lines to the source queue."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        pipeline: PipelineSettings,
-        clock: Clock,
-        *,
-        connect_timeout_s: float = 5.0,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.host = host
-        self.port = port
-        self._pipeline = pipeline
-        self._clock = clock
-        self._connect_timeout_s = connect_timeout_s
-        self._rng = rng or random.Random()
+    host: str
+    port: int
+    pipeline: PipelineSettings
+    clock: Clock
+    _: KW_ONLY
+    connect_timeout_s: float = 5.0
+    rng: InitVar[random.Random | None] = None
+    backoff: Backoff = field(init=False)
 
-    def backoff_s(self, failures: int) -> float:
-        """Delay before attempt ``failures + 1``: exponential, capped, jittered (50-100 %)."""
-        p = self._pipeline
-        base = min(p.reconnect_max_s, p.reconnect_initial_s * 2.0 ** min(failures - 1, 30))
-        return base * self._rng.uniform(0.5, 1.0)
+    def __post_init__(self, rng: random.Random | None) -> None:
+        p = self.pipeline
+        self.backoff = Backoff(p.reconnect_initial_s, p.reconnect_max_s, rng or random.Random())
 
     async def run(self, out: asyncio.Queue[tuple[bytes, int]], status: FeedStatus) -> None:
         """Connect, read and reconnect until cancelled."""
         status.address = f"{self.host}:{self.port}"
-        failures = 0
-        while True:
-            status.connect_attempts += 1
-            got_data = False
+
+        async def connect() -> None:
+            status.connecting()
             try:
-                got_data = await self._connection(out, status)
-                error = "connection closed by the exchange"
-            except _Stale:
-                status.stale = True
-                error = f"no data for {self._pipeline.stale_after_s:g}s"
-            except (OSError, TimeoutError) as exc:
-                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            except Exception as exc:  # a feed bug must not end the feed: retry
-                log.exception("feed_failed exchange=%s", status.name)
-                error = f"{type(exc).__name__}: {exc}"
+                if await self._connection(out, status):
+                    self.backoff.reset()  # it delivered data: a restarted exchange is back fast
             finally:
                 status.connected = False
+
+        def ended(exc: Exception | None, delay: float) -> None:
+            if exc is None:
+                error = "connection closed by the exchange"
+            elif isinstance(exc, _Stale):
+                status.stale = True
+                error = f"no data for {self.pipeline.stale_after_s:g}s"
+            elif isinstance(exc, OSError | TimeoutError):
+                error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            else:  # a feed bug: logged with its traceback, retried like an outage
+                log.error("feed_failed exchange=%s", status.name, exc_info=exc)
+                error = f"{type(exc).__name__}: {exc}"
             status.last_error = error
-            # A connection that delivered data resets the backoff: a restart is retried fast.
-            failures = 1 if got_data else failures + 1
-            delay = self.backoff_s(failures)
             log.warning(
                 "feed_connect_failed exchange=%s attempt=%d retry_in_s=%.2f error=%s",
                 status.name,
@@ -84,13 +76,13 @@ class TcpJsonProducer:
                 delay,
                 error,
             )
-            await asyncio.sleep(delay)
-            status.reconnects += 1
+
+        await reconnect_forever(connect, self.backoff, ended)
 
     async def _connection(self, out: asyncio.Queue[tuple[bytes, int]], status: FeedStatus) -> bool:
         """One connection until EOF; True when it delivered any data. Raises on failures."""
-        p = self._pipeline
-        async with asyncio.timeout(self._connect_timeout_s):
+        p = self.pipeline
+        async with asyncio.timeout(self.connect_timeout_s):
             reader, writer = await asyncio.open_connection(
                 self.host, self.port, limit=p.read_chunk_bytes
             )
@@ -107,12 +99,12 @@ class TcpJsonProducer:
         out: asyncio.Queue[tuple[bytes, int]],
         status: FeedStatus,
     ) -> bool:
-        p = self._pipeline
+        p = self.pipeline
         chunk_bytes = p.read_chunk_bytes
         max_line = p.max_line_bytes
         stale_s = p.stale_after_s
         rejects = status.rejects
-        clock = self._clock
+        clock = self.clock
         rest = b""  # a fresh buffer per connection: never glue lines across connections
         skipping = False  # inside an over-long line: drop bytes up to its newline
         got_data = False

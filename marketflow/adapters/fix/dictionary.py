@@ -10,7 +10,8 @@ is written unless the tag has an enumeration and the value is one of it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NotRequired, TypedDict
+
+from marketflow.domain.capture import EnrichedField
 
 TAG_NAMES: Mapping[int, str] = {
     1: "Account", 6: "AvgPx", 7: "BeginSeqNo", 8: "BeginString", 9: "BodyLength",
@@ -148,15 +149,6 @@ TAG_ENUMS: Mapping[int, Mapping[str, str]] = {
 }  # fmt: skip
 
 
-class EnrichedField(TypedDict):
-    """One field of a message with its dictionary name and, for enumerations, its meaning."""
-
-    tag: int
-    name: str | None
-    value: str
-    meaning: NotRequired[str]
-
-
 def tag_name(tag: int) -> str | None:
     """The dictionary name of ``tag`` (None when it is not in the dictionary)."""
     return TAG_NAMES.get(tag)
@@ -184,3 +176,13 @@ def enrich(fields: Sequence[tuple[int, str]]) -> list[EnrichedField]:
                 item["meaning"] = m
         append(item)
     return out
+
+
+class FixDictionary:
+    """This dictionary as the capture use case's ``FieldDictionary`` port (domain/capture.py)."""
+
+    def meaning(self, tag: int, value: str) -> str | None:
+        return meaning(tag, value)
+
+    def enrich(self, fields: Sequence[tuple[int, str]]) -> list[EnrichedField]:
+        return enrich(fields)

@@ -1,6 +1,6 @@
 """FIX UTC timestamps (``YYYYMMDD-HH:MM:SS[.sss]``) to and from Unix epoch milliseconds.
 
-``datetime.strptime`` costs ~10 us, more than parsing a whole market-data message; the date
+``datetime.strptime`` costs more than parsing a whole market-data message; the date
 part changes once a day, so its epoch value is cached and only the time of day is computed.
 """
 

@@ -85,7 +85,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         CREATE INDEX IF NOT EXISTS fix_messages_msg_type_id ON fix_messages (msg_type, id);
         CREATE INDEX IF NOT EXISTS fix_messages_symbol_id ON fix_messages (symbol, id);
-        -- Versions before BRIN had a B-tree here (about 2 us a row to keep up): replaced.
+        -- Versions before BRIN had a B-tree here (dearer per row to keep up): replaced.
         DROP INDEX IF EXISTS fix_messages_received_at;
         -- BRIN summarises a block range only once it is full and autovacuum gets to it: without
         -- autosummarize, only VACUUM would, and every unsummarised range matches every ``since``.

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from marketflow.adapters.minute_codec import decode_seconds, encode_seconds
 from marketflow.adapters.postgres.database import DATA_ERRORS, Database, describe, open_database
 from marketflow.domain.aggregates import Aggregate, History, Mark, MinuteRow
+from marketflow.lifecycle import Closing
 from marketflow.settings import PostgresSettings
 
 log = logging.getLogger("marketflow.postgres")
@@ -127,7 +127,7 @@ def dedupe(rows: Sequence[MinuteRow]) -> list[MinuteRow]:
     return list({r.key: r for r in rows}.values())
 
 
-class PostgresMinuteStore:
+class PostgresMinuteStore(Closing):
     """``MinuteStore`` on PostgreSQL; safe for concurrent callers (one pool connection each)."""
 
     kind = "postgres"
@@ -237,17 +237,6 @@ class PostgresMinuteStore:
         """Close the database when this store opened it; safe to call twice."""
         if self._owns_db:
             await self._db.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 async def open_postgres(settings: PostgresSettings) -> PostgresMinuteStore:

@@ -10,12 +10,11 @@ import logging
 import sqlite3
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from marketflow.adapters.minute_codec import decode_seconds, encode_seconds
 from marketflow.adapters.sqlite.database import SqliteDatabase, open_database
 from marketflow.domain.aggregates import Aggregate, History, Mark, MinuteRow
+from marketflow.lifecycle import Closing
 
 log = logging.getLogger("marketflow.sqlite")
 
@@ -119,7 +118,7 @@ def _row(r: tuple[object, ...]) -> MinuteRow:
     return MinuteRow(str(ex), str(sym), m, avg, lo, hi, n, cov, decode_seconds(m, secs))
 
 
-class SqliteMinuteStore:
+class SqliteMinuteStore(Closing):
     """``MinuteStore`` on a local SQLite file; concurrent callers are serialised."""
 
     kind = "sqlite"
@@ -180,17 +179,6 @@ class SqliteMinuteStore:
     async def aclose(self) -> None:
         """Close the file; safe to call twice."""
         await self._db.aclose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 def _write_all(

@@ -1,4 +1,4 @@
-"""The exchanges' price walks and their wire lines (PROTOCOLS.md section 1).
+"""The exchanges' price walks and their wire lines (docs/protocols.md, JSON ticks).
 
 Shared by the simulator (a stand-in for the reference exchange programs) and the test-mode
 generator, so both produce exactly the feed's line format. A walk is deterministic for a given
@@ -13,21 +13,20 @@ from collections.abc import Mapping, Sequence
 PAIRS: tuple[str, ...] = ("BTCUSDT", "DOGEUSDT", "TONUSDT", "SOLUSDT", "ETHUSDT")
 """The pairs in the order the reference programs send them every 100 ms."""
 
-START_PRICES: Mapping[int, Mapping[str, float]] = {
-    40101: {"BTCUSDT": 100000.0, "DOGEUSDT": 0.30, "TONUSDT": 3.9, "SOLUSDT": 200.0,
-            "ETHUSDT": 3050.0},
-    40102: {"BTCUSDT": 100029.0, "DOGEUSDT": 0.28, "TONUSDT": 3.72, "SOLUSDT": 197.0,
-            "ETHUSDT": 3034.0},
-    40103: {"BTCUSDT": 100049.0, "DOGEUSDT": 0.31, "TONUSDT": 3.66, "SOLUSDT": 202.0,
-            "ETHUSDT": 3022.0},
-}  # fmt: skip
-DEFAULT_PORT = 40101
+VENUE_START_PRICES: tuple[Mapping[str, float], ...] = (
+    {"BTCUSDT": 100000.0, "DOGEUSDT": 0.30, "TONUSDT": 3.9, "SOLUSDT": 200.0, "ETHUSDT": 3050.0},
+    {"BTCUSDT": 100029.0, "DOGEUSDT": 0.28, "TONUSDT": 3.72, "SOLUSDT": 197.0, "ETHUSDT": 3034.0},
+    {"BTCUSDT": 100049.0, "DOGEUSDT": 0.31, "TONUSDT": 3.66, "SOLUSDT": 202.0, "ETHUSDT": 3022.0},
+)
+"""Starting prices of the three reference exchange programs, in exchange order."""
 UNKNOWN_PAIR_START = 100.0  # a configured pair the reference programs do not know
 
 
-def start_prices(port: int) -> Mapping[str, float]:
-    """Starting prices of the reference program on ``port`` (40101's for any other port)."""
-    return START_PRICES.get(port, START_PRICES[DEFAULT_PORT])
+def venue_start_prices(index: int) -> Mapping[str, float]:
+    """Starting prices of reference exchange ``index`` (0-based; the first one's beyond)."""
+    if 0 <= index < len(VENUE_START_PRICES):
+        return VENUE_START_PRICES[index]
+    return VENUE_START_PRICES[0]
 
 
 class PriceWalk:
@@ -49,13 +48,6 @@ class PriceWalk:
         self._prices = [float(starts.get(p, UNKNOWN_PAIR_START)) for p in self.pairs]
         self._btc = [p == "BTCUSDT" for p in self.pairs]
         self._rng = random.Random(seed)
-
-    @classmethod
-    def for_port(
-        cls, port: int, pairs: Sequence[str] = PAIRS, seed: int | None = None
-    ) -> PriceWalk:
-        """The walk of the reference program listening on ``port``."""
-        return cls(start_prices(port), pairs, seed)
 
     def prices(self) -> tuple[float, ...]:
         """Current prices, in ``pairs`` order."""
