@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from marketflow.domain.capture import MessageQuery, StoredMessage, StoredReject
+from marketflow.entrypoints.http_common import new_app
 from marketflow.entrypoints.http_messages import add_message_routes, parse_since
 
 HUGE = "9" * 5000  # more digits than int() converts from a str (sys.get_int_max_str_digits)
@@ -37,7 +37,7 @@ class RecordingQueries:
 @pytest.fixture
 async def client() -> AsyncIterator[tuple[TestClient[Any, Any], RecordingQueries]]:
     service = RecordingQueries()
-    app = web.Application()
+    app = new_app()
     add_message_routes(app, service)
     async with TestClient(TestServer(app)) as c:
         yield c, service
