@@ -4,6 +4,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from pydantic import SecretStr
 
 from marketflow.app.aggregator import Aggregator
 from marketflow.app.feed_status import FeedStatus
@@ -14,6 +15,7 @@ from marketflow.app.queries import PriceQueries
 from marketflow.domain.aggregates import MinuteRow
 from marketflow.domain.ticks import TickBatch
 from marketflow.entrypoints.http_api import build_app
+from marketflow.entrypoints.http_common import ControlGuard
 from marketflow.entrypoints.metrics import metrics_renderer
 from marketflow.settings import DEFAULT_PAIRS, PipelineSettings
 from tests.unit.fakes import FakeCache, FakeStore, ManualClock, RecordingSink
@@ -47,8 +49,18 @@ class Api:
         return resp.status, await resp.json()
 
 
+TOKEN = "s3cret-control-token"
+
+
 @pytest.fixture
-async def api() -> AsyncIterator[Api]:
+def control() -> ControlGuard:
+    """No token (loopback clients only), as the e2e daemon runs; a test may override it."""
+    return ControlGuard(None)
+
+
+@pytest.fixture
+async def api(control: ControlGuard) -> AsyncIterator[Api]:
+    # Everything is built per test, so a test that switches the mode leaks it into no other.
     clock = ManualClock(T0 + 30_000)
     store = FakeStore()
     fanin: asyncio.Queue[TickBatch] = asyncio.Queue()
@@ -63,11 +75,13 @@ async def api() -> AsyncIterator[Api]:
     )
     await modes.switch("live")
     writer = type("W", (), {"status": lambda self: {"state": "up", "kind": "fake"}})()
-    report = HealthReport(agg, modes, writer, False, False, fanin.qsize, clock)
+    report = HealthReport(
+        agg, modes, writer, False, False, fanin.qsize, clock, lambda: {"http": control.stats()}
+    )
     queries = PriceQueries(
         agg, lambda: store, modes.exchanges, modes.known_exchanges, DEFAULT_PAIRS, clock
     )
-    app = build_app(queries, modes, report, metrics_renderer(report))
+    app = build_app(queries, modes, report, metrics_renderer(report), control)
     async with TestClient(TestServer(app)) as client:
         yield Api(client, agg, store, clock)
     await modes.stop()
@@ -186,3 +200,23 @@ async def test_unknown_route_is_json_404(api: Api) -> None:
     status, body = await api.get("/nope")
     assert status == 404
     assert "error" in body
+
+
+@pytest.mark.parametrize("control", [ControlGuard(SecretStr(TOKEN))], ids=["token"])
+async def test_with_a_token_mode_switch_is_401_without_it_and_200_with_it(api: Api) -> None:
+    missing = await api.client.post("/mode/test")
+    wrong = await api.client.post("/mode/test", headers={"Authorization": "Bearer nope"})
+    assert (missing.status, wrong.status) == (401, 401)
+    assert "error" in await missing.json()
+    assert (await api.get("/mode"))[1] == {"mode": "live"}  # nothing switched
+
+    ok = await api.client.post("/mode/test", headers={"Authorization": f"Bearer {TOKEN}"})
+
+    assert (ok.status, await ok.json()) == (200, {"mode": "test"})
+    assert (await api.get("/health"))[1]["http"] == {"control_unauthorized": 2}
+    metrics = await (await api.client.get("/metrics")).text()
+    assert "marketflow_http_unauthorized_total 2.0" in metrics
+
+
+async def test_mode_of_an_earlier_test_does_not_leak(api: Api) -> None:
+    assert (await api.get("/mode"))[1] == {"mode": "live"}
