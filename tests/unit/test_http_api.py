@@ -49,7 +49,7 @@ class Api:
         return resp.status, await resp.json()
 
 
-TOKEN = "s3cret-control-token"
+TOKEN = "s3cret-control-token"  # noqa: S105 - a test value, no secret
 
 
 @pytest.fixture
