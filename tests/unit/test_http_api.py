@@ -1,8 +1,10 @@
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pydantic import SecretStr
 
@@ -58,9 +60,18 @@ def control() -> ControlGuard:
     return ControlGuard(None)
 
 
-@pytest.fixture
-async def api(control: ControlGuard) -> AsyncIterator[Api]:
-    # Everything is built per test, so a test that switches the mode leaks it into no other.
+@dataclass
+class Parts:
+    """The API on fakes; ``modes`` starts in no mode: switch it (and stop it) yourself."""
+
+    app: web.Application
+    agg: Aggregator
+    modes: ModeController
+    store: FakeStore
+    clock: ManualClock
+
+
+def build_test_app(control: ControlGuard) -> Parts:
     clock = ManualClock(T0 + 30_000)
     store = FakeStore()
     fanin: asyncio.Queue[TickBatch] = asyncio.Queue()
@@ -73,7 +84,6 @@ async def api(control: ControlGuard) -> AsyncIterator[Api]:
         5,
         8,
     )
-    await modes.switch("live")
     writer = type("W", (), {"status": lambda self: {"state": "up", "kind": "fake"}})()
     report = HealthReport(
         agg, modes, writer, False, False, fanin.qsize, clock, lambda: {"http": control.stats()}
@@ -82,9 +92,17 @@ async def api(control: ControlGuard) -> AsyncIterator[Api]:
         agg, lambda: store, modes.exchanges, modes.known_exchanges, DEFAULT_PAIRS, clock
     )
     app = build_app(queries, modes, report, metrics_renderer(report), control)
-    async with TestClient(TestServer(app)) as client:
-        yield Api(client, agg, store, clock)
-    await modes.stop()
+    return Parts(app, agg, modes, store, clock)
+
+
+@pytest.fixture
+async def api(control: ControlGuard) -> AsyncIterator[Api]:
+    # Everything is built per test, so a test that switches the mode leaks it into no other.
+    parts = build_test_app(control)
+    await parts.modes.switch("live")
+    async with TestClient(TestServer(parts.app)) as client:
+        yield Api(client, parts.agg, parts.store, parts.clock)
+    await parts.modes.stop()
 
 
 def fold(agg: Aggregator, exchange: str, *ticks: tuple[str, float, int]) -> None:

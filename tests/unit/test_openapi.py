@@ -27,20 +27,13 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from marketflow.app.aggregator import Aggregator
-from marketflow.app.health import HealthReport
-from marketflow.app.modes import ModeController
-from marketflow.app.queries import PriceQueries
 from marketflow.domain.capture import MessageQuery, StoredMessage, StoredReject
 from marketflow.domain.ticks import TickBatch
-from marketflow.entrypoints.http_api import build_app
 from marketflow.entrypoints.http_common import ControlGuard, JsonErrorsRunner
 from marketflow.entrypoints.http_messages import add_message_routes
-from marketflow.entrypoints.metrics import metrics_renderer
 from marketflow.entrypoints.openapi import document, documented_operations, routed_operations
-from marketflow.settings import DEFAULT_PAIRS, PipelineSettings
-from tests.unit.fakes import FakeCache, FakeStore, ManualClock, RecordingSink
-from tests.unit.test_http_api import T0, sources
+from marketflow.settings import DEFAULT_PAIRS
+from tests.unit.test_http_api import T0, build_test_app
 
 RAW = "8=FIX.4.4|9=5|35=0|10=000|"
 
@@ -64,41 +57,21 @@ class Messages:
 
 def full_app() -> web.Application:
     """Every route of the daemon (capture on), on fakes, with some prices folded."""
-    clock = ManualClock(T0 + 30_000)
-    store = FakeStore()
-    fanin: asyncio.Queue[TickBatch] = asyncio.Queue()
-    agg = Aggregator(fanin, FakeCache(), RecordingSink(store), PipelineSettings(), clock)
-    live, test = ["exchange1", "exchange2"], ["test-exchange1"]
-    modes = ModeController(
-        {"live": lambda: sources(*live), "test": lambda: sources(*test)},
-        {"live": live, "test": test},
-        fanin,
-        1,
-        8,
-    )
-    for ex in (*live, *test):
+    parts = build_test_app(ControlGuard(None))
+    for ex in parts.modes.known_exchanges():
         ticks = {p: [(100.0 + i, T0 + 1000 * i) for i in range(3)] for p in DEFAULT_PAIRS}
-        agg.fold(TickBatch(ex, ticks, T0, 3 * len(DEFAULT_PAIRS)))
-    guard = ControlGuard(None)
-    writer = type("W", (), {"status": lambda self: {"state": "up", "kind": "fake"}})()
-    report = HealthReport(
-        agg, modes, writer, False, False, fanin.qsize, clock, lambda: {"http": guard.stats()}
-    )
-    queries = PriceQueries(
-        agg, lambda: store, modes.exchanges, modes.known_exchanges, DEFAULT_PAIRS, clock
-    )
-    app = build_app(queries, modes, report, metrics_renderer(report), guard)
-    add_message_routes(app, Messages())
+        parts.agg.fold(TickBatch(ex, ticks, T0, 3 * len(DEFAULT_PAIRS)))
+    add_message_routes(parts.app, Messages())
 
     async def start_mode(app: web.Application) -> None:
-        await modes.switch("live")
+        await parts.modes.switch("live")
 
     async def stop_mode(app: web.Application) -> None:
-        await modes.stop()
+        await parts.modes.stop()
 
-    app.on_startup.append(start_mode)
-    app.on_cleanup.append(stop_mode)
-    return app
+    parts.app.on_startup.append(start_mode)
+    parts.app.on_cleanup.append(stop_mode)
+    return parts.app
 
 
 class ServedApp:
