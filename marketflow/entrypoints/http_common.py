@@ -11,6 +11,7 @@ line or header over its limits, a malformed request).
 from __future__ import annotations
 
 import hmac
+import re
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -31,6 +32,7 @@ log = logging.getLogger("marketflow.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ECHO = re.compile(r":\s*(?:b'|b\"|bytearray\()")  # where aiohttp starts quoting the request
 
 
 class ApiError(Exception):
@@ -103,15 +105,18 @@ class _JsonErrorsRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        resp = super().handle_error(request, status, exc, message)  # logs, checks the writer
+        super().handle_error(request, status, exc, message)  # logs, checks the writer
         try:
-            phrase = HTTPStatus(status).phrase
+            detail = HTTPStatus(status).phrase
         except ValueError:
-            phrase = "error"
-        detail = phrase if status >= 500 else (str(exc) if exc is not None else phrase)
-        out = error_response(status, detail.splitlines()[0] if detail else phrase)
+            detail = "error"
+        # aiohttp's HttpProcessingError says what was wrong in .message (first line, bounded).
+        said = str(getattr(exc, "message", "") or "").strip().splitlines()
+        if status < 500 and said:
+            what = _ECHO.split(said[0], maxsplit=1)[0].rstrip(" :.")  # never echo the input
+            detail = f"{detail}: {what[:200]}" if what else detail
+        out = error_response(status, detail)
         out.force_close()
-        del resp
         return out
 
 

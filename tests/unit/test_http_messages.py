@@ -98,3 +98,23 @@ def test_since_with_thousands_of_digits_is_out_of_range_not_a_crash() -> None:
     with pytest.raises(ValueError, match="out of range"):
         parse_since(HUGE)
     assert parse_since("0" * 5000 + "1700000000000") == 1_700_000_000_000
+
+
+class OneOfEach(RecordingQueries):
+    async def list_messages(self, query: MessageQuery) -> list[StoredMessage]:
+        return [StoredMessage(1, 1_700_000_000_123, "p", "8=FIX.4.4|", "FIX.4.4", "0", "A", "B",
+                              1, None, [(8, "FIX.4.4")])]  # fmt: skip
+
+    async def list_rejects(self, limit: int, before_id: int | None = None) -> list[StoredReject]:
+        return [StoredReject(2, 1_700_000_000_456, "p", "bad_checksum", "x")]
+
+
+async def test_timestamps_are_rfc3339_utc_ending_in_z_as_in_every_route() -> None:
+    app = new_app()
+    add_message_routes(app, OneOfEach())
+    async with TestClient(TestServer(app)) as c:
+        messages = await (await c.get("/api/messages")).json()
+        rejects = await (await c.get("/api/messages/rejects")).json()
+
+    assert messages["messages"][0]["received_at"] == "2023-11-14T22:13:20.123Z"
+    assert rejects["rejects"][0]["received_at"] == "2023-11-14T22:13:20.456Z"
