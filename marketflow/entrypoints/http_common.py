@@ -11,8 +11,8 @@ line or header over its limits, a malformed request).
 from __future__ import annotations
 
 import hmac
-import re
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
