@@ -55,9 +55,11 @@ TOKEN = "s3cret-control-token"  # noqa: S105 - a test value, no secret
 
 
 @pytest.fixture
-def control() -> ControlGuard:
-    """No token (loopback clients only), as the e2e daemon runs; a test may override it."""
-    return ControlGuard(None)
+def control(request: pytest.FixtureRequest) -> ControlGuard:
+    """No token (loopback clients only), as the e2e daemon runs; a test may parametrize a
+    token (indirect). A fresh guard per test: no count carries over."""
+    token = getattr(request, "param", None)
+    return ControlGuard(SecretStr(token) if token else None)
 
 
 @dataclass
@@ -220,7 +222,7 @@ async def test_unknown_route_is_json_404(api: Api) -> None:
     assert "error" in body
 
 
-@pytest.mark.parametrize("control", [ControlGuard(SecretStr(TOKEN))], ids=["token"])
+@pytest.mark.parametrize("control", [TOKEN], ids=["token"], indirect=True)
 async def test_with_a_token_mode_switch_is_401_without_it_and_200_with_it(api: Api) -> None:
     missing = await api.client.post("/mode/test")
     wrong = await api.client.post("/mode/test", headers={"Authorization": "Bearer nope"})
