@@ -239,4 +239,5 @@ async def test_with_a_token_mode_switch_is_401_without_it_and_200_with_it(api: A
 
 
 async def test_mode_of_an_earlier_test_does_not_leak(api: Api) -> None:
+    # Runs after the token test above, which leaves its app in test mode.
     assert (await api.get("/mode"))[1] == {"mode": "live"}
