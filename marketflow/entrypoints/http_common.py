@@ -92,6 +92,12 @@ def new_app() -> web.Application:
     return web.Application(middlewares=[errors_as_json])
 
 
+def follow_convention(app: web.Application) -> None:
+    """Make ``app`` answer as ``new_app()`` does (for route modules handed any app)."""
+    if errors_as_json not in app.middlewares:
+        app.middlewares.append(errors_as_json)
+
+
 class _JsonErrorsRequestHandler(RequestHandler):
     """aiohttp's connection handler, answering its own early errors (a request line or header
     over ``max_line_size``/``max_field_size``, a malformed request) with a JSON body."""

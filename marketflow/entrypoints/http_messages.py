@@ -10,8 +10,8 @@
 
 Bad input (an unknown or repeated parameter, a number out of range, however many digits it
 has) answers 400 and an unknown id 404, both with ``{"error": "..."}``; a store that cannot
-be reached answers 503 (the convention of ``http_common``: add these routes to an app made
-by ``http_common.new_app``). Timestamps are RFC 3339 UTC ending in ``Z``. ``raw`` shows SOH
+be reached answers 503 (the convention of ``http_common``, which ``add_message_routes``
+gives the app). Timestamps are RFC 3339 UTC ending in ``Z``. ``raw`` shows SOH
 as ``|`` for reading; ``raw_base64`` is exact.
 """
 
@@ -33,7 +33,7 @@ from marketflow.domain.capture import (
     raw_from_text,
 )
 from marketflow.domain.errors import BadRequest, NotFound
-from marketflow.entrypoints.http_common import json_response, rfc3339
+from marketflow.entrypoints.http_common import follow_convention, json_response, rfc3339
 
 MAX_LIMIT = 1000
 MAX_OFFSET = 100_000
@@ -134,6 +134,7 @@ def _detail(m: StoredMessage) -> dict[str, Any]:
 
 def add_message_routes(app: web.Application, service: MessageQueries) -> None:
     """Add the audit-trail routes to ``app`` (the rejects route before the ``{id}`` one)."""
+    follow_convention(app)
 
     async def list_messages(request: web.Request) -> web.Response:
         params = request.query

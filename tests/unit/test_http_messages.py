@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from marketflow.domain.capture import MessageQuery, StoredMessage, StoredReject
@@ -118,3 +119,14 @@ async def test_timestamps_are_rfc3339_utc_ending_in_z_as_in_every_route() -> Non
 
     assert messages["messages"][0]["received_at"] == "2023-11-14T22:13:20.123Z"
     assert rejects["rejects"][0]["received_at"] == "2023-11-14T22:13:20.456Z"
+
+
+async def test_routes_added_to_any_app_answer_errors_as_json() -> None:
+    app = web.Application()  # not made by new_app(): add_message_routes brings the convention
+    add_message_routes(app, RecordingQueries())
+    async with TestClient(TestServer(app)) as c:
+        resp = await c.get("/api/messages?limit=0")
+        body = await resp.json()
+
+    assert resp.status == 400
+    assert set(body) == {"error"}
