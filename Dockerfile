@@ -1,7 +1,8 @@
 # marketflow: the daemon, and (same image) the exchange simulators used by docker-compose.yml.
 #
 #   docker build -t marketflow .
-#   docker run --rm -p 127.0.0.1:8080:8080 marketflow
+#   docker run --rm -e MARKETFLOW_HTTP__CONTROL_TOKEN="$(openssl rand -hex 32)" \
+#       -p 127.0.0.1:8080:8080 marketflow
 #
 # Two stages: build a wheel with the build tools, install it into a clean slim image.
 FROM python:3.11-slim AS build
@@ -14,7 +15,8 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     # Inside a container the API must listen on all interfaces to be reachable through the
-    # published port; compose publishes it on the host's loopback only.
+    # published port; compose publishes it on the host's loopback only. Beyond loopback the
+    # daemon refuses to start without MARKETFLOW_HTTP__CONTROL_TOKEN (it guards POST /mode/*).
     MARKETFLOW_HTTP__HOST=0.0.0.0 \
     MARKETFLOW_EMBEDDED__DATA_DIR=/var/lib/marketflow
 RUN groupadd --system marketflow \

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	@$(BIN)/python -m marketflow.devstack --port $(PORT) --config $(CONFIG)
 
-## server-binaries: PostgreSQL and Redis servers for the integration tests (apt-get if missing)
+## server-binaries: PostgreSQL, Redis and systemd-analyze for the tests (apt-get if missing)
 server-binaries:
 	@bash scripts/ensure-servers.sh
 

@@ -48,6 +48,7 @@ from marketflow.domain.feeds import Source
 from marketflow.domain.ports import MinuteStore, PriceCache
 from marketflow.domain.ticks import TickBatch
 from marketflow.entrypoints.http_api import build_app
+from marketflow.entrypoints.http_common import ControlGuard, JsonErrorsRunner
 from marketflow.entrypoints.http_messages import add_message_routes
 from marketflow.entrypoints.metrics import metrics_renderer
 from marketflow.settings import ExchangeSettings, Settings
@@ -226,6 +227,7 @@ class Daemon:
 
     async def _start_http(self, store_embedded: bool, cache_embedded: bool) -> None:
         s = self.settings
+        guard = ControlGuard(s.http.control_token)
         report = HealthReport(
             self.aggregator,
             self.modes,
@@ -234,7 +236,7 @@ class Daemon:
             cache_embedded,
             self.fanin.qsize,
             wall_clock_ms,
-            self._capture_health,
+            lambda: {**self._capture_health(), "http": guard.stats()},
         )
         queries = PriceQueries(
             self.aggregator,
@@ -244,10 +246,10 @@ class Daemon:
             s.pairs,
             wall_clock_ms,
         )
-        app = build_app(queries, self.modes, report, metrics_renderer(report))
+        app = build_app(queries, self.modes, report, metrics_renderer(report), guard)
         if self.capture is not None:
             add_message_routes(app, self.capture)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = JsonErrorsRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         self._exit.push_async_callback(self._runner.cleanup)
         assert self._sock is not None

@@ -6,6 +6,7 @@ Nothing else in marketflow reads the environment: each adapter receives its own 
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -35,11 +36,42 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def is_loopback_address(host: str | None) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1), else False."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class HttpSettings(_Frozen):
-    """The REST API. Binds to loopback unless told otherwise: it has control endpoints."""
+    """The REST API. Binds to loopback unless told otherwise: it has control endpoints
+    (``POST /mode/*``), which take ``Authorization: Bearer <control_token>``. Without a token
+    they answer loopback clients only, and the API must bind to loopback."""
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    control_token: SecretStr | None = None  # env MARKETFLOW_HTTP__CONTROL_TOKEN, never the TOML
+
+    @field_validator("control_token")
+    @classmethod
+    def _empty_is_unset(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> HttpSettings:
+        if self.control_token is None and not is_loopback_address(self.host):
+            msg = (
+                f"http.host {self.host!r} is not a loopback address and no http.control_token "
+                "is set: anyone who reaches the API could switch the mode. Set "
+                "MARKETFLOW_HTTP__CONTROL_TOKEN or bind http.host to 127.0.0.1"
+            )
+            raise ValueError(msg)
+        return self
 
 
 class PostgresSettings(_Frozen):
@@ -238,7 +270,8 @@ def load_settings(path: Path | None, **overrides: object) -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        msg = f"config error at {where or 'top level'}: {first['msg']}"
+        text = first["msg"].removeprefix("Value error, ")
+        msg = f"config error at {where or 'top level'}: {text}"
         raise ConfigError(msg) from exc
     except (OSError, ValueError) as exc:  # a TOML syntax error is a ValueError
         msg = f"cannot read config {path}: {exc}"

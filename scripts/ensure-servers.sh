@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Make sure PostgreSQL and Redis *server binaries* exist for the integration tests. The tests
-# start their own throwaway servers on free ports; nothing here starts a service.
+# Make sure PostgreSQL and Redis *server binaries* exist for the integration tests, and
+# systemd-analyze for the check of deploy/marketflow.service (it verifies the unit file
+# offline: no running systemd needed). The tests start their own throwaway servers on free
+# ports; nothing here starts a service.
 set -euo pipefail
 
 have_pg() {
@@ -8,13 +10,15 @@ have_pg() {
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
 }
 have_redis() { command -v redis-server >/dev/null 2>&1; }
+have_systemd_analyze() { command -v systemd-analyze >/dev/null 2>&1; }
 
 missing=()
 have_pg || missing+=(postgresql)
 have_redis || missing+=(redis-server)
+have_systemd_analyze || missing+=(systemd)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
-echo "installing ${missing[*]} with apt-get (server binaries for the integration tests)"
+echo "installing ${missing[*]} with apt-get (binaries the integration and deploy tests use)"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive

@@ -1,17 +1,15 @@
 """The REST API (aiohttp): prices, statistics, mode switch, health and metrics. JSON only.
 
 User input never produces a 500: unknown symbols/exchanges and missing data answer 404, a bad
-period 400, both with ``{"error": "..."}``.
+period 400, both with ``{"error": "..."}`` (the convention of ``http_common``). The API is
+described by the OpenAPI document at ``GET /openapi.json`` (``openapi.py``).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from marketflow.app.health import HealthReport
@@ -19,41 +17,19 @@ from marketflow.app.modes import ModeController
 from marketflow.app.queries import PriceQueries, Stat
 from marketflow.domain.errors import BadRequest, NotFound
 from marketflow.domain.periods import parse_period
-
-log = logging.getLogger("marketflow.http")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+from marketflow.entrypoints.http_common import (
+    ControlGuard,
+    Handler,
+    json_response,
+    new_app,
+    rfc3339,
+)
+from marketflow.entrypoints.openapi import serve_openapi
 
 QUERIES: web.AppKey[PriceQueries] = web.AppKey("queries", PriceQueries)
 MODES: web.AppKey[ModeController] = web.AppKey("modes", ModeController)
 HEALTH: web.AppKey[HealthReport] = web.AppKey("health", HealthReport)
 METRICS: web.AppKey[Callable[[], bytes]] = web.AppKey("metrics")
-
-
-def rfc3339(ms: int) -> str:
-    return (
-        datetime.fromtimestamp(ms / 1000, tz=UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
-
-
-def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-
-
-@web.middleware
-async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except BadRequest as exc:
-        return json_response({"error": str(exc)}, 400)
-    except NotFound as exc:
-        return json_response({"error": str(exc)}, 404)
-    except web.HTTPException as exc:
-        if exc.status >= 400:
-            return json_response({"error": exc.reason}, exc.status)
-        raise
 
 
 async def latest(request: web.Request) -> web.Response:
@@ -128,9 +104,12 @@ def build_app(
     modes: ModeController,
     health_report: HealthReport,
     metrics_text: Callable[[], bytes],
+    control: ControlGuard | None = None,
 ) -> web.Application:
-    """The aiohttp application; more routes (e.g. /api/messages) may be added before start."""
-    app = web.Application(middlewares=[errors_as_json])
+    """The aiohttp application; more routes (e.g. /api/messages) may be added before start.
+    ``control`` guards the endpoints that change state (default: loopback clients only)."""
+    guard = control if control is not None else ControlGuard()
+    app = new_app()
     app[QUERIES] = queries
     app[MODES] = modes
     app[HEALTH] = health_report
@@ -142,8 +121,9 @@ def build_app(
         handler = _stat_handler(stat)
         r.add_get(f"/prices/{stat}/{{symbol}}", handler)
         r.add_get(f"/prices/{stat}/{{exchange}}/{{symbol}}", handler)
-    r.add_post("/mode/{mode}", switch_mode)
+    r.add_post("/mode/{mode}", guard.protect(switch_mode))
     r.add_get("/mode", get_mode)
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)
+    r.add_get("/openapi.json", serve_openapi)
     return app

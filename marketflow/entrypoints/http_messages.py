@@ -10,17 +10,18 @@
 
 Bad input (an unknown or repeated parameter, a number out of range, however many digits it
 has) answers 400 and an unknown id 404, both with ``{"error": "..."}``; a store that cannot
-be reached answers 503. ``raw`` shows SOH as ``|`` for reading; ``raw_base64`` is exact.
+be reached answers 503 (the convention of ``http_common``, which ``add_message_routes``
+gives the app). Timestamps are RFC 3339 UTC ending in ``Z``. ``raw`` shows SOH
+as ``|`` for reading; ``raw_base64`` is exact.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any, Protocol
 
-import orjson
 from aiohttp import web
 
 from marketflow.domain.capture import (
@@ -31,7 +32,8 @@ from marketflow.domain.capture import (
     raw_display,
     raw_from_text,
 )
-from marketflow.domain.errors import StoreUnavailable
+from marketflow.domain.errors import BadRequest, NotFound
+from marketflow.entrypoints.http_common import follow_convention, json_response, rfc3339
 
 MAX_LIMIT = 1000
 MAX_OFFSET = 100_000
@@ -57,14 +59,6 @@ class MessageQueries(Protocol):
     def enrich(self, fields: Sequence[tuple[int, str]]) -> list[EnrichedField]: ...
 
 
-class _BadRequest(Exception):
-    pass
-
-
-def _json(body: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-
-
 def _digits(text: str) -> str | None:
     """``text`` without leading zeros when it is plain ASCII digits, else None."""
     if not (text.isascii() and text.isdigit()):
@@ -79,7 +73,7 @@ def _int(params: Mapping[str, str], name: str, lo: int, hi: int, default: int | 
     digits = _digits(text)
     # Longer than ``hi`` is out of range: never hand int() thousands of digits (it raises).
     if digits is None or len(digits) > len(str(hi)) or not lo <= int(digits) <= hi:
-        raise _BadRequest(f"{name} must be an integer from {lo} to {hi}")
+        raise BadRequest(f"{name} must be an integer from {lo} to {hi}")
     return int(digits)
 
 
@@ -88,7 +82,7 @@ def _text(params: Mapping[str, str], name: str, max_len: int) -> str | None:
     if text is None or text == "":
         return None
     if len(text) > max_len or "\x00" in text:
-        raise _BadRequest(f"{name} must be at most {max_len} characters")
+        raise BadRequest(f"{name} must be at most {max_len} characters")
     return text
 
 
@@ -115,14 +109,14 @@ def parse_since(text: str) -> int:
 def _check_params(request: web.Request, allowed: frozenset[str]) -> None:
     unknown = sorted(set(request.query) - allowed)
     if unknown:
-        raise _BadRequest(f"unknown parameter(s): {', '.join(unknown)[:100]}")
+        raise BadRequest(f"unknown parameter(s): {', '.join(unknown)[:100]}")
     repeated = sorted(k for k in allowed if len(request.query.getall(k, ())) > 1)
     if repeated:
-        raise _BadRequest(f"parameter(s) given more than once: {', '.join(repeated)}")
+        raise BadRequest(f"parameter(s) given more than once: {', '.join(repeated)}")
 
 
 def _iso(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+    return rfc3339(ms)
 
 
 def _summary(m: StoredMessage, names: MessageQueries) -> dict[str, Any]:
@@ -144,19 +138,7 @@ def _detail(m: StoredMessage, names: MessageQueries) -> dict[str, Any]:
 
 def add_message_routes(app: web.Application, service: MessageQueries) -> None:
     """Add the audit-trail routes to ``app`` (the rejects route before the ``{id}`` one)."""
-
-    def guarded(
-        handler: Callable[[web.Request], Awaitable[web.Response]],
-    ) -> Callable[[web.Request], Awaitable[web.Response]]:
-        async def run(request: web.Request) -> web.Response:
-            try:
-                return await handler(request)
-            except _BadRequest as exc:
-                return _json({"error": str(exc)}, 400)
-            except StoreUnavailable:
-                return _json({"error": "message store unavailable, retry later"}, 503)
-
-        return run
+    follow_convention(app)
 
     async def list_messages(request: web.Request) -> web.Response:
         params = request.query
@@ -165,7 +147,7 @@ def add_message_routes(app: web.Application, service: MessageQueries) -> None:
         try:
             since = parse_since(since_text) if since_text else None
         except ValueError as exc:
-            raise _BadRequest(f"since must be RFC 3339 with a zone or epoch ms: {exc}") from None
+            raise BadRequest(f"since must be RFC 3339 with a zone or epoch ms: {exc}") from None
         limit = _int(params, "limit", 1, MAX_LIMIT, 100)
         assert limit is not None
         query = MessageQuery(
@@ -178,18 +160,18 @@ def add_message_routes(app: web.Application, service: MessageQueries) -> None:
         )
         messages = await service.list_messages(query)
         next_id = messages[-1].id if len(messages) == limit else None
-        return _json(
+        return json_response(
             {"messages": [_summary(m, service) for m in messages], "next_before_id": next_id}
         )
 
     async def get_message(request: web.Request) -> web.Response:
         message_id = _int(request.match_info, "id", 1, _MAX_ID, None)
         if message_id is None:
-            raise _BadRequest("id must be a positive integer")
+            raise BadRequest("id must be a positive integer")
         message = await service.get_message(message_id)
         if message is None:
-            return _json({"error": f"no message with id {message_id}"}, 404)
-        return _json(_detail(message, service))
+            raise NotFound(f"no message with id {message_id}")
+        return json_response(_detail(message, service))
 
     async def list_rejects(request: web.Request) -> web.Response:
         _check_params(request, _REJECT_PARAMS)
@@ -205,8 +187,8 @@ def add_message_routes(app: web.Application, service: MessageQueries) -> None:
             for r in rejects
         ]  # fmt: skip
         next_id = rejects[-1].id if len(rejects) == limit else None
-        return _json({"rejects": body, "next_before_id": next_id})
+        return json_response({"rejects": body, "next_before_id": next_id})
 
-    app.router.add_get("/api/messages", guarded(list_messages))
-    app.router.add_get("/api/messages/rejects", guarded(list_rejects))
-    app.router.add_get("/api/messages/{id}", guarded(get_message))
+    app.router.add_get("/api/messages", list_messages)
+    app.router.add_get("/api/messages/rejects", list_rejects)
+    app.router.add_get("/api/messages/{id}", get_message)

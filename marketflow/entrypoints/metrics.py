@@ -103,6 +103,13 @@ class DaemonCollector(Collector):
                     f"FIX capture: {key.replace('_', ' ')}",
                     value=cap.get(key, 0),
                 )
+        http = doc.get("http")
+        if http:
+            yield CounterMetricFamily(
+                "marketflow_http_unauthorized",
+                "Control requests refused for a missing or wrong bearer token",
+                value=http.get("control_unauthorized", 0),
+            )
 
 
 def metrics_renderer(report: HealthReport) -> Callable[[], bytes]:

@@ -122,8 +122,12 @@ class Daemon(Proc):
                 return
         raise AssertionError(f"daemon did not answer /health:\n{self.log()}")
 
-    def request(self, method: str, path: str) -> tuple[int, Any]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method)
+    def request(
+        self, method: str, path: str, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", method=method, headers=headers or {}
+        )
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback only
                 return resp.status, json.loads(resp.read())

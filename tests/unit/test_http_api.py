@@ -1,9 +1,12 @@
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from pydantic import SecretStr
 
 from marketflow.app.aggregator import Aggregator
 from marketflow.app.health import HealthReport
@@ -14,6 +17,7 @@ from marketflow.domain.aggregates import MinuteRow
 from marketflow.domain.feeds import FeedStatus, Source
 from marketflow.domain.ticks import TickBatch
 from marketflow.entrypoints.http_api import build_app
+from marketflow.entrypoints.http_common import ControlGuard
 from marketflow.entrypoints.metrics import metrics_renderer
 from marketflow.settings import DEFAULT_PAIRS, PipelineSettings
 from tests.unit.fakes import FakeCache, FakeStore, ManualClock, RecordingSink
@@ -47,8 +51,29 @@ class Api:
         return resp.status, await resp.json()
 
 
+TOKEN = "s3cret-control-token"  # noqa: S105 - a test value, no secret
+
+
 @pytest.fixture
-async def api() -> AsyncIterator[Api]:
+def control(request: pytest.FixtureRequest) -> ControlGuard:
+    """No token (loopback clients only), as the e2e daemon runs; a test may parametrize a
+    token (indirect). A fresh guard per test: no count carries over."""
+    token = getattr(request, "param", None)
+    return ControlGuard(SecretStr(token) if token else None)
+
+
+@dataclass
+class Parts:
+    """The API on fakes; ``modes`` starts in no mode: switch it (and stop it) yourself."""
+
+    app: web.Application
+    agg: Aggregator
+    modes: ModeController
+    store: FakeStore
+    clock: ManualClock
+
+
+def build_test_app(control: ControlGuard) -> Parts:
     clock = ManualClock(T0 + 30_000)
     store = FakeStore()
     fanin: asyncio.Queue[TickBatch] = asyncio.Queue()
@@ -59,16 +84,25 @@ async def api() -> AsyncIterator[Api]:
         {"live": live, "test": test},
         lambda src: RunningSource(src, fanin, 5, 8),
     )
-    await modes.switch("live")
     writer = type("W", (), {"status": lambda self: {"state": "up", "kind": "fake"}})()
-    report = HealthReport(agg, modes, writer, False, False, fanin.qsize, clock)
+    report = HealthReport(
+        agg, modes, writer, False, False, fanin.qsize, clock, lambda: {"http": control.stats()}
+    )
     queries = PriceQueries(
         agg, lambda: store, modes.exchanges, modes.known_exchanges, DEFAULT_PAIRS, clock
     )
-    app = build_app(queries, modes, report, metrics_renderer(report))
-    async with TestClient(TestServer(app)) as client:
-        yield Api(client, agg, store, clock)
-    await modes.stop()
+    app = build_app(queries, modes, report, metrics_renderer(report), control)
+    return Parts(app, agg, modes, store, clock)
+
+
+@pytest.fixture
+async def api(control: ControlGuard) -> AsyncIterator[Api]:
+    # Everything is built per test, so a test that switches the mode leaks it into no other.
+    parts = build_test_app(control)
+    await parts.modes.switch("live")
+    async with TestClient(TestServer(parts.app)) as client:
+        yield Api(client, parts.agg, parts.store, parts.clock)
+    await parts.modes.stop()
 
 
 def fold(agg: Aggregator, exchange: str, *ticks: tuple[str, float, int]) -> None:
@@ -184,3 +218,24 @@ async def test_unknown_route_is_json_404(api: Api) -> None:
     status, body = await api.get("/nope")
     assert status == 404
     assert "error" in body
+
+
+@pytest.mark.parametrize("control", [TOKEN], ids=["token"], indirect=True)
+async def test_with_a_token_mode_switch_is_401_without_it_and_200_with_it(api: Api) -> None:
+    missing = await api.client.post("/mode/test")
+    wrong = await api.client.post("/mode/test", headers={"Authorization": "Bearer nope"})
+    assert (missing.status, wrong.status) == (401, 401)
+    assert "error" in await missing.json()
+    assert (await api.get("/mode"))[1] == {"mode": "live"}  # nothing switched
+
+    ok = await api.client.post("/mode/test", headers={"Authorization": f"Bearer {TOKEN}"})
+
+    assert (ok.status, await ok.json()) == (200, {"mode": "test"})
+    assert (await api.get("/health"))[1]["http"] == {"control_unauthorized": 2}
+    metrics = await (await api.client.get("/metrics")).text()
+    assert "marketflow_http_unauthorized_total 2.0" in metrics
+
+
+async def test_mode_of_an_earlier_test_does_not_leak(api: Api) -> None:
+    # Runs after the token test above, which leaves its app in test mode.
+    assert (await api.get("/mode"))[1] == {"mode": "live"}

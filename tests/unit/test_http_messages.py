@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from marketflow.domain.capture import EnrichedField, MessageQuery, StoredMessage, StoredReject
+from marketflow.entrypoints.http_common import new_app
 from marketflow.entrypoints.http_messages import add_message_routes, parse_since
 
 HUGE = "9" * 5000  # more digits than int() converts from a str (sys.get_int_max_str_digits)
@@ -43,7 +44,7 @@ class RecordingQueries:
 @pytest.fixture
 async def client() -> AsyncIterator[tuple[TestClient[Any, Any], RecordingQueries]]:
     service = RecordingQueries()
-    app = web.Application()
+    app = new_app()
     add_message_routes(app, service)
     async with TestClient(TestServer(app)) as c:
         yield c, service
@@ -104,3 +105,34 @@ def test_since_with_thousands_of_digits_is_out_of_range_not_a_crash() -> None:
     with pytest.raises(ValueError, match="out of range"):
         parse_since(HUGE)
     assert parse_since("0" * 5000 + "1700000000000") == 1_700_000_000_000
+
+
+class OneOfEach(RecordingQueries):
+    async def list_messages(self, query: MessageQuery) -> list[StoredMessage]:
+        return [StoredMessage(1, 1_700_000_000_123, "p", "8=FIX.4.4|", "FIX.4.4", "0", "A", "B",
+                              1, None, [(8, "FIX.4.4")])]  # fmt: skip
+
+    async def list_rejects(self, limit: int, before_id: int | None = None) -> list[StoredReject]:
+        return [StoredReject(2, 1_700_000_000_456, "p", "bad_checksum", "x")]
+
+
+async def test_timestamps_are_rfc3339_utc_ending_in_z_as_in_every_route() -> None:
+    app = new_app()
+    add_message_routes(app, OneOfEach())
+    async with TestClient(TestServer(app)) as c:
+        messages = await (await c.get("/api/messages")).json()
+        rejects = await (await c.get("/api/messages/rejects")).json()
+
+    assert messages["messages"][0]["received_at"] == "2023-11-14T22:13:20.123Z"
+    assert rejects["rejects"][0]["received_at"] == "2023-11-14T22:13:20.456Z"
+
+
+async def test_routes_added_to_any_app_answer_errors_as_json() -> None:
+    app = web.Application()  # not made by new_app(): add_message_routes brings the convention
+    add_message_routes(app, RecordingQueries())
+    async with TestClient(TestServer(app)) as c:
+        resp = await c.get("/api/messages?limit=0")
+        body = await resp.json()
+
+    assert resp.status == 400
+    assert set(body) == {"error"}

@@ -1,0 +1,171 @@
+"""The OpenAPI document matches the routes, and every route's answers match the document.
+
+schemathesis generates requests from the document for every operation and checks each answer
+(no 5xx, a documented status, content type and body schema) against an app built on fakes,
+served on loopback from a thread of its own (schemathesis' client is synchronous). A fresh
+app per test: a mode switched by one operation's examples leaks into no other test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import orjson
+import pytest
+import requests
+import schemathesis
+from aiohttp import web
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from marketflow.adapters.fix.dictionary import FixDictionary
+from marketflow.domain.capture import EnrichedField, MessageQuery, StoredMessage, StoredReject
+from marketflow.domain.ticks import TickBatch
+from marketflow.entrypoints.http_common import ControlGuard, JsonErrorsRunner
+from marketflow.entrypoints.http_messages import add_message_routes
+from marketflow.entrypoints.openapi import document, documented_operations, routed_operations
+from marketflow.settings import DEFAULT_PAIRS
+from tests.unit.test_http_api import T0, build_test_app
+
+RAW = "8=FIX.4.4|9=5|35=0|10=000|"
+
+
+class Messages:
+    """A capture service with one message and one reject."""
+
+    message = StoredMessage(7, T0, "127.0.0.1:5000", RAW, "FIX.4.4", "0", "VENUE", "MF", 3,
+                            None, [(8, "FIX.4.4"), (35, "0")])  # fmt: skip
+    reject = StoredReject(2, T0 + 1, "127.0.0.1:5001", "bad_checksum", "garbage")
+
+    async def list_messages(self, query: MessageQuery) -> list[StoredMessage]:
+        return [self.message][: query.limit]
+
+    async def get_message(self, message_id: int) -> StoredMessage | None:
+        return self.message if message_id == self.message.id else None
+
+    async def list_rejects(self, limit: int, before_id: int | None = None) -> list[StoredReject]:
+        return [self.reject][:limit]
+
+    def type_name(self, msg_type: str) -> str | None:
+        return FixDictionary().meaning(35, msg_type)
+
+    def enrich(self, fields: Sequence[tuple[int, str]]) -> list[EnrichedField]:
+        return FixDictionary().enrich(fields)
+
+
+def full_app() -> web.Application:
+    """Every route of the daemon (capture on), on fakes, with some prices folded."""
+    parts = build_test_app(ControlGuard(None))
+    for ex in parts.modes.known_exchanges():
+        ticks = {p: [(100.0 + i, T0 + 1000 * i) for i in range(3)] for p in DEFAULT_PAIRS}
+        parts.agg.fold(TickBatch(ex, ticks, T0, 3 * len(DEFAULT_PAIRS)))
+    add_message_routes(parts.app, Messages())
+
+    async def start_mode(app: web.Application) -> None:
+        await parts.modes.switch("live")
+
+    async def stop_mode(app: web.Application) -> None:
+        await parts.modes.stop()
+
+    parts.app.on_startup.append(start_mode)
+    parts.app.on_cleanup.append(stop_mode)
+    return parts.app
+
+
+class ServedApp:
+    """``full_app()`` on 127.0.0.1 in a thread with its own event loop."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="api", daemon=True)
+
+    def _run(self) -> None:
+        self._loop.run_until_complete(self._serve())
+        self._loop.close()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        runner = JsonErrorsRunner(full_app(), access_log=None, handle_signals=False)
+        try:
+            await runner.setup()
+            await web.SockSite(runner, self._sock).start()
+        except BaseException as exc:  # reported to the test thread by start()
+            self._error = exc
+            self._ready.set()
+            raise
+        self._ready.set()
+        await self._stop.wait()
+        await runner.cleanup()
+
+    def start(self) -> None:
+        self._thread.start()
+        assert self._ready.wait(10), "the API did not start"
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+        assert not self._thread.is_alive()
+
+
+@pytest.fixture
+def served() -> Iterator[ServedApp]:
+    app = ServedApp()
+    app.start()
+    try:
+        yield app
+    finally:
+        app.stop()
+
+
+def test_every_route_is_documented_and_every_documented_path_routed() -> None:
+    routed = routed_operations(full_app())
+    documented = documented_operations(document())
+
+    assert sorted(routed - documented) == [], "routes missing from openapi.py"
+    assert sorted(documented - routed) == [], "documented paths with no route"
+
+
+def test_served_document_is_the_document_of_the_routes_the_app_has(served: ServedApp) -> None:
+    resp = requests.get(f"{served.base_url}/openapi.json", timeout=5)
+
+    assert resp.status_code == 200
+    assert resp.headers["Content-Type"].startswith("application/json")
+    assert orjson.loads(resp.content) == orjson.loads(orjson.dumps(document()))
+
+
+SCHEMA = schemathesis.openapi.from_dict(document())
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+
+
+@SCHEMA.parametrize()
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,  # the same examples every run: a failure reproduces
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+def test_every_route_answers_as_documented(case: Any, served: ServedApp) -> None:
+    case.call_and_validate(base_url=served.base_url, checks=CHECKS, timeout=10)
