@@ -14,70 +14,27 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
-import orjson
 import pytest
 import redis.asyncio as aioredis
 import simplefix
 
 from tests.e2e.conftest import daemon_config
 from tests.e2e.procs import ROOT, Daemon, assert_real_stack, minute_rows, poll
+from tests.e2e.scripted import ScriptedFeed, tick
 from tests.harness.services import PostgresServer, RedisServer
 
 pytestmark = pytest.mark.e2e
 
 FEED = "scripted"
-
-
-@dataclass
-class ScriptedFeed:
-    """Accepts the daemon's connections; ``send`` writes to the newest one."""
-
-    sock: socket.socket = field(default_factory=lambda: socket.create_server(("127.0.0.1", 0)))
-    conns: list[socket.socket] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def port(self) -> int:
-        port: int = self.sock.getsockname()[1]
-        return port
-
-    def start(self) -> None:
-        def serve() -> None:
-            self.sock.settimeout(0.2)
-            while not self._stop.is_set():
-                try:
-                    conn, _ = self.sock.accept()
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                self.conns.append(conn)
-
-        threading.Thread(target=serve, daemon=True).start()
-
-    def send(self, data: bytes) -> None:
-        poll(lambda: len(self.conns), lambda n: n > 0, 30, "the daemon connects to the feed")
-        self.conns[-1].sendall(data)
-
-    def stop(self) -> None:
-        self._stop.set()
-        for c in self.conns:
-            c.close()
-        self.sock.close()
-
-
-def tick(symbol: str, price: float, ts: int) -> bytes:
-    return orjson.dumps({"symbol": symbol, "price": price, "timestamp": ts}) + b"\n"
 
 
 @dataclass
