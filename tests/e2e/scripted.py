@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from tests.e2e.procs import poll
+
 START_PRICES = {"BTCUSDT": 100_000.0, "ETHUSDT": 3_050.0, "DOGEUSDT": 0.30, "SOLUSDT": 200.0}
 
 
@@ -217,3 +219,45 @@ class ScriptedExchange:
             self.ticks.extend(
                 Tick(self.name, s, p, t, sent_at, conn.number, opt) for s, p, t, opt in batch
             )
+
+
+@dataclass
+class ScriptedFeed:
+    """Accepts the daemon's connections; ``send`` writes to the newest one."""
+
+    sock: socket.socket = field(default_factory=lambda: socket.create_server(("127.0.0.1", 0)))
+    conns: list[socket.socket] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def port(self) -> int:
+        port: int = self.sock.getsockname()[1]
+        return port
+
+    def start(self) -> None:
+        def serve() -> None:
+            self.sock.settimeout(0.2)
+            while not self._stop.is_set():
+                try:
+                    conn, _ = self.sock.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                self.conns.append(conn)
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def send(self, data: bytes) -> None:
+        poll(lambda: len(self.conns), lambda n: n > 0, 30, "the daemon connects to the feed")
+        self.conns[-1].sendall(data)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+def tick(symbol: str, price: float, ts: int) -> bytes:
+    return orjson.dumps({"symbol": symbol, "price": price, "timestamp": ts}) + b"\n"

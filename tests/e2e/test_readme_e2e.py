@@ -14,11 +14,10 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -31,53 +30,12 @@ import simplefix
 
 from tests.e2e.conftest import daemon_config
 from tests.e2e.procs import ROOT, Daemon, assert_real_stack, minute_rows, poll
+from tests.e2e.scripted import ScriptedFeed, tick
 from tests.harness.services import PostgresServer, RedisServer
 
 pytestmark = pytest.mark.e2e
 
 FEED = "scripted"
-
-
-@dataclass
-class ScriptedFeed:
-    """Accepts the daemon's connections; ``send`` writes to the newest one."""
-
-    sock: socket.socket = field(default_factory=lambda: socket.create_server(("127.0.0.1", 0)))
-    conns: list[socket.socket] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def port(self) -> int:
-        port: int = self.sock.getsockname()[1]
-        return port
-
-    def start(self) -> None:
-        def serve() -> None:
-            self.sock.settimeout(0.2)
-            while not self._stop.is_set():
-                try:
-                    conn, _ = self.sock.accept()
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                self.conns.append(conn)
-
-        threading.Thread(target=serve, daemon=True).start()
-
-    def send(self, data: bytes) -> None:
-        poll(lambda: len(self.conns), lambda n: n > 0, 30, "the daemon connects to the feed")
-        self.conns[-1].sendall(data)
-
-    def stop(self) -> None:
-        self._stop.set()
-        for c in self.conns:
-            c.close()
-        self.sock.close()
-
-
-def tick(symbol: str, price: float, ts: int) -> bytes:
-    return orjson.dumps({"symbol": symbol, "price": price, "timestamp": ts}) + b"\n"
 
 
 @dataclass
@@ -400,3 +358,87 @@ def test_readme_capture_example_runs_as_written(scripted: Scripted) -> None:
     )  # fmt: skip
     assert (msg["seq_num"], msg["symbol"]) == (1, "AAPL")
     assert d.get("/api/messages/rejects")[1]["rejects"] == []  # BodyLength, CheckSum right
+
+
+def redis_contents(url: str) -> tuple[dict[str, tuple[float, int]], dict[str, dict[str, str]]]:
+    """What Redis holds: {field: (price, timestamp)} of the latest hash, and every window hash."""
+
+    async def read() -> tuple[dict[str, tuple[float, int]], dict[str, dict[str, str]]]:
+        client = aioredis.Redis.from_url(url, decode_responses=True)
+        try:
+            raw = cast(dict[str, str], await client.hgetall("marketflow:latest"))
+            latest: dict[str, tuple[float, int]] = {}
+            for k, v in raw.items():
+                doc = orjson.loads(v)
+                latest[k] = (doc["price"], doc["timestamp"])
+            windows = {
+                str(key): cast(dict[str, str], await client.hgetall(key))
+                async for key in client.scan_iter(match="marketflow:window:*")
+            }
+            return latest, windows
+        finally:
+            await client.aclose()
+
+    return asyncio.run(read())
+
+
+def test_redis_that_returns_empty_is_refilled_with_every_latest_price_and_second_held(
+    scripted: Scripted,
+) -> None:
+    """README: when Redis returns it is refilled with every latest price and second held. The
+    harness's Redis keeps nothing across a restart, so all of it must come from the daemon:
+    the seconds written before the outage and those that arrived while it was down."""
+    d = scripted.daemon
+    now = time.time_ns() // 1_000_000 // 1000 * 1000
+    before = [
+        *[(s, 101.0 + k + 0.25 * j, now - (100 - k) * 1000 + 100 * j)
+          for s in ("BTCUSDT",) for k in range(6) for j in range(2)],
+        ("ETHUSDT", 3001.5, now - 70_000 + 5),
+    ]  # fmt: skip
+    during = [
+        *[("BTCUSDT", 99.0 - k, now - (50 - k) * 1000 + 7) for k in range(3)],
+        ("SOLUSDT", 201.25, now - 30_000 + 400),
+        ("BTCUSDT", 102.75, now - 1000 + 900),
+    ]
+    scripted.feed.send(b"".join(tick(*t) for t in before))
+    wait_ticks(d, len(before))
+    poll(
+        lambda: redis_contents(scripted.redis.url)[1],
+        lambda w: sum(len(f) for f in w.values()) == 7,  # 6 BTCUSDT seconds, 1 ETHUSDT
+        20,
+        "the seconds before the outage in Redis",
+    )
+    scripted.redis.stop()
+    scripted.feed.send(b"".join(tick(*t) for t in during))
+    wait_ticks(d, len(before) + len(during))
+    # The flush of these ticks finds Redis gone (an idle daemon writes nothing, notices nothing).
+    d.wait_for("/health", lambda s, b: b["redis"]["state"] == "down")
+    scripted.redis.start()
+    d.wait_for("/health", lambda s, b: b["redis"]["state"] == "up" and b["status"] == "ok")
+
+    sent = before + during
+    want_latest = {}
+    for sym in {s for s, _, _ in sent}:
+        _, price, ts = max((t for t in sent if t[0] == sym), key=lambda t: t[2])
+        want_latest[f"{FEED}:{sym}"] = (price, ts)
+    want_windows: dict[str, dict[int, list[float]]] = {}
+    for sym, price, ts in sent:
+        sec = ts // 1000
+        key = f"marketflow:window:{FEED}:{sym}:{sec // 60 * 60}"
+        b = want_windows.setdefault(key, {}).setdefault(sec, [price, price, 0.0, 0])
+        b[0], b[1], b[2], b[3] = min(b[0], price), max(b[1], price), b[2] + price, b[3] + 1
+
+    def as_numbers(windows: dict[str, dict[str, str]]) -> dict[str, dict[int, list[float]]]:
+        return {
+            key: {int(sec): [float(x) for x in v.split(",")] for sec, v in fields.items()}
+            for key, fields in windows.items()
+        }
+
+    latest, windows = poll(
+        lambda: redis_contents(scripted.redis.url),
+        lambda got: got[0] == want_latest and as_numbers(got[1]) == want_windows,
+        30,
+        "Redis refilled with every latest price and every second held",
+    )
+    assert len(latest) == 3
+    assert sum(len(f) for f in windows.values()) == 6 + 1 + 3 + 1 + 1

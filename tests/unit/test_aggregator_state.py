@@ -1,0 +1,164 @@
+"""Aggregator bookkeeping with literal expectations: coverage per minute, resume positions,
+queue delay peaks, books, the cache outage backoff and refill. Written for mutation testing
+of marketflow/app/aggregator.py."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from marketflow.app.aggregator import Aggregator
+from marketflow.domain.ticks import BookUpdate, TickBatch
+from marketflow.settings import PipelineSettings
+from tests.unit.fakes import FakeCache, FakeStore, ManualClock, RecordingSink
+
+T0 = 1_795_482_600_000  # a minute start
+
+
+def make(
+    clock: ManualClock, healthy: tuple[str, ...] = ()
+) -> tuple[Aggregator, FakeCache, RecordingSink]:
+    cache = FakeCache()
+    sink = RecordingSink(FakeStore())
+    agg = Aggregator(
+        asyncio.Queue(), cache, sink, PipelineSettings(), clock,
+        healthy_sources=lambda: healthy, rng=random.Random(1),
+    )  # fmt: skip
+    return agg, cache, sink
+
+
+def batch(exchange: str, ts: int, received_ms: int, mark: int | None = None) -> TickBatch:
+    b = TickBatch(exchange, {"BTCUSDT": [(1.0, ts)]}, received_ms, 1)
+    b.mark = mark
+    return b
+
+
+async def test_coverage_credits_each_minute_the_time_a_source_was_healthy() -> None:
+    clock = ManualClock(T0 + 50_000)
+    agg, _, _ = make(clock, healthy=("ex1", "ex2"))
+    clock.now_ms = T0 + 130_000  # 50 s .. 130 s: 10 s of minute 0, 60 of minute 1, 10 of 2
+    await agg.flush()
+    assert agg.coverage == {
+        ex: {T0: 10_000, T0 + 60_000: 60_000, T0 + 120_000: 10_000} for ex in ("ex1", "ex2")
+    }
+    clock.now_ms = T0 + 135_000
+    await agg.flush()
+    assert agg.coverage["ex1"][T0 + 120_000] == 15_000
+    await agg.flush()  # no time passed: nothing credited
+    assert agg.coverage["ex1"][T0 + 120_000] == 15_000
+    assert agg.covered_ms("ex1", T0 + 60_000) == 60_000
+    assert agg.covered_ms("ex1", T0 + 120_000) == 15_000
+    assert agg.covered_ms("ex3", T0) == 0
+    agg.coverage["ex1"][T0] = 70_000
+    assert agg.covered_ms("ex1", T0) == 60_000  # capped at a whole minute
+
+
+async def test_coverage_older_than_the_window_is_forgotten() -> None:
+    retention_ms = PipelineSettings().window_retention_s * 1000
+    clock = ManualClock(T0)
+    agg, _, _ = make(clock, healthy=("ex1",))
+    floor = T0 + 1000 - retention_ms - 120_000  # the retention plus 120 s before the flush
+    agg.coverage["ex1"] = {floor - 1: 1, floor: 2}
+    clock.now_ms = T0 + 1000
+    await agg.flush()
+    assert sorted(agg.coverage["ex1"]) == [floor, T0]
+
+
+def test_positions_fold_over_marks_and_the_newest_folded_wins() -> None:
+    agg, _, _ = make(ManualClock(T0))
+    assert agg.position("fix") is None
+    agg.restore_position("fix", (7, 123))
+    assert agg.position("fix") == 7
+    agg.fold(batch("fix", T0, T0, mark=9))
+    agg.fold(batch("fix", T0, T0))  # no mark: the position stays
+    assert agg.position("fix") == 9
+
+
+async def test_flush_stamps_marks_with_the_flush_time_and_sends_them_with_rows() -> None:
+    clock = ManualClock(T0 + 1000)
+    agg, cache, _ = make(clock)
+    agg.fold(batch("fix", T0, T0, mark=5))
+    await agg.flush()
+    assert agg.marks == {"fix": (5, T0 + 1000)}
+    assert cache.marks == {"fix": (5, T0 + 1000)}
+    assert agg.position("fix") == 5
+
+
+def test_fold_counts_ticks_keeps_books_and_queue_delay_peaks() -> None:
+    clock = ManualClock(T0 + 300)
+    agg, _, _ = make(clock)
+    book = BookUpdate("fix", "BTCUSDT", 1.0, 2.0, T0)
+    b = batch("ex1", T0, T0 + 100)
+    b.books = [book]
+    agg.fold(b)
+    agg.fold(batch("ex1", T0, T0 + 250))
+    assert agg.ticks_folded == 2
+    assert agg.books == {("fix", "BTCUSDT"): book}
+    assert agg.queue_delay_ms == 50  # the last batch
+    assert agg._delay_peak_ms == 200  # the highest since the last flush
+
+
+async def test_flush_publishes_the_peak_delay_and_resets_it() -> None:
+    clock = ManualClock(T0 + 300)
+    agg, _, _ = make(clock)
+    agg.fold(batch("ex1", T0, T0 + 100))
+    await agg.flush()
+    assert agg.queue_delay_peak_ms == 200
+    await agg.flush()
+    assert agg.queue_delay_peak_ms == 0
+    assert agg.flushes == 2
+    assert agg.loss_bound_ms() == PipelineSettings().flush_interval_ms
+
+
+async def test_drain_folds_what_is_queued_and_survives_a_bad_batch() -> None:
+    agg, _, _ = make(ManualClock(T0))
+    queue = agg._fanin
+    queue.put_nowait(batch("ex1", T0, T0))
+    queue.put_nowait(TickBatch("ex1", {"BTCUSDT": None}, T0, 1))  # type: ignore[dict-item]
+    queue.put_nowait(batch("ex2", T0, T0))
+    assert agg.drain() == 3
+    assert queue.empty()
+    assert sorted(w.exchange for w in agg.all_windows()) == ["ex1", "ex2"]
+    assert agg.window("ex2", "BTCUSDT") is not None
+    assert agg.window("ex9", "BTCUSDT") is None
+
+
+async def test_cache_outage_backs_off_and_refills_everything_when_it_returns() -> None:
+    clock = ManualClock(T0 + 100)
+    agg, cache, _ = make(clock)
+    agg.fold(batch("ex1", T0, T0))
+    await agg.flush()
+    assert cache.writes == 1
+    cache.down = True
+    agg.fold(batch("ex1", T0 + 1000, T0 + 1000))
+    await agg.flush()
+    assert (agg.cache_up, agg.cache_error) == (False, "fake cache is down")
+    retry_at = agg._cache_retry_at
+    assert T0 + 100 + 500 <= retry_at <= T0 + 100 + 1000  # 1 s x jitter 0.5 .. 1.0
+    cache.down = False
+    clock.now_ms = retry_at - 1
+    await agg.flush()
+    assert cache.writes == 1  # not before the retry time
+    clock.now_ms = retry_at
+    cache.seconds.clear()
+    cache.latest.clear()
+    await agg.flush()
+    assert (agg.cache_up, agg.cache_error, cache.writes) == (True, "", 2)
+    assert sorted(s for (_, _, s) in cache.seconds) == [T0 // 1000, T0 // 1000 + 1]
+    assert cache.latest[("ex1", "BTCUSDT")].timestamp_ms == T0 + 1000
+
+
+async def test_a_cache_that_lost_its_data_is_refilled_on_the_next_flush() -> None:
+    clock = ManualClock(T0 + 100)
+    agg, cache, _ = make(clock)
+    agg.fold(batch("ex1", T0, T0))
+    await agg.flush()
+    cache.wipe()  # the next write reports the loss
+    agg.fold(batch("ex1", T0 + 2000, T0 + 2000))
+    await agg.flush()
+    assert sorted(s for (_, _, s) in cache.seconds) == [T0 // 1000 + 2]
+    await agg.flush()  # the refill: everything held
+    assert sorted(s for (_, _, s) in cache.seconds) == [T0 // 1000, T0 // 1000 + 2]
+    writes = cache.writes
+    await agg.flush()  # and then nothing more to write
+    assert cache.writes == writes
