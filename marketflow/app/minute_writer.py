@@ -291,13 +291,17 @@ class MinuteWriter:
         """Sleep ``delay`` unless flushed or closed; spill whenever memory is over the bound."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + delay
-        while not (self._closed or self._flush_requested):
+        while True:
+            # Clear first, check after: a nudge (flush, close) that comes while a spill is
+            # being written is then seen, not cleared away unread.
+            self._nudge.clear()
+            if self._closed or self._flush_requested:
+                return
             if len(self._pending) > self._max or self._down_too_long():
-                await self._spill_pending()
+                await self._spill_pending()  # a nudge meanwhile stays set: the wait sees it
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
-            self._nudge.clear()
             try:
                 async with asyncio.timeout(remaining):
                     await self._nudge.wait()
