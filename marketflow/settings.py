@@ -172,7 +172,10 @@ class PipelineSettings(_Frozen):
     fanin_queue_batches: int = Field(1024, ge=1)
     read_chunk_bytes: int = Field(65536, ge=1024)
     max_line_bytes: int = Field(65536, ge=256)
+    # Cache flushes: as soon as the loop is idle, at most one per flush_min_interval_ms, and
+    # at least one per flush_interval_ms (the ceiling of the crash-loss bound).
     flush_interval_ms: int = Field(20, ge=5, le=10_000)
+    flush_min_interval_ms: int = Field(2, ge=0, le=1_000)
     minute_grace_ms: int = Field(2000, ge=0, le=60_000)
     window_retention_s: int = Field(600, ge=300, le=86_400)  # >= 5 minutes of seconds
     stale_after_s: float = Field(5.0, gt=0)  # connected but silent this long: reconnect

@@ -86,6 +86,8 @@ class Aggregator:
         self._cache_backoff = Backoff(1.0, 5.0, rng or random.Random())
         self._refill = False
         self.flushes = 0
+        self._changed: set[PairWindow] = set()  # windows folded into since the last flush
+        self._folded = asyncio.Event()  # set when the consumer has emptied the fan-in queue
 
     @property
     def cache_kind(self) -> str:
@@ -97,11 +99,19 @@ class Aggregator:
         pairs = self.windows.get(batch.exchange)
         if pairs is None:
             pairs = self.windows[batch.exchange] = {}
+        changed = self._changed
         for symbol, points in batch.by_symbol.items():
             w = pairs.get(symbol)
             if w is None:
                 w = pairs[symbol] = PairWindow(batch.exchange, symbol, self.floor_second)
             w.add(points, batch.received_ms)
+            changed.add(w)
+        for (symbol, second), f in batch.folded.items():
+            w = pairs.get(symbol)
+            if w is None:
+                w = pairs[symbol] = PairWindow(batch.exchange, symbol, self.floor_second)
+            w.add_second(second, f, batch.received_ms)
+            changed.add(w)
         for book in batch.books:
             self.books[(book.exchange, book.symbol)] = book
         if batch.mark is not None:
@@ -127,6 +137,7 @@ class Aggregator:
                     self.fold(batch)
                 finally:
                     queue.task_done()
+            self._folded.set()  # idle: the flusher may write what was folded
 
     def drain(self) -> int:
         """Fold what is queued without waiting (the consumer task is gone); returns batches."""
@@ -200,25 +211,49 @@ class Aggregator:
     # -- flushing ----------------------------------------------------------------------------
 
     async def run_flusher(self) -> None:
-        interval = self._pipeline.flush_interval_ms / 1000
+        """Flush as soon as the consumer has folded everything queued (the loop is idle),
+        at most once per ``flush_min_interval_ms`` (under load, one flush carries every batch
+        folded meanwhile) and at least once per ``flush_interval_ms`` (the ceiling that bounds
+        what a crash can lose). Minutes are closed and windows evicted on the ceiling's
+        cadence only: that sweep visits every window, a cache flush only the changed ones."""
+        p = self._pipeline
+        ceiling = p.flush_interval_ms / 1000
+        gap = p.flush_min_interval_ms / 1000
+        next_sweep = 0
         while True:
-            await asyncio.sleep(interval)
-            await self.flush()
+            try:
+                async with asyncio.timeout(ceiling):
+                    await self._folded.wait()
+            except TimeoutError:
+                pass
+            self._folded.clear()
+            sweep = self._clock() >= next_sweep
+            if sweep:
+                next_sweep = self._clock() + p.flush_interval_ms
+            await self.flush(sweep=sweep)
+            if gap:
+                await asyncio.sleep(gap)
 
-    async def flush(self, *, final: bool = False) -> None:
-        """Push changes to the cache and closed (or, when final, all) minutes to the writer."""
+    async def flush(self, *, final: bool = False, sweep: bool = True) -> None:
+        """Push changes to the cache and, with ``sweep``, closed (or, when final, all) minutes
+        to the writer."""
         now = self._clock()
         self._cover(now)
         grace = self._pipeline.minute_grace_ms
         latest: list[LatestPrice] = []
         seconds: list[SecondBucket] = []
         rows: list[MinuteRow] = []
-        for w in self.all_windows():
+        sweep = sweep or final
+        changed_windows = self.all_windows() if sweep else iter(list(self._changed))
+        self._changed.clear()
+        for w in changed_windows:
             if w.dirty_seconds:
                 lp = w.latest()
                 if lp is not None:
                     latest.append(lp)
                 seconds.extend(w.take_dirty_seconds())
+            if not sweep:
+                continue
             covered = self.coverage.get(w.exchange, {})
             rows.extend(w.open_minutes(covered) if final else w.closed_minutes(now, grace, covered))
             w.evict(self._pipeline.window_retention_s)
@@ -228,7 +263,8 @@ class Aggregator:
         if rows or final:
             self._rows.submit(rows, dict(self.marks))
         await self._write_cache(latest, seconds, changed, now, force=final)
-        self._evict_coverage()
+        if sweep:
+            self._evict_coverage()
         self.queue_delay_peak_ms, self._delay_peak_ms = self._delay_peak_ms, 0
         self.flush_duration_ms = self._clock() - now
         self.flushes += 1

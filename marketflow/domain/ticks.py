@@ -16,6 +16,14 @@ Tick = tuple[str, float, int]
 PricePoint = tuple[float, int]
 """(price, exchange timestamp in Unix epoch milliseconds) of one tick of a known symbol."""
 
+SecondFold = list[float]
+"""The ticks of one (symbol, epoch second) of one batch, folded while parsing:
+``[low, high, total, count, newest_ts, price_at_newest_ts]`` (the newest tick, ties going to
+the later one). A list, because the parser's hot loop updates it in place."""
+
+FoldKey = tuple[str, int]
+"""(symbol, epoch second)."""
+
 # Timestamps outside this range are not epoch milliseconds (seconds, nanoseconds or junk).
 MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 MAX_TS_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
@@ -38,16 +46,20 @@ class BookUpdate:
 
 @dataclass(slots=True)
 class TickBatch:
-    """The valid ticks of one chunk of one source, grouped by symbol, in arrival order.
+    """The valid ticks of one chunk of one source, in one of two forms (or both):
 
-    Grouping happens while parsing, so the aggregator looks a window up once per symbol per
-    batch instead of once per tick.
+    - ``by_symbol``: grouped by symbol, in arrival order (FIX, replay, the generator);
+    - ``folded``: already folded per (symbol, second) by the parser (JSON lines' fast path),
+      so the aggregator does per-bucket, not per-tick, work.
+
+    Either way the aggregator looks a window up once per symbol (or bucket) per batch.
     """
 
     exchange: str
     by_symbol: dict[str, list[PricePoint]]
     received_ms: int
     count: int
+    folded: dict[FoldKey, SecondFold] = field(default_factory=dict)
     books: list[BookUpdate] = field(default_factory=list)  # top-of-book changes (FIX venues)
     # Resume point of the source once this batch is durable: for FIX, the next expected
     # inbound MsgSeqNum (every lower one is in this batch or an earlier one). None: no mark.
@@ -55,7 +67,36 @@ class TickBatch:
     mark: int | None = None
 
     def ticks(self) -> list[Tick]:
+        """The ticks of ``by_symbol`` (a folded batch no longer has single ticks)."""
+        if self.folded:
+            raise ValueError("a folded batch has no single ticks: use seconds()")
         return [(sym, p, ts) for sym, points in self.by_symbol.items() for p, ts in points]
+
+    def seconds(self) -> dict[FoldKey, SecondFold]:
+        """Both forms as folded seconds (what the window receives), for comparisons."""
+        out = {k: list(f) for k, f in self.folded.items()}
+        for sym, points in self.by_symbol.items():
+            fold_points(out, sym, points)
+        return out
+
+
+def fold_points(out: dict[FoldKey, SecondFold], symbol: str, points: list[PricePoint]) -> None:
+    """Fold ``points`` of ``symbol`` into ``out``, as the parser's fast path does."""
+    for price, ts in points:
+        key = (symbol, ts // 1000)
+        f = out.get(key)
+        if f is None:
+            out[key] = [price, price, price, 1, ts, price]
+            continue
+        if price < f[0]:
+            f[0] = price
+        elif price > f[1]:
+            f[1] = price
+        f[2] += price
+        f[3] += 1
+        if ts >= f[4]:
+            f[4] = ts
+            f[5] = price
 
 
 @dataclass(slots=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from marketflow.domain.aggregates import Aggregate, LatestPrice, MinuteRow, SecondBucket
-from marketflow.domain.ticks import PricePoint
+from marketflow.domain.ticks import PricePoint, SecondFold
 
 Bucket = list[float]
 """[low, high, total, count]: a list, because the hot loop updates it in place."""
@@ -97,6 +97,30 @@ class PairWindow:
             self.latest_received_ms = received_ms
             if latest_ts // 1000 > self.newest_second:
                 self.newest_second = latest_ts // 1000
+
+    def add_second(self, second: int, f: SecondFold, received_ms: int) -> None:
+        """Merge one second a parser folded (``SecondFold``) into this window."""
+        if second < self.floor_second:
+            self.late += int(f[3])
+            return
+        b = self.seconds.get(second)
+        if b is None:
+            self.seconds[second] = [f[0], f[1], f[2], f[3]]
+        else:
+            if f[0] < b[0]:
+                b[0] = f[0]
+            if f[1] > b[1]:
+                b[1] = f[1]
+            b[2] += f[2]
+            b[3] += f[3]
+        self.dirty_seconds.add(second)
+        ts = int(f[4])
+        if ts >= self.latest_ts and (ts != self.latest_ts or f[5] != self.latest_price):
+            self.latest_ts = ts
+            self.latest_price = f[5]
+            self.latest_received_ms = received_ms
+            if second > self.newest_second:
+                self.newest_second = second
 
     def latest(self) -> LatestPrice | None:
         if self.latest_ts < 0:

@@ -9,6 +9,7 @@ import pytest
 from marketflow.adapters.feeds.json_lines import JsonLinesParser
 from marketflow.domain.ticks import RejectCounts
 from marketflow.settings import DEFAULT_PAIRS
+from tests.unit.folding import expect_seconds
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "json"
 TS = 1795694355187
@@ -30,8 +31,10 @@ def test_clean_simulator_capture_parses_every_line() -> None:
 
     assert batch.count == 100
     assert p.rejects.total() == 0
-    assert set(batch.by_symbol) == set(DEFAULT_PAIRS)
-    assert all(len(points) == 20 for points in batch.by_symbol.values())
+    by_symbol: dict[str, int] = {}
+    for (symbol, _), f in batch.seconds().items():
+        by_symbol[symbol] = by_symbol.get(symbol, 0) + int(f[3])
+    assert by_symbol == dict.fromkeys(DEFAULT_PAIRS, 20)
     assert batch.exchange == "exchange1"
     assert batch.received_ms == TS
 
@@ -42,12 +45,12 @@ def test_dirty_capture_keeps_good_lines_and_counts_each_bad_one_by_reason() -> N
 
     batch = p.parse(data, received_ms=TS)
 
-    assert batch.ticks() == [
+    assert batch.seconds() == expect_seconds([
         ("BTCUSDT", 99911.91638241659, TS),
         ("ETHUSDT", 3050.5, TS),
         ("DOGEUSDT", 0.3, TS + 100),
         ("SOLUSDT", 200.0, TS + 100),
-    ]
+    ])  # fmt: skip
     assert p.rejects.counts == {
         "bad_json": 3,  # plain text, a truncated line, binary junk
         "price_not_finite": 1,  # 1e400: valid JSON, but no double
@@ -97,8 +100,9 @@ def test_prices_up_to_the_maximum_are_accepted_as_floats() -> None:
 
     batch = p.parse(line("1e12") + line("999999999999") + line("42") + line("1e-300"), TS)
 
-    assert [pt[0] for pt in batch.by_symbol["BTCUSDT"]] == [1e12, 999999999999.0, 42.0, 1e-300]
-    assert all(type(pt[0]) is float for pt in batch.by_symbol["BTCUSDT"])
+    prices = [1e12, 999999999999.0, 42.0, 1e-300]
+    assert batch.seconds() == expect_seconds([("BTCUSDT", p, TS) for p in prices])
+    assert all(type(v) is float for v in batch.seconds()[("BTCUSDT", TS // 1000)][:3])
     assert p.rejects.total() == 0
 
 
@@ -107,7 +111,7 @@ def test_two_prices_of_1e308_are_rejected_before_they_overflow_a_sum() -> None:
 
     batch = p.parse(line("1e308") + line("1.7976931348623157e308") + line("1.5"), TS)
 
-    assert batch.ticks() == [("BTCUSDT", 1.5, TS)]
+    assert batch.seconds() == expect_seconds([("BTCUSDT", 1.5, TS)])
     assert p.rejects.counts == {"price_out_of_range": 2}
 
 
@@ -116,7 +120,7 @@ def test_maximum_price_is_configurable() -> None:
 
     batch = p.parse(line("100") + line("100.0") + line("100.5") + line("101"), TS)
 
-    assert batch.ticks() == [("BTCUSDT", 100.0, TS), ("BTCUSDT", 100.0, TS)]
+    assert batch.seconds() == expect_seconds([("BTCUSDT", 100.0, TS), ("BTCUSDT", 100.0, TS)])
     assert p.rejects.counts == {"price_out_of_range": 2}
 
 
@@ -152,7 +156,7 @@ def test_torn_line_next_to_a_two_value_line_is_not_one_tick() -> None:
 
     batch = p.parse(data, TS)
 
-    assert batch.ticks() == [("BTCUSDT", 1.0, TS), ("BTCUSDT", 2.0, TS)]
+    assert batch.seconds() == expect_seconds([("BTCUSDT", 1.0, TS), ("BTCUSDT", 2.0, TS)])
     assert p.rejects.counts == {"bad_json": 3}
 
 
@@ -163,7 +167,7 @@ def test_line_torn_inside_a_string_next_to_a_two_value_line_is_not_one_tick() ->
 
     batch = p.parse(data, TS)
 
-    assert batch.ticks() == [("BTCUSDT", 1.0, TS), ("BTCUSDT", 2.0, TS)]
+    assert batch.seconds() == expect_seconds([("BTCUSDT", 1.0, TS), ("BTCUSDT", 2.0, TS)])
     assert p.rejects.counts == {"bad_json": 3}
 
 
@@ -175,7 +179,7 @@ def test_torn_nested_line_next_to_two_objects_on_one_line_is_not_one_tick() -> N
 
     batch = p.parse(data, TS)
 
-    assert batch.ticks() == [("BTCUSDT", 1.0, TS), ("BTCUSDT", 2.0, TS)]
+    assert batch.seconds() == expect_seconds([("BTCUSDT", 1.0, TS), ("BTCUSDT", 2.0, TS)])
     assert p.rejects.counts == {"bad_json": 3}
 
 
@@ -185,7 +189,7 @@ def test_unknown_fields_are_ignored() -> None:
 
     batch = p.parse(data, TS)
 
-    assert batch.ticks() == [("SOLUSDT", 201.5, TS)]
+    assert batch.seconds() == expect_seconds([("SOLUSDT", 201.5, TS)])
 
 
 def test_crlf_blank_lines_and_missing_final_newline() -> None:
@@ -194,7 +198,7 @@ def test_crlf_blank_lines_and_missing_final_newline() -> None:
 
     batch = p.parse(data, TS)
 
-    assert [pt[0] for pt in batch.by_symbol["BTCUSDT"]] == [1.5, 2.5]
+    assert batch.seconds() == expect_seconds([("BTCUSDT", 1.5, TS), ("BTCUSDT", 2.5, TS)])
     assert p.rejects.total() == 0
 
 
@@ -234,7 +238,9 @@ def test_timestamp_far_ahead_of_receipt_is_rejected_but_small_skew_is_not() -> N
 
     batch = p.parse(data, TS)
 
-    assert batch.ticks() == [("BTCUSDT", 1.0, TS + 30_000), ("BTCUSDT", 3.0, TS - 1)]
+    assert batch.seconds() == expect_seconds(
+        [("BTCUSDT", 1.0, TS + 30_000), ("BTCUSDT", 3.0, TS - 1)]
+    )
     assert p.rejects.counts == {"timestamp_in_future": 1}
 
 
@@ -243,7 +249,7 @@ def test_identical_ticks_in_one_millisecond_all_count() -> None:
 
     batch = p.parse(line("5.0") * 3, TS)
 
-    assert batch.by_symbol["BTCUSDT"] == [(5.0, TS)] * 3
+    assert batch.seconds() == {("BTCUSDT", TS // 1000): [5.0, 5.0, 15.0, 3, TS, 5.0]}
     assert batch.count == 3
 
 

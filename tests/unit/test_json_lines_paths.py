@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from marketflow.adapters.feeds.json_lines import JsonLinesParser
 from marketflow.domain.ticks import MAX_TS_MS, MIN_TS_MS, RejectCounts
+from tests.unit.folding import expect_seconds
 
 NOW = 1_795_694_355_187
 
@@ -38,7 +39,7 @@ def test_clean_chunks_are_decoded_at_once() -> None:
     want = [
         [("BTCUSDT", 1.5, NOW)],
         [("BTCUSDT", 1.5, NOW)],
-        [("BTCUSDT", 1.5, NOW), ("BTCUSDT", 3.5, NOW), ("ETHUSDT", 2.5, NOW)],
+        [("BTCUSDT", 1.5, NOW), ("ETHUSDT", 2.5, NOW), ("BTCUSDT", 3.5, NOW)],
         [("BTCUSDT", 1.5, NOW), ("BTCUSDT", 2.5, NOW)],
         [("BTCUSDT", 1.5, NOW), ("BTCUSDT", 2.5, NOW)],
         [("BTCUSDT", 1.5, NOW)],
@@ -46,7 +47,7 @@ def test_clean_chunks_are_decoded_at_once() -> None:
     for chunk, ticks in zip(chunks, want, strict=True):
         p = Spy()
         batch = p.parse(chunk, NOW)
-        assert sorted(batch.ticks()) == ticks, chunk
+        assert batch.seconds() == expect_seconds(ticks), chunk
         assert batch.count == len(ticks)
         assert p.fallbacks == 0, chunk
         assert p.rejects.counts == {}
@@ -61,8 +62,8 @@ def test_chunks_that_cannot_prove_one_value_per_line_are_decoded_line_by_line() 
         p = Spy()
         batch = p.parse(chunk, NOW)
         assert p.fallbacks == 1, chunk
-        assert batch.ticks() == ([("BTCUSDT", 1.5, NOW)] if b"[" in chunk or b"{n" in chunk
-                                 else []), chunk  # fmt: skip
+        kept = [("BTCUSDT", 1.5, NOW)] if b"[" in chunk or b"{n" in chunk else []
+        assert batch.seconds() == expect_seconds(kept), chunk
         assert p.rejects.total() == 1, (chunk, p.rejects.counts)
 
 
@@ -100,12 +101,56 @@ def test_bounds_are_inclusive() -> None:
           tick("1", ts=MIN_TS_MS), tick("2.0", ts=NOW + 60_000)]  # fmt: skip
     batch = p.parse(b"\n".join(ok), NOW)
     assert batch.count == 6, p.rejects.counts
-    assert sorted(batch.ticks()) == sorted([
+    assert batch.seconds() == expect_seconds([
         ("BTCUSDT", 100.0, NOW), ("BTCUSDT", 100.0, NOW), ("BTCUSDT", 0.000001, NOW),
         ("BTCUSDT", 1.0, MIN_TS_MS), ("BTCUSDT", 1.0, MIN_TS_MS), ("BTCUSDT", 2.0, NOW + 60_000),
     ])  # fmt: skip
-    assert all(type(price) is float for _, price, _ in batch.ticks())
+    assert all(type(f[0]) is float and type(f[5]) is float for f in batch.seconds().values())
     bad = [tick("1.0", ts=MIN_TS_MS - 1), tick("1", ts=MIN_TS_MS - 1),
            tick("1.0", ts=NOW + 60_001), tick("1", ts=MAX_TS_MS + 1)]  # fmt: skip
     p.parse(b"\n".join(bad), NOW)
     assert p.rejects.counts == {"timestamp_invalid": 3, "timestamp_in_future": 1}
+
+
+def test_reference_format_chunks_take_the_typed_fold_and_others_the_orjson_path() -> None:
+    typed = Spy().parse(tick("1.5") + b"\n" + tick("2", symbol="ETHUSDT") + b"\n", NOW)
+    assert typed.by_symbol == {}  # folded while decoding: no per-tick points at all
+    assert typed.folded == expect_seconds([("BTCUSDT", 1.5, NOW), ("ETHUSDT", 2.0, NOW)])
+    # An extra field, or a broken rule, is validated tick by tick: same ticks, same answer.
+    extra = tick("1.5").replace(b"}", b',"qty":3}') + b"\n" + tick("2", symbol="ETHUSDT")
+    p = Spy()
+    checked = p.parse(extra + b"\n", NOW)
+    assert checked.folded == {}
+    assert checked.by_symbol == {"BTCUSDT": [(1.5, NOW)], "ETHUSDT": [(2.0, NOW)]}
+    assert checked.seconds() == typed.seconds()
+    assert p.fallbacks == 0  # the chunk was still decoded at once (by orjson)
+
+
+def test_a_rule_broken_in_the_typed_fold_costs_only_its_line() -> None:
+    p = Spy()
+    batch = p.parse(tick("1.5") + b"\n" + tick("true") + b"\n" + tick("2.5") + b"\n", NOW)
+    assert batch.seconds() == expect_seconds([("BTCUSDT", 1.5, NOW), ("BTCUSDT", 2.5, NOW)])
+    assert p.rejects.counts == {"price_not_number": 1}
+
+
+def test_typed_fold_rejects_unknown_symbols_and_future_ticks_once_each() -> None:
+    p = Spy()
+    chunk = b"\n".join([
+        tick("1.5", symbol="XRPUSDT"), tick("1.5"), tick("2.5", ts=NOW + 60_001),
+        tick("3.5", ts=NOW + 60_000), tick("4.5", ts=NOW + 60_002),
+    ])  # fmt: skip
+    batch = p.parse(chunk, NOW)
+    assert batch.by_symbol == {}
+    assert batch.seconds() == expect_seconds(
+        [("BTCUSDT", 1.5, NOW), ("BTCUSDT", 3.5, NOW + 60_000)]
+    )
+    assert p.rejects.counts == {"unknown_symbol": 1, "timestamp_in_future": 2}
+    assert p.rejects.samples["unknown_symbol"] == tick("1.5", symbol="XRPUSDT")
+
+
+def test_a_bare_number_line_leaves_the_typed_fold_without_counting_its_rejects_twice() -> None:
+    p = Spy()
+    chunk = tick("1.5", symbol="XRPUSDT") + b"\n0\n" + tick("2.5") + b"\n"
+    batch = p.parse(chunk, NOW)
+    assert batch.seconds() == expect_seconds([("BTCUSDT", 2.5, NOW)])
+    assert p.rejects.counts == {"unknown_symbol": 1, "not_an_object": 1}

@@ -104,3 +104,38 @@ def test_a_minute_restored_from_an_older_format_row_is_emitted_whole_without_sec
     assert agg is not None
     assert (agg.low, agg.high, agg.total, agg.count) == (1.0, 3.0, 6.0, 3)
     assert w.minute_aggregate(0) is None
+
+
+def test_folded_seconds_give_the_window_what_single_ticks_give_it() -> None:
+    batches = [
+        [(2.0, 11_000), (3.0, 11_100), (1.0, 12_000)],
+        [(1.0, 9_000), (5.0, 11_500), (5.0, 12_999), (4.0, 12_999)],  # a late tick, a tie
+        [(4.0, 12_999), (0.5, 10_000)],  # same newest again: receipt time unchanged
+        [(7.0, 13_000)],
+    ]
+    by_tick = PairWindow("ex", "BTC", floor_second=10)
+    by_second = PairWindow("ex", "BTC", floor_second=10)
+    for received, points in enumerate(batches):
+        by_tick.add(points, received)
+        # The parser's folded form of the same batch, written out literally.
+        folded: dict[int, list[float]] = {}
+        for price, ts in points:
+            f = folded.get(ts // 1000)
+            if f is None:
+                folded[ts // 1000] = [price, price, price, 1, ts, price]
+                continue
+            f[0], f[1], f[2], f[3] = min(f[0], price), max(f[1], price), f[2] + price, f[3] + 1
+            if ts >= f[4]:
+                f[4], f[5] = ts, price
+        for second, f in folded.items():
+            by_second.add_second(second, f, received)
+        assert by_second.seconds == by_tick.seconds
+        assert by_second.latest() == by_tick.latest()
+        assert (by_second.late, by_second.newest_second) == (by_tick.late, by_tick.newest_second)
+        assert by_second.dirty_seconds == by_tick.dirty_seconds
+    assert by_second.seconds == {
+        10: [0.5, 0.5, 0.5, 1], 11: [2.0, 5.0, 10.0, 3], 12: [1.0, 5.0, 14.0, 4],
+        13: [7.0, 7.0, 7.0, 1],
+    }  # fmt: skip
+    assert by_second.latest() == LatestPrice("ex", "BTC", 7.0, 13_000, 3)
+    assert by_second.late == 1
