@@ -1,16 +1,29 @@
-"""Ingest benchmark: simulator firehoses -> the daemon (one core) -> real Redis and PostgreSQL.
+"""Ingest benchmark: firehoses -> the daemon (one core) -> real Redis and PostgreSQL.
 
-    python -m bench.ingest [--simulators 2] [--rate 200000] [--seconds 15]
+    python -m bench.ingest [--sources 2] [--pairs 5] [--rate 0] [--seconds 15] [--fill]
 
-The daemon runs as its own process pinned to CPU 0 (when the machine has two or more),
-simulators and this measuring process to the other CPUs. Throughput is the daemon's own count
-of ticks folded (from /health) over the measured interval: TCP flow control throttles the
-simulators to what the daemon sustains. Latency is exchange timestamp -> visible in Redis:
-the ``marketflow:latest`` hash is polled every 5 ms; when a pair's latest timestamp moves
-from t0 to t1 at poll time T, the ticks that became visible with it were stamped between t0
-and t1 (a firehose stamps them evenly), so ten samples T - t are taken spread over (t0, t1].
-That counts the wait for the next flush of the oldest tick of an interval, not only the
-freshest one. The last line printed is one JSON object.
+Prints, from one run: the limit loop (bench.limit, on the daemon's core before the daemon
+starts), the daemon's end-to-end ticks/s and its ratio to the limit loop, tick -> Redis
+latency p50/p99, the daemon's RSS, and ticks counted back from what was stored.
+
+- The daemon runs as its own process pinned to CPU 0 (when the machine has two or more);
+  the senders (bench.firehose: pre-rendered lines, restamped, tens of ns a line), Redis,
+  PostgreSQL and this process share the other CPUs. ``--rate 0`` saturates: TCP flow
+  control throttles the senders to what the daemon sustains.
+- Throughput is counted back from the store: after the measured interval the senders stop,
+  the daemon is stopped with SIGTERM (it writes the open minutes), and the ticks whose
+  exchange second lies inside the interval are summed from the minute rows' per-second
+  parts in PostgreSQL. The daemon's own count (/health ``ticks``), the rows' total and the
+  Redis window's total are printed beside it: all three must agree.
+- Latency is exchange timestamp -> readable in Redis, from this process's own poller
+  (``HMGET marketflow:latest`` in a tight loop, no sleep). When a pair's latest timestamp
+  moves from t0 to t1 at poll time T, every millisecond stamp s in (t0, t1] became readable
+  by T: one sample T - s per millisecond (the senders stamp at a constant rate), so the
+  flush wait of the oldest tick of a flush counts, not only the freshest. Stamps are whole
+  milliseconds (up to 1 ms added) and a poll takes ~0.1-0.3 ms: both bias it upward.
+- ``--fill`` first sends one round per second of exchange time over the whole retention
+  (600 s), so the RSS printed is with every retained (exchange, pair, second) present.
+The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -18,19 +31,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
-import statistics
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 import redis.asyncio as aioredis
 
-from tests.e2e.procs import Daemon, Simulator
+from bench.firehose import pair_names
+from bench.limit import limit_lines_per_s
+from marketflow.adapters.minute_codec import decode_seconds
+from tests.e2e.procs import Daemon
 from tests.harness.services import PostgresServer, RedisServer, free_port
+
+RETENTION_S = 600
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -52,99 +73,191 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def sample_latency(url: str, seconds: float) -> list[float]:
+class Firehose:
+    def __init__(self, pairs: int, rate: float, fill_s: int) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.firehose", "--port", str(self.port),
+             "--pairs", str(pairs), "--rate", str(rate), "--fill-s", str(fill_s)],
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line.startswith(b"listening"), line
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(10)
+
+
+async def sample_latency(url: str, fields: list[str], seconds: float) -> list[float]:
     client = aioredis.Redis.from_url(url)
-    seen: dict[bytes | str, int] = {}
+    seen: dict[str, int] = {}
     out: list[float] = []
     deadline = time.monotonic() + seconds
     try:
         while time.monotonic() < deadline:
-            entries = await client.hgetall("marketflow:latest")
+            values = await client.hmget("marketflow:latest", fields)
             now_ms = time.time() * 1000
-            for key, raw in entries.items():
+            for field, raw in zip(fields, values, strict=True):
+                if raw is None:
+                    continue
                 ts = int(orjson.loads(raw)["timestamp"])
-                prev = seen.get(key)
-                if prev == ts:
+                prev = seen.get(field)
+                seen[field] = ts
+                if prev is None or ts <= prev:
                     continue
-                seen[key] = ts
-                if prev is None or prev > ts:
-                    continue
-                out.extend(now_ms - (prev + (ts - prev) * k / 10) for k in range(1, 11))
-            await asyncio.sleep(0.005)
+                out.extend(now_ms - s for s in range(max(prev + 1, ts - 1000), ts + 1))
     finally:
         await client.aclose()
     return out
+
+
+async def counted_back(dsn: str, url: str, s0: int, s1: int) -> dict[str, int]:
+    """Ticks in the stored rows (all, and those of seconds s0 <= s < s1) and in Redis."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT (extract(epoch FROM timestamp) * 1000)::bigint AS m, tick_count, seconds "
+            "FROM minute_prices"
+        )
+    finally:
+        await conn.close()
+    stored = inside = 0
+    for r in rows:
+        stored += r["tick_count"]
+        for s, _lo, _hi, _tot, n in decode_seconds(r["m"], r["seconds"]) or ():
+            if s0 <= s < s1:
+                inside += n
+    client = aioredis.Redis.from_url(url)
+    cached = 0
+    try:
+        async for key in client.scan_iter(match="marketflow:window:*", count=1000):
+            values = await client.hgetall(key)
+            for v in values.values():
+                text = v.decode() if isinstance(v, bytes) else v
+                cached += int(text.rsplit(",", 1)[1])
+    finally:
+        await client.aclose()
+    return {"stored": stored, "stored_inside": inside, "cached": cached}
 
 
 def ticks(daemon: Daemon) -> int:
     return int(daemon.get("/health")[1]["ticks"])
 
 
+def settle(daemon: Daemon, timeout: float = 30) -> int:
+    """The daemon's tick count once it stops moving (the senders have stopped)."""
+    last, deadline = -1, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        n = ticks(daemon)
+        if n == last:
+            return n
+        last = n
+        time.sleep(0.5)
+    return last
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ingest")
-    ap.add_argument("--simulators", type=int, default=2)
-    ap.add_argument("--rate", type=int, default=200_000, help="lines/s per simulator")
+    ap.add_argument("--sources", type=int, default=2, help="exchanges (one firehose each)")
+    ap.add_argument("--pairs", type=int, default=5, help="pairs per exchange")
+    ap.add_argument("--rate", type=float, default=0, help="lines/s per source; 0: saturate")
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--warmup", type=float, default=3.0)
-    ap.add_argument("--flush-ms", type=int, default=20)
+    ap.add_argument("--fill", action="store_true", help="fill the 600 s retention first")
+    ap.add_argument("--profile", type=Path, help="py-spy raw profile of the daemon to FILE")
     args = ap.parse_args(argv)
 
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     daemon_cpus = {cpus[0]} if len(cpus) > 1 else set(cpus)
     other_cpus = set(cpus[1:]) or set(cpus)
+    pin(0, daemon_cpus)
+    limit = limit_lines_per_s()
     pin(0, other_cpus)
+    pairs = pair_names(args.pairs)
     with tempfile.TemporaryDirectory() as tmp_dir, PostgresServer() as pg, RedisServer() as rd:
         tmp = Path(tmp_dir)
-        sims = [
-            Simulator(tmp, f"exchange{i + 1}", "json", "--rate", str(args.rate))
-            for i in range(args.simulators)
+        hoses = [
+            Firehose(args.pairs, args.rate, RETENTION_S if args.fill else 0)
+            for _ in range(args.sources)
         ]
-        for s in sims:
-            s.start()
-            assert s.proc is not None
-            pin(s.proc.pid, other_cpus)
         config: dict[str, Any] = {
             "http": {"host": "127.0.0.1", "port": 0},
             "postgres": {"dsn": pg.dsn},
             "redis": {"url": rd.url},
             "embedded": {"data_dir": str(tmp / "var")},
-            "pipeline": {"flush_interval_ms": args.flush_ms},
+            "pipeline": {"window_retention_s": RETENTION_S},
             "capture": {"enabled": False, "port": free_port()},
             "log_level": "WARNING",
-            "exchanges": [{"name": s.name, "port": s.port} for s in sims],
+            "pairs": pairs,
+            "exchanges": [{"name": f"ex{i + 1}", "port": h.port} for i, h in enumerate(hoses)],
         }
         daemon = Daemon(tmp, config)
         daemon.start()
         assert daemon.proc is not None
         pin(daemon.proc.pid, daemon_cpus)
+        fields = [f"ex{i + 1}:{pairs[0]}" for i in range(args.sources)]
+        profiler = None
         try:
-            time.sleep(args.warmup)
-            t0, n0 = time.monotonic(), ticks(daemon)
-            latencies = asyncio.run(sample_latency(rd.url, args.seconds))
-            t1, n1 = time.monotonic(), ticks(daemon)
+            time.sleep(args.warmup + (5 if args.fill else 0))
+            if args.profile:
+                profiler = subprocess.Popen(
+                    [sys.executable.replace("python", "py-spy").rsplit("/", 1)[0] + "/py-spy",
+                     "record", "-p", str(daemon.proc.pid), "-d", str(int(args.seconds)),
+                     "-r", "200", "-f", "raw", "-o", str(args.profile), "--nonblocking"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+            t0, n0 = time.time(), ticks(daemon)
+            latencies = asyncio.run(sample_latency(rd.url, fields, args.seconds))
+            t1, n1 = time.time(), ticks(daemon)
             rss = rss_mb(daemon.proc.pid)
+            for h in hoses:
+                h.stop()
+            folded = settle(daemon)
             health = daemon.get("/health")[1]
         finally:
+            if profiler is not None:
+                profiler.wait(60)
             daemon.stop()
-            for s in sims:
-                s.stop()
-    rate = (n1 - n0) / (t1 - t0)
+            for h in hoses:
+                if h.proc.poll() is None:
+                    h.stop()
+        s0, s1 = math.ceil(t0), math.floor(t1)
+        back = asyncio.run(counted_back(pg.dsn, rd.url, s0, s1))
+    stored_rate = back["stored_inside"] / (s1 - s0)
     result = {
-        "ticks_per_s": round(rate),
-        "p50_ms": round(percentile(latencies, 0.50), 1),
-        "p99_ms": round(percentile(latencies, 0.99), 1),
+        "ticks_per_s": round(stored_rate),
+        "limit_lines_per_s": round(limit),
+        "ratio": round(stored_rate / limit, 3),
+        "health_ticks_per_s": round((n1 - n0) / (t1 - t0)),
+        "p50_ms": round(percentile(latencies, 0.50), 2),
+        "p99_ms": round(percentile(latencies, 0.99), 2),
+        "max_ms": round(max(latencies), 2) if latencies else None,
         "rss_mb": round(rss, 1),
-        "simulators": args.simulators,
-        "offered_rate_per_simulator": args.rate,
-        "seconds": args.seconds,
+        "sources": args.sources,
+        "pairs": args.pairs,
+        "offered_rate_per_source": args.rate or "saturate",
+        "seconds": s1 - s0,
         "latency_samples": len(latencies),
-        "mean_ms": round(statistics.fmean(latencies), 1) if latencies else None,
+        "folded_total": folded,
+        **back,
         "rejected": sum(e["rejected"] for e in health["exchanges"].values()),
+        "late": health.get("late_ticks"),
         "daemon_cpus": sorted(daemon_cpus),
     }
+    print(f"limit loop {limit:,.0f} lines/s on CPU {sorted(daemon_cpus)}")
     print(
-        f"daemon sustained {rate:,.0f} ticks/s on CPU {sorted(daemon_cpus)}; "
-        f"tick->Redis p50 {result['p50_ms']} ms p99 {result['p99_ms']} ms; rss {rss:.0f} MB"
+        f"daemon: {stored_rate:,.0f} ticks/s counted back from PostgreSQL over {s1 - s0} s "
+        f"= {stored_rate / limit:.2f} of the limit loop ({args.sources} x {args.pairs} pairs)"
+    )
+    print(
+        f"tick->Redis p50 {result['p50_ms']} ms p99 {result['p99_ms']} ms "
+        f"max {result['max_ms']} ms; rss {rss:.0f} MB"
+    )
+    print(
+        f"counted back: folded {folded:,} = stored {back['stored']:,} = cached {back['cached']:,}"
+        f" ({'agree' if folded == back['stored'] == back['cached'] else 'DISAGREE'})"
     )
     print(json.dumps(result))
     return 0

@@ -26,32 +26,38 @@ class Tick(msgspec.Struct):
     timestamp: int
 
 
+def limit_pass(data: bytes, chunks: int, decoder: msgspec.json.Decoder[list[Tick]]) -> float:
+    """Seconds for one pass of the limit loop over ``chunks`` copies of ``data``."""
+    folded: dict[tuple[str, int], list[float]] = {}
+    t0 = time.perf_counter()
+    for _ in range(chunks):
+        ticks = decoder.decode(b"[" + data.rstrip(b"\n").replace(b"\n", b",") + b"]")
+        for t in ticks:
+            key = (t.symbol, t.timestamp // 1000)
+            b = folded.get(key)
+            p = t.price
+            if b is None:
+                folded[key] = [p, p, p, 1]
+            else:
+                if p < b[0]:
+                    b[0] = p
+                if p > b[1]:
+                    b[1] = p
+                b[2] += p
+                b[3] += 1
+    return time.perf_counter() - t0
+
+
+def reference_chunk() -> bytes:
+    return chunk(900, random.Random(1))
+
+
 def limit_lines_per_s(chunks: int = 200, rounds: int = 5) -> float:
     """Best of ``rounds`` passes over ``chunks`` 64 KiB chunks, in lines per second."""
-    data = chunk(900, random.Random(1))
-    n_lines = data.count(b"\n")
+    data = reference_chunk()
     decoder = msgspec.json.Decoder(list[Tick])
-    best = float("inf")
-    for _ in range(rounds):
-        folded: dict[tuple[str, int], list[float]] = {}
-        t0 = time.perf_counter()
-        for _ in range(chunks):
-            ticks = decoder.decode(b"[" + data.rstrip(b"\n").replace(b"\n", b",") + b"]")
-            for t in ticks:
-                key = (t.symbol, t.timestamp // 1000)
-                b = folded.get(key)
-                p = t.price
-                if b is None:
-                    folded[key] = [p, p, p, 1]
-                else:
-                    if p < b[0]:
-                        b[0] = p
-                    if p > b[1]:
-                        b[1] = p
-                    b[2] += p
-                    b[3] += 1
-        best = min(best, time.perf_counter() - t0)
-    return chunks * n_lines / best
+    best = min(limit_pass(data, chunks, decoder) for _ in range(rounds))
+    return chunks * data.count(b"\n") / best
 
 
 def main() -> None:

@@ -86,3 +86,16 @@ def private_redis() -> Iterator[RedisServer]:
     """A Redis of this test's own, free to be stopped and restarted."""
     with _redis() as server:
         yield server
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first: tests with a raised timeout (they wait for minute boundaries), then the
+    other end-to-end tests. Under ``pytest -n`` a long test started last would keep one
+    worker busy long after the others are done."""
+
+    def key(item: pytest.Item) -> tuple[float, int]:
+        marker = item.get_closest_marker("timeout")
+        timeout = float(marker.args[0]) if marker is not None and marker.args else 0.0
+        return (-timeout, 0 if "/e2e/" in str(item.path) else 1)
+
+    items.sort(key=key)

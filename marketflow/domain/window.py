@@ -12,9 +12,10 @@ copy had. A stored row therefore never shrinks when it is rewritten.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from marketflow.domain.aggregates import Aggregate, LatestPrice, MinuteRow, SecondBucket
+from marketflow.domain.seconds_pack import pack, unpack
 from marketflow.domain.ticks import PricePoint, SecondFold
 
 Bucket = list[float]
@@ -39,7 +40,9 @@ class PairWindow:
         "latest_price",
         "latest_received_ms",
         "latest_ts",
+        "loose",
         "newest_second",
+        "packed",
         "pending_minutes",
         "seconds",
         "symbol",
@@ -48,7 +51,11 @@ class PairWindow:
     def __init__(self, exchange: str, symbol: str, floor_second: int = 0) -> None:
         self.exchange = exchange
         self.symbol = symbol
-        self.seconds: dict[int, Bucket] = {}
+        self.seconds: dict[int, Bucket] = {}  # the open (and not yet packed) seconds
+        # minute_ms -> its seconds, packed once the minute was emitted closed (seconds_pack):
+        # most of the retention lives here, at ~30 bytes a second.
+        self.packed: dict[int, bytes] = {}
+        self.loose = False  # restored seconds of closed minutes wait to be packed
         # minute_ms -> a stored row without per-second parts (written by an older version)
         self.bases: dict[int, Aggregate] = {}
         self.dirty_seconds: set[int] = set()
@@ -77,6 +84,8 @@ class PairWindow:
                     self.late += 1
                     continue
                 got = seconds.get(sec)
+                if got is None and self.packed:
+                    got = self._unpacked(sec)
                 if got is None:
                     got = seconds[sec] = [price, price, 0.0, 0]
                 b = got
@@ -104,6 +113,8 @@ class PairWindow:
             self.late += int(f[3])
             return
         b = self.seconds.get(second)
+        if b is None and self.packed:
+            b = self._unpacked(second)
         if b is None:
             self.seconds[second] = [f[0], f[1], f[2], f[3]]
         else:
@@ -121,6 +132,34 @@ class PairWindow:
             self.latest_received_ms = received_ms
             if second > self.newest_second:
                 self.newest_second = second
+
+    def _unpacked(self, second: int) -> Bucket | None:
+        """The bucket of ``second`` after unpacking its minute (a late tick for a closed
+        minute: it becomes open again, and is packed again once re-emitted)."""
+        minute_ms = second // 60 * 60_000
+        blob = self.packed.pop(minute_ms, None)
+        if blob is None:
+            return None
+        for s, lo, hi, total, n in unpack(minute_ms // 1000, blob):
+            self.seconds[s] = [lo, hi, total, n]
+        return self.seconds.get(second)
+
+    def _pack(self, minute_ms: int) -> None:
+        """Move a closed, emitted minute's seconds out of the dict into bytes."""
+        start = minute_ms // 1000
+        secs = [s for s in range(start, start + 60) if s in self.seconds]
+        if not secs or any(s in self.dirty_seconds for s in secs):
+            return
+        buckets = [(s, self.seconds.pop(s)) for s in secs]
+        self.packed[minute_ms] = pack(start, ((s, b[0], b[1], b[2], int(b[3])) for s, b in buckets))
+
+    def _pack_loose(self, clock: int, grace_ms: int) -> None:
+        """Pack every closed minute that is not pending (restored ones)."""
+        self.loose = False
+        minutes = {s // 60 * 60_000 for s in self.seconds}
+        for m in minutes - self.pending_minutes:
+            if m + 60_000 + grace_ms <= clock:
+                self._pack(m)
 
     def latest(self) -> LatestPrice | None:
         if self.latest_ts < 0:
@@ -142,9 +181,12 @@ class PairWindow:
         if minute_ms in self.bases:
             return False  # that minute is restored whole from an older-format row
         b = self.seconds.get(second)
+        if b is None and self.packed:
+            b = self._unpacked(second)
         if b is not None and b[3] >= count:
             return False
         self.seconds[second] = [low, high, total, count]
+        self.loose = True
         if second > self.newest_second:
             self.newest_second = second
         return True
@@ -162,6 +204,7 @@ class PairWindow:
             return held is not None and held.count > row.count
         # An older-format row cannot be split by second: keep it whole unless the cached
         # seconds of that minute already hold at least as many ticks (then they are newer).
+        self._unpacked(start)
         cached = [b for s, b in self.seconds.items() if start <= s < start + 60]
         if sum(int(b[3]) for b in cached) >= row.count:
             return True
@@ -198,12 +241,31 @@ class PairWindow:
     def all_seconds(self) -> list[SecondBucket]:
         return [
             SecondBucket(self.exchange, self.symbol, s, b[0], b[1], b[2], int(b[3]))
-            for s, b in self.seconds.items()
+            for s, b in self._every_second()
         ]
+
+    def _every_second(self) -> Iterator[tuple[int, Bucket]]:
+        yield from self.seconds.items()
+        for m, blob in self.packed.items():
+            for s, lo, hi, total, n in unpack(m // 1000, blob):
+                yield s, [lo, hi, total, n]
+
+    def _seconds_between(self, first: int, last: int) -> Iterator[tuple[int, Bucket]]:
+        """Seconds ``first`` .. ``last`` inclusive, open or packed."""
+        for s, b in self.seconds.items():
+            if first <= s <= last:
+                yield s, b
+        for m, blob in self.packed.items():
+            start = m // 1000
+            if start > last or start + 59 < first:
+                continue
+            for s, lo, hi, total, n in unpack(start, blob):
+                if first <= s <= last:
+                    yield s, [lo, hi, total, n]
 
     def minute_seconds(self, minute_ms: int) -> list[tuple[int, Bucket]]:
         start = minute_ms // 1000
-        return sorted((s, b) for s, b in self.seconds.items() if start <= s < start + 60)
+        return sorted(self._seconds_between(start, start + 59))
 
     def minute_aggregate(self, minute_ms: int) -> Aggregate | None:
         parts = [_agg(s, b) for s, b in self.minute_seconds(minute_ms)]
@@ -232,6 +294,7 @@ class PairWindow:
         """Pending minutes that have closed by ``clock_ms``; they stop being pending."""
         clock = max(clock_ms, self.latest_ts)
         rows = []
+        packed_before = len(self.packed)
         for minute in sorted(self.pending_minutes):
             if minute + 60_000 + grace_ms > clock:
                 continue
@@ -239,6 +302,13 @@ class PairWindow:
             row = self.minute_row(minute, _covered(covered, minute))
             if row is not None:
                 rows.append(row)
+                if row.seconds is not None:
+                    self._pack(minute)
+        if self.loose:
+            self._pack_loose(clock, grace_ms)
+        if len(self.packed) != packed_before:
+            # A dict keeps its table when keys leave: copy it down to the open seconds.
+            self.seconds = dict(self.seconds)
         return rows
 
     def open_minutes(self, covered: dict[int, int] | None = None) -> list[MinuteRow]:
@@ -269,6 +339,8 @@ class PairWindow:
             del self.seconds[s]
         for m in [m for m in self.bases if m // 1000 < floor]:
             del self.bases[m]
+        for m in [m for m in self.packed if m // 1000 < floor]:
+            del self.packed[m]
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -280,6 +352,7 @@ class PairWindow:
         """
         starts = [s // 60 * 60_000 for s in self.seconds]
         starts.extend(self.bases)
+        starts.extend(self.packed)
         if not starts:
             return None
         return min(min(starts), self.floor_second * 1000) if self.floor_second else min(starts)
@@ -287,7 +360,7 @@ class PairWindow:
     def period(self, from_second: int, to_second: int) -> Aggregate | None:
         """Seconds ``from_second`` .. ``to_second`` inclusive; an older-format stored minute
         counts when it lies wholly inside."""
-        parts = [_agg(s, b) for s, b in self.seconds.items() if from_second <= s <= to_second]
+        parts = [_agg(s, b) for s, b in self._seconds_between(from_second, to_second)]
         parts.extend(
             base
             for m, base in self.bases.items()
@@ -296,13 +369,14 @@ class PairWindow:
         return Aggregate.merged(parts)
 
     def everything(self) -> Aggregate | None:
-        parts = [_agg(s, b) for s, b in self.seconds.items()]
+        parts = [_agg(s, b) for s, b in self._every_second()]
         parts.extend(self.bases.values())
         return Aggregate.merged(parts)
 
     def minutes_held(self) -> set[int]:
         minutes = {s // 60 * 60_000 for s in self.seconds}
         minutes.update(self.bases)
+        minutes.update(self.packed)
         return minutes
 
 

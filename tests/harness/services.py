@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -31,12 +32,31 @@ class ServerBinaryMissing(RuntimeError):
     """A server binary the integration tests need is not installed."""
 
 
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1 ... under pytest -n
+_PORTS_PER_WORKER = 2500
+_PORT_BASE = 10_000  # below Linux's ephemeral range (32768-60999): no client socket holds one
+
+
 def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A loopback TCP port nobody listens on right now.
+
+    Under pytest-xdist each worker draws from its own range, so two workers never pick the
+    same free port between a check and a bind; alone, the kernel picks one."""
+    if not _WORKER.startswith("gw"):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+            return port
+    low = _PORT_BASE + int(_WORKER[2:]) % 9 * _PORTS_PER_WORKER
+    for _ in range(1000):
+        candidate = random.randrange(low, low + _PORTS_PER_WORKER)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return candidate
+    raise RuntimeError(f"no free port in {low}..{low + _PORTS_PER_WORKER}")
 
 
 def _version_key(path: Path) -> tuple[int, ...]:

@@ -137,7 +137,7 @@ def test_typed_fold_rejects_unknown_symbols_and_future_ticks_once_each() -> None
     p = Spy()
     chunk = b"\n".join([
         tick("1.5", symbol="XRPUSDT"), tick("1.5"), tick("2.5", ts=NOW + 60_001),
-        tick("3.5", ts=NOW + 60_000), tick("4.5", ts=NOW + 60_002),
+        tick("3.5", ts=NOW + 60_000), tick("4.5", ts=NOW + 60_002), b"",
     ])  # fmt: skip
     batch = p.parse(chunk, NOW)
     assert batch.by_symbol == {}

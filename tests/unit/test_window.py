@@ -94,3 +94,51 @@ def test_seeded_minute_base_is_merged_into_reemitted_row() -> None:
     w.take_dirty_seconds()
     (row,) = w.open_minutes()
     assert (row.count, row.low, row.high, row.average) == (5, 5.0, 20.0, 12.0)
+
+
+def test_closed_minutes_are_packed_and_a_late_tick_reopens_its_minute_exactly() -> None:
+    w = PairWindow("ex", "BTCUSDT")
+    w.add([(10.0, T0 + 1_000), (12.0, T0 + 59_500), (20.0, T0 + 61_000)], T0)
+    w.take_dirty_seconds()
+    rows = w.closed_minutes(T0 + 62_000, 2_000)
+    assert [r.minute_ms for r in rows] == [T0]
+    assert set(w.packed) == {T0}  # the closed minute left the dict
+    assert sorted(w.seconds) == [T0 // 1000 + 61]
+    # Everything reads packed and open seconds alike.
+    assert w.minute_row(T0, None) == rows[0]
+    p = w.period(T0 // 1000 + 59, T0 // 1000 + 61)
+    assert p is not None
+    assert (p.low, p.high, p.total, p.count) == (12.0, 20.0, 32.0, 2)
+    e = w.everything()
+    assert e is not None
+    assert (e.count, e.total) == (3, 42.0)
+    assert w.minutes_held() == {T0, T0 + 60_000}
+    assert w.oldest_minute_ms() == T0
+    assert sorted(b.second for b in w.all_seconds()) == [T0 // 1000 + s for s in (1, 59, 61)]
+    # A late tick for the packed minute: unpacked, folded, emitted again whole, packed again.
+    w.add([(5.0, T0 + 1_200)], T0 + 63_000)
+    assert w.packed == {}
+    assert w.seconds[T0 // 1000 + 1] == [5.0, 10.0, 15.0, 2]
+    w.take_dirty_seconds()
+    again = w.closed_minutes(T0 + 63_000, 2_000)
+    assert [(r.minute_ms, r.count, r.low, r.high) for r in again] == [(T0, 3, 5.0, 12.0)]
+    assert set(w.packed) == {T0}
+    # Eviction drops packed minutes like open ones.
+    w.newest_second = T0 // 1000 + 60 + 600
+    w.evict(600)
+    assert w.packed == {}
+
+
+def test_restored_seconds_of_closed_minutes_are_packed_at_the_next_close() -> None:
+    w = PairWindow("ex", "BTCUSDT")
+    assert w.seed_second(T0 // 1000 + 5, 1.0, 2.0, 3.0, 2)
+    assert w.loose
+    w.closed_minutes(T0 + 120_000, 2_000)  # not pending: nothing emitted, but packed
+    assert set(w.packed) == {T0}
+    assert w.seconds == {}
+    assert not w.loose
+    # Seeding a fuller version of a packed second unpacks its minute first.
+    assert w.seed_second(T0 // 1000 + 5, 0.5, 2.0, 5.0, 3)
+    assert w.seconds == {T0 // 1000 + 5: [0.5, 2.0, 5.0, 3]}
+    assert w.packed == {}
+    assert not w.seed_second(T0 // 1000 + 5, 1.0, 2.0, 3.0, 2)  # the older version loses

@@ -41,6 +41,7 @@ from marketflow.domain.ticks import (
     RejectCounts,
     SecondFold,
     TickBatch,
+    fold_points,
     price_reject_reason,
 )
 
@@ -79,6 +80,14 @@ class JsonLinesParser:
 
     def parse(self, chunk: bytes, received_ms: int) -> TickBatch:
         """Parse complete lines (the last one may lack its newline)."""
+        if chunk.endswith(b"\n"):
+            # Every line break becomes a separator, and a last 0 closes the array after the
+            # last one: 2 * lines + 1 values. Blank lines, like any other broken rule, fail.
+            joined = b"".join((b"[", chunk.replace(b"\n", _SEPARATOR), b"0]"))
+            lines = (len(joined) - len(chunk) - 3) // (len(_SEPARATOR) - 1)
+            batch = self._typed_chunk(joined, lines, received_ms)
+            if batch is not None:
+                return batch
         data = chunk
         if b"\r" in data:
             data = data.replace(b"\r", b"")
@@ -88,13 +97,10 @@ class JsonLinesParser:
         if not data:
             return TickBatch(self.exchange, {}, received_ms, 0)
         if b"[" not in data and b"]" not in data:
-            joined = b"[" + data.replace(b"\n", _SEPARATOR) + b"]"
-            lines = (len(joined) - len(data) - 2) // (len(_SEPARATOR) - 1) + 1
-            batch = self._typed_chunk(joined, lines, received_ms)
-            if batch is not None:
-                return batch
+            joined = data.replace(b"\n", _SEPARATOR)
+            lines = (len(joined) - len(data)) // (len(_SEPARATOR) - 1) + 1
             try:
-                values = orjson.loads(joined)
+                values = orjson.loads(b"[" + joined + b"]")
             except orjson.JSONDecodeError:
                 pass
             else:
@@ -103,39 +109,42 @@ class JsonLinesParser:
         return self._validate(self._decode_lines(data), received_ms)
 
     def _typed_chunk(self, joined: bytes, lines: int, received_ms: int) -> TickBatch | None:
-        """The fast path; None when the chunk breaks a rule (then it is validated per tick)."""
+        """The fast path; None when the chunk breaks a rule (then it is validated per tick).
+
+        No array can decode into the typed values at all (a tick has no array field and
+        unknown fields are refused), so unlike the orjson path no separator can hide inside
+        one: ``[`` and ``]`` need no scan here."""
         try:
             typed = self._typed.decode(joined)
         except msgspec.DecodeError:  # ValidationError is one: a rule broken, or not JSON
             return None
-        if len(typed) != 2 * lines - 1:
+        if len(typed) != 2 * lines + 1:
             return None
-        return self._fold(typed, received_ms)
+        return self._fold(typed, lines, received_ms)
 
-    def _fold(self, typed: list[object], received_ms: int) -> TickBatch | None:
-        """Fold the typed ticks (the even indices) into their seconds; None when one of them
-        is a plain number (a line ``0``), so the chunk is validated line by line instead."""
+    def _fold(self, typed: list[object], lines: int, received_ms: int) -> TickBatch | None:
+        """Fold the typed ticks (the even indices but the last) into their seconds; None when
+        one of them is a plain number (a line ``0``): the chunk is then validated per tick.
+
+        A (symbol, second) that is new, unknown, or in the second where the future starts
+        (``max_ts``) is handled after the loop, tick by tick in arrival order: the hot loop
+        never compares a timestamp with ``max_ts`` and never looks a symbol up."""
         folded: dict[FoldKey, SecondFold] = {}
         get = folded.get
-        symbols = self.symbols
         max_ts = min(MAX_TS_MS, received_ms + self.max_ahead_ms)
-        count = 0
-        refused: list[object] = []  # counted only once the whole chunk is folded
+        max_sec = max_ts // 1000
+        careful: list[object] = []
         try:
-            for t in typed[0::2]:
+            for t in typed[0:-1:2]:
                 ts = t.timestamp  # type: ignore[attr-defined]
                 price = t.price  # type: ignore[attr-defined]
                 key = (t.symbol, ts // 1000)  # type: ignore[attr-defined]
                 f = get(key)
                 if f is None:
-                    if key[0] not in symbols or ts > max_ts:
-                        refused.append(t)
-                        continue
-                    folded[key] = [price, price, price, 1, ts, price]
-                    count += 1
-                    continue
-                if ts > max_ts:  # the newest second of a batch can hold future ones
-                    refused.append(t)
+                    if key[1] >= max_sec or key[0] not in self.symbols:
+                        careful.append(t)
+                    else:
+                        folded[key] = [price, price, price, 1, ts, price]
                     continue
                 if price < f[0]:
                     f[0] = price
@@ -146,14 +155,18 @@ class JsonLinesParser:
                 if ts >= f[4]:
                     f[4] = ts
                     f[5] = price
-                count += 1
         except AttributeError:
             return None
-        for t in refused:
-            future = t.timestamp > max_ts  # type: ignore[attr-defined]
-            reason = "timestamp_in_future" if future else "unknown_symbol"
-            self.rejects.add(reason, msgspec.json.encode(t))
-        return TickBatch(self.exchange, {}, received_ms, count, folded=folded)
+        refused = 0
+        for t in careful:
+            ts, price = t.timestamp, t.price  # type: ignore[attr-defined]
+            if ts > max_ts or t.symbol not in self.symbols:  # type: ignore[attr-defined]
+                reason = "timestamp_in_future" if ts > max_ts else "unknown_symbol"
+                self.rejects.add(reason, msgspec.json.encode(t))
+                refused += 1
+                continue
+            fold_points(folded, t.symbol, [(price, ts)])  # type: ignore[attr-defined]
+        return TickBatch(self.exchange, {}, received_ms, lines - refused, folded=folded)
 
     def _decode_lines(self, data: bytes) -> list[object]:
         objs: list[object] = []
