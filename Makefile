@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8080
 CONFIG ?= config.toml
+# The suite mostly waits (minute boundaries, restarts): more workers than cores pay off.
+TEST_WORKERS ?= 4
 
 .PHONY: run test lint typecheck unit server-binaries bench bench-fix mutation clean
 
@@ -32,7 +34,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: $(STAMP) server-binaries lint typecheck
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal
 
 ## mutation: mutmut over the core modules against the unit tests, one module at a time, each
 ## run capped at MUTATION_TIMEOUT s (results are kept in mutants/: a rerun resumes). Not in test.

@@ -31,6 +31,8 @@ from marketflow.settings import PipelineSettings
 
 log = logging.getLogger("marketflow.aggregator")
 
+FULL_SWEEP_MS = 10_000  # every window is visited at least this often (see Aggregator._sweep)
+
 Clock = Callable[[], int]
 
 
@@ -87,6 +89,8 @@ class Aggregator:
         self._refill = False
         self.flushes = 0
         self._changed: set[PairWindow] = set()  # windows folded into since the last flush
+        self._due: dict[int, set[PairWindow]] = {}  # minute_ms -> windows it became pending in
+        self._next_full_sweep = 0
         self._folded = asyncio.Event()  # set when the consumer has emptied the fan-in queue
 
     @property
@@ -239,35 +243,67 @@ class Aggregator:
         to the writer."""
         now = self._clock()
         self._cover(now)
-        grace = self._pipeline.minute_grace_ms
         latest: list[LatestPrice] = []
         seconds: list[SecondBucket] = []
-        rows: list[MinuteRow] = []
-        sweep = sweep or final
-        changed_windows = self.all_windows() if sweep else iter(list(self._changed))
+        due = self._due
+        newly: list[int] = []
+        retention = self._pipeline.window_retention_s
+        changed_windows = list(self._changed)
         self._changed.clear()
         for w in changed_windows:
             if w.dirty_seconds:
                 lp = w.latest()
                 if lp is not None:
                     latest.append(lp)
-                seconds.extend(w.take_dirty_seconds())
-            if not sweep:
-                continue
-            covered = self.coverage.get(w.exchange, {})
-            rows.extend(w.open_minutes(covered) if final else w.closed_minutes(now, grace, covered))
-            w.evict(self._pipeline.window_retention_s)
+                seconds.extend(w.take_dirty_seconds(newly))
+                for minute in newly:
+                    got = due.get(minute)
+                    if got is None:
+                        due[minute] = {w}
+                    else:
+                        got.add(w)
+                newly.clear()
+            w.evict(retention)  # the floor follows the newest second at once: late is late
+        rows = self._sweep(now, final) if sweep or final else []
         changed = {source: (pos, now) for source, pos in self._positions.items()}
         self.marks.update(changed)
         self._positions.clear()
         if rows or final:
             self._rows.submit(rows, dict(self.marks))
         await self._write_cache(latest, seconds, changed, now, force=final)
-        if sweep:
-            self._evict_coverage()
         self.queue_delay_peak_ms, self._delay_peak_ms = self._delay_peak_ms, 0
         self.flush_duration_ms = self._clock() - now
         self.flushes += 1
+
+    def _sweep(self, now: int, final: bool) -> list[MinuteRow]:
+        """Closed minutes (all pending ones when final) and eviction.
+
+        Only windows with a pending minute that has closed are visited (``_due``: windows
+        by the minute they gained pending), so a sweep costs what closes, not one visit of
+        every window; every ``FULL_SWEEP_MS`` all windows are visited, for minutes made
+        pending by a restore, exchange clocks ahead of ours, and windows gone quiet."""
+        p = self._pipeline
+        grace = p.minute_grace_ms
+        full = final or now >= self._next_full_sweep
+        closed = [m for m in self._due if m + 60_000 + grace <= now]
+        visit: Iterable[PairWindow]
+        if full:
+            self._next_full_sweep = now + FULL_SWEEP_MS
+            visit = list(self.all_windows())
+            for m in closed:
+                del self._due[m]
+            self._evict_coverage()
+        else:
+            picked: set[PairWindow] = set()
+            for m in closed:
+                picked.update(self._due.pop(m))
+            visit = picked
+        rows: list[MinuteRow] = []
+        for w in visit:
+            covered = self.coverage.get(w.exchange, {})
+            rows.extend(w.open_minutes(covered) if final else w.closed_minutes(now, grace, covered))
+            w.evict(p.window_retention_s)
+        return rows
 
     async def _write_cache(
         self,

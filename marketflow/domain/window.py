@@ -225,16 +225,22 @@ class PairWindow:
 
     # -- flushing ---------------------------------------------------------------------------
 
-    def take_dirty_seconds(self) -> list[SecondBucket]:
-        """Seconds changed since the last call; their minutes become pending."""
+    def take_dirty_seconds(self, newly_pending: list[int] | None = None) -> list[SecondBucket]:
+        """Seconds changed since the last call; their minutes become pending (those that were
+        not are appended to ``newly_pending``)."""
         out = []
         seconds = self.seconds
+        pending = self.pending_minutes
         for sec in self.dirty_seconds:
             b = seconds.get(sec)
             if b is None:
                 continue
             out.append(SecondBucket(self.exchange, self.symbol, sec, b[0], b[1], b[2], int(b[3])))
-            self.pending_minutes.add(sec // 60 * 60_000)
+            minute = sec // 60 * 60_000
+            if minute not in pending:
+                pending.add(minute)
+                if newly_pending is not None:
+                    newly_pending.append(minute)
         self.dirty_seconds.clear()
         return out
 
@@ -330,6 +336,8 @@ class PairWindow:
         if self.newest_second < 0:
             return
         floor = (self.newest_second - retention_s) // 60 * 60
+        if floor <= self.floor_second:  # the common case, once per flush: nothing to do
+            return
         if any(m // 1000 < floor for m in self.pending_minutes):
             floor = min(floor, min(self.pending_minutes) // 1000)
         if floor <= self.floor_second:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import random
 
-from marketflow.app.aggregator import Aggregator
+from marketflow.app.aggregator import FULL_SWEEP_MS, Aggregator
+from marketflow.domain.aggregates import MinuteRow
 from marketflow.domain.ticks import BookUpdate, TickBatch
+from marketflow.domain.window import PairWindow
 from marketflow.settings import PipelineSettings
 from tests.unit.fakes import FakeCache, FakeStore, ManualClock, RecordingSink
 
@@ -162,3 +164,40 @@ async def test_a_cache_that_lost_its_data_is_refilled_on_the_next_flush() -> Non
     writes = cache.writes
     await agg.flush()  # and then nothing more to write
     assert cache.writes == writes
+
+
+async def test_a_sweep_visits_only_windows_whose_pending_minute_has_closed() -> None:
+    visits: list[str] = []
+
+    class Counting(PairWindow):
+        __slots__ = ()
+
+        def closed_minutes(self, *args: object, **kwargs: object) -> list[MinuteRow]:
+            visits.append(self.symbol)
+            return super().closed_minutes(*args, **kwargs)  # type: ignore[arg-type]
+
+    clock = ManualClock(T0 + 55_000)
+    agg, _, sink = make(clock)
+    await agg.flush()  # the first sweep is a full one (nothing held yet); next at +10 s
+    for sym in ("A", "B"):
+        agg.windows.setdefault("ex", {})[sym] = Counting("ex", sym)
+    agg.fold(TickBatch("ex", {"A": [(1.0, T0 + 1_000)], "B": [(2.0, T0 + 60_500)]}, T0, 2))
+    await agg.flush()
+    assert visits == []  # A's minute T0 and B's minute T0+60 s are pending, neither closed
+    clock.now_ms = T0 + 62_500  # minute T0 closed (grace 2 s)
+    await agg.flush()
+    assert visits == ["A"]  # B has nothing closed: not visited
+    assert [(r.symbol, r.minute_ms) for r in sink.submitted] == [("A", T0)]
+    visits.clear()
+    clock.now_ms = T0 + 63_000
+    await agg.flush()
+    assert visits == []  # nothing closed since: no window visited
+    # A late tick for the closed minute makes it due again at once; only its window is visited.
+    agg.fold(TickBatch("ex", {"A": [(0.5, T0 + 2_000)]}, T0, 1))
+    await agg.flush()
+    assert visits == ["A"]
+    assert [(r.symbol, r.count, r.low) for r in sink.submitted[1:]] == [("A", 2, 0.5)]
+    visits.clear()
+    clock.now_ms = T0 + 55_000 + FULL_SWEEP_MS  # the full sweep: every window once
+    await agg.flush()
+    assert sorted(visits) == ["A", "B"]
