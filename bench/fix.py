@@ -23,24 +23,38 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import itertools
 import json
 import os
 import pstats
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import uvloop
 
 from marketflow.adapters.capture.decoder import FixCaptureDecoder
 from marketflow.adapters.capture.listener import CaptureListener
-from marketflow.adapters.capture.postgres_store import PostgresCaptureStore
-from marketflow.adapters.fix.codec import encode
+from marketflow.adapters.capture.postgres_store import (
+    MESSAGE_COLUMNS,
+    PostgresCaptureStore,
+    message_records,
+)
+from marketflow.adapters.fix.codec import FixFramer, encode
 from marketflow.adapters.fix.dictionary import FixDictionary
+from marketflow.adapters.postgres.database import Database, open_database
 from marketflow.app.capture import CaptureService
+from marketflow.domain.capture import CapturedMessage, CaptureReject
 from marketflow.settings import CaptureSettings, PostgresSettings
 from marketflow.startup import tune_gc
 from tests.harness.services import PostgresServer
+
+# Server settings beside PostgreSQL's defaults, none of them trading durability: a WAL large
+# enough that no checkpoint (and its full-page images) falls inside a 100,000-row run.
+PG_SETTINGS = {"max_wal_size": "4GB"}
 
 
 def _payload(client: int, count: int) -> bytes:
@@ -141,90 +155,212 @@ def _pin(cpu: int) -> None:
     os.sched_setaffinity(0, {cpu})
 
 
-async def _run(messages: int, clients: int, profile: bool, pin: bool) -> dict[str, object]:
+class _RecordingStore(PostgresCaptureStore):
+    """The daemon's store, noting the size of every batch it writes (the ceiling copies the
+    same sizes)."""
+
+    def __init__(self, db: Database) -> None:
+        super().__init__(db, owns_db=True)
+        self.batches: list[int] = []
+
+    async def write(
+        self, messages: Sequence[CapturedMessage], rejects: Sequence[CaptureReject]
+    ) -> list[CaptureReject]:
+        self.batches.append(len(messages))
+        return await super().write(messages, rejects)
+
+
+async def _fresh_table(dsn: str) -> None:
+    """Empty fix_messages (a new relation, indexes included) and checkpoint, so that each
+    measurement starts from the same table state."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("TRUNCATE fix_messages, fix_rejects RESTART IDENTITY")
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+
+
+def _ceiling_rows(messages: int, clients: int) -> list[tuple[object, ...]]:
+    """The bench's messages, decoded and turned into the rows the store writes, interleaved
+    across clients as the listener receives them."""
+    counts = [messages // clients + (1 if i < messages % clients else 0) for i in range(clients)]
+    decoder = FixCaptureDecoder()
+    received_ms = time.time_ns() // 1_000_000
+    per_client = []
+    for i, n in enumerate(counts):
+        frames = FixFramer().feed(_payload(i, n))
+        per_client.append(
+            [decoder.decode(f, received_ms, f"127.0.0.1:{40000 + i}") for f in frames]  # type: ignore[arg-type]
+        )
+    interleaved = [m for group in itertools.zip_longest(*per_client) for m in group if m]
+    return message_records(interleaved)
+
+
+async def _ceiling(
+    dsn: str, rows: list[tuple[object, ...]], batches: list[int], postmaster: int
+) -> tuple[float, float, float]:
+    """PostgreSQL's own rate for these rows: COPY from memory (asyncpg copy_records_to_table)
+    in the daemon's batch sizes, one batch after the other, into the fresh table. Returns
+    (rows/s, PostgreSQL CPU s, client CPU s)."""
+    await _fresh_table(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        pg_pids = _family(postmaster)
+        pg_start = _cpu_s(pg_pids)
+        cpu_start = time.process_time()
+        start = time.perf_counter()
+        at = 0
+        for n in batches:
+            await conn.copy_records_to_table(
+                "fix_messages", records=rows[at : at + n], columns=MESSAGE_COLUMNS
+            )
+            at += n
+        elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
+        pg_cpu = _cpu_s(pg_pids) - pg_start
+        copied = await conn.fetchval("SELECT count(*) FROM fix_messages")
+    finally:
+        await conn.close()
+    assert copied == len(rows) == at, (copied, len(rows), at)
+    return len(rows) / elapsed, pg_cpu, cpu
+
+
+@dataclass(frozen=True, slots=True)
+class _Daemon:
+    """What one daemon run measured."""
+
+    stored: int
+    elapsed_s: float
+    cpu_s: float
+    pg_cpu_s: float
+    handed_s: float
+    delivered_s: float
+    cpu_busy: list[float]
+    batches: list[int]
+
+
+async def _daemon(
+    dsn: str, postmaster: int, messages: int, clients: int, profile: bool, pin: bool
+) -> _Daemon:
+    """One run of listener + service + store against the sender process."""
+    settings = CaptureSettings(port=0)
+    store = _RecordingStore(await open_database(PostgresSettings(dsn=dsn)))  # migrates
+    await _fresh_table(dsn)
+    service = CaptureService(store, settings, FixCaptureDecoder(), FixDictionary())
+    async with store, service, CaptureListener(service, settings) as listener:
+        if pin:
+            _pin(1)  # the sender process inherits CPU 1 (PostgreSQL's)
+        sender = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.fix", "--sender", str(listener.port),
+            "--messages", str(messages), "--clients", str(clients),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert sender.stdin is not None
+        assert sender.stdout is not None
+        line = await sender.stdout.readline()
+        assert line.strip() == b"ready", line
+        if pin:
+            _pin(0)
+        profiler = cProfile.Profile() if profile else None
+        pg_pids = _family(postmaster)  # the pool's backends are open by now
+        pg_start = _cpu_s(pg_pids)
+        machine_start = _machine_cpu()
+        start = time.perf_counter()
+        cpu_start = time.process_time()
+        if profiler:
+            profiler.enable()
+        sender.stdin.write(b"go\n")
+        await sender.stdin.drain()
+        # Polling a counter every 5 ms costs nothing next to the work being measured.
+        while service.stored < messages:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu_start
+        pg_cpu = _cpu_s(pg_pids) - pg_start
+        cpu_busy = [
+            (b1 - b0) / ((t1 - t0) or 1)
+            for (b0, t0), (b1, t1) in zip(machine_start, _machine_cpu(), strict=True)
+        ]
+        if profiler:
+            profiler.disable()
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+        sent = (await sender.stdout.readline()).split()
+        assert sent[:1] == [b"sent"], sent
+        handed_s, delivered_s, sender_cpu = map(float, sent[1:])
+        await sender.wait()
+        stored, rejects = await store.count()
+    assert (stored, rejects) == (messages, 0), (stored, rejects)
+    del sender_cpu
+    return _Daemon(stored, elapsed, cpu, pg_cpu, handed_s, delivered_s, cpu_busy, store.batches)
+
+
+async def _run(
+    messages: int, clients: int, runs: int, profile: bool, pin: bool
+) -> dict[str, object]:
     pin = pin and len(os.sched_getaffinity(0)) >= 2
     if pin:
-        _pin(1)  # PostgreSQL and the sender process inherit CPU 1; the listener moves to 0
-    with PostgresServer() as server:
-        server.start()
-        postmaster = int((server.data_dir / "postmaster.pid").read_text().split()[0])
-        settings = CaptureSettings(port=0)
-        store = await PostgresCaptureStore.open(PostgresSettings(dsn=server.dsn))
-        service = CaptureService(store, settings, FixCaptureDecoder(), FixDictionary())
-        async with store, service, CaptureListener(service, settings) as listener:
-            sender = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.fix", "--sender", str(listener.port),
-                "--messages", str(messages), "--clients", str(clients),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            assert sender.stdin is not None
-            assert sender.stdout is not None
-            line = await sender.stdout.readline()
-            assert line.strip() == b"ready", line
-            if pin:
-                _pin(0)
-            pg_pids = _family(postmaster)
-            profiler = cProfile.Profile() if profile else None
-            pg_start = _cpu_s(pg_pids)
-            machine_start = _machine_cpu()
-            start = time.perf_counter()
-            cpu_start = time.process_time()
-            if profiler:
-                profiler.enable()
-            sender.stdin.write(b"go\n")
-            await sender.stdin.drain()
-            # Polling a counter every 5 ms costs nothing next to the work being measured.
-            while service.stored < messages:  # noqa: ASYNC110
-                await asyncio.sleep(0.005)
-            elapsed = time.perf_counter() - start
-            cpu = time.process_time() - cpu_start
-            pg_cpu = _cpu_s(pg_pids) - pg_start
-            cpu_busy = [
-                (b1 - b0) / ((t1 - t0) or 1)
-                for (b0, t0), (b1, t1) in zip(machine_start, _machine_cpu(), strict=True)
-            ]
-            if profiler:
-                profiler.disable()
-            sent = (await sender.stdout.readline()).split()
-            assert sent[:1] == [b"sent"], sent
-            handed_s, delivered_s, sender_cpu = map(float, sent[1:])
-            await sender.wait()
-            stored, rejects = await store.count()
-            stats = service.stats()
-        if profiler:
-            pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(25)
-    rate = stored / elapsed
+        _pin(1)  # PostgreSQL inherits CPU 1; the listener and the ceiling's client run on 0
     pinning = "listener on CPU 0, PostgreSQL + senders on CPU 1" if pin else "not pinned"
-    print(f"messages sent:     {messages} over {clients} connections ({pinning})")
-    print(f"rows in fix_messages: {stored}, fix_rejects: {rejects}")
-    print(f"elapsed:           {elapsed:.3f} s, go to last row committed")
-    print(f"stored rate:       {rate:,.0f} msgs/s")
-    print(f"listener CPU:      {cpu:.3f} s = {1e6 * cpu / messages:.1f} us/msg")
-    print(f"PostgreSQL CPU:    {pg_cpu:.3f} s = {1e6 * pg_cpu / messages:.1f} us/row")
-    print(f"sender side:       {messages / handed_s:,.0f} msgs/s handed to the kernel (socket")
-    print(f"                   buffers), {messages / delivered_s:,.0f} msgs/s read by the listener")
-    print(f"sender CPU:        {sender_cpu:.3f} s while sending (on PostgreSQL's CPU when pinned)")
-    print("CPU busy (all processes, this run's share of the machine):")
-    for name, busy in zip(("cpu0", "cpu1"), cpu_busy, strict=False):
-        print(f"                   {name} {100 * busy:.0f}%")
-    print(f"bytes received:    {stats['bytes']:,}")
+    print(f"{messages} NewOrderSingle over {clients} connections, {runs} run(s), {pinning}")
+    print(f"PostgreSQL durable (default fsync/synchronous_commit/full_page_writes), {PG_SETTINGS}")
+    rows = _ceiling_rows(messages, clients)
+    results: list[dict[str, object]] = []
+    stored: list[int] = []
+    ceilings: list[int] = []
+    ratios: list[float] = []
+    senders: list[int] = []
+    with PostgresServer(durable=True, settings=PG_SETTINGS) as server:
+        postmaster = int((server.data_dir / "postmaster.pid").read_text().split()[0])
+        if pin:
+            _pin(0)
+        for run in range(1, runs + 1):
+            d = await _daemon(server.dsn, postmaster, messages, clients, profile, pin)
+            ceiling, c_pg_cpu, c_cpu = await _ceiling(server.dsn, rows, d.batches, postmaster)
+            rate = messages / d.elapsed_s
+            one: dict[str, object] = {
+                "run": run,
+                "stored_msgs_per_s": round(rate),
+                "ceiling_rows_per_s": round(ceiling),
+                "ratio": round(rate / ceiling, 3),
+                "sender_handoff_msgs_per_s": round(messages / d.handed_s),
+                "sender_delivered_msgs_per_s": round(messages / d.delivered_s),
+                "listener_us_per_msg": round(1e6 * d.cpu_s / messages, 2),
+                "postgres_us_per_row": round(1e6 * d.pg_cpu_s / messages, 2),
+                "ceiling_postgres_us_per_row": round(1e6 * c_pg_cpu / messages, 2),
+                "ceiling_client_us_per_row": round(1e6 * c_cpu / messages, 2),
+                "batches": len(d.batches),
+                "cpu_busy": [round(b, 2) for b in d.cpu_busy],
+            }
+            results.append(one)
+            stored.append(round(rate))
+            ceilings.append(round(ceiling))
+            ratios.append(rate / ceiling)
+            senders.append(round(messages / d.handed_s))
+            print(
+                f"run {run}: stored {rate:,.0f} msgs/s | COPY ceiling {ceiling:,.0f} rows/s"
+                f" | ratio {rate / ceiling:.2f} | sender side {senders[-1]:,} msgs/s"
+                f" | listener {one['listener_us_per_msg']} us/msg | PostgreSQL"
+                f" {one['postgres_us_per_row']} us/row, ceiling"
+                f" {one['ceiling_postgres_us_per_row']} | {len(d.batches)} batches"
+                f" | cpu busy {one['cpu_busy']}"
+            )
+    print("| measure | min | max |")
+    print("|---|---|---|")
+    print(f"| stored (committed, counted back) msgs/s | {min(stored):,} | {max(stored):,} |")
+    print(f"| PostgreSQL COPY ceiling, same run, rows/s | {min(ceilings):,} | {max(ceilings):,} |")
+    print(f"| ratio stored / ceiling | {min(ratios):.2f} | {max(ratios):.2f} |")
+    print(f"| sender side (FixFeeder's shape) msgs/s | {min(senders):,} | {max(senders):,} |")
     return {
-        "msgs_per_s": round(rate),
-        "clients": clients,
         "messages": messages,
-        "stored": stored,
-        "rejected": rejects,
+        "clients": clients,
         "pinned": pin,
-        "elapsed_s": round(elapsed, 3),
-        "cpu_s": round(cpu, 3),
-        "msgs_per_cpu_s": round(messages / cpu),
-        "listener_us_per_msg": round(1e6 * cpu / messages, 2),
-        "postgres_us_per_row": round(1e6 * pg_cpu / messages, 2),
-        "sender_handoff_msgs_per_s": round(messages / handed_s),
-        "sender_delivered_msgs_per_s": round(messages / delivered_s),
-        "sender_cpu_s": round(sender_cpu, 3),
-        "cpu_busy": [round(b, 2) for b in cpu_busy],
+        "stored_msgs_per_s": stored,
+        "ceiling_rows_per_s": ceilings,
+        "ratio": [round(r, 3) for r in ratios],
+        "sender_handoff_msgs_per_s": senders,
+        "runs": results,
     }
 
 
@@ -232,20 +368,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=1, help="measurements in one server")
     parser.add_argument("--profile", action="store_true", help="cProfile the listener side")
     parser.add_argument(
         "--no-pin", dest="pin", action="store_false", help="do not pin processes to CPUs"
     )
     parser.add_argument("--sender", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.messages < 1 or args.clients < 1:
+    if args.messages < 1 or args.clients < 1 or args.runs < 1:
         parser.error("--messages and --clients must be positive")
     tune_gc()  # as the daemon does (marketflow.startup)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         if args.sender:
             runner.run(_send(args.sender, args.messages, args.clients))
             return
-        result = runner.run(_run(args.messages, args.clients, args.profile, args.pin))
+        result = runner.run(_run(args.messages, args.clients, args.runs, args.profile, args.pin))
     print(json.dumps(result))
 
 
