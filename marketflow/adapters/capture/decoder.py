@@ -19,6 +19,8 @@ the reference path: codec.parse_fields, codec.missing_header_tags and orjson.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from itertools import accumulate
 
 import orjson
 
@@ -104,6 +106,80 @@ class FixCaptureDecoder:
                             shape.tags, values, fields_json, True,
                         )  # fmt: skip
         return _reference(frame, received_ms, peer)
+
+    def decode_many(
+        self, frames: Sequence[bytes], received_ms: int, peer: str
+    ) -> tuple[list[CapturedMessage], list[tuple[str, bytes]]]:
+        """``decode`` of every frame of one read: the messages, and (reason, frame) for each
+        invalid one, in order. The plain checks run once over the frames joined (a field
+        without ``=`` or with two, an empty value, a byte to escape); each message is then
+        split and cut as in ``decode``. A read that fails them goes frame by frame, and so does
+        one that does not start with ``8=`` (the checks over the joined text count on its first
+        field having an ``=``, as every frame of the framer has)."""
+        block = b"".join(frames)
+        if not (
+            block.startswith(b"8=")
+            and block.isascii()
+            and len(block.translate(None, _NOT_PLAIN)) == len(block)
+        ):
+            return self._one_by_one(frames, received_ms, peer)
+        text = block.decode("ascii")
+        # Every field has an "=" (no SOH-to-SOH run without one; a message's first field is
+        # its framed "8="), and there are as many as fields: exactly one per field.
+        if (
+            text.count("=") != text.count("\x01")
+            or _FIELD_WITHOUT_EQ.search(text)
+            or "=\x01" in text  # an empty value
+        ):
+            return self._one_by_one(frames, received_ms, peer)
+        shapes = self._shapes
+        out: list[CapturedMessage] = []
+        bad: list[tuple[str, bytes]] = []
+        start = 0
+        for frame, end in zip(frames, accumulate(map(len, frames)), strict=True):
+            msg = text[start:end]
+            start = end
+            items = msg.replace("=", "\x01").split("\x01")
+            key = "=".join(items[0:-1:2])
+            if key in shapes:
+                shape = shapes[key]
+            else:
+                if len(shapes) >= _MAX_SHAPES:
+                    shapes.clear()
+                shape = shapes[key] = _shape(key)
+            if shape is None:
+                try:
+                    out.append(_reference(frame, received_ms, peer))
+                except InvalidMessage as exc:
+                    bad.append((exc.reason, frame))
+                continue
+            values = items[1::2]
+            seq = values[shape.p34]
+            if not seq.isdigit():
+                bad.append((f"bad_seq_num: {seq[:20]!r}", frame))
+                continue
+            out.append(
+                CapturedMessage(
+                    received_ms, peer, frame, values[shape.p8], values[shape.p35],
+                    values[shape.p49], values[shape.p56], int(seq),
+                    values[shape.p55] if shape.p55 >= 0 else None, shape.tags, values,
+                    '[["' + msg[:-1].replace("=", '","').replace("\x01", '"],["') + '"]]',
+                    True,
+                )
+            )  # fmt: skip
+        return out, bad
+
+    def _one_by_one(
+        self, frames: Sequence[bytes], received_ms: int, peer: str
+    ) -> tuple[list[CapturedMessage], list[tuple[str, bytes]]]:
+        out: list[CapturedMessage] = []
+        bad: list[tuple[str, bytes]] = []
+        for frame in frames:
+            try:
+                out.append(self.decode(frame, received_ms, peer))
+            except InvalidMessage as exc:
+                bad.append((exc.reason, frame))
+        return out, bad
 
 
 def _reference(frame: bytes, received_ms: int, peer: str) -> CapturedMessage:

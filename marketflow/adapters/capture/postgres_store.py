@@ -59,6 +59,7 @@ _SELECT = (
     " begin_string, msg_type, sender, target, seq_num, symbol, fields"
     " FROM fix_messages"
 )
+_BIGINT_MIN, _BIGINT_MAX = -(2**63), 2**63 - 1
 # Refusals that are really "cannot reach the database now", not "refused this data".
 _GONE = (*CONNECTION_ERRORS, *STALE_ERRORS)
 
@@ -110,6 +111,17 @@ class PostgresCaptureStore(Closing):
         """COPY both; a refused row is retried alone and, if refused again, becomes a reject."""
         ts = {ms: _ts(ms) for ms in {r.received_ms for r in rejects}}
         bad = [(ts[r.received_ms], r.peer, r.reason, raw_to_text(r.raw)) for r in rejects]
+        # What bigint cannot hold would fail while asyncpg encodes the binary COPY, in this
+        # process: refused here, as the database would refuse it.
+        unfit: list[CaptureReject] = []
+        if not all(_BIGINT_MIN <= m.seq_num <= _BIGINT_MAX for m in messages):
+            fit = [m for m in messages if _BIGINT_MIN <= m.seq_num <= _BIGINT_MAX]
+            for m in messages:
+                if not _BIGINT_MIN <= m.seq_num <= _BIGINT_MAX:
+                    reason = f"store_refused: seq_num {m.seq_num} is out of range for bigint"
+                    unfit.append(CaptureReject(m.received_ms, m.peer, reason, m.raw))
+                    bad.append((_ts(m.received_ms), m.peer, reason, raw_to_text(m.raw)))
+            messages = fit
 
         async def op(conn: PoolConnectionProxy[Any]) -> list[CaptureReject]:
             try:
@@ -121,8 +133,8 @@ class PostgresCaptureStore(Closing):
             except asyncpg.PostgresError as exc:
                 if isinstance(exc, _GONE):
                     raise
-                return await self._one_by_one(conn, messages, list(bad))
-            return []
+                return unfit + await self._one_by_one(conn, messages, list(bad))
+            return unfit
 
         return await self._db.run(op)  # type: ignore[arg-type]
 
