@@ -1,21 +1,31 @@
-"""FIX capture throughput: N NewOrderSingle messages over C connections into real PostgreSQL.
+"""FIX capture throughput: N NewOrderSingle messages over C connections into real PostgreSQL,
+beside PostgreSQL's own COPY ceiling for the same rows, measured in the same run.
 
-    python -m bench.fix [--messages N=100000] [--clients C=20] [--no-pin] [--profile]
+    python -m bench.fix [--messages N=100000] [--clients C=20] [--runs R=1] [--no-pin] [--profile]
 
-Starts a throwaway PostgreSQL (tests.harness.services.PostgresServer) and, in this process, the
-capture listener, service and PostgreSQL store on uvloop. The senders run in a separate process
-(pre-encoded messages, sent once this side says go) so the measured core is the listener's.
-On a machine with two or more CPUs the listener is pinned to CPU 0 and PostgreSQL and the
-senders to CPU 1 (os.sched_setaffinity; ``--no-pin`` leaves scheduling to the kernel), so the
-figures read "what one core of listener does" and do not depend on where the kernel put whom.
+Starts a throwaway PostgreSQL with its default settings (tests.harness.services.PostgresServer,
+durable: fsync, synchronous_commit and full_page_writes on; a logged table) and, in this
+process, the capture listener, service and PostgreSQL store on uvloop. The senders run in a
+separate process (pre-encoded messages, sent once this side says go) so the measured core is
+the listener's. On a machine with two or more CPUs the listener is pinned to CPU 0 and
+PostgreSQL and the senders to CPU 1 (os.sched_setaffinity; ``--no-pin`` leaves scheduling to
+the kernel), so the figures read "what one core of listener does".
 
-The clock starts when the senders are told to go and stops when the store has committed the
-last message (CaptureService.stored counts rows only after their COPY returned, outside any
-open transaction); the row count in the database is checked after. Reported: the stored rate;
-the listener's CPU time per message; PostgreSQL's (postmaster and its children) CPU time per
-row; and the sender-side rate (messages / time the senders took to hand everything to the
-kernel and close), the figure a stress-test tool such as FixFeeder's reports.
-Human lines first; the last line is one JSON object.
+Stored rate: the clock starts when the senders are told to go and stops when the store has
+committed the last message (CaptureService.stored counts rows only after their COPY returned);
+the row count in the database is checked after.
+
+Ceiling: the same messages, decoded beforehand and turned into the very rows the store writes
+(postgres_store.message_records), copied from memory with asyncpg ``copy_records_to_table``
+into the same table with the same indexes, one batch after the other in the batch sizes the
+daemon's store wrote, no daemon involved. Every measurement starts from a fresh table
+(TRUNCATE, then CHECKPOINT). The ceiling is taken right before (in the previous run's batch
+sizes) and right after each daemon run, and the ratio is stored / their mean, so that the
+machine's other load, which drifts, weighs on both sides alike. A first daemon run is not
+reported (warm-up). Also reported: the sender-side rate (messages / time the senders took to
+hand everything to the kernel), the figure FixFeeder's stress test publishes; CPU per message
+of the listener and of PostgreSQL. Human lines first, a Markdown table of the ranges over the
+runs, and last one JSON object.
 """
 
 from __future__ import annotations
@@ -51,10 +61,6 @@ from marketflow.domain.capture import CapturedMessage, CaptureReject
 from marketflow.settings import CaptureSettings, PostgresSettings
 from marketflow.startup import tune_gc
 from tests.harness.services import PostgresServer
-
-# Server settings beside PostgreSQL's defaults, none of them trading durability: a WAL large
-# enough that no checkpoint (and its full-page images) falls inside a 100,000-row run.
-PG_SETTINGS = {"max_wal_size": "4GB"}
 
 
 def _payload(client: int, count: int) -> bytes:
@@ -304,25 +310,37 @@ async def _run(
         _pin(1)  # PostgreSQL inherits CPU 1; the listener and the ceiling's client run on 0
     pinning = "listener on CPU 0, PostgreSQL + senders on CPU 1" if pin else "not pinned"
     print(f"{messages} NewOrderSingle over {clients} connections, {runs} run(s), {pinning}")
-    print(f"PostgreSQL durable (default fsync/synchronous_commit/full_page_writes), {PG_SETTINGS}")
+    print("PostgreSQL with its default settings (fsync, synchronous_commit, full_page_writes on)")
     rows = _ceiling_rows(messages, clients)
     results: list[dict[str, object]] = []
     stored: list[int] = []
     ceilings: list[int] = []
     ratios: list[float] = []
     senders: list[int] = []
-    with PostgresServer(durable=True, settings=PG_SETTINGS) as server:
+    with PostgresServer(durable=True) as server:
         postmaster = int((server.data_dir / "postmaster.pid").read_text().split()[0])
         if pin:
             _pin(0)
+        # A first daemon run, not reported, warms up both sides and gives the batch sizes of
+        # the first ceiling.
+        batches = (await _daemon(server.dsn, postmaster, messages, clients, False, pin)).batches
         for run in range(1, runs + 1):
+            # The ceiling is measured right before (in the previous run's batch sizes) and right
+            # after the daemon (in its own), and the ratio taken to their mean: the machine's
+            # other load drifts, the bracket follows it.
+            before = await _ceiling(server.dsn, rows, batches, postmaster)
             d = await _daemon(server.dsn, postmaster, messages, clients, profile, pin)
-            ceiling, c_pg_cpu, c_cpu = await _ceiling(server.dsn, rows, d.batches, postmaster)
+            batches = d.batches
+            after = await _ceiling(server.dsn, rows, batches, postmaster)
+            ceiling = (before[0] + after[0]) / 2
+            c_pg_cpu = (before[1] + after[1]) / 2
+            c_cpu = (before[2] + after[2]) / 2
             rate = messages / d.elapsed_s
             one: dict[str, object] = {
                 "run": run,
                 "stored_msgs_per_s": round(rate),
                 "ceiling_rows_per_s": round(ceiling),
+                "ceiling_before_after": [round(before[0]), round(after[0])],
                 "ratio": round(rate / ceiling, 3),
                 "sender_handoff_msgs_per_s": round(messages / d.handed_s),
                 "sender_delivered_msgs_per_s": round(messages / d.delivered_s),
@@ -340,7 +358,8 @@ async def _run(
             senders.append(round(messages / d.handed_s))
             print(
                 f"run {run}: stored {rate:,.0f} msgs/s | COPY ceiling {ceiling:,.0f} rows/s"
-                f" | ratio {rate / ceiling:.2f} | sender side {senders[-1]:,} msgs/s"
+                f" (before {before[0]:,.0f}, after {after[0]:,.0f}) | ratio {rate / ceiling:.2f}"
+                f" | sender side {senders[-1]:,} msgs/s"
                 f" | listener {one['listener_us_per_msg']} us/msg | PostgreSQL"
                 f" {one['postgres_us_per_row']} us/row, ceiling"
                 f" {one['ceiling_postgres_us_per_row']} | {len(d.batches)} batches"

@@ -19,7 +19,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -209,15 +208,13 @@ class PostgresServer(_Server):
     """A throwaway PostgreSQL cluster (trust auth on loopback, fsync off: tests only).
 
     ``durable=True`` keeps PostgreSQL's default durability (fsync, synchronous_commit and
-    full_page_writes on: what a benchmark of stored rows must run under); ``settings`` adds
-    ``-c name=value`` server settings.
+    full_page_writes on): what a benchmark of stored rows must run under.
     """
 
     name = "postgres"
 
-    def __init__(self, *, durable: bool = False, settings: Mapping[str, str] | None = None) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
         self._durable = durable
-        self._settings = dict(settings or {})
         self.bin_dir = find_postgres_bin()
         self._user = _unprivileged_user()
         super().__init__()
@@ -274,8 +271,6 @@ class PostgresServer(_Server):
             # Durability is irrelevant for throwaway data and costs seconds per test.
             argv += ["-c", "fsync=off", "-c", "synchronous_commit=off"]
             argv += ["-c", "full_page_writes=off"]
-        for name, value in self._settings.items():
-            argv += ["-c", f"{name}={value}"]
         return self._spawn(self._as_user(argv))
 
     def _is_ready(self) -> bool:
