@@ -168,12 +168,17 @@ class _RecordingStore(PostgresCaptureStore):
     def __init__(self, db: Database) -> None:
         super().__init__(db, owns_db=True)
         self.batches: list[int] = []
+        self.busy_s = 0.0  # time inside write(): encoding the COPY, then waiting for it
 
     async def write(
         self, messages: Sequence[CapturedMessage], rejects: Sequence[CaptureReject]
     ) -> list[CaptureReject]:
         self.batches.append(len(messages))
-        return await super().write(messages, rejects)
+        start = time.perf_counter()
+        try:
+            return await super().write(messages, rejects)
+        finally:
+            self.busy_s += time.perf_counter() - start
 
 
 async def _fresh_table(dsn: str) -> None:
@@ -244,6 +249,7 @@ class _Daemon:
     delivered_s: float
     cpu_busy: list[float]
     batches: list[int]
+    store_busy_s: float
 
 
 async def _daemon(
@@ -299,7 +305,9 @@ async def _daemon(
         stored, rejects = await store.count()
     assert (stored, rejects) == (messages, 0), (stored, rejects)
     del sender_cpu
-    return _Daemon(stored, elapsed, cpu, pg_cpu, handed_s, delivered_s, cpu_busy, store.batches)
+    return _Daemon(
+        stored, elapsed, cpu, pg_cpu, handed_s, delivered_s, cpu_busy, store.batches, store.busy_s
+    )
 
 
 async def _run(
@@ -349,6 +357,7 @@ async def _run(
                 "ceiling_postgres_us_per_row": round(1e6 * c_pg_cpu / messages, 2),
                 "ceiling_client_us_per_row": round(1e6 * c_cpu / messages, 2),
                 "batches": len(d.batches),
+                "store_busy": round(d.store_busy_s / d.elapsed_s, 2),
                 "cpu_busy": [round(b, 2) for b in d.cpu_busy],
             }
             results.append(one)
@@ -362,7 +371,8 @@ async def _run(
                 f" | sender side {senders[-1]:,} msgs/s"
                 f" | listener {one['listener_us_per_msg']} us/msg | PostgreSQL"
                 f" {one['postgres_us_per_row']} us/row, ceiling"
-                f" {one['ceiling_postgres_us_per_row']} | {len(d.batches)} batches"
+                f" {one['ceiling_postgres_us_per_row']} | {len(d.batches)} batches, store busy"
+                f" {one['store_busy']:.0%}"
                 f" | cpu busy {one['cpu_busy']}"
             )
     print("| measure | min | max |")

@@ -14,6 +14,10 @@ of tags (validity, header positions) once per "shape" in a cache, since a venue 
 few shapes over and over, and turns the message text into the JSON pairs with two
 ``str.replace`` calls (nothing in a plain message needs JSON escaping). Everything else takes
 the reference path: codec.parse_fields, codec.missing_header_tags and orjson.
+
+``decode_many`` does the same for all the frames of one read: the plain checks run once over
+the frames joined, then each message is cut as above (tests hold it equal to ``decode`` frame
+by frame).
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ is the jsonb array of parsed ``["tag", "value"]`` pairs (names and meanings are 
 time from the static dictionary, see domain.capture).
 
 Write cost is what limits the capture rate, on both sides of the socket:
-- messages go in as one COPY in text format, one line per message built with one f-string
-  (cheaper than asyncpg's per-record binary encoding; see the README's figures); a plain message
-  (CapturedMessage.plain) needs no escaping at all;
+- messages go in as one binary COPY per batch (asyncpg ``copy_records_to_table`` of the rows of
+  ``message_records``): asyncpg encodes the whole batch without yielding to the event loop, so
+  the database gets it at once instead of slice by slice between the listener's reads, and it
+  parses no timestamps and no text escapes. A seq_num bigint cannot hold is refused before the
+  COPY (asyncpg would fail while encoding, in this process);
 - jsonb input is the database's largest per-row cost, so ``fields`` holds only the parsed
   pairs (tags as strings: smaller than numbers in jsonb, and no numeric parsing);
 - indexes: the primary key (newest first, by id), (msg_type, id) and (symbol, id) for the
