@@ -43,6 +43,8 @@ _FIELD_WITHOUT_EQ = re.compile("\x01[^=\x01]*\x01")
 # Bytes a plain message has none of: control characters other than SOH, '"' and backslash
 # (JSON and COPY text would have to escape them). Checked with one bytes.translate.
 _NOT_PLAIN = bytes((*range(0, 1), *range(2, 32), 0x22, 0x5C))
+_NOT_SEPARATOR = bytes(b for b in range(256) if b not in b"=\x01")
+_PAIR = b"=\x01"
 
 
 class _Shape:
@@ -127,23 +129,25 @@ class FixCaptureDecoder:
             and len(block.translate(None, _NOT_PLAIN)) == len(block)
         ):
             return self._one_by_one(frames, received_ms, peer)
-        text = block.decode("ascii")
-        # Every field has an "=" (no SOH-to-SOH run without one; a message's first field is
-        # its framed "8="), and there are as many as fields: exactly one per field.
-        if (
-            text.count("=") != text.count("\x01")
-            or _FIELD_WITHOUT_EQ.search(text)
-            or "=\x01" in text  # an empty value
-        ):
+        # "=" and SOH alternate, starting with "=": exactly one "=" in every field. And no
+        # empty value.
+        separators = block.translate(None, _NOT_SEPARATOR)
+        if separators != _PAIR * (len(separators) >> 1) or b"=\x01" in block:
             return self._one_by_one(frames, received_ms, peer)
+        text = block.decode("ascii")
+        # The fields JSON of all the messages at once: each field's "=" and SOH grow by 2 and
+        # 4 characters, so a message's part starts 6 characters further per field before it.
+        as_json = text.replace("=", '","').replace("\x01", '"],["')
         shapes = self._shapes
         out: list[CapturedMessage] = []
         bad: list[tuple[str, bytes]] = []
-        start = 0
+        start = at = 0
         for frame, end in zip(frames, accumulate(map(len, frames)), strict=True):
             msg = text[start:end]
             start = end
             items = msg.replace("=", "\x01").split("\x01")
+            json_at = at
+            at += len(msg) + 3 * len(items) - 3  # 6 per field, 2 items per field, plus one
             key = "=".join(items[0:-1:2])
             if key in shapes:
                 shape = shapes[key]
@@ -167,8 +171,7 @@ class FixCaptureDecoder:
                     received_ms, peer, frame, values[shape.p8], values[shape.p35],
                     values[shape.p49], values[shape.p56], int(seq),
                     values[shape.p55] if shape.p55 >= 0 else None, shape.tags, values,
-                    '[["' + msg[:-1].replace("=", '","').replace("\x01", '"],["') + '"]]',
-                    True,
+                    '[["' + as_json[json_at : at - 5] + '"]]', True,
                 )
             )  # fmt: skip
         return out, bad
