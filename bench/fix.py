@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import itertools
 import json
 import os
 import pstats
@@ -44,17 +43,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 import uvloop
 
+from bench.fix_ceiling import ceiling as copy_ceiling
+from bench.fix_ceiling import ceiling_rows, cpu_s, family, fresh_table
 from marketflow.adapters.capture.decoder import FixCaptureDecoder
 from marketflow.adapters.capture.listener import CaptureListener
 from marketflow.adapters.capture.postgres_store import (
-    MESSAGE_COLUMNS,
     PostgresCaptureStore,
-    message_records,
 )
-from marketflow.adapters.fix.codec import FixFramer, encode
+from marketflow.adapters.fix.codec import encode
 from marketflow.adapters.fix.dictionary import FixDictionary
 from marketflow.adapters.postgres.database import Database, open_database
 from marketflow.app.capture import CaptureService
@@ -120,32 +118,6 @@ async def _send(port: int, messages: int, clients: int) -> None:
     )
 
 
-def _cpu_s(pids: list[int]) -> float:
-    """User + system CPU seconds of the processes still alive among ``pids``."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def _family(root: int) -> list[int]:
-    """``root`` and its direct children (the postmaster and its backends and workers)."""
-    pids = [root]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == root:
-                pids.append(int(entry.name))
-    return pids
-
-
 def _machine_cpu() -> list[tuple[int, int]]:
     """(busy, total) jiffies per CPU from /proc/stat: other users of the machine show here."""
     out = []
@@ -182,62 +154,6 @@ class _RecordingStore(PostgresCaptureStore):
             self.busy_s += time.perf_counter() - start
 
 
-async def _fresh_table(dsn: str) -> None:
-    """Empty fix_messages (a new relation, indexes included) and checkpoint, so that each
-    measurement starts from the same table state."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("TRUNCATE fix_messages, fix_rejects RESTART IDENTITY")
-        await conn.execute("CHECKPOINT")
-    finally:
-        await conn.close()
-
-
-def _ceiling_rows(messages: int, clients: int) -> list[tuple[object, ...]]:
-    """The bench's messages, decoded and turned into the rows the store writes, interleaved
-    across clients as the listener receives them."""
-    counts = [messages // clients + (1 if i < messages % clients else 0) for i in range(clients)]
-    decoder = FixCaptureDecoder()
-    received_ms = time.time_ns() // 1_000_000
-    per_client = []
-    for i, n in enumerate(counts):
-        frames = FixFramer().feed(_payload(i, n))
-        per_client.append(
-            [decoder.decode(f, received_ms, f"127.0.0.1:{40000 + i}") for f in frames]  # type: ignore[arg-type]
-        )
-    interleaved = [m for group in itertools.zip_longest(*per_client) for m in group if m]
-    return message_records(interleaved)
-
-
-async def _ceiling(
-    dsn: str, rows: list[tuple[object, ...]], batches: list[int], postmaster: int
-) -> tuple[float, float, float]:
-    """PostgreSQL's own rate for these rows: COPY from memory (asyncpg copy_records_to_table)
-    in the daemon's batch sizes, one batch after the other, into the fresh table. Returns
-    (rows/s, PostgreSQL CPU s, client CPU s)."""
-    await _fresh_table(dsn)
-    conn = await asyncpg.connect(dsn)
-    try:
-        pg_pids = _family(postmaster)
-        pg_start = _cpu_s(pg_pids)
-        cpu_start = time.process_time()
-        start = time.perf_counter()
-        at = 0
-        for n in batches:
-            await conn.copy_records_to_table(
-                "fix_messages", records=rows[at : at + n], columns=MESSAGE_COLUMNS
-            )
-            at += n
-        elapsed = time.perf_counter() - start
-        cpu = time.process_time() - cpu_start
-        pg_cpu = _cpu_s(pg_pids) - pg_start
-        copied = await conn.fetchval("SELECT count(*) FROM fix_messages")
-    finally:
-        await conn.close()
-    assert copied == len(rows) == at, (copied, len(rows), at)
-    return len(rows) / elapsed, pg_cpu, cpu
-
-
 @dataclass(frozen=True, slots=True)
 class _Daemon:
     """What one daemon run measured."""
@@ -259,7 +175,7 @@ async def _daemon(
     """One run of listener + service + store against the sender process."""
     settings = CaptureSettings(port=0)
     store = _RecordingStore(await open_database(PostgresSettings(dsn=dsn)))  # migrates
-    await _fresh_table(dsn)
+    await fresh_table(dsn)
     service = CaptureService(store, settings, FixCaptureDecoder(), FixDictionary())
     async with store, service, CaptureListener(service, settings) as listener:
         if pin:
@@ -277,8 +193,8 @@ async def _daemon(
         if pin:
             _pin(0)
         profiler = cProfile.Profile() if profile else None
-        pg_pids = _family(postmaster)  # the pool's backends are open by now
-        pg_start = _cpu_s(pg_pids)
+        pg_pids = family(postmaster)  # the pool's backends are open by now
+        pg_start = cpu_s(pg_pids)
         machine_start = _machine_cpu()
         start = time.perf_counter()
         cpu_start = time.process_time()
@@ -291,7 +207,7 @@ async def _daemon(
             await asyncio.sleep(0.005)
         elapsed = time.perf_counter() - start
         cpu = time.process_time() - cpu_start
-        pg_cpu = _cpu_s(pg_pids) - pg_start
+        pg_cpu = cpu_s(pg_pids) - pg_start
         cpu_busy = [
             (b1 - b0) / ((t1 - t0) or 1)
             for (b0, t0), (b1, t1) in zip(machine_start, _machine_cpu(), strict=True)
@@ -320,7 +236,8 @@ async def _run(
     pinning = "listener on CPU 0, PostgreSQL + senders on CPU 1" if pin else "not pinned"
     print(f"{messages} NewOrderSingle over {clients} connections, {runs} run(s), {pinning}")
     print("PostgreSQL with its default settings (fsync, synchronous_commit, full_page_writes on)")
-    rows = _ceiling_rows(messages, clients)
+    counts = [messages // clients + (1 if i < messages % clients else 0) for i in range(clients)]
+    rows = ceiling_rows([_payload(i, n) for i, n in enumerate(counts)])
     results: list[dict[str, object]] = []
     stored: list[int] = []
     ceilings: list[int] = []
@@ -337,10 +254,10 @@ async def _run(
             # The ceiling is measured right before (in the previous run's batch sizes) and right
             # after the daemon (in its own), and the ratio taken to their mean: the machine's
             # other load drifts, the bracket follows it.
-            before = await _ceiling(server.dsn, rows, batches, postmaster)
+            before = await copy_ceiling(server.dsn, rows, batches, postmaster)
             d = await _daemon(server.dsn, postmaster, messages, clients, profile, pin)
             batches = d.batches
-            after = await _ceiling(server.dsn, rows, batches, postmaster)
+            after = await copy_ceiling(server.dsn, rows, batches, postmaster)
             ceiling = (before[0] + after[0]) / 2
             c_pg_cpu = (before[1] + after[1]) / 2
             c_cpu = (before[2] + after[2]) / 2
