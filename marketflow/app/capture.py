@@ -31,7 +31,6 @@ from marketflow.domain.capture import (
     CaptureStore,
     EnrichedField,
     FieldDictionary,
-    InvalidMessage,
     MessageQuery,
     StoredMessage,
     StoredReject,
@@ -50,6 +49,13 @@ class MessageDecoder(Protocol):
     def decode(self, frame: bytes, received_ms: int, peer: str) -> CapturedMessage:
         """The message with its header columns and parsed fields (also as JSON);
         raises InvalidMessage (bad field syntax, missing header tags ...)."""
+        ...
+
+    def decode_many(
+        self, frames: Sequence[bytes], received_ms: int, peer: str
+    ) -> tuple[list[CapturedMessage], list[tuple[str, bytes]]]:
+        """``decode`` of the frames of one read, at once: the messages in order and, for each
+        invalid frame, its reject reason with the frame."""
         ...
 
 
@@ -131,24 +137,16 @@ class CaptureService:
             await self._room.wait()
         for reason, raw in rejects:
             self._reject(peer, received_ms, reason, raw)
-        decode = self._decoder.decode
-        filtering = bool(self._includes or self._excludes)
-        out = self._messages
-        before = len(out)
-        nbytes = 0
-        for frame in frames:
-            nbytes += len(frame)
-            try:
-                msg = decode(frame, received_ms, peer)
-            except InvalidMessage as exc:
-                self._reject(peer, received_ms, exc.reason, frame)
-                continue
-            if filtering and not self._keep(msg.tags, msg.values):
-                self.filtered += 1
-                continue
-            out.append(msg)
-        self.bytes += nbytes
-        self.accepted += len(out) - before
+        messages, invalid = self._decoder.decode_many(frames, received_ms, peer)
+        for reason, frame in invalid:
+            self._reject(peer, received_ms, reason, frame)
+        if self._includes or self._excludes:
+            kept = [m for m in messages if self._keep(m.tags, m.values)]
+            self.filtered += len(messages) - len(kept)
+            messages = kept
+        self._messages += messages
+        self.bytes += sum(map(len, frames)) - sum(len(frame) for _, frame in invalid)
+        self.accepted += len(messages)
         if len(self._messages) + len(self._rejects) >= self._batch_max:
             await self._enqueue()
 

@@ -225,11 +225,16 @@ class _Server:
 
 
 class PostgresServer(_Server):
-    """A throwaway PostgreSQL cluster (trust auth on loopback, fsync off: tests only)."""
+    """A throwaway PostgreSQL cluster (trust auth on loopback, fsync off: tests only).
+
+    ``durable=True`` keeps PostgreSQL's default durability (fsync, synchronous_commit and
+    full_page_writes on): what a benchmark of stored rows must run under.
+    """
 
     name = "postgres"
 
-    def __init__(self) -> None:
+    def __init__(self, *, durable: bool = False) -> None:
+        self._durable = durable
         self.bin_dir = find_postgres_bin()
         self._user = _unprivileged_user()
         super().__init__()
@@ -281,14 +286,11 @@ class PostgresServer(_Server):
             str(self.dir),
             "-c",
             "listen_addresses=127.0.0.1",
-            # Durability is irrelevant for throwaway data and costs seconds per test.
-            "-c",
-            "fsync=off",
-            "-c",
-            "synchronous_commit=off",
-            "-c",
-            "full_page_writes=off",
         ]
+        if not self._durable:
+            # Durability is irrelevant for throwaway data and costs seconds per test.
+            argv += ["-c", "fsync=off", "-c", "synchronous_commit=off"]
+            argv += ["-c", "full_page_writes=off"]
         return self._spawn(self._as_user(argv))
 
     def _is_ready(self) -> bool:

@@ -10,9 +10,11 @@ is the jsonb array of parsed ``["tag", "value"]`` pairs (names and meanings are 
 time from the static dictionary, see domain.capture).
 
 Write cost is what limits the capture rate, on both sides of the socket:
-- messages go in as one COPY in text format, one line per message built with one f-string
-  (cheaper than asyncpg's per-record binary encoding; see the README's figures); a plain message
-  (CapturedMessage.plain) needs no escaping at all;
+- messages go in as one binary COPY per batch (asyncpg ``copy_records_to_table`` of the rows of
+  ``message_records``): asyncpg encodes the whole batch without yielding to the event loop, so
+  the database gets it at once instead of slice by slice between the listener's reads, and it
+  parses no timestamps and no text escapes. A seq_num bigint cannot hold is refused before the
+  COPY (asyncpg would fail while encoding, in this process);
 - jsonb input is the database's largest per-row cost, so ``fields`` holds only the parsed
   pairs (tags as strings: smaller than numbers in jsonb, and no numeric parsing);
 - indexes: the primary key (newest first, by id), (msg_type, id) and (symbol, id) for the
@@ -22,7 +24,7 @@ Write cost is what limits the capture rate, on both sides of the socket:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -49,7 +51,7 @@ from marketflow.domain.capture import (
 from marketflow.lifecycle import Closing
 from marketflow.settings import PostgresSettings
 
-_MESSAGE_COLUMNS = (
+MESSAGE_COLUMNS = (
     "received_at", "peer", "begin_string", "msg_type", "sender", "target", "seq_num", "symbol",
     "raw", "fields",
 )  # fmt: skip
@@ -59,6 +61,7 @@ _SELECT = (
     " begin_string, msg_type, sender, target, seq_num, symbol, fields"
     " FROM fix_messages"
 )
+_BIGINT_MIN, _BIGINT_MAX = -(2**63), 2**63 - 1
 # Refusals that are really "cannot reach the database now", not "refused this data".
 _GONE = (*CONNECTION_ERRORS, *STALE_ERRORS)
 
@@ -71,42 +74,17 @@ def _ms(ts: datetime) -> int:
     return int(ts.timestamp() * 1000)
 
 
-# COPY text format: backslash starts an escape, tab separates columns, newline ends a row.
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-_NULL = "\\N"
-_COPY_SLICE = 500  # messages per chunk of COPY data (about 270 KB)
-
-
-def _esc(text: str) -> str:
-    """``text`` as a COPY text-format value."""
-    return text.translate(_COPY_ESCAPES)
-
-
-def _copy_lines(messages: Sequence[CapturedMessage]) -> bytes:
-    """The messages as COPY text-format rows in _MESSAGE_COLUMNS order."""
-    # One receipt time and peer per read chunk: format each distinct pair once, not per row.
-    heads: dict[tuple[int, str], str] = {}
-    lines: list[str] = []
-    append = lines.append
-    null = _NULL
-    for m in messages:
-        key = (m.received_ms, m.peer)
-        head = heads.get(key)
-        if head is None:
-            head = heads[key] = f"{_ts(m.received_ms).isoformat()}\t{_esc(m.peer)}\t"
-        symbol = m.symbol
-        if m.plain:  # nothing to escape in any column (see CapturedMessage.plain)
-            append(
-                f"{head}{m.begin_string}\t{m.msg_type}\t{m.sender}\t{m.target}\t{m.seq_num}\t"
-                f"{null if symbol is None else symbol}\t{m.raw.decode()}\t{m.fields_json}\n"
-            )
-        else:
-            append(
-                f"{head}{_esc(m.begin_string)}\t{_esc(m.msg_type)}\t{_esc(m.sender)}\t"
-                f"{_esc(m.target)}\t{m.seq_num}\t{null if symbol is None else _esc(symbol)}\t"
-                f"{_esc(raw_to_text(m.raw))}\t{_esc(m.fields_json)}\n"
-            )
-    return "".join(lines).encode()
+def message_records(messages: Sequence[CapturedMessage]) -> list[tuple[Any, ...]]:
+    """The messages as the column values the store writes, in MESSAGE_COLUMNS order (what
+    bench.fix copies to measure PostgreSQL's own ceiling)."""
+    ts = {ms: _ts(ms) for ms in {m.received_ms for m in messages}}
+    return [
+        (
+            ts[m.received_ms], m.peer, m.begin_string, m.msg_type, m.sender, m.target,
+            m.seq_num, m.symbol, m.raw.decode() if m.plain else raw_to_text(m.raw), m.fields_json,
+        )
+        for m in messages
+    ]  # fmt: skip
 
 
 class PostgresCaptureStore(Closing):
@@ -135,6 +113,17 @@ class PostgresCaptureStore(Closing):
         """COPY both; a refused row is retried alone and, if refused again, becomes a reject."""
         ts = {ms: _ts(ms) for ms in {r.received_ms for r in rejects}}
         bad = [(ts[r.received_ms], r.peer, r.reason, raw_to_text(r.raw)) for r in rejects]
+        # What bigint cannot hold would fail while asyncpg encodes the binary COPY, in this
+        # process: refused here, as the database would refuse it.
+        unfit: list[CaptureReject] = []
+        if not all(_BIGINT_MIN <= m.seq_num <= _BIGINT_MAX for m in messages):
+            fit = [m for m in messages if _BIGINT_MIN <= m.seq_num <= _BIGINT_MAX]
+            for m in messages:
+                if not _BIGINT_MIN <= m.seq_num <= _BIGINT_MAX:
+                    reason = f"store_refused: seq_num {m.seq_num} is out of range for bigint"
+                    unfit.append(CaptureReject(m.received_ms, m.peer, reason, m.raw))
+                    bad.append((_ts(m.received_ms), m.peer, reason, raw_to_text(m.raw)))
+            messages = fit
 
         async def op(conn: PoolConnectionProxy[Any]) -> list[CaptureReject]:
             try:
@@ -146,8 +135,8 @@ class PostgresCaptureStore(Closing):
             except asyncpg.PostgresError as exc:
                 if isinstance(exc, _GONE):
                     raise
-                return await self._one_by_one(conn, messages, list(bad))
-            return []
+                return unfit + await self._one_by_one(conn, messages, list(bad))
+            return unfit
 
         return await self._db.run(op)  # type: ignore[arg-type]
 
@@ -229,18 +218,13 @@ async def _copy(
     conn: PoolConnectionProxy[Any], messages: Sequence[CapturedMessage], bad: list[Any]
 ) -> None:
     if messages:
-        await conn.copy_to_table(
-            "fix_messages", source=_chunks(messages), columns=_MESSAGE_COLUMNS, format="text"
+        # Binary COPY, encoded by asyncpg in one go (no await between rows): the database gets
+        # the whole batch at once, and parses no timestamps and no COPY text escapes.
+        await conn.copy_records_to_table(
+            "fix_messages", records=message_records(messages), columns=MESSAGE_COLUMNS
         )
     if bad:
         await conn.copy_records_to_table("fix_rejects", records=bad, columns=_REJECT_COLUMNS)
-
-
-async def _chunks(messages: Sequence[CapturedMessage]) -> AsyncIterator[bytes]:
-    """The COPY data, formatted a slice at a time: asyncpg sends each slice as it comes, so the
-    database parses and inserts one slice while this formats the next, instead of idling."""
-    for i in range(0, len(messages), _COPY_SLICE):
-        yield _copy_lines(messages[i : i + _COPY_SLICE])
 
 
 def _message(r: asyncpg.Record) -> StoredMessage:
