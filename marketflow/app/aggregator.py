@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
@@ -215,11 +216,13 @@ class Aggregator:
     # -- flushing ----------------------------------------------------------------------------
 
     async def run_flusher(self) -> None:
-        """Flush as soon as the consumer has folded everything queued (the loop is idle),
-        at most once per ``flush_min_interval_ms`` (under load, one flush carries every batch
-        folded meanwhile) and at least once per ``flush_interval_ms`` (the ceiling that bounds
-        what a crash can lose). Minutes are closed and windows evicted on the ceiling's
-        cadence only: that sweep visits every window, a cache flush only the changed ones."""
+        """Flush as soon as the consumer has folded everything queued (the loop is idle).
+
+        Under load one flush carries every batch folded meanwhile: after a flush the flusher
+        waits ``flush_min_interval_ms`` or twice what the flush took, whichever is longer (so
+        flushing never takes more than a third of the loop), but never longer than
+        ``flush_interval_ms``, the ceiling of what a crash can lose. Minutes are closed on
+        the ceiling's cadence (``_sweep``); a cache flush visits only the changed windows."""
         p = self._pipeline
         ceiling = p.flush_interval_ms / 1000
         gap = p.flush_min_interval_ms / 1000
@@ -234,9 +237,15 @@ class Aggregator:
             sweep = self._clock() >= next_sweep
             if sweep:
                 next_sweep = self._clock() + p.flush_interval_ms
+            started = time.perf_counter()
             await self.flush(sweep=sweep)
-            if gap:
-                await asyncio.sleep(gap)
+            # Coalescing: wait at least the minimum, and twice what the flush took (with many
+            # pairs a flush is long: flushing never takes more than a third of the loop),
+            # but never past the ceiling.
+            took = time.perf_counter() - started
+            wait = min(max(gap, 2 * took), ceiling)
+            if wait > 0:
+                await asyncio.sleep(wait)
 
     async def flush(self, *, final: bool = False, sweep: bool = True) -> None:
         """Push changes to the cache and, with ``sweep``, closed (or, when final, all) minutes

@@ -201,3 +201,24 @@ async def test_a_sweep_visits_only_windows_whose_pending_minute_has_closed() -> 
     clock.now_ms = T0 + 55_000 + FULL_SWEEP_MS  # the full sweep: every window once
     await agg.flush()
     assert sorted(visits) == ["A", "B"]
+
+
+async def test_the_flusher_writes_as_soon_as_the_queue_is_drained_not_at_the_ceiling() -> None:
+    fanin: asyncio.Queue[TickBatch] = asyncio.Queue()
+    cache = FakeCache()
+    clock = ManualClock(T0)
+    pipeline = PipelineSettings(flush_interval_ms=10_000, flush_min_interval_ms=0)
+    agg = Aggregator(fanin, cache, RecordingSink(FakeStore()), pipeline, clock)
+    tasks = [asyncio.create_task(agg.consume()), asyncio.create_task(agg.run_flusher())]
+    try:
+        await asyncio.sleep(0.05)  # the first (empty) flush is done; now the ceiling is 10 s
+        before = cache.writes
+        fanin.put_nowait(batch("ex", T0, T0))
+        async with asyncio.timeout(5):  # half the ceiling: only an idle flush can do it
+            while cache.writes == before:  # noqa: ASYNC110 - a poll of a fake, by design
+                await asyncio.sleep(0.001)
+        assert cache.latest[("ex", "BTCUSDT")].price == 1.0
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
