@@ -49,7 +49,8 @@ mutation: $(STAMP)
 	@$(BIN)/python scripts/mutation-summary.py
 
 bench: $(STAMP) server-binaries
-	$(BIN)/python -m bench.ingest --rate 400000
+	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.parse
 
 bench-fix: $(STAMP) server-binaries
 	$(BIN)/python -m bench.fix

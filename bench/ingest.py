@@ -1,10 +1,13 @@
 """Ingest benchmark: firehoses -> the daemon (one core) -> real Redis and PostgreSQL.
 
-    python -m bench.ingest [--sources 2] [--pairs 5] [--rate 0] [--seconds 15] [--fill]
+    python -m bench.ingest [--sources 2] [--pairs 5] [--latency-rate 100000] [--rate 0]
+                           [--seconds 15] [--fill] [--profile FILE]
 
 Prints, from one run: the limit loop (bench.limit, on the daemon's core before the daemon
-starts), the daemon's end-to-end ticks/s and its ratio to the limit loop, tick -> Redis
-latency p50/p99, the daemon's RSS, and ticks counted back from what was stored.
+starts); tick -> Redis latency p50/p99/max while the senders offer ``--latency-rate`` ticks/s
+in all; then, the senders replaced by saturating ones on the same ports, the daemon's
+end-to-end ticks/s and its ratio to the limit loop, the daemon's RSS, and ticks counted back
+from what was stored.
 
 - The daemon runs as its own process pinned to CPU 0 (when the machine has two or more);
   the senders (bench.firehose: pre-rendered lines, restamped, tens of ns a line), Redis,
@@ -74,8 +77,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Firehose:
-    def __init__(self, pairs: int, rate: float, fill_s: int) -> None:
-        self.port = free_port()
+    def __init__(self, pairs: int, rate: float, fill_s: int, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.firehose", "--port", str(self.port),
              "--pairs", str(pairs), "--rate", str(rate), "--fill-s", str(fill_s)],
@@ -164,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=5, help="pairs per exchange")
     ap.add_argument("--rate", type=float, default=0, help="lines/s per source; 0: saturate")
     ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument(
+        "--latency-rate", type=float, default=100_000,
+        help="first, tick->Redis latency at this total lines/s (0: skip)",
+    )  # fmt: skip
+    ap.add_argument("--latency-seconds", type=float, default=10.0)
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--fill", action="store_true", help="fill the 600 s retention first")
     ap.add_argument("--profile", type=Path, help="py-spy raw profile of the daemon to FILE")
@@ -178,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     pairs = pair_names(args.pairs)
     with tempfile.TemporaryDirectory() as tmp_dir, PostgresServer() as pg, RedisServer() as rd:
         tmp = Path(tmp_dir)
+        first_rate = args.latency_rate / args.sources if args.latency_rate else args.rate
         hoses = [
-            Firehose(args.pairs, args.rate, RETENTION_S if args.fill else 0)
+            Firehose(args.pairs, first_rate, RETENTION_S if args.fill else 0)
             for _ in range(args.sources)
         ]
         config: dict[str, Any] = {
@@ -199,8 +208,16 @@ def main(argv: list[str] | None = None) -> int:
         pin(daemon.proc.pid, daemon_cpus)
         fields = [f"ex{i + 1}:{pairs[0]}" for i in range(args.sources)]
         profiler = None
+        paced: list[float] = []
         try:
             time.sleep(args.warmup + (5 if args.fill else 0))
+            if args.latency_rate:
+                paced = asyncio.run(sample_latency(rd.url, fields, args.latency_seconds))
+                paced_rss = rss_mb(daemon.proc.pid)
+                for h in hoses:  # the same ports: the daemon reconnects to the saturating ones
+                    h.stop()
+                hoses = [Firehose(args.pairs, args.rate, 0, h.port) for h in hoses]
+                time.sleep(args.warmup)
             if args.profile:
                 profiler = subprocess.Popen(
                     [sys.executable.replace("python", "py-spy").rsplit("/", 1)[0] + "/py-spy",
@@ -226,7 +243,18 @@ def main(argv: list[str] | None = None) -> int:
         s0, s1 = math.ceil(t0), math.floor(t1)
         back = asyncio.run(counted_back(pg.dsn, rd.url, s0, s1))
     stored_rate = back["stored_inside"] / (s1 - s0)
+    paced_stats = {}
+    if paced:
+        paced_stats = {
+            "paced_total_rate": args.latency_rate,
+            "paced_p50_ms": round(percentile(paced, 0.50), 2),
+            "paced_p99_ms": round(percentile(paced, 0.99), 2),
+            "paced_max_ms": round(max(paced), 2),
+            "paced_samples": len(paced),
+            "paced_rss_mb": round(paced_rss, 1),
+        }
     result = {
+        **paced_stats,
         "ticks_per_s": round(stored_rate),
         "limit_lines_per_s": round(limit),
         "ratio": round(stored_rate / limit, 3),
@@ -247,13 +275,19 @@ def main(argv: list[str] | None = None) -> int:
         "daemon_cpus": sorted(daemon_cpus),
     }
     print(f"limit loop {limit:,.0f} lines/s on CPU {sorted(daemon_cpus)}")
+    if paced:
+        print(
+            f"at {args.latency_rate:,.0f} ticks/s: tick->Redis p50 {paced_stats['paced_p50_ms']}"
+            f" ms p99 {paced_stats['paced_p99_ms']} ms max {paced_stats['paced_max_ms']} ms"
+            f" ({len(paced):,} samples); rss {paced_rss:.0f} MB"
+        )
     print(
         f"daemon: {stored_rate:,.0f} ticks/s counted back from PostgreSQL over {s1 - s0} s "
         f"= {stored_rate / limit:.2f} of the limit loop ({args.sources} x {args.pairs} pairs)"
     )
     print(
-        f"tick->Redis p50 {result['p50_ms']} ms p99 {result['p99_ms']} ms "
-        f"max {result['max_ms']} ms; rss {rss:.0f} MB"
+        f"saturated (queueing in socket buffers): tick->Redis p50 {result['p50_ms']} ms "
+        f"p99 {result['p99_ms']} ms; rss {rss:.0f} MB"
     )
     print(
         f"counted back: folded {folded:,} = stored {back['stored']:,} = cached {back['cached']:,}"

@@ -92,6 +92,7 @@ class Aggregator:
         self._changed: set[PairWindow] = set()  # windows folded into since the last flush
         self._due: dict[int, set[PairWindow]] = {}  # minute_ms -> windows it became pending in
         self._next_full_sweep = 0
+        self.flush_build_s = 0.0  # the last flush's CPU before it awaited the cache
         self._folded = asyncio.Event()  # set when the consumer has emptied the fan-in queue
 
     @property
@@ -219,8 +220,9 @@ class Aggregator:
         """Flush as soon as the consumer has folded everything queued (the loop is idle).
 
         Under load one flush carries every batch folded meanwhile: after a flush the flusher
-        waits ``flush_min_interval_ms`` or twice what the flush took, whichever is longer (so
-        flushing never takes more than a third of the loop), but never longer than
+        waits ``flush_min_interval_ms`` or twice the CPU the flush took to build its writes,
+        whichever is longer (so building flushes takes at most a third of the loop with many
+        pairs), but never longer than
         ``flush_interval_ms``, the ceiling of what a crash can lose. Minutes are closed on
         the ceiling's cadence (``_sweep``); a cache flush visits only the changed windows."""
         p = self._pipeline
@@ -237,19 +239,18 @@ class Aggregator:
             sweep = self._clock() >= next_sweep
             if sweep:
                 next_sweep = self._clock() + p.flush_interval_ms
-            started = time.perf_counter()
             await self.flush(sweep=sweep)
-            # Coalescing: wait at least the minimum, and twice what the flush took (with many
-            # pairs a flush is long: flushing never takes more than a third of the loop),
+            # Coalescing: wait at least the minimum, and twice the CPU the flush took before
+            # awaiting the cache (it grows with the windows changed, not with the round trip),
             # but never past the ceiling.
-            took = time.perf_counter() - started
-            wait = min(max(gap, 2 * took), ceiling)
+            wait = min(max(gap, 2 * self.flush_build_s), ceiling)
             if wait > 0:
                 await asyncio.sleep(wait)
 
     async def flush(self, *, final: bool = False, sweep: bool = True) -> None:
         """Push changes to the cache and, with ``sweep``, closed (or, when final, all) minutes
         to the writer."""
+        started = time.perf_counter()
         now = self._clock()
         self._cover(now)
         latest: list[LatestPrice] = []
@@ -279,6 +280,7 @@ class Aggregator:
         self._positions.clear()
         if rows or final:
             self._rows.submit(rows, dict(self.marks))
+        self.flush_build_s = time.perf_counter() - started
         await self._write_cache(latest, seconds, changed, now, force=final)
         self.queue_delay_peak_ms, self._delay_peak_ms = self._delay_peak_ms, 0
         self.flush_duration_ms = self._clock() - now

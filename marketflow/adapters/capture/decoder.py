@@ -120,11 +120,12 @@ class FixCaptureDecoder:
         invalid one, in order. The plain checks run once over the frames joined (a field
         without ``=`` or with two, an empty value, a byte to escape); each message is then
         split and cut as in ``decode``. A read that fails them goes frame by frame, and so does
-        one that does not start with ``8=`` (the checks over the joined text count on its first
-        field having an ``=``, as every frame of the framer has)."""
+        one with a frame that does not start with ``8=`` or end with SOH (the checks over the
+        joined text count on every frame's fields being whole, as the framer's are: a frame
+        cut short would glue its last field to the next frame's first)."""
         block = b"".join(frames)
         if not (
-            block.startswith(b"8=")
+            all(f.startswith(b"8=") and f.endswith(b"\x01") for f in frames)
             and block.isascii()
             and len(block.translate(None, _NOT_PLAIN)) == len(block)
         ):
