@@ -60,6 +60,8 @@ def test_decode_many_of_one_fixture_frame_is_decode(f: bytes) -> None:
 # A first field without "=" and a last frame without its SOH balance the counts over the
 # joined text: only the framer-shape guards tell decode_many to go frame by frame.
 @example([frame("abc|" + BASE), frame(BASE[:-1])])
+# The other order: a frame cut short glues its last field to the next frame's first.
+@example([frame(BASE[:-1]), frame("abc|" + BASE)])
 def test_decode_many_of_mixed_fixture_frames_is_decode_per_frame(frames: list[bytes]) -> None:
     decoder = FixCaptureDecoder()
     for _ in range(2):  # shape cache cold, then warm
