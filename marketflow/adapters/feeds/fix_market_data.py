@@ -23,14 +23,13 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from marketflow.adapters.fix.codec import SOH
+from marketflow.adapters.fix.md_decode import decode
 from marketflow.adapters.fix.timestamps import entry_time_ms, parse_utc
 from marketflow.domain.ticks import (
     MAX_AHEAD_MS,
     MAX_TS_MS,
     MIN_TS_MS,
     BookUpdate,
-    PricePoint,
     RejectCounts,
     TickBatch,
 )
@@ -38,9 +37,10 @@ from marketflow.domain.ticks import (
 _DECIMAL = re.compile(rb"-?(?:\d+\.?\d*|\.\d+)")  # FIX Price: no exponent, no inf/nan
 _BID, _OFFER, _TRADE = b"0", b"1", b"2"
 _DELETE = b"2"
-_ACTIONS = frozenset((b"0", b"1", b"2"))
+_ACTIONS = (b"0", b"1", b"2")  # a tuple: one-byte values are shared objects, found by identity
+_KINDS = (_TRADE, _BID, _OFFER)
 _INF = float("inf")
-Entry = dict[bytes, bytes]
+_DECIMAL_CHARS = b"0123456789."
 _DEDUP_WINDOW = 65536
 
 
@@ -87,9 +87,11 @@ class FixMarketDataParser:
             self._message(frame, batch)
         return batch
 
-    def _message(self, frame: bytes, batch: TickBatch) -> None:
-        msg_type, sending, msg_symbol, entries = _split(frame)
-        if msg_type not in (b"W", b"X"):
+    def _message(  # noqa: C901 - the per-entry hot loop: a call per check costs more than it
+        self, frame: bytes, batch: TickBatch
+    ) -> None:
+        msg_type, sending, msg_symbol, entries = decode(frame)
+        if msg_type not in (b"X", b"W"):
             self.rejects.add("unexpected_msg_type", frame)
             return
         try:
@@ -98,87 +100,84 @@ class FixMarketDataParser:
             self.rejects.add("sending_time_invalid", frame)
             return
         snapshot = msg_type == b"W"
+        rejects = self.rejects
+        symbols = self._symbols
+        book_of = self._book
         touched: dict[str, int] = {}
-        for e in entries:
-            self._entry(e, snapshot, msg_symbol, sending_ms, frame, batch, touched)
+        future = batch.received_ms + MAX_AHEAD_MS
+        sending_ts = sending_ms if MIN_TS_MS <= sending_ms <= MAX_TS_MS else None
+        last_time: bytes | None = None  # the entries of a message share their MDEntryTime
+        last_ts: int | None = None
+        for action, kind, sym, px, etime, edate, trade_id, entry_id in entries:
+            if snapshot or action is None:
+                action = b"0"
+            elif action not in _ACTIONS:
+                rejects.add("bad_update_action", frame)
+                continue
+            symbol = symbols.get(sym or msg_symbol or b"")
+            if symbol is None:
+                rejects.add("unknown_symbol", frame)
+                continue
+            if kind not in _KINDS:
+                rejects.add("entry_type_unsupported", frame)
+                continue
+            if not etime:
+                ts = sending_ts
+            elif etime == last_time and not edate:
+                ts = last_ts
+            else:
+                ts = _entry_ts(etime, edate, sending_ms)
+                last_time, last_ts = (None, None) if edate else (etime, ts)
+            if ts is None:
+                rejects.add("timestamp_invalid", frame)
+                continue
+            if ts > future:  # believed, it would pin "latest" and push the window into the past
+                rejects.add("timestamp_in_future", frame)
+                continue
+            if snapshot and symbol not in touched:
+                book_of[symbol] = [None, None]  # a snapshot replaces the whole book
+                touched[symbol] = ts
+            if action != b"0":
+                if kind == _TRADE:  # a correction or cancel, not a new trade
+                    rejects.add("trade_cancel" if action == _DELETE else "trade_correction", frame)
+                    continue
+                if action == _DELETE:
+                    book_of.setdefault(symbol, [None, None])[kind == _OFFER] = None
+                    touched[symbol] = ts
+                    continue
+            if not px or px.translate(None, _DECIMAL_CHARS):  # not only digits and dots
+                rejects.add(_price_reason(px), frame)
+                continue
+            try:
+                price = float(px)
+            except ValueError:  # two dots, or no digit
+                rejects.add("price_not_number", frame)
+                continue
+            if price <= 0.0 or price == _INF:
+                rejects.add("price_not_positive" if price <= 0.0 else "price_not_finite", frame)
+                continue
+            if kind != _TRADE:
+                book = book_of.get(symbol)
+                if book is None:
+                    book = book_of[symbol] = [None, None]
+                book[kind == _OFFER] = price
+                touched[symbol] = ts
+            elif not snapshot or self.snapshot_trades:
+                trade = trade_id or entry_id
+                if trade and self._duplicate(symbol, trade):
+                    rejects.add("duplicate_trade", frame)
+                    continue
+                points = batch.by_symbol.get(symbol)
+                if points is None:
+                    batch.by_symbol[symbol] = [(price, ts)]
+                else:
+                    points.append((price, ts))
+                batch.count += 1
         for symbol, ts in touched.items():
-            bid, ask = book = self._book[symbol]
+            bid, ask = book = book_of[symbol]
             if self._published.get(symbol) != (bid, ask):
                 self._published[symbol] = (book[0], book[1])
                 batch.books.append(BookUpdate(self.exchange, symbol, bid, ask, ts))
-
-    def _entry(
-        self,
-        e: Entry,
-        snapshot: bool,
-        msg_symbol: bytes | None,
-        sending_ms: int,
-        frame: bytes,
-        batch: TickBatch,
-        touched: dict[str, int],
-    ) -> None:
-        kind = e.get(b"269")
-        action = b"0" if snapshot else e.get(b"279", b"0")
-        if action not in _ACTIONS:
-            self.rejects.add("bad_update_action", frame)
-            return
-        symbol = self._symbols.get(e.get(b"55") or msg_symbol or b"")
-        if symbol is None:
-            self.rejects.add("unknown_symbol", frame)
-            return
-        if kind not in (_BID, _OFFER, _TRADE):
-            self.rejects.add("entry_type_unsupported", frame)
-            return
-        ts = _entry_ts(e, sending_ms)
-        if ts is None:
-            self.rejects.add("timestamp_invalid", frame)
-            return
-        if ts > batch.received_ms + MAX_AHEAD_MS:
-            # Believed, it would pin "latest" and push the window into the past.
-            self.rejects.add("timestamp_in_future", frame)
-            return
-        if snapshot and symbol not in touched:
-            self._book[symbol] = [None, None]  # a snapshot replaces the whole book
-            touched[symbol] = ts
-        if action != b"0" and kind == _TRADE:  # a correction or cancel, not a new trade
-            self.rejects.add("trade_cancel" if action == _DELETE else "trade_correction", frame)
-            return
-        if action == _DELETE:
-            self._book.setdefault(symbol, [None, None])[kind == _OFFER] = None
-            touched[symbol] = ts
-            return
-        price = _price(e.get(b"270"))
-        if type(price) is str:
-            self.rejects.add(price, frame)
-            return
-        assert isinstance(price, float)
-        if kind == _TRADE:
-            self._trade(e, snapshot, symbol, (price, ts), frame, batch)
-            return
-        self._book.setdefault(symbol, [None, None])[kind == _OFFER] = price
-        touched[symbol] = ts
-
-    def _trade(
-        self,
-        e: Entry,
-        snapshot: bool,
-        symbol: str,
-        point: PricePoint,
-        frame: bytes,
-        batch: TickBatch,
-    ) -> None:
-        if snapshot and not self.snapshot_trades:
-            return
-        trade_id = e.get(b"1003") or e.get(b"278")
-        if trade_id and self._duplicate(symbol, trade_id):
-            self.rejects.add("duplicate_trade", frame)
-            return
-        points = batch.by_symbol.get(symbol)
-        if points is None:
-            batch.by_symbol[symbol] = [point]
-        else:
-            points.append(point)
-        batch.count += 1
 
     def _duplicate(self, symbol: str, trade_id: bytes) -> bool:
         key = (symbol, trade_id)
@@ -191,50 +190,20 @@ class FixMarketDataParser:
         return False
 
 
-def _split(frame: bytes) -> tuple[bytes | None, bytes | None, bytes | None, list[Entry]]:
-    """MsgType, SendingTime, message-level Symbol and the NoMDEntries group of one frame."""
-    msg_type = sending = msg_symbol = None
-    entries: list[Entry] = []
-    entry: Entry = {}
-    in_group = False
-    delimiter: bytes | None = None  # the first tag of the group starts each entry
-    for part in frame.split(SOH)[2:-2]:  # 8 and 9 first, 10 and "" last
-        tag, _, value = part.partition(b"=")
-        if in_group:
-            if delimiter is None:
-                delimiter = tag
-            if tag == delimiter:
-                entry = {}
-                entries.append(entry)
-            entry[tag] = value
-        elif tag == b"268":
-            in_group = True
-        elif tag == b"35":
-            msg_type = value
-        elif tag == b"52":
-            sending = value
-        elif tag == b"55":
-            msg_symbol = value
-    return msg_type, sending, msg_symbol, entries
-
-
-def _entry_ts(e: Entry, sending_ms: int) -> int | None:
-    """Epoch ms of an entry: MDEntryTime (dated by MDEntryDate or SendingTime), else SendingTime."""
-    raw_time = e.get(b"273")
+def _entry_ts(raw_time: bytes, raw_date: bytes | None, sending_ms: int) -> int | None:
+    """Epoch ms of an MDEntryTime, dated by MDEntryDate (an empty one is none) or SendingTime."""
     try:
-        ts = entry_time_ms(raw_time, sending_ms, e.get(b"272")) if raw_time else sending_ms
+        ts = entry_time_ms(raw_time, sending_ms, raw_date or None)
     except ValueError:
         return None
     return ts if MIN_TS_MS <= ts <= MAX_TS_MS else None
 
 
-def _price(raw: bytes | None) -> float | str:
-    """The price of an MDEntryPx (270), or the reason it is not a positive finite decimal."""
+def _price_reason(raw: bytes | None) -> str:
+    """Why an MDEntryPx (270) with a character other than a digit or a dot is refused: the
+    only decimals among those are negative (FIX Price has no exponent, no inf or nan)."""
     if raw is None:
         return "price_missing"
     if not _DECIMAL.fullmatch(raw):
         return "price_not_number"
-    price = float(raw)
-    if price <= 0.0:
-        return "price_not_positive"
-    return price if price < _INF else "price_not_finite"
+    return "price_not_positive"

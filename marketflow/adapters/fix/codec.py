@@ -36,6 +36,13 @@ _LENGTH_DIGITS_MAX = 9
 _EMBEDDED_HEADER = re.compile(rb"8=FIXT?\.\d\.\d[A-Z0-9]{0,3}\x019=\d{1,9}\x01")
 _EMBEDDED_MAX = 26  # the longest match: "8=FIXT.1.1" + 3 + SOH + "9=" + 9 digits + SOH
 REQUIRED_HEADER_TAGS = (35, 49, 56, 34, 52)
+# BeginString (one of _BEGIN_STRINGS) and BodyLength: the fast path of FixFramer.feed.
+_HEADER = re.compile(rb"8=(?:FIX\.4\.[0-4]|FIX\.5\.0(?:SP[12])?|FIXT\.1\.1)\x019=(\d{1,9})\x01")
+_TRAILERS = tuple(b"10=%03d\x01" % value for value in range(256))
+# Adler-32's low half is 1 + the byte sum modulo 65521: exact up to 256 bytes of any value,
+# or 515 bytes of ASCII (127 x 515 + 1 < 65521).
+_ONE_CALL = 256
+_ONE_CALL_ASCII = 515
 
 
 def checksum(data: bytes | memoryview) -> int:
@@ -123,7 +130,25 @@ class FixFramer:
         pos = 0
         end = len(buf)
         limit = self.max_message_bytes
+        # One adler32 call sums a whole message while its byte sum stays below 65521.
+        span = _ONE_CALL_ASCII if buf.isascii() else _ONE_CALL
         while pos < end:
+            head = _HEADER.match(buf, pos)
+            if head is not None:  # the common case, checked in full in four C calls
+                trailer = head.end() + int(head[1])
+                stop = trailer + 7
+                if (
+                    stop <= end
+                    and stop - pos <= limit
+                    and trailer - pos <= span
+                    and buf.startswith(
+                        _TRAILERS[((adler32(buf[pos:trailer]) & 0xFFFF) - 1) & 0xFF], trailer
+                    )
+                ):
+                    out.append(buf[pos:stop])
+                    pos = stop
+                    continue
+                # Anything else (incomplete, too large, a wrong trailer or checksum): below.
             if not buf.startswith(_START, pos):
                 start = buf.find(_START, pos)
                 if start < 0:

@@ -1,0 +1,158 @@
+"""Lean decoding of one framed 35=W / 35=X message: header values and NoMDEntries as tuples.
+
+No dict per field or per entry, no decode. Three paths, one answer (tests hold each of them to
+simplefix, field for field):
+
+- an incremental laid out as the protocol says (279 269 55 270 [271] [273] per entry, the group
+  last): one ``findall`` of a precompiled pattern picks every entry's fields; the number found
+  must equal the number of entry starts, else the next path runs;
+- any other layout: ``=`` becomes SOH and the message is split once, so the list alternates
+  tag and value (two slices); when all entries share one layout (a venue's messages do), one
+  ``itemgetter`` cached per layout and entry count picks the fields (a positional walk);
+  entries of different layouts are walked one field at a time;
+- a value containing ``=``: every field is split on its first ``=``.
+
+Duplicate tags: in the header the first occurrence wins (as simplefix ``get`` does); inside an
+entry the last one wins. An entry starts at each occurrence of the group's first tag, and
+everything after NoMDEntries (268) belongs to the group.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from operator import itemgetter
+from typing import Any
+
+SOH = b"\x01"
+
+# What the parser reads of an entry, in this order (the tuple of every entry):
+# MDUpdateAction, MDEntryType, Symbol, MDEntryPx, MDEntryTime, MDEntryDate, TradeID, MDEntryID.
+ENTRY_TAGS = (b"279", b"269", b"55", b"270", b"273", b"272", b"1003", b"278")
+Entry = tuple[bytes | None, ...]
+"""One entry's values of ENTRY_TAGS, None where the tag is absent."""
+
+_LAYOUT_MAX = 256  # distinct entry layouts remembered (a venue sends a handful)
+_WIDTH = len(ENTRY_TAGS)
+_getters: dict[tuple[object, ...], Callable[[list[bytes | None]], tuple[Any, ...]]] = {}
+
+
+Decoded = tuple[bytes | None, bytes | None, bytes | None, Iterable[Entry]]
+"""MsgType, SendingTime, the message-level Symbol (None when no entry needs it) and the entries."""
+
+# An incremental's entries as the protocol lays them out (279 269 55 270, then 271 and 273 when
+# sent), nothing else in them, and nothing after the group: one C call finds them all. The
+# empty groups stand for 272, 1003 and 278, which this layout does not have.
+_INCREMENTAL = re.compile(
+    rb"\x01279=([^\x01]*)\x01269=([^\x01]*)\x0155=([^\x01]+)\x01270=([^\x01]*)"
+    rb"(?:\x01271=[^\x01]*)?(?:\x01273=([^\x01]*))?()()()(?=\x01(?:279|10)=)"
+)
+
+
+def decode(frame: bytes) -> Decoded:
+    """The parts of a framed message the market-data parser reads."""
+    group = frame.find(b"\x01268=")
+    if group > 0:
+        first = frame.find(SOH, group + 5)
+        if frame.startswith(b"\x01279=", first):
+            entries = _INCREMENTAL.findall(frame, first)
+            if len(entries) == frame.count(b"\x01279=", first):
+                # SOH cannot occur in a value: the first "<SOH>35=" starts the first field 35.
+                i = frame.find(b"\x0135=", 0, group)
+                j = frame.find(b"\x0152=", 0, group)
+                return (
+                    None if i < 0 else frame[i + 4 : frame.find(SOH, i + 4)],
+                    None if j < 0 else frame[j + 4 : frame.find(SOH, j + 4)],
+                    None,
+                    entries,
+                )
+    return _decode_split(frame)
+
+
+def _decode_split(frame: bytes) -> Decoded:
+    """Any other layout: one split of the whole message."""
+    flat = frame.replace(b"=", SOH).split(SOH)
+    if len(flat) != 2 * frame.count(SOH) + 1 or flat[-3] != b"10":
+        return _decode_general(frame)  # an "=" inside a value, or no CheckSum last
+    tags = flat[0::2]
+    vals = flat[1::2]
+    try:
+        g = tags.index(b"268")
+    except ValueError:
+        g = len(vals) - 1  # no group: the header runs to the CheckSum
+    msg_type = vals[2] if tags[2] == b"35" else _first(tags, vals, b"35", g)
+    sending = _first(tags, vals, b"52", g)
+    symbol = _first(tags, vals, b"55", g)
+    end = len(vals) - 1  # CheckSum
+    start = g + 1
+    if start >= end:
+        return msg_type, sending, symbol, ()
+    region = tags[start:end]
+    count = region.count(region[0])
+    stride = len(region) // count
+    layout = region[:stride]
+    values: list[bytes | None] = [*vals[start:end]]
+    if stride * count != len(region) or region != layout * count:
+        return msg_type, sending, symbol, _entries(region, vals[start:end])
+    values.append(None)  # what the getter reads for a tag the layout lacks
+    picked = _getter(layout, count)(values)
+    return msg_type, sending, symbol, zip(*[iter(picked)] * _WIDTH, strict=True)
+
+
+def _first(tags: list[bytes], vals: list[bytes], tag: bytes, stop: int) -> bytes | None:
+    try:
+        return vals[tags.index(tag, 0, stop)]
+    except ValueError:
+        return None
+
+
+def _getter(layout: list[bytes], count: int) -> Callable[[list[bytes | None]], tuple[Any, ...]]:
+    """Picks ENTRY_TAGS of ``count`` entries of ``layout`` out of the group's values, in one
+    call; a tag the layout lacks reads the None appended after the values."""
+    key = (count, *layout)
+    getter = _getters.get(key)
+    if getter is None:
+        last = {tag: i for i, tag in enumerate(layout)}  # the last occurrence wins
+        stride = len(layout)
+        missing = stride * count
+        indices = [
+            missing if (off := last.get(tag)) is None else a + off
+            for a in range(0, missing, stride)
+            for tag in ENTRY_TAGS
+        ]
+        getter = itemgetter(*indices)
+        if len(_getters) >= _LAYOUT_MAX:
+            _getters.clear()
+        _getters[key] = getter
+    return getter
+
+
+def _entries(tags: Sequence[bytes], vals: Sequence[bytes]) -> list[Entry]:
+    """Entries of a group whose entries differ in layout: each starts at the first tag."""
+    dicts: list[dict[bytes, bytes]] = []
+    delimiter = tags[0]
+    for tag, value in zip(tags, vals, strict=True):
+        if tag == delimiter:
+            dicts.append({})
+        dicts[-1][tag] = value
+    return [_entry(e) for e in dicts]
+
+
+def _entry(e: dict[bytes, bytes]) -> Entry:
+    return tuple(e.get(tag) for tag in ENTRY_TAGS)
+
+
+def _decode_general(frame: bytes) -> Decoded:
+    """The same answer as ``decode`` by splitting each field on its first ``=``."""
+    parts = frame.split(SOH)
+    if parts and not parts[-1]:
+        parts.pop()
+    if parts and parts[-1].startswith(b"10="):
+        parts.pop()
+    pairs = [part.partition(b"=") for part in parts]
+    tags = [tag for tag, _, _ in pairs]
+    vals = [value for _, _, value in pairs]
+    g = tags.index(b"268") if b"268" in tags else len(tags)
+    head = dict(zip(reversed(tags[:g]), reversed(vals[:g]), strict=True))  # first one wins
+    entries = _entries(tags[g + 1 :], vals[g + 1 :]) if g + 1 < len(tags) else []
+    return head.get(b"35"), head.get(b"52"), head.get(b"55"), entries
