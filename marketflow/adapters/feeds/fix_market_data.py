@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from marketflow.adapters.fix.md_decode import decode
+from marketflow.adapters.fix.md_decode import Entry, decode, decode_incremental
 from marketflow.adapters.fix.timestamps import entry_time_ms, parse_utc
 from marketflow.domain.ticks import (
     MAX_AHEAD_MS,
@@ -39,8 +39,9 @@ _BID, _OFFER, _TRADE = b"0", b"1", b"2"
 _DELETE = b"2"
 _ACTIONS = (b"0", b"1", b"2")  # a tuple: one-byte values are shared objects, found by identity
 _KINDS = (_TRADE, _BID, _OFFER)
+# (MDUpdateAction, MDEntryType) the short path takes: the side of the book, or 2 for a trade.
+_OPS = {(b"0", _BID): 0, (b"1", _BID): 0, (b"0", _OFFER): 1, (b"1", _OFFER): 1, (b"0", _TRADE): 2}
 _INF = float("inf")
-_DECIMAL_CHARS = b"0123456789."
 _DEDUP_WINDOW = 65536
 
 
@@ -87,9 +88,58 @@ class FixMarketDataParser:
             self._message(frame, batch)
         return batch
 
-    def _message(  # noqa: C901 - the per-entry hot loop: a call per check costs more than it
-        self, frame: bytes, batch: TickBatch
-    ) -> None:
+    def _message(self, frame: bytes, batch: TickBatch) -> None:
+        """The common case, kept short: anything unusual in an entry (a reject, a delete, a
+        correction) goes to ``_entry``, which decides it exactly as for any other layout."""
+        values = decode_incremental(frame)
+        if values is None or values[0] != b"X":
+            self._general(frame, batch)
+            return
+        try:
+            sending_ms = parse_utc(values[1])
+        except ValueError:
+            self.rejects.add("sending_time_invalid", frame)
+            return
+        symbols = self._symbols
+        book_of = self._book
+        by_symbol = batch.by_symbol
+        touched: dict[str, int] = {}
+        future = batch.received_ms + MAX_AHEAD_MS
+        last_time: bytes | None = None  # the entries of a message share their MDEntryTime
+        ts: int | None = None
+        bad_ts = True
+        trades = 0
+        for action, kind, sym, px, etime in zip(*[iter(values[2:])] * 5):  # noqa: B905 - n x 5
+            op = _OPS.get((action, kind))
+            symbol = symbols.get(sym)
+            if etime != last_time:
+                last_time = etime
+                ts = _entry_ts(etime, None, sending_ms) if etime else _checked(sending_ms)
+                bad_ts = ts is None or ts > future
+            price = float(px)  # an unsigned decimal (the pattern says so): zero or inf at worst
+            if op is None or symbol is None or bad_ts or not 0.0 < price < _INF:
+                entry = (action, kind, sym, px, etime, None, None, None)
+                self._entry(entry, False, None, sending_ms, frame, batch, touched)
+                continue
+            assert ts is not None
+            if op == 2:
+                points = by_symbol.get(symbol)
+                if points is None:
+                    by_symbol[symbol] = [(price, ts)]
+                else:
+                    points.append((price, ts))
+                trades += 1
+            else:
+                book = book_of.get(symbol)
+                if book is None:
+                    book = book_of[symbol] = [None, None]
+                book[op] = price
+                touched[symbol] = ts
+        batch.count += trades
+        self._publish(touched, batch)
+
+    def _general(self, frame: bytes, batch: TickBatch) -> None:
+        """Any message: snapshots, other layouts, rejects."""
         msg_type, sending, msg_symbol, entries = decode(frame)
         if msg_type not in (b"X", b"W"):
             self.rejects.add("unexpected_msg_type", frame)
@@ -100,84 +150,81 @@ class FixMarketDataParser:
             self.rejects.add("sending_time_invalid", frame)
             return
         snapshot = msg_type == b"W"
-        rejects = self.rejects
-        symbols = self._symbols
-        book_of = self._book
         touched: dict[str, int] = {}
-        future = batch.received_ms + MAX_AHEAD_MS
-        sending_ts = sending_ms if MIN_TS_MS <= sending_ms <= MAX_TS_MS else None
-        last_time: bytes | None = None  # the entries of a message share their MDEntryTime
-        last_ts: int | None = None
-        for action, kind, sym, px, etime, edate, trade_id, entry_id in entries:
-            if snapshot or action is None:
-                action = b"0"
-            elif action not in _ACTIONS:
-                rejects.add("bad_update_action", frame)
-                continue
-            symbol = symbols.get(sym or msg_symbol or b"")
-            if symbol is None:
-                rejects.add("unknown_symbol", frame)
-                continue
-            if kind not in _KINDS:
-                rejects.add("entry_type_unsupported", frame)
-                continue
-            if not etime:
-                ts = sending_ts
-            elif etime == last_time and not edate:
-                ts = last_ts
-            else:
-                ts = _entry_ts(etime, edate, sending_ms)
-                last_time, last_ts = (None, None) if edate else (etime, ts)
-            if ts is None:
-                rejects.add("timestamp_invalid", frame)
-                continue
-            if ts > future:  # believed, it would pin "latest" and push the window into the past
-                rejects.add("timestamp_in_future", frame)
-                continue
-            if snapshot and symbol not in touched:
-                book_of[symbol] = [None, None]  # a snapshot replaces the whole book
-                touched[symbol] = ts
-            if action != b"0":
-                if kind == _TRADE:  # a correction or cancel, not a new trade
-                    rejects.add("trade_cancel" if action == _DELETE else "trade_correction", frame)
-                    continue
-                if action == _DELETE:
-                    book_of.setdefault(symbol, [None, None])[kind == _OFFER] = None
-                    touched[symbol] = ts
-                    continue
-            if not px or px.translate(None, _DECIMAL_CHARS):  # not only digits and dots
-                rejects.add(_price_reason(px), frame)
-                continue
-            try:
-                price = float(px)
-            except ValueError:  # two dots, or no digit
-                rejects.add("price_not_number", frame)
-                continue
-            if price <= 0.0 or price == _INF:
-                rejects.add("price_not_positive" if price <= 0.0 else "price_not_finite", frame)
-                continue
-            if kind != _TRADE:
-                book = book_of.get(symbol)
-                if book is None:
-                    book = book_of[symbol] = [None, None]
-                book[kind == _OFFER] = price
-                touched[symbol] = ts
-            elif not snapshot or self.snapshot_trades:
-                trade = trade_id or entry_id
-                if trade and self._duplicate(symbol, trade):
-                    rejects.add("duplicate_trade", frame)
-                    continue
-                points = batch.by_symbol.get(symbol)
-                if points is None:
-                    batch.by_symbol[symbol] = [(price, ts)]
-                else:
-                    points.append((price, ts))
-                batch.count += 1
+        for entry in entries:
+            self._entry(entry, snapshot, msg_symbol, sending_ms, frame, batch, touched)
+        self._publish(touched, batch)
+
+    def _publish(self, touched: dict[str, int], batch: TickBatch) -> None:
+        """A BookUpdate for each symbol whose top of book this message changed."""
         for symbol, ts in touched.items():
-            bid, ask = book = book_of[symbol]
+            bid, ask = book = self._book[symbol]
             if self._published.get(symbol) != (bid, ask):
                 self._published[symbol] = (book[0], book[1])
                 batch.books.append(BookUpdate(self.exchange, symbol, bid, ask, ts))
+
+    def _entry(  # noqa: C901 - one rule after the other, in the order the reasons are counted
+        self,
+        e: Entry,
+        snapshot: bool,
+        msg_symbol: bytes | None,
+        sending_ms: int,
+        frame: bytes,
+        batch: TickBatch,
+        touched: dict[str, int],
+    ) -> None:
+        action, kind, sym, px, etime, edate, trade_id, entry_id = e
+        if snapshot or action is None:
+            action = b"0"
+        if action not in _ACTIONS:
+            self.rejects.add("bad_update_action", frame)
+            return
+        symbol = self._symbols.get(sym or msg_symbol or b"")
+        if symbol is None:
+            self.rejects.add("unknown_symbol", frame)
+            return
+        if kind not in _KINDS:
+            self.rejects.add("entry_type_unsupported", frame)
+            return
+        ts = _entry_ts(etime, edate, sending_ms) if etime else _checked(sending_ms)
+        if ts is None:
+            self.rejects.add("timestamp_invalid", frame)
+            return
+        if ts > batch.received_ms + MAX_AHEAD_MS:
+            # Believed, it would pin "latest" and push the window into the past.
+            self.rejects.add("timestamp_in_future", frame)
+            return
+        if snapshot and symbol not in touched:
+            self._book[symbol] = [None, None]  # a snapshot replaces the whole book
+            touched[symbol] = ts
+        if action != b"0" and kind == _TRADE:  # a correction or cancel, not a new trade
+            self.rejects.add("trade_cancel" if action == _DELETE else "trade_correction", frame)
+            return
+        if action == _DELETE:
+            self._book.setdefault(symbol, [None, None])[kind == _OFFER] = None
+            touched[symbol] = ts
+            return
+        price = _price(px)
+        if type(price) is str:
+            self.rejects.add(price, frame)
+            return
+        assert isinstance(price, float)
+        if kind != _TRADE:
+            self._book.setdefault(symbol, [None, None])[kind == _OFFER] = price
+            touched[symbol] = ts
+            return
+        if snapshot and not self.snapshot_trades:
+            return
+        trade = trade_id or entry_id
+        if trade and self._duplicate(symbol, trade):
+            self.rejects.add("duplicate_trade", frame)
+            return
+        points = batch.by_symbol.get(symbol)
+        if points is None:
+            batch.by_symbol[symbol] = [(price, ts)]
+        else:
+            points.append((price, ts))
+        batch.count += 1
 
     def _duplicate(self, symbol: str, trade_id: bytes) -> bool:
         key = (symbol, trade_id)
@@ -199,11 +246,17 @@ def _entry_ts(raw_time: bytes, raw_date: bytes | None, sending_ms: int) -> int |
     return ts if MIN_TS_MS <= ts <= MAX_TS_MS else None
 
 
-def _price_reason(raw: bytes | None) -> str:
-    """Why an MDEntryPx (270) with a character other than a digit or a dot is refused: the
-    only decimals among those are negative (FIX Price has no exponent, no inf or nan)."""
+def _checked(ts: int) -> int | None:
+    return ts if MIN_TS_MS <= ts <= MAX_TS_MS else None
+
+
+def _price(raw: bytes | None) -> float | str:
+    """The price of an MDEntryPx (270), or the reason it is not a positive finite decimal."""
     if raw is None:
         return "price_missing"
     if not _DECIMAL.fullmatch(raw):
         return "price_not_number"
-    return "price_not_positive"
+    price = float(raw)
+    if price <= 0.0:
+        return "price_not_positive"
+    return price if price < _INF else "price_not_finite"

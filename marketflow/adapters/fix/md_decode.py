@@ -40,37 +40,38 @@ _getters: dict[tuple[object, ...], Callable[[list[bytes | None]], tuple[Any, ...
 Decoded = tuple[bytes | None, bytes | None, bytes | None, Iterable[Entry]]
 """MsgType, SendingTime, the message-level Symbol (None when no entry needs it) and the entries."""
 
-# An incremental's entries as the protocol lays them out (279 269 55 270, then 271 and 273 when
-# sent), nothing else in them, and nothing after the group: one C call finds them all. The
-# empty groups stand for 272, 1003 and 278, which this layout does not have.
-_INCREMENTAL = re.compile(
-    rb"\x01279=([^\x01]*)\x01269=([^\x01]*)\x0155=([^\x01]+)\x01270=([^\x01]*)"
-    rb"(?:\x01271=[^\x01]*)?(?:\x01273=([^\x01]*))?()()()(?=\x01(?:279|10)=)"
+# The standard header up to NoMDEntries (35 third, the first 52 and the first 268 found field
+# by field), then n entries laid out as the protocol says (279 269 55 270, then 271 and 273
+# when sent, nothing else), then the CheckSum: one anchored pattern per n, one C call.
+_HEAD = (  # possessive (*+): a field never gives back what it matched, nothing to undo
+    rb"8=[^\x01]*+\x019=[0-9]*+\x0135=([^\x01]*+)\x01(?:[^\x01]*+\x01)*?52=([^\x01]*+)\x01"
+    rb"(?:[^\x01]*+\x01)*?268=[0-9]*+"
 )
+_ENTRY = (  # a price here is a plain unsigned decimal: anything else takes the general path
+    rb"\x01279=([^\x01]*+)\x01269=([^\x01]*+)\x0155=([^\x01]++)"
+    rb"\x01270=([0-9]+\.?[0-9]*|\.[0-9]+)(?:\x01271=[^\x01]*+)?(?:\x01273=([^\x01]*+))?"
+)
+_ENTRIES_MAX = 32  # more entries per message than this: the general path
+_patterns: dict[int, re.Pattern[bytes]] = {
+    n: re.compile(_HEAD + _ENTRY * n + rb"\x0110=[0-9]{3}\x01") for n in (1, 2, 3)
+}
+
+
+def decode_incremental(frame: bytes) -> tuple[bytes | Any, ...] | None:
+    """The fast path: MsgType, SendingTime, then 279, 269, 55, 270 and 273 of each entry
+    (b"" for an absent or empty 273) of a message laid out as the protocol says; else None."""
+    count = frame.count(b"\x01279=")
+    pattern = _patterns.get(count)
+    if pattern is None:
+        if not 0 < count <= _ENTRIES_MAX:
+            return None
+        pattern = _patterns[count] = re.compile(_HEAD + _ENTRY * count + rb"\x0110=[0-9]{3}\x01")
+    found = pattern.fullmatch(frame)
+    return None if found is None else found.groups(b"")
 
 
 def decode(frame: bytes) -> Decoded:
-    """The parts of a framed message the market-data parser reads."""
-    group = frame.find(b"\x01268=")
-    if group > 0:
-        first = frame.find(SOH, group + 5)
-        if frame.startswith(b"\x01279=", first):
-            entries = _INCREMENTAL.findall(frame, first)
-            if len(entries) == frame.count(b"\x01279=", first):
-                # SOH cannot occur in a value: the first "<SOH>35=" starts the first field 35.
-                i = frame.find(b"\x0135=", 0, group)
-                j = frame.find(b"\x0152=", 0, group)
-                return (
-                    None if i < 0 else frame[i + 4 : frame.find(SOH, i + 4)],
-                    None if j < 0 else frame[j + 4 : frame.find(SOH, j + 4)],
-                    None,
-                    entries,
-                )
-    return _decode_split(frame)
-
-
-def _decode_split(frame: bytes) -> Decoded:
-    """Any other layout: one split of the whole message."""
+    """The parts of any framed message the market-data parser reads: one split."""
     flat = frame.replace(b"=", SOH).split(SOH)
     if len(flat) != 2 * frame.count(SOH) + 1 or flat[-3] != b"10":
         return _decode_general(frame)  # an "=" inside a value, or no CheckSum last
