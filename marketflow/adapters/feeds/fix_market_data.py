@@ -23,7 +23,13 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from marketflow.adapters.fix.md_decode import Entry, decode, decode_incremental
+from marketflow.adapters.fix.md_decode import (
+    ENTRY_START,
+    INCREMENTALS,
+    Entry,
+    decode,
+    incremental_pattern,
+)
 from marketflow.adapters.fix.timestamps import entry_time_ms, parse_utc
 from marketflow.domain.ticks import (
     MAX_AHEAD_MS,
@@ -84,59 +90,75 @@ class FixMarketDataParser:
         a plain list of frames (a FIX log replayed from a file) has no mark."""
         frames, mark = (item.frames, item.mark) if isinstance(item, FixItem) else (item, None)
         batch = TickBatch(self.exchange, {}, received_ms, 0, mark=mark)
-        for frame in frames:
-            self._message(frame, batch)
+        self._frames(frames, batch)
         return batch
 
-    def _message(self, frame: bytes, batch: TickBatch) -> None:
-        """The common case, kept short: anything unusual in an entry (a reject, a delete, a
-        correction) goes to ``_entry``, which decides it exactly as for any other layout."""
-        values = decode_incremental(frame)
-        if values is None or values[0] != b"X":
-            self._general(frame, batch)
-            return
-        try:
-            sending_ms = parse_utc(values[1])
-        except ValueError:
-            self.rejects.add("sending_time_invalid", frame)
-            return
+    def _frames(  # noqa: C901 - the hot loop, one function: a call per message or check costs more
+        self, frames: list[bytes], batch: TickBatch
+    ) -> None:
+        """The common case, kept short: a message of another layout or type goes to
+        ``_general``, an unusual entry (a reject, a delete, a correction) to ``_entry``, which
+        decide it exactly as for any other layout."""
         symbols = self._symbols
         book_of = self._book
+        published = self._published
         by_symbol = batch.by_symbol
-        touched: dict[str, int] = {}
         future = batch.received_ms + MAX_AHEAD_MS
-        last_time: bytes | None = None  # the entries of a message share their MDEntryTime
-        ts: int | None = None
-        bad_ts = True
+        touched: dict[str, int] = {}
         trades = 0
-        for action, kind, sym, px, etime in zip(*[iter(values[2:])] * 5):  # noqa: B905 - n x 5
-            op = _OPS.get((action, kind))
-            symbol = symbols.get(sym)
-            if etime != last_time:
-                last_time = etime
-                ts = _entry_ts(etime, None, sending_ms) if etime else _checked(sending_ms)
-                bad_ts = ts is None or ts > future
-            price = float(px)  # an unsigned decimal (the pattern says so): zero or inf at worst
-            if op is None or symbol is None or bad_ts or not 0.0 < price < _INF:
-                entry = (action, kind, sym, px, etime, None, None, None)
-                self._entry(entry, False, None, sending_ms, frame, batch, touched)
+        patterns = INCREMENTALS
+        ops = _OPS
+        inf = _INF
+        for frame in frames:
+            count = frame.count(ENTRY_START)
+            pattern = patterns.get(count) or incremental_pattern(count)
+            found = None if pattern is None else pattern.fullmatch(frame)
+            if found is None:  # not a 35=X laid out as the protocol says
+                self._general(frame, batch)
                 continue
-            assert ts is not None
-            if op == 2:
-                points = by_symbol.get(symbol)
-                if points is None:
-                    by_symbol[symbol] = [(price, ts)]
+            values = found.groups(b"")
+            try:
+                sending_ms = parse_utc(values[0])
+            except ValueError:
+                self.rejects.add("sending_time_invalid", frame)
+                continue
+            last_time: bytes | None = None  # the entries of a message share their MDEntryTime
+            ts = 0
+            bad_ts = True
+            for action, kind, sym, px, etime in zip(*[iter(values[1:])] * 5):  # noqa: B905 - n x 5
+                op = ops.get((action, kind))
+                symbol = symbols.get(sym)
+                if etime != last_time:
+                    last_time = etime
+                    t = _entry_ts(etime, None, sending_ms) if etime else _checked(sending_ms)
+                    bad_ts = t is None or t > future
+                    ts = t or 0
+                price = float(px)  # an unsigned decimal (the pattern says so): 0 or inf at worst
+                if op is None or symbol is None or bad_ts or not 0.0 < price < inf:
+                    entry = (action, kind, sym, px, etime, None, None, None)
+                    self._entry(entry, False, None, sending_ms, frame, batch, touched)
+                    continue
+                if op == 2:
+                    points = by_symbol.get(symbol)
+                    if points is None:
+                        by_symbol[symbol] = [(price, ts)]
+                    else:
+                        points.append((price, ts))
+                    trades += 1
                 else:
-                    points.append((price, ts))
-                trades += 1
-            else:
-                book = book_of.get(symbol)
-                if book is None:
-                    book = book_of[symbol] = [None, None]
-                book[op] = price
-                touched[symbol] = ts
+                    book = book_of.get(symbol)
+                    if book is None:
+                        book = book_of[symbol] = [None, None]
+                    book[op] = price
+                    touched[symbol] = ts
+            if touched:
+                for symbol, ts in touched.items():
+                    bid, ask = book_of[symbol]
+                    if published.get(symbol) != (bid, ask):
+                        published[symbol] = (bid, ask)
+                        batch.books.append(BookUpdate(self.exchange, symbol, bid, ask, ts))
+                touched.clear()
         batch.count += trades
-        self._publish(touched, batch)
 
     def _general(self, frame: bytes, batch: TickBatch) -> None:
         """Any message: snapshots, other layouts, rejects."""
@@ -158,9 +180,9 @@ class FixMarketDataParser:
     def _publish(self, touched: dict[str, int], batch: TickBatch) -> None:
         """A BookUpdate for each symbol whose top of book this message changed."""
         for symbol, ts in touched.items():
-            bid, ask = book = self._book[symbol]
+            bid, ask = self._book[symbol]
             if self._published.get(symbol) != (bid, ask):
-                self._published[symbol] = (book[0], book[1])
+                self._published[symbol] = (bid, ask)
                 batch.books.append(BookUpdate(self.exchange, symbol, bid, ask, ts))
 
     def _entry(  # noqa: C901 - one rule after the other, in the order the reasons are counted

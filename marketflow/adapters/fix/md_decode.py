@@ -40,33 +40,43 @@ _getters: dict[tuple[object, ...], Callable[[list[bytes | None]], tuple[Any, ...
 Decoded = tuple[bytes | None, bytes | None, bytes | None, Iterable[Entry]]
 """MsgType, SendingTime, the message-level Symbol (None when no entry needs it) and the entries."""
 
-# The standard header up to NoMDEntries (35 third, the first 52 and the first 268 found field
-# by field), then n entries laid out as the protocol says (279 269 55 270, then 271 and 273
-# when sent, nothing else), then the CheckSum: one anchored pattern per n, one C call.
 _HEAD = (  # possessive (*+): a field never gives back what it matched, nothing to undo
-    rb"8=[^\x01]*+\x019=[0-9]*+\x0135=([^\x01]*+)\x01(?:[^\x01]*+\x01)*?52=([^\x01]*+)\x01"
+    rb"8=[^\x01]*+\x019=[0-9]*+\x0135=X\x01(?:[^\x01]*+\x01)*?52=([^\x01]*+)\x01"
     rb"(?:[^\x01]*+\x01)*?268=[0-9]*+"
 )
 _ENTRY = (  # a price here is a plain unsigned decimal: anything else takes the general path
     rb"\x01279=([^\x01]*+)\x01269=([^\x01]*+)\x0155=([^\x01]++)"
     rb"\x01270=([0-9]+\.?[0-9]*|\.[0-9]+)(?:\x01271=[^\x01]*+)?(?:\x01273=([^\x01]*+))?"
 )
+ENTRY_START = b"\x01279="
 _ENTRIES_MAX = 32  # more entries per message than this: the general path
-_patterns: dict[int, re.Pattern[bytes]] = {
-    n: re.compile(_HEAD + _ENTRY * n + rb"\x0110=[0-9]{3}\x01") for n in (1, 2, 3)
-}
+INCREMENTALS: dict[int, re.Pattern[bytes] | None] = {}
+"""The pattern of a standard 35=X per number of entries (counted as ``ENTRY_START``), cached."""
+
+
+def incremental_pattern(count: int) -> re.Pattern[bytes] | None:
+    """The pattern of a standard 35=X of ``count`` entries (None: too many, or none).
+
+    It matches the standard header (35=X third, the first 52 and the first 268 found field by
+    field), then ``count`` entries laid out as the protocol says (279 269 55 270, then 271 and
+    273 when sent, nothing else), then the CheckSum: anchored, one C call. Its groups:
+    SendingTime, then 279, 269, 55, 270 and 273 of each entry (b"" for an absent 273)."""
+    if count in INCREMENTALS:
+        return INCREMENTALS[count]
+    pattern = None
+    if 0 < count <= _ENTRIES_MAX:
+        pattern = re.compile(_HEAD + _ENTRY * count + rb"\x0110=[0-9]{3}\x01")
+    INCREMENTALS[count] = pattern
+    return pattern
 
 
 def decode_incremental(frame: bytes) -> tuple[bytes | Any, ...] | None:
-    """The fast path: MsgType, SendingTime, then 279, 269, 55, 270 and 273 of each entry
-    (b"" for an absent or empty 273) of a message laid out as the protocol says; else None."""
-    count = frame.count(b"\x01279=")
-    pattern = _patterns.get(count)
-    if pattern is None:
-        if not 0 < count <= _ENTRIES_MAX:
-            return None
-        pattern = _patterns[count] = re.compile(_HEAD + _ENTRY * count + rb"\x0110=[0-9]{3}\x01")
-    found = pattern.fullmatch(frame)
+    """The fast path: the groups of ``incremental_pattern`` for ``frame``, else None (another
+    message type or layout). An empty 273 reads as an absent one."""
+    pattern = INCREMENTALS.get(frame.count(ENTRY_START)) or incremental_pattern(
+        frame.count(ENTRY_START)
+    )
+    found = None if pattern is None else pattern.fullmatch(frame)
     return None if found is None else found.groups(b"")
 
 
