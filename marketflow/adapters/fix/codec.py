@@ -131,19 +131,18 @@ class FixFramer:
         end = len(buf)
         limit = self.max_message_bytes
         # One adler32 call sums a whole message while its byte sum stays below 65521.
-        span = _ONE_CALL_ASCII if buf.isascii() else _ONE_CALL
+        # (A message of at most span bytes before its trailer is within the limit too.)
+        span = min(_ONE_CALL_ASCII if buf.isascii() else _ONE_CALL, limit - 7)
         while pos < end:
             head = _HEADER.match(buf, pos)
             if head is not None:  # the common case, checked in full in four C calls
                 trailer = head.end() + int(head[1])
                 stop = trailer + 7
+                # Adler-32 is B << 16 | A, A = 1 + the sum: (adler - 1) & 0xFF is the CheckSum.
                 if (
                     stop <= end
-                    and stop - pos <= limit
                     and trailer - pos <= span
-                    and buf.startswith(
-                        _TRAILERS[((adler32(buf[pos:trailer]) & 0xFFFF) - 1) & 0xFF], trailer
-                    )
+                    and buf.startswith(_TRAILERS[(adler32(buf[pos:trailer]) - 1) & 0xFF], trailer)
                 ):
                     out.append(buf[pos:stop])
                     pos = stop

@@ -3,13 +3,14 @@
 No dict per field or per entry, no decode. Three paths, one answer (tests hold each of them to
 simplefix, field for field):
 
-- an incremental laid out as the protocol says (279 269 55 270 [271] [273] per entry, the group
-  last): one ``findall`` of a precompiled pattern picks every entry's fields; the number found
-  must equal the number of entry starts, else the next path runs;
-- any other layout: ``=`` becomes SOH and the message is split once, so the list alternates
-  tag and value (two slices); when all entries share one layout (a venue's messages do), one
-  ``itemgetter`` cached per layout and entry count picks the fields (a positional walk);
-  entries of different layouts are walked one field at a time;
+- a 35=X laid out as the protocol says (35 third; per entry 279 269 55 270, then 271 and 273
+  when sent; the group last; a plain unsigned decimal price): one anchored pattern, compiled
+  once per entry count, matches the whole message and its groups are the fields read
+  (``incremental_pattern``; the market-data parser runs it inline);
+- anything else (``decode``): ``=`` becomes SOH and the message is split once, so the list
+  alternates tag and value (two slices); when all entries share one layout, one ``itemgetter``
+  cached per layout and entry count picks the fields (a positional walk); entries of
+  different layouts are walked one field at a time;
 - a value containing ``=``: every field is split on its first ``=``.
 
 Duplicate tags: in the header the first occurrence wins (as simplefix ``get`` does); inside an
