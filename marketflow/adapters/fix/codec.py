@@ -133,8 +133,9 @@ class FixFramer:
         # One adler32 call sums a whole message while its byte sum stays below 65521.
         # (A message of at most span bytes before its trailer is within the limit too.)
         span = min(_ONE_CALL_ASCII if buf.isascii() else _ONE_CALL, limit - 7)
+        header, trailers, append = _HEADER.match, _TRAILERS, out.append
         while pos < end:
-            head = _HEADER.match(buf, pos)
+            head = header(buf, pos)
             if head is not None:  # the common case, checked in full in four C calls
                 trailer = head.end() + int(head[1])
                 stop = trailer + 7
@@ -142,9 +143,9 @@ class FixFramer:
                 if (
                     stop <= end
                     and trailer - pos <= span
-                    and buf.startswith(_TRAILERS[(adler32(buf[pos:trailer]) - 1) & 0xFF], trailer)
+                    and buf.startswith(trailers[(adler32(buf[pos:trailer]) - 1) & 0xFF], trailer)
                 ):
-                    out.append(buf[pos:stop])
+                    append(buf[pos:stop])
                     pos = stop
                     continue
                 # Anything else (incomplete, too large, a wrong trailer or checksum): below.
