@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from marketflow.adapters.fix.md_decode import (
     ENTRY_START,
     INCREMENTALS,
+    SOH,
     Entry,
     decode,
     incremental_pattern,
@@ -69,7 +70,7 @@ class FixMarketDataParser:
     """Turns the market-data frames of one read into one TickBatch; counts rejects by reason."""
 
     __slots__ = (
-        "_book", "_published", "_seen", "_symbols", "_window", "exchange", "rejects",
+        "_book", "_keys", "_published", "_seen", "_symbols", "_window", "exchange", "rejects",
         "snapshot_trades",
     )  # fmt: skip
 
@@ -86,6 +87,12 @@ class FixMarketDataParser:
         self.rejects = rejects
         self.snapshot_trades = snapshot_trades_as_ticks
         self._symbols = {s.encode(): s for s in symbols}
+        # The short path's entries: "<279>\x01269=<269>\x0155=<55>" -> (side or 2, symbol).
+        self._keys = {
+            b"%s\x01269=%s\x0155=%s" % (action, kind, raw): (op, symbol)
+            for (action, kind), op in _OPS.items()
+            for raw, symbol in self._symbols.items()
+        }
         self._book: dict[str, list[float | None]] = {}  # symbol -> [bid, ask]
         self._published: dict[str, tuple[float | None, float | None]] = {}
         self._seen: dict[tuple[str, bytes], None] = {}  # insertion-ordered: oldest first
@@ -105,7 +112,7 @@ class FixMarketDataParser:
         """The common case, kept short: a message of another layout or type goes to
         ``_general``, an unusual entry (a reject, a delete, a correction) to ``_entry``, which
         decide it exactly as for any other layout."""
-        symbols = self._symbols
+        keys = self._keys
         book_of = self._book
         published = self._published
         by_symbol = batch.by_symbol
@@ -113,7 +120,6 @@ class FixMarketDataParser:
         touched: dict[str, int] = {}
         trades = 0
         patterns = INCREMENTALS
-        ops = _OPS
         inf = _INF
         for frame in frames:
             count = frame.count(ENTRY_START)
@@ -131,20 +137,21 @@ class FixMarketDataParser:
             last_time: bytes | None = None  # the entries of a message share their MDEntryTime
             ts = 0
             bad_ts = True
-            # One iterator five times: the entries, five fields at a time, no list in between.
-            for action, kind, sym, px, etime in zip(values, values, values, values, values):  # noqa: B905
-                op = ops.get((action, kind))
-                symbol = symbols.get(sym)
+            # One iterator three times: the entries, three groups at a time, no list between.
+            for key, px, etime in zip(values, values, values):  # noqa: B905
+                hit = keys.get(key)  # 279, 269 and 55 at once: (side or 2 for a trade, symbol)
                 if etime != last_time:
                     last_time = etime
                     t = _entry_ts(etime, None, sending_ms) if etime else _checked(sending_ms)
                     bad_ts = t is None or t > future
                     ts = t or 0
                 price = float(px)  # an unsigned decimal (the pattern says so): 0 or inf at worst
-                if op is None or symbol is None or bad_ts or not 0.0 < price < inf:
-                    entry = (action, kind, sym, px, etime, None, None, None)
+                if hit is None or bad_ts or not 0.0 < price < inf:
+                    action, kind, sym = key.split(SOH)  # "a", "269=k", "55=s": the pattern's
+                    entry = (action, kind[4:], sym[3:], px, etime, None, None, None)
                     self._entry(entry, False, None, sending_ms, frame, batch, touched)
                     continue
+                op, symbol = hit
                 if op == 2:
                     points = by_symbol.get(symbol)
                     if points is None:

@@ -46,7 +46,7 @@ _HEAD = (  # possessive (*+): a field never gives back what it matched, nothing 
     rb"(?:[^\x01]*+\x01)*?268=[0-9]*+"
 )
 _ENTRY = (  # a price here is a plain unsigned decimal: anything else takes the general path
-    rb"\x01279=([^\x01]*+)\x01269=([^\x01]*+)\x0155=([^\x01]++)"
+    rb"\x01279=([^\x01]*+\x01269=[^\x01]*+\x0155=[^\x01]++)"
     rb"\x01270=([0-9]+\.?[0-9]*|\.[0-9]+)(?:\x01271=[^\x01]*+)?(?:\x01273=([^\x01]*+))?"
 )
 ENTRY_START = b"\x01279="
@@ -61,7 +61,8 @@ def incremental_pattern(count: int) -> re.Pattern[bytes] | None:
     It matches the standard header (35=X third, the first 52 and the first 268 found field by
     field), then ``count`` entries laid out as the protocol says (279 269 55 270, then 271 and
     273 when sent, nothing else), then the CheckSum: anchored, one C call. Its groups:
-    SendingTime, then 279, 269, 55, 270 and 273 of each entry (b"" for an absent 273)."""
+    SendingTime, then for each entry ``<279><SOH>269=<269><SOH>55=<55>`` as one value (the
+    parser looks the three up at once), 270 and 273 (b"" when absent)."""
     if count in INCREMENTALS:
         return INCREMENTALS[count]
     pattern = None
