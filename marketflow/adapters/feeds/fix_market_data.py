@@ -13,6 +13,12 @@ counted (``trade_correction`` / ``trade_cancel``), never a new tick. Trades that
 trade that reaches us twice (a re-subscription after an abandoned gap, a venue resending what a
 new subscription repeats) counts once (``duplicate_trade``).
 
+Hot path (``bench.fix_parse``): a 35=X laid out as the protocol says is matched whole by one
+precompiled pattern (md_decode.incremental_pattern) and its entries go through one short loop
+over the read's frames; any other message, and any entry that is not a plain new/changed
+bid, offer or trade, goes through ``_general`` / ``_entry``, the exact rules for every layout.
+Tests hold both paths to the same ticks, books and reject counts.
+
 Each item carries the session's mark (the next expected inbound MsgSeqNum once its messages are
 applied); the batch carries it on to the core, which makes it durable with the ticks.
 """
@@ -23,14 +29,20 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from marketflow.adapters.fix.codec import SOH
+from marketflow.adapters.fix.md_decode import (
+    ENTRY_START,
+    INCREMENTALS,
+    SOH,
+    Entry,
+    decode,
+    incremental_pattern,
+)
 from marketflow.adapters.fix.timestamps import entry_time_ms, parse_utc
 from marketflow.domain.ticks import (
     MAX_AHEAD_MS,
     MAX_TS_MS,
     MIN_TS_MS,
     BookUpdate,
-    PricePoint,
     RejectCounts,
     TickBatch,
 )
@@ -38,9 +50,11 @@ from marketflow.domain.ticks import (
 _DECIMAL = re.compile(rb"-?(?:\d+\.?\d*|\.\d+)")  # FIX Price: no exponent, no inf/nan
 _BID, _OFFER, _TRADE = b"0", b"1", b"2"
 _DELETE = b"2"
-_ACTIONS = frozenset((b"0", b"1", b"2"))
+_ACTIONS = (b"0", b"1", b"2")  # a tuple: one-byte values are shared objects, found by identity
+_KINDS = (_TRADE, _BID, _OFFER)
+# (MDUpdateAction, MDEntryType) the short path takes: the side of the book, or 2 for a trade.
+_OPS = {(b"0", _BID): 0, (b"1", _BID): 0, (b"0", _OFFER): 1, (b"1", _OFFER): 1, (b"0", _TRADE): 2}
 _INF = float("inf")
-Entry = dict[bytes, bytes]
 _DEDUP_WINDOW = 65536
 
 
@@ -56,7 +70,7 @@ class FixMarketDataParser:
     """Turns the market-data frames of one read into one TickBatch; counts rejects by reason."""
 
     __slots__ = (
-        "_book", "_published", "_seen", "_symbols", "_window", "exchange", "rejects",
+        "_book", "_keys", "_published", "_seen", "_symbols", "_window", "exchange", "rejects",
         "snapshot_trades",
     )  # fmt: skip
 
@@ -73,6 +87,12 @@ class FixMarketDataParser:
         self.rejects = rejects
         self.snapshot_trades = snapshot_trades_as_ticks
         self._symbols = {s.encode(): s for s in symbols}
+        # The short path's entries: "<279>\x01269=<269>\x0155=<55>" -> (side or 2, symbol).
+        self._keys = {
+            b"%s\x01269=%s\x0155=%s" % (action, kind, raw): (op, symbol)
+            for (action, kind), op in _OPS.items()
+            for raw, symbol in self._symbols.items()
+        }
         self._book: dict[str, list[float | None]] = {}  # symbol -> [bid, ask]
         self._published: dict[str, tuple[float | None, float | None]] = {}
         self._seen: dict[tuple[str, bytes], None] = {}  # insertion-ordered: oldest first
@@ -83,13 +103,81 @@ class FixMarketDataParser:
         a plain list of frames (a FIX log replayed from a file) has no mark."""
         frames, mark = (item.frames, item.mark) if isinstance(item, FixItem) else (item, None)
         batch = TickBatch(self.exchange, {}, received_ms, 0, mark=mark)
-        for frame in frames:
-            self._message(frame, batch)
+        self._frames(frames, batch)
         return batch
 
-    def _message(self, frame: bytes, batch: TickBatch) -> None:
-        msg_type, sending, msg_symbol, entries = _split(frame)
-        if msg_type not in (b"W", b"X"):
+    def _frames(  # noqa: C901 - the hot loop, one function: a call per message or check costs more
+        self, frames: list[bytes], batch: TickBatch
+    ) -> None:
+        """The common case, kept short: a message of another layout or type goes to
+        ``_general``, an unusual entry (a reject, a delete, a correction) to ``_entry``, which
+        decide it exactly as for any other layout."""
+        keys = self._keys
+        book_of = self._book
+        published = self._published
+        by_symbol = batch.by_symbol
+        future = batch.received_ms + MAX_AHEAD_MS
+        touched: dict[str, int] = {}
+        trades = 0
+        patterns = INCREMENTALS
+        inf = _INF
+        for frame in frames:
+            count = frame.count(ENTRY_START)
+            pattern = patterns.get(count) or incremental_pattern(count)
+            found = None if pattern is None else pattern.fullmatch(frame)
+            if found is None:  # not a 35=X laid out as the protocol says
+                self._general(frame, batch)
+                continue
+            values = iter(found.groups(b""))
+            try:
+                sending_ms = parse_utc(next(values))
+            except ValueError:
+                self.rejects.add("sending_time_invalid", frame)
+                continue
+            last_time: bytes | None = None  # the entries of a message share their MDEntryTime
+            ts = 0
+            bad_ts = True
+            # One iterator three times: the entries, three groups at a time, no list between.
+            for key, px, etime in zip(values, values, values):  # noqa: B905
+                hit = keys.get(key)  # 279, 269 and 55 at once: (side or 2 for a trade, symbol)
+                if etime != last_time:
+                    last_time = etime
+                    t = _entry_ts(etime, None, sending_ms) if etime else _checked(sending_ms)
+                    bad_ts = t is None or t > future
+                    ts = t or 0
+                price = float(px)  # an unsigned decimal (the pattern says so): 0 or inf at worst
+                if hit is None or bad_ts or not 0.0 < price < inf:
+                    action, kind, sym = key.split(SOH)  # "a", "269=k", "55=s": the pattern's
+                    entry = (action, kind[4:], sym[3:], px, etime, None, None, None)
+                    self._entry(entry, False, None, sending_ms, frame, batch, touched)
+                    continue
+                op, symbol = hit
+                if op == 2:
+                    points = by_symbol.get(symbol)
+                    if points is None:
+                        by_symbol[symbol] = [(price, ts)]
+                    else:
+                        points.append((price, ts))
+                    trades += 1
+                else:
+                    book = book_of.get(symbol)
+                    if book is None:
+                        book = book_of[symbol] = [None, None]
+                    book[op] = price
+                    touched[symbol] = ts
+            if touched:
+                for symbol, ts in touched.items():
+                    bid, ask = book_of[symbol]
+                    if published.get(symbol) != (bid, ask):
+                        published[symbol] = (bid, ask)
+                        batch.books.append(BookUpdate(self.exchange, symbol, bid, ask, ts))
+                touched.clear()
+        batch.count += trades
+
+    def _general(self, frame: bytes, batch: TickBatch) -> None:
+        """Any message: snapshots, other layouts, rejects."""
+        msg_type, sending, msg_symbol, entries = decode(frame)
+        if msg_type not in (b"X", b"W"):
             self.rejects.add("unexpected_msg_type", frame)
             return
         try:
@@ -99,15 +187,19 @@ class FixMarketDataParser:
             return
         snapshot = msg_type == b"W"
         touched: dict[str, int] = {}
-        for e in entries:
-            self._entry(e, snapshot, msg_symbol, sending_ms, frame, batch, touched)
+        for entry in entries:
+            self._entry(entry, snapshot, msg_symbol, sending_ms, frame, batch, touched)
+        self._publish(touched, batch)
+
+    def _publish(self, touched: dict[str, int], batch: TickBatch) -> None:
+        """A BookUpdate for each symbol whose top of book this message changed."""
         for symbol, ts in touched.items():
-            bid, ask = book = self._book[symbol]
+            bid, ask = self._book[symbol]
             if self._published.get(symbol) != (bid, ask):
-                self._published[symbol] = (book[0], book[1])
+                self._published[symbol] = (bid, ask)
                 batch.books.append(BookUpdate(self.exchange, symbol, bid, ask, ts))
 
-    def _entry(
+    def _entry(  # noqa: C901 - one rule after the other, in the order the reasons are counted
         self,
         e: Entry,
         snapshot: bool,
@@ -117,19 +209,20 @@ class FixMarketDataParser:
         batch: TickBatch,
         touched: dict[str, int],
     ) -> None:
-        kind = e.get(b"269")
-        action = b"0" if snapshot else e.get(b"279", b"0")
+        action, kind, sym, px, etime, edate, trade_id, entry_id = e
+        if snapshot or action is None:
+            action = b"0"
         if action not in _ACTIONS:
             self.rejects.add("bad_update_action", frame)
             return
-        symbol = self._symbols.get(e.get(b"55") or msg_symbol or b"")
+        symbol = self._symbols.get(sym or msg_symbol or b"")
         if symbol is None:
             self.rejects.add("unknown_symbol", frame)
             return
-        if kind not in (_BID, _OFFER, _TRADE):
+        if kind not in _KINDS:
             self.rejects.add("entry_type_unsupported", frame)
             return
-        ts = _entry_ts(e, sending_ms)
+        ts = _entry_ts(etime, edate, sending_ms) if etime else _checked(sending_ms)
         if ts is None:
             self.rejects.add("timestamp_invalid", frame)
             return
@@ -147,37 +240,26 @@ class FixMarketDataParser:
             self._book.setdefault(symbol, [None, None])[kind == _OFFER] = None
             touched[symbol] = ts
             return
-        price = _price(e.get(b"270"))
+        price = _price(px)
         if type(price) is str:
             self.rejects.add(price, frame)
             return
         assert isinstance(price, float)
-        if kind == _TRADE:
-            self._trade(e, snapshot, symbol, (price, ts), frame, batch)
+        if kind != _TRADE:
+            self._book.setdefault(symbol, [None, None])[kind == _OFFER] = price
+            touched[symbol] = ts
             return
-        self._book.setdefault(symbol, [None, None])[kind == _OFFER] = price
-        touched[symbol] = ts
-
-    def _trade(
-        self,
-        e: Entry,
-        snapshot: bool,
-        symbol: str,
-        point: PricePoint,
-        frame: bytes,
-        batch: TickBatch,
-    ) -> None:
         if snapshot and not self.snapshot_trades:
             return
-        trade_id = e.get(b"1003") or e.get(b"278")
-        if trade_id and self._duplicate(symbol, trade_id):
+        trade = trade_id or entry_id
+        if trade and self._duplicate(symbol, trade):
             self.rejects.add("duplicate_trade", frame)
             return
         points = batch.by_symbol.get(symbol)
         if points is None:
-            batch.by_symbol[symbol] = [point]
+            batch.by_symbol[symbol] = [(price, ts)]
         else:
-            points.append(point)
+            points.append((price, ts))
         batch.count += 1
 
     def _duplicate(self, symbol: str, trade_id: bytes) -> bool:
@@ -191,40 +273,16 @@ class FixMarketDataParser:
         return False
 
 
-def _split(frame: bytes) -> tuple[bytes | None, bytes | None, bytes | None, list[Entry]]:
-    """MsgType, SendingTime, message-level Symbol and the NoMDEntries group of one frame."""
-    msg_type = sending = msg_symbol = None
-    entries: list[Entry] = []
-    entry: Entry = {}
-    in_group = False
-    delimiter: bytes | None = None  # the first tag of the group starts each entry
-    for part in frame.split(SOH)[2:-2]:  # 8 and 9 first, 10 and "" last
-        tag, _, value = part.partition(b"=")
-        if in_group:
-            if delimiter is None:
-                delimiter = tag
-            if tag == delimiter:
-                entry = {}
-                entries.append(entry)
-            entry[tag] = value
-        elif tag == b"268":
-            in_group = True
-        elif tag == b"35":
-            msg_type = value
-        elif tag == b"52":
-            sending = value
-        elif tag == b"55":
-            msg_symbol = value
-    return msg_type, sending, msg_symbol, entries
-
-
-def _entry_ts(e: Entry, sending_ms: int) -> int | None:
-    """Epoch ms of an entry: MDEntryTime (dated by MDEntryDate or SendingTime), else SendingTime."""
-    raw_time = e.get(b"273")
+def _entry_ts(raw_time: bytes, raw_date: bytes | None, sending_ms: int) -> int | None:
+    """Epoch ms of an MDEntryTime, dated by MDEntryDate (an empty one is none) or SendingTime."""
     try:
-        ts = entry_time_ms(raw_time, sending_ms, e.get(b"272")) if raw_time else sending_ms
+        ts = entry_time_ms(raw_time, sending_ms, raw_date or None)
     except ValueError:
         return None
+    return ts if MIN_TS_MS <= ts <= MAX_TS_MS else None
+
+
+def _checked(ts: int) -> int | None:
     return ts if MIN_TS_MS <= ts <= MAX_TS_MS else None
 
 

@@ -36,9 +36,13 @@ _LENGTH_DIGITS_MAX = 9
 _EMBEDDED_HEADER = re.compile(rb"8=FIXT?\.\d\.\d[A-Z0-9]{0,3}\x019=\d{1,9}\x01")
 _EMBEDDED_MAX = 26  # the longest match: "8=FIXT.1.1" + 3 + SOH + "9=" + 9 digits + SOH
 REQUIRED_HEADER_TAGS = (35, 49, 56, 34, 52)
-# The usual message's first two fields, matched in one C call (FixFramer.feed's fast path):
-# exactly the BeginStrings of _BEGIN_STRINGS and one to nine BodyLength digits.
-_HEAD = re.compile(rb"8=(?:FIX\.4\.[0-4]|FIX\.5\.0(?:SP[12])?|FIXT\.1\.1)\x019=([0-9]{1,9})\x01")
+# BeginString (one of _BEGIN_STRINGS) and BodyLength: the fast path of FixFramer.feed.
+_HEAD = re.compile(rb"8=(?:FIX\.4\.[0-4]|FIX\.5\.0(?:SP[12])?|FIXT\.1\.1)\x019=(\d{1,9})\x01")
+_TRAILERS = tuple(b"10=%03d\x01" % value for value in range(256))
+# Adler-32's low half is 1 + the byte sum modulo 65521: exact up to 256 bytes of any value,
+# or 515 bytes of ASCII (127 x 515 + 1 < 65521).
+_ONE_CALL = 256
+_ONE_CALL_ASCII = 515
 
 
 def checksum(data: bytes | memoryview) -> int:
@@ -126,10 +130,25 @@ class FixFramer:
         pos = 0
         end = len(buf)
         limit = self.max_message_bytes
+        # One adler32 call sums a whole message while its byte sum stays below 65521.
+        # (A message of at most span bytes before its trailer is within the limit too.)
+        span = min(_ONE_CALL_ASCII if buf.isascii() else _ONE_CALL, limit - 7)
+        header, trailers, append = _HEAD.match, _TRAILERS, out.append
         while pos < end:
-            pos = _valid_run(buf, pos, end, limit, out)
-            if pos >= end:
-                break
+            head = header(buf, pos)
+            if head is not None:  # the common case, checked in full in four C calls
+                trailer = head.end() + int(head[1])
+                stop = trailer + 7
+                # Adler-32 is B << 16 | A, A = 1 + the sum: (adler - 1) & 0xFF is the CheckSum.
+                if (
+                    stop <= end
+                    and trailer - pos <= span
+                    and buf.startswith(trailers[(adler32(buf[pos:trailer]) - 1) & 0xFF], trailer)
+                ):
+                    append(buf[pos:stop])
+                    pos = stop
+                    continue
+                # Anything else (incomplete, too large, a wrong trailer or checksum): below.
             if not buf.startswith(_START, pos):
                 start = buf.find(_START, pos)
                 if start < 0:
@@ -235,35 +254,6 @@ class FixFramer:
             # Framing is confirmed by BodyLength and the trailer: drop exactly this message.
             return ("bad_checksum", stop)
         return stop
-
-
-def _valid_run(buf: bytes, pos: int, end: int, limit: int, out: list[Frame | FrameReject]) -> int:
-    """Frame the complete, valid messages from ``pos`` on into ``out`` (each checked inline as
-    FixFramer._one would accept it) and return where the first other thing starts: a message
-    not complete yet, or anything _one must look at."""
-    head = _HEAD.match
-    while (m := head(buf, pos)) is not None:
-        trailer = m.end() + int(m[1])
-        stop = trailer + 7
-        if not (
-            stop <= end
-            and stop - pos <= limit
-            and buf[stop - 1] == 1
-            and buf.startswith(b"10=", trailer)
-        ):
-            break
-        value = buf[trailer + 3 : stop - 1]
-        # Adler-32's low half is 1 + the byte sum, exact up to 256 bytes (see checksum).
-        total = (
-            (adler32(buf[pos:trailer]) & 0xFFFF) - 1
-            if trailer - pos <= 256
-            else checksum(memoryview(buf)[pos:trailer])
-        )
-        if not (value.isdigit() and int(value) == total & 0xFF):
-            break
-        out.append(buf[pos:stop])
-        pos = stop
-    return pos
 
 
 def _declared_end(rest: bytes) -> tuple[int, int] | None:
