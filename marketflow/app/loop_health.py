@@ -55,6 +55,11 @@ class LoopLagMonitor:
     ``window_s`` (so it always covers at least the last ``window_s``); ``max_ms_ever`` since
     start. A lag shorter than the timer resolution (uvloop: 1 ms) reads as 0-1 ms. A stall is
     seen in full when it spans a due time, which it does for any stall longer than ``tick_s``.
+
+    A late beat is either the loop's own work (a callback holding it) or the OS running
+    another process on the core. ``cpu_max_ms`` tells them apart: of a beat's lag, the part
+    the loop thread spent on the CPU (its CPU time from scheduling to run, less the tick; no
+    CPU time passes while the process waits for the core), highest over the same windows.
     """
 
     def __init__(
@@ -62,11 +67,16 @@ class LoopLagMonitor:
         tick_s: float = 0.005,
         window_s: float = 1.0,
         clock: Callable[[], float] = time.perf_counter,
+        cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.tick_s = tick_s
         self.window_s = window_s
         self._clock = clock
+        self._cpu_clock = cpu_clock
         self._due = 0.0
+        self._cpu_at = 0.0  # loop-thread CPU time when the beat was scheduled
+        self._cpu_current = 0.0
+        self._cpu_previous = 0.0
         self._window_end = 0.0
         self._current = 0.0
         self._previous = 0.0
@@ -92,23 +102,32 @@ class LoopLagMonitor:
     def _schedule(self, now: float) -> None:
         assert self._loop is not None
         self._due = now + self.tick_s
+        self._cpu_at = self._cpu_clock()
         self._handle = self._loop.call_later(self.tick_s, self._beat)
 
     def _beat(self) -> None:
         now = self._clock()
-        self.record(now, max(0.0, now - self._due))
+        lag = max(0.0, now - self._due)
+        # CPU spent since scheduling, less the tick it could have spent on time: the part
+        # of the lateness that was the loop's own work.
+        cpu = max(0.0, min(lag, self._cpu_clock() - self._cpu_at - self.tick_s))
+        self.record(now, lag, cpu)
         self._schedule(now)
 
-    def record(self, now: float, lag_s: float) -> None:
-        """One observation of ``lag_s`` seconds of lateness at time ``now``."""
+    def record(self, now: float, lag_s: float, cpu_s: float = 0.0) -> None:
+        """One observation: ``lag_s`` seconds late at time ``now``, ``cpu_s`` of them the
+        loop's own CPU work."""
         if now >= self._window_end:
             # A window with no beat at all (a stall longer than it) leaves this beat's lag.
             missed = now >= self._window_end + self.window_s
             self._previous = 0.0 if missed else self._current
-            self._current = 0.0
+            self._cpu_previous = 0.0 if missed else self._cpu_current
+            self._current = self._cpu_current = 0.0
             self._window_end = now + self.window_s
         if lag_s > self._current:
             self._current = lag_s
+        if cpu_s > self._cpu_current:
+            self._cpu_current = cpu_s
         if lag_s > self.max_ever:
             self.max_ever = lag_s
         self.histogram.observe(lag_s)
@@ -116,6 +135,7 @@ class LoopLagMonitor:
     def snapshot(self) -> dict[str, Any]:
         return {
             "max_ms": round(max(self._current, self._previous) * 1000, 1),
+            "cpu_max_ms": round(max(self._cpu_current, self._cpu_previous) * 1000, 1),
             "window_s": self.window_s,
             "max_ms_ever": round(self.max_ever * 1000, 1),
             "beats": self.histogram.count,

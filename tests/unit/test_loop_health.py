@@ -60,6 +60,23 @@ async def test_a_callback_that_blocks_the_loop_shows_as_lag() -> None:
     assert m.histogram.count >= 2
 
 
+def test_lag_while_the_loop_thread_is_off_the_cpu_is_not_counted_as_its_work() -> None:
+    wall, cpu = [0.0], [0.0]
+    m = LoopLagMonitor(tick_s=0.005, window_s=1.0, clock=lambda: wall[0], cpu_clock=lambda: cpu[0])
+    loop = asyncio.new_event_loop()
+    try:
+        m.start(loop)
+        wall[0], cpu[0] = 0.045, 0.001  # 40 ms late, 1 ms of CPU: another process ran
+        m._beat()
+        assert (m.snapshot()["max_ms"], m.snapshot()["cpu_max_ms"]) == (40.0, 0.0)
+        wall[0], cpu[0] = 0.080, 0.031  # 30 ms late; 30 ms of CPU over those 35 ms: 25 ours
+        m._beat()
+        assert (m.snapshot()["max_ms"], m.snapshot()["cpu_max_ms"]) == (40.0, 25.0)
+    finally:
+        m.stop()
+        loop.close()
+
+
 def test_stop_twice_is_safe_and_start_twice_is_one_timer(
     idle_loop: asyncio.AbstractEventLoop,
 ) -> None:

@@ -1,0 +1,445 @@
+"""API benchmark: the REST API's latency and req/s, idle and while the daemon ingests.
+
+    python -m bench.api [--seconds 10] [--wrk-seconds 10] [--target-rate 100000]
+
+Real PostgreSQL and Redis (the test harness's throwaway servers), JSON simulators and the
+daemon as its own process pinned to CPU 0 (simulators, wrk, the servers and this process on
+the other CPUs, the simulators niced so the measuring clients come first). Two slow
+simulators keep prices flowing all the time; two firehose simulators are started only for
+the load phases (the daemon reconnects to them), so one daemon sees every phase:
+
+1. idle: 50 req/s polling (open loop: a request every 20 ms, whatever the answers do) across
+   /prices/latest, /prices/average, /prices/highest, /prices/lowest (with ?period=) and
+   /health: p50/p99/max; then ``wrk`` against /prices/latest/BTCUSDT: idle req/s.
+2. saturated: the firehoses as fast as the daemon takes them; the same polling.
+3. ~``--target-rate`` ticks/s from the firehoses: ``wrk`` again, and the ingest rate achieved
+   meanwhile (the daemon's /health ``ticks`` delta, and the ticks Redis holds for those
+   seconds of exchange time), against the rate without wrk.
+4. the daemon restarted with CPython's default GC thresholds, saturated again: GC pauses,
+   loop lag and throughput against the raised threshold (``pipeline.gc_gen0_threshold``).
+
+Loop lag is the daemon's own /health ``loop_lag.max_ms`` (sampled by the polling), GC pauses
+its ``gc`` figures. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, cast
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from bench.ingest import percentile, pin
+from tests.e2e.procs import Daemon, Simulator
+from tests.harness.services import PostgresServer, RedisServer, free_port
+
+POLL_PATHS = (
+    "/prices/latest/BTCUSDT",
+    "/prices/average/BTCUSDT?period=1m",
+    "/prices/highest/ETHUSDT?period=5m",
+    "/prices/lowest/slow1/SOLUSDT?period=30s",
+    "/prices/latest/slow2/DOGEUSDT",
+    "/prices/average/TONUSDT?period=10s",
+    "/health",
+)
+WRK_PATH = "/prices/latest/BTCUSDT"
+SLOW = ("slow1", "slow2")
+FIRE = ("fire1", "fire2")
+
+
+class Stack:
+    """PostgreSQL, Redis, the slow simulators and the daemon; firehoses on demand."""
+
+    def __init__(self, tmp: Path, pg: PostgresServer, rd: RedisServer, cpus: list[int]) -> None:
+        self.tmp, self.pg, self.rd = tmp, pg, rd
+        self.daemon_cpus = {cpus[0]} if len(cpus) > 1 else set(cpus)
+        self.other_cpus = set(cpus[1:]) or set(cpus)
+        self.fire_ports = {name: free_port() for name in FIRE}
+        self.slow = [Simulator(tmp, name, "json", "--rate", "50") for name in SLOW]
+        self.fire: list[Simulator] = []
+        self.daemon: Daemon | None = None
+
+    def _nice(self, sim: Simulator) -> None:
+        assert sim.proc is not None
+        pin(sim.proc.pid, self.other_cpus)
+        os.setpriority(os.PRIO_PROCESS, sim.proc.pid, 15)
+
+    def start_daemon(self, gc_gen0: int) -> Daemon:
+        if not self.slow[0].proc:
+            for s in self.slow:
+                s.start()
+                self._nice(s)
+        exchanges = [{"name": s.name, "port": s.port} for s in self.slow]
+        exchanges += [{"name": n, "port": p} for n, p in self.fire_ports.items()]
+        config: dict[str, Any] = {
+            "http": {"host": "127.0.0.1", "port": 0},
+            "postgres": {"dsn": self.pg.dsn},
+            "redis": {"url": self.rd.url},
+            "embedded": {"data_dir": str(self.tmp / "var")},
+            "pipeline": {
+                "reconnect_initial_s": 0.2,
+                "reconnect_max_s": 0.5,  # a firehose started later is read within 0.5 s
+                "gc_gen0_threshold": gc_gen0,
+            },
+            "capture": {"enabled": False, "port": free_port()},
+            "log_level": "WARNING",
+            "exchanges": exchanges,
+        }
+        self.daemon = Daemon(self.tmp, config)
+        self.daemon.start()
+        assert self.daemon.proc is not None
+        pin(self.daemon.proc.pid, self.daemon_cpus)
+        return self.daemon
+
+    def stop_daemon(self) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()
+            self.daemon = None
+
+    def start_fire(self, rate_per_sim: int) -> None:
+        self.stop_fire()
+        for name, port in self.fire_ports.items():
+            # On the port the daemon is configured with (it reconnects to it).
+            sim = Simulator(self.tmp, name, "json", "--rate", str(rate_per_sim), port=port)
+            sim.start()
+            self._nice(sim)
+            self.fire.append(sim)
+
+    def stop_fire(self) -> None:
+        for s in self.fire:
+            s.stop()
+        self.fire = []
+
+    def stop(self) -> None:
+        self.stop_daemon()
+        self.stop_fire()
+        for s in self.slow:
+            if s.proc is not None:
+                s.stop()
+
+
+def health(daemon: Daemon) -> dict[str, Any]:
+    body: dict[str, Any] = daemon.get("/health")[1]
+    return body
+
+
+def fire_ticks(doc: dict[str, Any]) -> int:
+    return sum(int(doc["exchanges"].get(n, {}).get("ticks", 0)) for n in FIRE)
+
+
+def wait_connected(daemon: Daemon, names: tuple[str, ...], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ex = health(daemon)["exchanges"]
+        if all(ex.get(n, {}).get("connected") for n in names):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{names} not connected:\n{daemon.log()[-2000:]}")
+
+
+async def poll(port: int, seconds: float, rate: float = 50.0) -> dict[str, Any]:
+    """Open-loop polling: one request every 1/rate s across POLL_PATHS, each timed alone."""
+    latencies: list[float] = []
+    by_path: dict[str, list[float]] = {}
+    lag: list[float] = []
+    cpu_lag: list[float] = []
+    errors: dict[str, int] = {}
+    tasks: set[asyncio.Task[None]] = set()
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(
+        f"http://127.0.0.1:{port}", connector=conn, timeout=aiohttp.ClientTimeout(total=10)
+    ) as session:
+
+        async def one(path: str) -> None:
+            t0 = time.perf_counter()
+            try:
+                async with session.get(path) as resp:
+                    body = await resp.read()
+                    status = resp.status
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                return
+            ms = (time.perf_counter() - t0) * 1000
+            latencies.append(ms)
+            by_path.setdefault(path, []).append(ms)
+            if status >= 500 or (status != 200 and "/health" not in path):
+                errors[str(status)] = errors.get(str(status), 0) + 1
+            if path == "/health":
+                doc = json.loads(body)["loop_lag"]
+                lag.append(float(doc["max_ms"]))
+                cpu_lag.append(float(doc["cpu_max_ms"]))
+
+        start = time.perf_counter()
+        n = int(seconds * rate)
+        for i in range(n):
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(POLL_PATHS[i % len(POLL_PATHS)]))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks)
+    return {
+        "requests": n,
+        "p50_ms": round(percentile(latencies, 0.50), 2),
+        "p99_ms": round(percentile(latencies, 0.99), 2),
+        "max_ms": round(max(latencies, default=math.nan), 2),
+        "loop_lag_max_ms": max(lag, default=math.nan),
+        "loop_lag_cpu_max_ms": max(cpu_lag, default=math.nan),
+        "errors": errors,
+        "max_ms_by_path": {p: round(max(v), 1) for p, v in by_path.items()},
+    }
+
+
+_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
+_LAT = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
+
+
+def wrk(port: int, seconds: float, connections: int) -> dict[str, Any]:
+    """``wrk`` against WRK_PATH (this process's CPUs: never the daemon's)."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds:g}s",
+            "--latency",
+            f"http://127.0.0.1:{port}{WRK_PATH}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = _RPS.search(out)
+    assert rps is not None, out
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    lat = {f"p{q}_ms": round(float(v) * scale[u], 2) for q, v, u in _LAT.findall(out)}
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return {
+        "req_per_s": round(float(rps.group(1))),
+        **lat,
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+    }
+
+
+async def redis_ticks(url: str, exchanges: tuple[str, ...], first_s: int, last_s: int) -> int:
+    """Ticks of ``exchanges`` whose exchange second is in [first_s, last_s], from the
+    per-second window hashes in Redis (counted independently of the daemon's counters)."""
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    total = 0
+    try:
+        for ex in exchanges:
+            async for key in client.scan_iter(match=f"marketflow:window:{ex}:*", count=1000):
+                minute_s = int(key.rsplit(":", 1)[1])
+                if minute_s + 60 <= first_s or minute_s > last_s:
+                    continue
+                for sec, raw in (await client.hgetall(key)).items():
+                    if first_s <= int(sec) <= last_s:
+                        total += int(cast(str, raw).rsplit(",", 1)[1])  # decoded
+    finally:
+        await client.aclose()
+    return total
+
+
+@contextmanager
+def profiled(daemon: Daemon, out_dir: Path | None, name: str) -> Iterator[None]:
+    """With ``--profile DIR``: py-spy samples the daemon over the block (collapsed stacks)."""
+    if out_dir is None or daemon.proc is None:
+        yield
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen(
+        [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw", "--rate", "250",
+         "--nonblocking", "-p", str(daemon.proc.pid), "-o", str(out_dir / f"{name}.txt")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(30)
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def measured(daemon: Daemon) -> Iterator[dict[str, Any]]:
+    """Over the block: the daemon's fire-exchange tick delta per second, its CPU share."""
+    assert daemon.proc is not None
+    out: dict[str, Any] = {}
+    h0, t0, w0, c0 = health(daemon), time.monotonic(), time.time(), cpu_s(daemon.proc.pid)
+    yield out
+    h1, t1, w1, c1 = health(daemon), time.monotonic(), time.time(), cpu_s(daemon.proc.pid)
+    out["ticks_per_s"] = round((fire_ticks(h1) - fire_ticks(h0)) / (t1 - t0))
+    out["daemon_cpu"] = round((c1 - c0) / (t1 - t0), 2)
+    out["wall"] = (w0, w1)
+    out["gc"] = h1["gc"]
+    out["gc_collections_per_s"] = [
+        round((b - a) / (t1 - t0))
+        for a, b in zip(h0["gc"]["collections"], h1["gc"]["collections"], strict=True)
+    ]
+    out["loop_lag_max_ms_ever"] = h1["loop_lag"]["max_ms_ever"]
+
+
+def saturated(stack: Stack, daemon: Daemon, args: argparse.Namespace) -> dict[str, Any]:
+    stack.start_fire(args.saturate_rate)
+    wait_connected(daemon, FIRE)
+    time.sleep(args.warmup)
+    with measured(daemon) as ing, profiled(daemon, args.profile, f"saturated-gc{args.gc_now}"):
+        lat = asyncio.run(poll(daemon.port, args.seconds))
+    stack.stop_fire()
+    return {"poll": lat, "ingest_ticks_per_s": ing["ticks_per_s"], "gc": ing["gc"],
+            "daemon_cpu": ing["daemon_cpu"],
+            "gc_collections_per_s": ing["gc_collections_per_s"]}  # fmt: skip
+
+
+def cpu_pressure() -> float | None:
+    """The share of the last 60 s some runnable task waited for a CPU (Linux PSI): how much
+    else ran on this machine meanwhile."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    return float(line.split("avg60=")[1].split()[0]) / 100
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    pin(0, set(cpus[1:]) or set(cpus))
+    res: dict[str, Any] = {"cpus": len(cpus), "cpu_pressure_before": cpu_pressure()}
+    with tempfile.TemporaryDirectory() as tmp_dir, PostgresServer() as pg, RedisServer() as rd:
+        stack = Stack(Path(tmp_dir), pg, rd, cpus)
+        try:
+            args.gc_now = args.gc_gen0
+            d = stack.start_daemon(args.gc_gen0)
+            wait_connected(d, SLOW)
+            time.sleep(args.warmup)
+            with profiled(d, args.profile, "idle-poll"):
+                idle_poll = asyncio.run(poll(d.port, args.seconds))
+            with profiled(d, args.profile, "idle-wrk"), measured(d) as idle_m:
+                idle_wrk = wrk(d.port, args.wrk_seconds, args.connections)
+            res["idle"] = {"poll": idle_poll, "wrk": idle_wrk, "daemon_cpu": idle_m["daemon_cpu"]}
+            res["saturated"] = saturated(stack, d, args)
+            stack.start_fire(args.target_rate // len(FIRE))
+            wait_connected(d, FIRE)
+            time.sleep(args.warmup)
+            with measured(d) as alone, profiled(d, args.profile, "ingesting-alone"):
+                time.sleep(args.wrk_seconds)
+            with measured(d) as during, profiled(d, args.profile, "ingesting-wrk"):
+                w = wrk(d.port, args.wrk_seconds, args.connections)
+            time.sleep(1.5)  # the seconds of the interval reach Redis (flush + a late second)
+            first_s, last_s = math.ceil(during["wall"][0]), math.floor(during["wall"][1]) - 1
+            in_redis = asyncio.run(redis_ticks(rd.url, FIRE, first_s, last_s))
+            stack.stop_fire()
+            res["ingesting"] = {
+                "offered_ticks_per_s": args.target_rate,
+                "ingest_ticks_per_s_without_wrk": alone["ticks_per_s"],
+                "daemon_cpu_without_wrk": alone["daemon_cpu"],
+                "daemon_cpu_during_wrk": during["daemon_cpu"],
+                "ingest_ticks_per_s_during_wrk": during["ticks_per_s"],
+                "ingest_ticks_per_s_during_wrk_redis": round(
+                    in_redis / max(1, last_s - first_s + 1)
+                ),
+                "wrk": w,
+            }
+            res["ingesting"]["req_per_s_vs_idle"] = round(
+                w["req_per_s"] / res["idle"]["wrk"]["req_per_s"], 3
+            )
+            stack.stop_daemon()
+            if args.compare_default_gc:
+                args.gc_now = 0
+                d = stack.start_daemon(0)
+                wait_connected(d, SLOW)
+                res["saturated_default_gc"] = saturated(stack, d, args)
+        finally:
+            stack.stop()
+    res["cpu_pressure_after"] = cpu_pressure()
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.api")
+    ap.add_argument("--seconds", type=float, default=10.0, help="each polling phase")
+    ap.add_argument("--wrk-seconds", type=float, default=10.0)
+    ap.add_argument("--connections", type=int, default=8, help="wrk connections")
+    ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--target-rate", type=int, default=100_000, help="ticks/s offered with wrk")
+    ap.add_argument("--saturate-rate", type=int, default=400_000, help="lines/s per firehose")
+    ap.add_argument("--gc-gen0", type=int, default=50_000, help="pipeline.gc_gen0_threshold")
+    ap.add_argument(
+        "--no-default-gc",
+        dest="compare_default_gc",
+        action="store_false",
+        help="skip phase 4 (saturated with CPython's default GC thresholds)",
+    )
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="write py-spy collapsed stacks of the daemon per phase to this folder",
+    )
+    args = ap.parse_args(argv)
+    res = run(args)
+    report(res)
+    print(json.dumps(res))
+    return 0
+
+
+def report(res: dict[str, Any]) -> None:
+    def lat(p: dict[str, Any]) -> str:
+        return (f"p50 {p['p50_ms']} ms, p99 {p['p99_ms']} ms, max {p['max_ms']} ms "
+                f"(loop lag max {p['loop_lag_max_ms']} ms, of it the daemon's own work "
+                f"{p['loop_lag_cpu_max_ms']} ms; errors {p['errors'] or 0})")  # fmt: skip
+
+    def gcs(s: dict[str, Any]) -> str:
+        g = s["gc"]
+        r = g["recent"]
+        return (f"GC {g['threshold']}: {s['gc_collections_per_s']} collections/s, pause p99 "
+                f"{r['p99_ms']} ms, max {r['max_ms']} ms (last {r['n']}), "
+                f"max by generation {g['max_ms_by_generation']} ms")  # fmt: skip
+
+    idle, sat, ing = res["idle"], res["saturated"], res["ingesting"]
+    print(f"{res['cpus']} CPUs; CPU pressure (PSI some avg60) before "
+          f"{res['cpu_pressure_before']}, after {res['cpu_pressure_after']}: "
+          "the share of time some task waited for a CPU")  # fmt: skip
+    print(f"idle, 50 req/s polling: {lat(idle['poll'])}")
+    print(f"idle, wrk {WRK_PATH}: {idle['wrk']['req_per_s']:,} req/s "
+          f"(p50 {idle['wrk'].get('p50_ms')} ms, p99 {idle['wrk'].get('p99_ms')} ms; "
+          f"daemon CPU {idle['daemon_cpu']:.0%})")  # fmt: skip
+    print(f"saturated ingest {sat['ingest_ticks_per_s']:,} ticks/s, 50 req/s polling: "
+          f"{lat(sat['poll'])}")  # fmt: skip
+    print(f"  {gcs(sat)}")
+    print(f"ingesting {ing['ingest_ticks_per_s_without_wrk']:,} ticks/s (daemon CPU "
+          f"{ing['daemon_cpu_without_wrk']:.0%}; offered "
+          f"{ing['offered_ticks_per_s']:,}); with wrk: {ing['wrk']['req_per_s']:,} req/s = "
+          f"{ing['req_per_s_vs_idle']:.0%} of idle, ingest achieved meanwhile "
+          f"{ing['ingest_ticks_per_s_during_wrk']:,} ticks/s (/health; Redis: "
+          f"{ing['ingest_ticks_per_s_during_wrk_redis']:,}; daemon CPU "
+          f"{ing['daemon_cpu_during_wrk']:.0%})")  # fmt: skip
+    if "saturated_default_gc" in res:
+        dg = res["saturated_default_gc"]
+        print(f"saturated with CPython's default GC: {dg['ingest_ticks_per_s']:,} ticks/s, "
+              f"polling {lat(dg['poll'])}")  # fmt: skip
+        print(f"  {gcs(dg)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
