@@ -148,6 +148,26 @@ async def test_latest_across_exchanges_is_the_newest_tick(api: Api) -> None:
     assert (status, body["price"], body["exchange"]) == (200, 100.0, "exchange1")
 
 
+async def test_latest_answer_is_reused_only_while_its_tick_is_the_newest(api: Api) -> None:
+    fold(api.agg, "exchange1", ("BTCUSDT", 100.0, T0 + 1000))
+    first = await api.get("/prices/latest/BTCUSDT")
+    again = await api.get("/prices/latest/BTCUSDT")
+    fold(api.agg, "exchange1", ("BTCUSDT", 100.5, T0 + 1000))  # same ms, a later tick
+    same_ms = await api.get("/prices/latest/BTCUSDT")
+    fold(api.agg, "exchange2", ("BTCUSDT", 100.5, T0 + 1000))  # same price and ms, elsewhere
+    tie = await api.get("/prices/latest/BTCUSDT")
+    one = await api.get("/prices/latest/exchange1/BTCUSDT")
+    fold(api.agg, "exchange2", ("BTCUSDT", 99.0, T0 + 1001))
+    newer = await api.get("/prices/latest/BTCUSDT")
+
+    assert first == again
+    assert (first[1]["price"], same_ms[1]["price"]) == (100.0, 100.5)
+    assert tie[1]["source"] in ("exchange1", "exchange2")
+    assert (one[1]["exchange"], "source" in one[1]) == ("exchange1", False)
+    assert (newer[1]["price"], newer[1]["source"]) == (99.0, "exchange2")
+    assert newer[1]["timestamp"] == "2026-11-24T01:10:01.001Z"
+
+
 async def test_symbol_is_case_insensitive(api: Api) -> None:
     fold(api.agg, "exchange1", ("BTCUSDT", 100.0, T0 + 1000))
     status, body = await api.get("/prices/latest/exchange1/btcusdt")
