@@ -78,7 +78,7 @@ class Stack:
         pin(sim.proc.pid, self.other_cpus)
         os.setpriority(os.PRIO_PROCESS, sim.proc.pid, 15)
 
-    def start_daemon(self, gc_gen0: int) -> Daemon:
+    def start_daemon(self, gc_gen0: int, read_chunk_bytes: int = 65536) -> Daemon:
         if not self.slow[0].proc:
             for s in self.slow:
                 s.start()
@@ -94,6 +94,7 @@ class Stack:
                 "reconnect_initial_s": 0.2,
                 "reconnect_max_s": 0.5,  # a firehose started later is read within 0.5 s
                 "gc_gen0_threshold": gc_gen0,
+                "read_chunk_bytes": read_chunk_bytes,
             },
             "capture": {"enabled": False, "port": free_port()},
             "log_level": "WARNING",
@@ -324,12 +325,16 @@ def cpu_pressure() -> float | None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
     pin(0, set(cpus[1:]) or set(cpus))
-    res: dict[str, Any] = {"cpus": len(cpus), "cpu_pressure_before": cpu_pressure()}
+    res: dict[str, Any] = {
+        "cpus": len(cpus),
+        "cpu_pressure_before": cpu_pressure(),
+        "read_chunk_bytes": args.read_chunk_bytes,
+    }
     with tempfile.TemporaryDirectory() as tmp_dir, PostgresServer() as pg, RedisServer() as rd:
         stack = Stack(Path(tmp_dir), pg, rd, cpus)
         try:
             args.gc_now = args.gc_gen0
-            d = stack.start_daemon(args.gc_gen0)
+            d = stack.start_daemon(args.gc_gen0, args.read_chunk_bytes)
             wait_connected(d, SLOW)
             time.sleep(args.warmup)
             with profiled(d, args.profile, "idle-poll"):
@@ -360,13 +365,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ),
                 "wrk": w,
             }
-            res["ingesting"]["req_per_s_vs_idle"] = round(
-                w["req_per_s"] / res["idle"]["wrk"]["req_per_s"], 3
+            idle_w, idle_cpu = res["idle"]["wrk"]["req_per_s"], res["idle"]["daemon_cpu"]
+            res["idle"]["cpu_us_per_request"] = round(idle_cpu / max(1, idle_w) * 1e6, 1)
+            res["ingesting"]["req_per_s_vs_idle"] = round(w["req_per_s"] / idle_w, 3)
+            # What the ratio would be had the daemon had its core to itself in both phases
+            # (req/s per CPU-second: on a shared machine its CPU share varies from phase
+            # to phase).
+            res["ingesting"]["req_per_cpu_s_vs_idle"] = round(
+                (w["req_per_s"] / max(0.01, during["daemon_cpu"])) / (idle_w / max(0.01, idle_cpu)),
+                3,
             )
             stack.stop_daemon()
             if args.compare_default_gc:
                 args.gc_now = 0
-                d = stack.start_daemon(0)
+                d = stack.start_daemon(0, args.read_chunk_bytes)
                 wait_connected(d, SLOW)
                 res["saturated_default_gc"] = saturated(stack, d, args)
         finally:
@@ -384,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-rate", type=int, default=100_000, help="ticks/s offered with wrk")
     ap.add_argument("--saturate-rate", type=int, default=400_000, help="lines/s per firehose")
     ap.add_argument("--gc-gen0", type=int, default=50_000, help="pipeline.gc_gen0_threshold")
+    ap.add_argument("--read-chunk-bytes", type=int, default=65536, help="pipeline.read_chunk_bytes")
     ap.add_argument(
         "--no-default-gc",
         dest="compare_default_gc",
@@ -413,8 +426,9 @@ def report(res: dict[str, Any]) -> None:
         g = s["gc"]
         r = g["recent"]
         return (f"GC {g['threshold']}: {s['gc_collections_per_s']} collections/s, pause p99 "
-                f"{r['p99_ms']} ms, max {r['max_ms']} ms (last {r['n']}), "
-                f"max by generation {g['max_ms_by_generation']} ms")  # fmt: skip
+                f"{r['p99_ms']} ms, max {r['max_ms']} ms (on the CPU: p99 {r['cpu_p99_ms']} "
+                f"ms, max {r['cpu_max_ms']} ms; last {r['n']}), max by generation "
+                f"{g['max_ms_by_generation']} ms, GC total {g['total_ms']} ms")  # fmt: skip
 
     idle, sat, ing = res["idle"], res["saturated"], res["ingesting"]
     print(f"{res['cpus']} CPUs; CPU pressure (PSI some avg60) before "
@@ -423,14 +437,16 @@ def report(res: dict[str, Any]) -> None:
     print(f"idle, 50 req/s polling: {lat(idle['poll'])}")
     print(f"idle, wrk {WRK_PATH}: {idle['wrk']['req_per_s']:,} req/s "
           f"(p50 {idle['wrk'].get('p50_ms')} ms, p99 {idle['wrk'].get('p99_ms')} ms; "
-          f"daemon CPU {idle['daemon_cpu']:.0%})")  # fmt: skip
+          f"daemon CPU {idle['daemon_cpu']:.0%}, {idle['cpu_us_per_request']} us "
+          "per request)")  # fmt: skip
     print(f"saturated ingest {sat['ingest_ticks_per_s']:,} ticks/s, 50 req/s polling: "
           f"{lat(sat['poll'])}")  # fmt: skip
     print(f"  {gcs(sat)}")
     print(f"ingesting {ing['ingest_ticks_per_s_without_wrk']:,} ticks/s (daemon CPU "
           f"{ing['daemon_cpu_without_wrk']:.0%}; offered "
           f"{ing['offered_ticks_per_s']:,}); with wrk: {ing['wrk']['req_per_s']:,} req/s = "
-          f"{ing['req_per_s_vs_idle']:.0%} of idle, ingest achieved meanwhile "
+          f"{ing['req_per_s_vs_idle']:.0%} of idle ({ing['req_per_cpu_s_vs_idle']:.0%} per "
+          f"daemon CPU-second), ingest achieved meanwhile "
           f"{ing['ingest_ticks_per_s_during_wrk']:,} ticks/s (/health; Redis: "
           f"{ing['ingest_ticks_per_s_during_wrk_redis']:,}; daemon CPU "
           f"{ing['daemon_cpu_during_wrk']:.0%})")  # fmt: skip

@@ -158,12 +158,18 @@ class GcPauses:
         keep: int = 4096,
         clock: Callable[[], float] = time.perf_counter,
         summary_every_s: float = 1.0,
+        cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self._clock = clock
+        self._cpu_clock = cpu_clock
         self._summary_every_s = summary_every_s
         self._summary: tuple[float, dict[str, Any]] | None = None
         self._started = 0.0
+        self._cpu_started = 0.0
         self.recent: deque[float] = deque(maxlen=keep)  # seconds
+        # The same pauses in the thread's CPU time: on a shared core a collection can be
+        # preempted, and its wall time then says more about the machine than about the GC.
+        self.recent_cpu: deque[float] = deque(maxlen=keep)
         self.collections = [0, 0, 0]
         self.max_by_generation = [0.0, 0.0, 0.0]
         self.histogram = Histogram(GC_BUCKETS_S)
@@ -182,14 +188,17 @@ class GcPauses:
     def _callback(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._started = self._clock()
+            self._cpu_started = self._cpu_clock()
         else:
-            self.record(info["generation"], self._clock() - self._started)
+            cpu = self._cpu_clock() - self._cpu_started
+            self.record(info["generation"], self._clock() - self._started, cpu)
 
-    def record(self, generation: int, pause_s: float) -> None:
+    def record(self, generation: int, pause_s: float, cpu_s: float | None = None) -> None:
         self.collections[generation] += 1
         if pause_s > self.max_by_generation[generation]:
             self.max_by_generation[generation] = pause_s
         self.recent.append(pause_s)
+        self.recent_cpu.append(pause_s if cpu_s is None else cpu_s)
         self.histogram.observe(pause_s)
 
     def _recent_summary(self) -> dict[str, Any]:
@@ -197,11 +206,14 @@ class GcPauses:
         if self._summary is not None and now - self._summary[0] < self._summary_every_s:
             return self._summary[1]
         recent = sorted(self.recent)
+        cpu = sorted(self.recent_cpu)
         summary = {
             "n": len(recent),
             "p50_ms": round(_percentile(recent, 0.50) * 1000, 3),
             "p99_ms": round(_percentile(recent, 0.99) * 1000, 3),
             "max_ms": round((recent[-1] if recent else 0.0) * 1000, 3),
+            "cpu_p99_ms": round(_percentile(cpu, 0.99) * 1000, 3),
+            "cpu_max_ms": round((cpu[-1] if cpu else 0.0) * 1000, 3),
         }
         self._summary = (now, summary)
         return summary

@@ -124,12 +124,20 @@ def test_gc_recent_percentiles_over_the_kept_pauses() -> None:
     for i in range(1, 201):  # 1..200 ms: only the last 100 are kept
         p.record(0, i / 1000)
     recent = p.snapshot()["recent"]
-    assert recent == {"n": 100, "p50_ms": 151.0, "p99_ms": 200.0, "max_ms": 200.0}
+    assert recent == {
+        "n": 100,
+        "p50_ms": 151.0,
+        "p99_ms": 200.0,
+        "max_ms": 200.0,
+        "cpu_p99_ms": 200.0,  # no CPU time given: the wall time stands for it
+        "cpu_max_ms": 200.0,
+    }
     assert p.snapshot()["max_ms_by_generation"][0] == 200.0
-    p.record(1, 0.5)
+    p.record(1, 0.5, 0.002)  # preempted: 500 ms of wall time, 2 ms on the CPU
     assert p.snapshot()["recent"]["max_ms"] == 200.0  # summarised once per second
     now[0] = 1.5
     assert p.snapshot()["recent"]["max_ms"] == 500.0
+    assert p.snapshot()["recent"]["cpu_max_ms"] == 200.0
     assert p.snapshot()["collections"] == [200, 1, 0]
 
 
