@@ -298,6 +298,7 @@ def measured(daemon: Daemon) -> Iterator[dict[str, Any]]:
         for a, b in zip(h0["gc"]["collections"], h1["gc"]["collections"], strict=True)
     ]
     out["loop_lag_max_ms_ever"] = h1["loop_lag"]["max_ms_ever"]
+    out["gc_ms_per_s"] = round((h1["gc"]["total_ms"] - h0["gc"]["total_ms"]) / (t1 - t0), 1)
 
 
 def saturated(stack: Stack, daemon: Daemon, args: argparse.Namespace) -> dict[str, Any]:
@@ -308,7 +309,7 @@ def saturated(stack: Stack, daemon: Daemon, args: argparse.Namespace) -> dict[st
         lat = asyncio.run(poll(daemon.port, args.seconds))
     stack.stop_fire()
     return {"poll": lat, "ingest_ticks_per_s": ing["ticks_per_s"], "gc": ing["gc"],
-            "daemon_cpu": ing["daemon_cpu"],
+            "daemon_cpu": ing["daemon_cpu"], "gc_ms_per_s": ing["gc_ms_per_s"],
             "gc_collections_per_s": ing["gc_collections_per_s"]}  # fmt: skip
 
 
@@ -428,7 +429,8 @@ def report(res: dict[str, Any]) -> None:
         return (f"GC {g['threshold']}: {s['gc_collections_per_s']} collections/s, pause p99 "
                 f"{r['p99_ms']} ms, max {r['max_ms']} ms (on the CPU: p99 {r['cpu_p99_ms']} "
                 f"ms, max {r['cpu_max_ms']} ms; last {r['n']}), max by generation "
-                f"{g['max_ms_by_generation']} ms, GC total {g['total_ms']} ms")  # fmt: skip
+                f"{g['max_ms_by_generation']} ms; {s['gc_ms_per_s']} ms of GC "
+                "per second")  # fmt: skip
 
     idle, sat, ing = res["idle"], res["saturated"], res["ingesting"]
     print(f"{res['cpus']} CPUs; CPU pressure (PSI some avg60) before "
