@@ -9,7 +9,7 @@ CONFIG ?= config.toml
 # The suite mostly waits (minute boundaries, restarts): more workers than cores pay off.
 TEST_WORKERS ?= 4
 
-.PHONY: run test lint typecheck unit server-binaries bench bench-fix mutation clean
+.PHONY: run test lint typecheck unit server-binaries bench-tools bench bench-fix bench-api mutation clean
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -54,6 +54,14 @@ bench: $(STAMP) server-binaries
 
 bench-fix: $(STAMP) server-binaries
 	$(BIN)/python -m bench.fix
+
+## bench-tools: wrk, the HTTP load generator of bench-api (apt-get if missing)
+bench-tools:
+	@bash scripts/ensure-bench-tools.sh
+
+## bench-api: API latency and req/s idle, at saturated ingest and beside ~100,000 ticks/s
+bench-api: $(STAMP) server-binaries bench-tools
+	$(BIN)/python -m bench.api
 
 clean:
 	rm -rf $(VENV) var mutants .mypy_cache .ruff_cache .pytest_cache

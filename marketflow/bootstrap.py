@@ -39,6 +39,7 @@ from marketflow.app.aggregator import Aggregator
 from marketflow.app.capture import CaptureService
 from marketflow.app.health import HealthReport
 from marketflow.app.ingest import RunningSource
+from marketflow.app.loop_health import LoopHealth
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.app.modes import Mode, ModeController
 from marketflow.app.queries import PriceQueries
@@ -228,6 +229,9 @@ class Daemon:
     async def _start_http(self, store_embedded: bool, cache_embedded: bool) -> None:
         s = self.settings
         guard = ControlGuard(s.http.control_token)
+        loop = LoopHealth()  # how late the loop runs, and GC pauses: /health, /metrics
+        loop.start()
+        self._exit.push_async_callback(loop.aclose)
         report = HealthReport(
             self.aggregator,
             self.modes,
@@ -237,6 +241,7 @@ class Daemon:
             self.fanin.qsize,
             wall_clock_ms,
             lambda: {**self._capture_health(), "http": guard.stats()},
+            loop=loop,
         )
         queries = PriceQueries(
             self.aggregator,
@@ -308,7 +313,7 @@ class Daemon:
 
 async def run_daemon(settings: Settings, stop: asyncio.Event) -> int:
     """Run until ``stop`` is set (signals) or a core task dies; 0 on a clean stop."""
-    tune_gc()
+    tune_gc(settings.pipeline.gc_gen0_threshold)
     daemon = Daemon(settings)
     await daemon.start()
     died = asyncio.create_task(daemon.died.wait())
@@ -323,7 +328,7 @@ async def run_daemon(settings: Settings, stop: asyncio.Event) -> int:
 async def run_replay(settings: Settings, path: Path, speed: float) -> int:
     """Replay one capture file through the pipeline into storage, then exit (with the
     daemon's GC settings: the same hot path)."""
-    tune_gc()
+    tune_gc(settings.pipeline.gc_gen0_threshold)
     source = ExchangeSettings(name="replay", type="file", path=path, speed=speed)
     replay_settings = settings.model_copy(update={"exchanges": (source,), "mode": "live"})
     # No resume: the file is the whole truth for the minutes it covers. Merging them with

@@ -109,11 +109,15 @@ def reserve_port(host: str, port: int) -> socket.socket:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
-def tune_gc() -> None:
+def tune_gc(gen0_threshold: int = 50_000) -> None:
     """Fewer, cheaper cyclic collections: the hot path allocates short-lived lists and
     tuples by the million, none of them in cycles, so the default gen0 threshold (700) makes
     the collector run thousands of times a second for nothing. Objects alive after start
-    (modules, settings, adapters) are frozen out of every later collection."""
+    (modules, settings, adapters) are frozen out of every later collection.
+    ``gen0_threshold`` 0 keeps CPython's default thresholds (for comparison: bench.api)."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
+    if gen0_threshold:
+        gc.set_threshold(gen0_threshold, 50, 100)
+    else:
+        gc.set_threshold(700, 10, 10)

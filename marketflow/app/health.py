@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from marketflow.app.aggregator import Aggregator
+from marketflow.app.loop_health import LoopHealth
 from marketflow.app.modes import ModeController
 
 
@@ -26,6 +27,7 @@ class HealthReport:
     fanin_depth: Callable[[], int]
     clock: Callable[[], int]
     extra: Callable[[], dict[str, Any]] | None = None
+    loop: LoopHealth | None = None  # loop lag and GC pauses (``loop_lag``, ``gc``)
 
     def _skew_s(self, exchange: str) -> float | None:
         """Receipt time minus the exchange's own timestamp, for its newest tick."""
@@ -80,6 +82,8 @@ class HealthReport:
                 "loss_bound_ms": self.aggregator.loss_bound_ms(),
             },
         }
+        if self.loop is not None:
+            doc.update(self.loop.snapshot())
         if self.extra is not None:
             doc.update(self.extra())
         return doc

@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from marketflow.app.health import HealthReport
 from marketflow.app.modes import ModeController
 from marketflow.app.queries import PriceQueries, Stat
+from marketflow.domain.aggregates import LatestPrice
 from marketflow.domain.errors import BadRequest, NotFound
 from marketflow.domain.periods import parse_period
 from marketflow.entrypoints.http_common import (
@@ -30,21 +32,43 @@ QUERIES: web.AppKey[PriceQueries] = web.AppKey("queries", PriceQueries)
 MODES: web.AppKey[ModeController] = web.AppKey("modes", ModeController)
 HEALTH: web.AppKey[HealthReport] = web.AppKey("health", HealthReport)
 METRICS: web.AppKey[Callable[[], bytes]] = web.AppKey("metrics")
+LATEST: web.AppKey[LatestAnswers] = web.AppKey("latest_answers")
+
+
+class LatestAnswers:
+    """The serialized /prices/latest answer per (symbol, exchange label), reused while the
+    tick it shows is still the newest: polled at thousands of requests per second, most
+    answers repeat the previous one, and building one costs more than checking it. Never
+    stale: the cached body is used only when the queried tick is the very one it shows.
+    Bounded by pairs x (exchanges + "all"): unknown names never get this far (404)."""
+
+    def __init__(self) -> None:
+        self._bodies: dict[tuple[str, str], tuple[tuple[str, float, int], bytes]] = {}
+
+    def body(self, lp: LatestPrice, label: str) -> bytes:
+        key = (lp.symbol, label)
+        shows = (lp.exchange, lp.price, lp.timestamp_ms)
+        hit = self._bodies.get(key)
+        if hit is not None and hit[0] == shows:
+            return hit[1]
+        doc: dict[str, Any] = {
+            "symbol": lp.symbol,
+            "exchange": label,
+            "price": lp.price,
+            "timestamp": rfc3339(lp.timestamp_ms),
+        }
+        if label == "all":
+            doc["source"] = lp.exchange
+        body = orjson.dumps(doc)
+        self._bodies[key] = (shows, body)
+        return body
 
 
 async def latest(request: web.Request) -> web.Response:
     symbol = request.match_info["symbol"].upper()  # btcusdt means BTCUSDT
     exchange = request.match_info.get("exchange")
     lp, label = request.app[QUERIES].latest(symbol, exchange)
-    body: dict[str, Any] = {
-        "symbol": lp.symbol,
-        "exchange": label,
-        "price": lp.price,
-        "timestamp": rfc3339(lp.timestamp_ms),
-    }
-    if label == "all":
-        body["source"] = lp.exchange
-    return json_response(body)
+    return web.Response(body=request.app[LATEST].body(lp, label), content_type="application/json")
 
 
 def _stat_handler(stat: Stat) -> Handler:
@@ -114,6 +138,7 @@ def build_app(
     app[MODES] = modes
     app[HEALTH] = health_report
     app[METRICS] = metrics_text
+    app[LATEST] = LatestAnswers()
     r = app.router
     r.add_get("/prices/latest/{symbol}", latest)
     r.add_get("/prices/latest/{exchange}/{symbol}", latest)

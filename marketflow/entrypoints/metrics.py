@@ -10,10 +10,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from marketflow.app.health import HealthReport
+from marketflow.app.loop_health import Histogram, LoopHealth
 
 # The per-source families: (kind, name, help, value from the source's /health entry or None).
 _PER_SOURCE: tuple[
@@ -103,6 +109,8 @@ class DaemonCollector(Collector):
                     f"FIX capture: {key.replace('_', ' ')}",
                     value=cap.get(key, 0),
                 )
+        if self._report.loop is not None:
+            yield from _loop_metrics(self._report.loop)
         http = doc.get("http")
         if http:
             yield CounterMetricFamily(
@@ -110,6 +118,34 @@ class DaemonCollector(Collector):
                 "Control requests refused for a missing or wrong bearer token",
                 value=http.get("control_unauthorized", 0),
             )
+
+
+def _histogram(name: str, help_text: str, h: Histogram) -> HistogramMetricFamily:
+    return HistogramMetricFamily(
+        name, help_text, buckets=[(b, float(n)) for b, n in h.cumulative()], sum_value=h.total
+    )
+
+
+def _loop_metrics(loop: LoopHealth) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "marketflow_loop_lag_max_seconds",
+        f"Highest event-loop lag over the last {loop.lag.window_s:g}-{2 * loop.lag.window_s:g} s",
+        value=loop.lag.snapshot()["max_ms"] / 1000,
+    )
+    yield _histogram(
+        "marketflow_loop_lag_seconds",
+        f"How late a {loop.lag.tick_s * 1000:g} ms timer ran (each beat)",
+        loop.lag.histogram,
+    )
+    yield _histogram(
+        "marketflow_gc_pause_seconds", "Cyclic garbage collections, by duration", loop.gc.histogram
+    )
+    gens = CounterMetricFamily(
+        "marketflow_gc_collections", "Cyclic garbage collections", labels=["generation"]
+    )
+    for g, n in enumerate(loop.gc.collections):
+        gens.add_metric([str(g)], n)
+    yield gens
 
 
 def metrics_renderer(report: HealthReport) -> Callable[[], bytes]:

@@ -200,7 +200,14 @@ def _other_schemas() -> dict[str, Any]:
                    "required": ["status", "mode", "exchanges", "postgres", "redis", "queues"],
                    "properties": {"status": {"type": "string", "enum": ["ok", "degraded"]},
                                   "mode": {"type": ["string", "null"]},
-                                  "http": {"type": "object"}}},
+                                  "http": {"type": "object"},
+                                  # how late the event loop ran (max over the last 1-2 s;
+                                  # cpu_max_ms: the part that was the daemon's own work)
+                                  "loop_lag": {"type": "object", "required": ["max_ms",
+                                               "cpu_max_ms", "window_s", "max_ms_ever"]},
+                                  # cyclic GC: thresholds, collections per generation, pauses
+                                  "gc": {"type": "object", "required": ["threshold",
+                                         "collections", "recent"]}}},
         "MessageSummary": summary,
         "Message": {"allOf": [summary, {"type": "object",
                                         "required": ["raw_base64", "parsed", "enriched"]}]},

@@ -68,8 +68,10 @@ class Proc:
 
 
 class Simulator(Proc):
-    def __init__(self, tmp: Path, name: str, protocol: str = "json", *extra: str) -> None:
-        self.port = free_port()
+    def __init__(
+        self, tmp: Path, name: str, protocol: str = "json", *extra: str, port: int | None = None
+    ) -> None:
+        self.port = port if port is not None else free_port()
         self.name = name
         super().__init__(
             [

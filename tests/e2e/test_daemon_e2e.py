@@ -72,6 +72,9 @@ def test_every_endpoint_answers_from_three_simulators(stack: Stack) -> None:
     assert health["postgres"]["state"] == "up"
     assert (health["redis"]["kind"], health["redis"]["state"]) == ("redis", "up")
     assert health["status"] == "ok"
+    # The running daemon measures its own loop and its collector (the raised threshold).
+    assert health["loop_lag"]["beats"] > 0
+    assert health["gc"]["threshold"][0] == 50_000
 
     assert d.request("POST", "/mode/test") == (200, {"mode": "test"})
     b = d.wait_for("/prices/latest/BTCUSDT", lambda s, b: s == 200 and "test-" in b["source"])

@@ -1,4 +1,5 @@
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,7 @@ from pydantic import SecretStr
 from marketflow.app.aggregator import Aggregator
 from marketflow.app.health import HealthReport
 from marketflow.app.ingest import RunningSource
+from marketflow.app.loop_health import LoopHealth
 from marketflow.app.modes import ModeController
 from marketflow.app.queries import PriceQueries
 from marketflow.domain.aggregates import MinuteRow
@@ -71,6 +73,7 @@ class Parts:
     modes: ModeController
     store: FakeStore
     clock: ManualClock
+    loop: LoopHealth
 
 
 def build_test_app(control: ControlGuard) -> Parts:
@@ -86,13 +89,22 @@ def build_test_app(control: ControlGuard) -> Parts:
     )
     writer = type("W", (), {"status": lambda self: {"state": "up", "kind": "fake"}})()
     report = HealthReport(
-        agg, modes, writer, False, False, fanin.qsize, clock, lambda: {"http": control.stats()}
+        agg,
+        modes,
+        writer,
+        False,
+        False,
+        fanin.qsize,
+        clock,
+        lambda: {"http": control.stats()},
+        loop=LoopHealth(),
     )
     queries = PriceQueries(
         agg, lambda: store, modes.exchanges, modes.known_exchanges, DEFAULT_PAIRS, clock
     )
     app = build_app(queries, modes, report, metrics_renderer(report), control)
-    return Parts(app, agg, modes, store, clock)
+    assert report.loop is not None
+    return Parts(app, agg, modes, store, clock, report.loop)
 
 
 @pytest.fixture
@@ -100,8 +112,10 @@ async def api(control: ControlGuard) -> AsyncIterator[Api]:
     # Everything is built per test, so a test that switches the mode leaks it into no other.
     parts = build_test_app(control)
     await parts.modes.switch("live")
+    parts.loop.start()
     async with TestClient(TestServer(parts.app)) as client:
         yield Api(client, parts.agg, parts.store, parts.clock)
+    await parts.loop.aclose()
     await parts.modes.stop()
 
 
@@ -132,6 +146,26 @@ async def test_latest_across_exchanges_is_the_newest_tick(api: Api) -> None:
     }
     status, body = await api.get("/prices/latest/exchange1/BTCUSDT")
     assert (status, body["price"], body["exchange"]) == (200, 100.0, "exchange1")
+
+
+async def test_latest_answer_is_reused_only_while_its_tick_is_the_newest(api: Api) -> None:
+    fold(api.agg, "exchange1", ("BTCUSDT", 100.0, T0 + 1000))
+    first = await api.get("/prices/latest/BTCUSDT")
+    again = await api.get("/prices/latest/BTCUSDT")
+    fold(api.agg, "exchange1", ("BTCUSDT", 100.5, T0 + 1000))  # same ms, a later tick
+    same_ms = await api.get("/prices/latest/BTCUSDT")
+    fold(api.agg, "exchange2", ("BTCUSDT", 100.5, T0 + 1000))  # same price and ms, elsewhere
+    tie = await api.get("/prices/latest/BTCUSDT")
+    one = await api.get("/prices/latest/exchange1/BTCUSDT")
+    fold(api.agg, "exchange2", ("BTCUSDT", 99.0, T0 + 1001))
+    newer = await api.get("/prices/latest/BTCUSDT")
+
+    assert first == again
+    assert (first[1]["price"], same_ms[1]["price"]) == (100.0, 100.5)
+    assert tie[1]["source"] in ("exchange1", "exchange2")
+    assert (one[1]["exchange"], "source" in one[1]) == ("exchange1", False)
+    assert (newer[1]["price"], newer[1]["source"]) == (99.0, "exchange2")
+    assert newer[1]["timestamp"] == "2026-11-24T01:10:01.001Z"
 
 
 async def test_symbol_is_case_insensitive(api: Api) -> None:
@@ -212,6 +246,24 @@ async def test_metrics_exports_prometheus_text(api: Api) -> None:
     text = await resp.text()
     assert resp.status == 200
     assert 'marketflow_queue_depth{queue="fanin"} 0.0' in text
+
+
+async def test_health_and_metrics_report_loop_lag_and_gc_pauses(api: Api) -> None:
+    await asyncio.sleep(0.02)  # a few beats of the lag monitor
+    gc.collect(0)
+    _, body = await api.get("/health")
+    text = await (await api.client.get("/metrics")).text()
+
+    assert body["loop_lag"]["beats"] >= 1
+    assert body["loop_lag"]["max_ms"] >= 0.0
+    assert body["loop_lag"]["window_s"] == 1.0
+    assert body["gc"]["collections"][0] >= 1
+    assert body["gc"]["threshold"] == list(gc.get_threshold())
+    assert set(body["gc"]["recent"]) >= {"n", "p50_ms", "p99_ms", "max_ms", "cpu_max_ms"}
+    assert 'marketflow_loop_lag_seconds_bucket{le="+Inf"}' in text
+    assert "marketflow_loop_lag_max_seconds" in text
+    assert 'marketflow_gc_collections_total{generation="0"}' in text
+    assert 'marketflow_gc_pause_seconds_bucket{le="0.0001"}' in text
 
 
 async def test_unknown_route_is_json_404(api: Api) -> None:

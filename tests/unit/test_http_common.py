@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -28,6 +29,16 @@ def test_rfc3339_is_utc_with_milliseconds_and_z() -> None:
     assert rfc3339(1_795_482_602_000) == "2026-11-24T01:10:02.000Z"
     assert rfc3339(1_700_000_000_123) == "2023-11-14T22:13:20.123Z"
     assert rfc3339(0) == "1970-01-01T00:00:00.000Z"
+
+
+@pytest.mark.parametrize(
+    "ms", [0, 1, 999, 1000, 59_999, -1, -999, -1000, -1001, 1_795_482_659_999, 253_402_300_799_999]
+)
+def test_rfc3339_matches_datetime_at_every_millisecond_edge(ms: int) -> None:
+    reference = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+    expected = reference.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert rfc3339(ms) == expected
+    assert rfc3339(ms) == expected  # the cached second gives the same text again
 
 
 async def _boom(request: web.Request) -> web.Response:
