@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import random
 
+import pytest
+
+from marketflow.app import aggregator as aggregator_module
 from marketflow.app.aggregator import FULL_SWEEP_MS, Aggregator
 from marketflow.domain.aggregates import MinuteRow
 from marketflow.domain.ticks import BookUpdate, TickBatch
@@ -222,3 +225,31 @@ async def test_the_flusher_writes_as_soon_as_the_queue_is_drained_not_at_the_cei
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_backlog_is_folded_in_slices_that_let_the_loop_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(aggregator_module, "FOLD_SLICE_S", 0.0)  # yield after every batch
+    fanin: asyncio.Queue[TickBatch] = asyncio.Queue()
+    agg = Aggregator(
+        fanin, FakeCache(), RecordingSink(FakeStore()), PipelineSettings(), ManualClock(T0)
+    )
+    for i in range(50):
+        fanin.put_nowait(batch("ex", T0 + i, T0))
+    seen: list[int] = []
+
+    async def other_task() -> None:
+        while True:
+            seen.append(agg.ticks_folded)
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(other_task())
+    consumer = asyncio.create_task(agg.consume())
+    await asyncio.wait_for(fanin.join(), 5)
+    for t in (other, consumer):
+        t.cancel()
+    await asyncio.gather(other, consumer, return_exceptions=True)
+    assert agg.ticks_folded == 50
+    between = {n for n in seen if 0 < n < 50}
+    assert len(between) > 10  # the other task ran while the backlog was being folded
