@@ -30,6 +30,7 @@ per minute key, the marks, and the sentinel.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
@@ -91,6 +92,22 @@ def window_key(exchange: str, symbol: str, minute_start_s: int) -> str:
     return f"{WINDOW_PREFIX}{exchange}:{symbol}:{minute_start_s}"
 
 
+def _latest_args(latest: Sequence[LatestPrice]) -> list[str | int]:
+    args: list[str | int] = []
+    for p in latest:
+        doc = {"price": p.price, "timestamp": p.timestamp_ms, "received": p.received_ms}
+        args += [f"{p.exchange}:{p.symbol}", p.timestamp_ms, orjson.dumps(doc).decode()]
+    return args
+
+
+def _by_key(seconds: Sequence[SecondBucket]) -> dict[str, dict[str, str]]:
+    by_key: dict[str, dict[str, str]] = defaultdict(dict)
+    for b in seconds:
+        key = window_key(b.exchange, b.symbol, b.second // 60 * 60)
+        by_key[key][str(b.second)] = _encode_second(b)
+    return by_key
+
+
 def _encode_second(b: SecondBucket) -> str:
     return f"{b.low!r},{b.high!r},{b.total!r},{b.count}"
 
@@ -103,6 +120,10 @@ class RedisPriceCache(Closing):
     def __init__(self, client: aioredis.Redis, retention_s: int, script_sha: str) -> None:
         self._client = client
         self._ttl = retention_s + EXPIRY_MARGIN_S
+        # window key -> monotonic time of its last EXPIRE: a key is given its TTL again only
+        # once half of it has passed, not at every flush (half the commands of a flush).
+        self._expired_at: dict[str, float] = {}
+        self._next_prune = 0.0
         self._sha = script_sha
         self._closed = False
         self.bad_values = 0  # unparsable cache entries skipped by load()
@@ -120,15 +141,13 @@ class RedisPriceCache(Closing):
         if not latest and not seconds and not marks:
             return False
         self._check_open()
-        args: list[str | int] = []
-        for p in latest:
-            doc = {"price": p.price, "timestamp": p.timestamp_ms, "received": p.received_ms}
-            args += [f"{p.exchange}:{p.symbol}", p.timestamp_ms, orjson.dumps(doc).decode()]
-        by_key: dict[str, dict[str, str]] = defaultdict(dict)
-        for b in seconds:
-            key = window_key(b.exchange, b.symbol, b.second // 60 * 60)
-            by_key[key][str(b.second)] = _encode_second(b)
+        args = _latest_args(latest)
+        by_key = _by_key(seconds)
         lost = False
+        now = time.monotonic()
+        refresh_before = now - self._ttl / 2
+        expired_at = self._expired_at
+        fresh: list[str] = []
         try:
             # A transaction: the marks never become visible without the seconds they cover.
             pipe = self._client.pipeline(transaction=True)
@@ -138,7 +157,9 @@ class RedisPriceCache(Closing):
             for key, fields in by_key.items():
                 # The stub's Mapping key type is invariant: a dict[str, str] is refused.
                 pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
-                pipe.expire(key, self._ttl)
+                if expired_at.get(key, -1.0) < refresh_before:
+                    pipe.expire(key, self._ttl)
+                    fresh.append(key)
             if marks:
                 encoded = {src: f"{pos},{made}" for src, (pos, made) in marks.items()}
                 pipe.hset(MARKS_KEY, mapping=encoded)  # type: ignore[arg-type]
@@ -157,7 +178,18 @@ class RedisPriceCache(Closing):
             if isinstance(result, RedisError):
                 # e.g. WRONGTYPE: someone else's key in our namespace. Not retryable here.
                 raise CacheUnavailable(f"redis: {_describe(result)}") from result
+        self._note_expiries(fresh, now, lost)
         return lost
+
+    def _note_expiries(self, fresh: list[str], now: float, lost: bool) -> None:
+        expired_at = self._expired_at
+        if lost:  # an emptied Redis: every key but those just given one needs its TTL again
+            expired_at.clear()
+        expired_at.update(dict.fromkeys(fresh, now))
+        if now >= self._next_prune:
+            self._next_prune = now + self._ttl / 4
+            for key in [k for k, t in expired_at.items() if t < now - self._ttl]:
+                del expired_at[key]
 
     async def load_marks(self) -> dict[str, Mark]:
         """Every source's mark as last written."""

@@ -132,6 +132,25 @@ async def test_redis_window_keys_expire_after_retention_plus_margin(
     assert orjson.loads(latest_raw) == {"price": 1.0, "timestamp": 1, "received": 6}
 
 
+async def test_a_window_key_gets_its_ttl_once_and_again_after_redis_lost_it(
+    redis_cache: RedisPriceCache, redis_url: str
+) -> None:
+    key = f"marketflow:window:exchange1:BTCUSDT:{S0}"
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await redis_cache.write([], [second(S0 + 1)])
+        assert RETENTION_S < await client.ttl(key) <= RETENTION_S + 120
+        await client.persist(key)  # a later write no longer sends EXPIRE for this key ...
+        await redis_cache.write([], [second(S0 + 2)])
+        assert await client.ttl(key) == -1
+        await client.flushall()  # ... until Redis comes back empty (the sentinel is gone)
+        assert await redis_cache.write([], [second(S0 + 3)]) is True
+        await redis_cache.write([], [second(S0 + 3, count=3)])
+        assert RETENTION_S < await client.ttl(key) <= RETENTION_S + 120
+    finally:
+        await client.aclose()
+
+
 async def test_redis_write_is_one_round_trip(
     redis_cache: RedisPriceCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
