@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 MINUTE_MS = 60_000
 FULL_MINUTE_MS = 60_000  # covered_ms of a minute the source was up for from start to end
@@ -127,9 +128,11 @@ class MinuteRow:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class LatestPrice:
-    """The newest tick (by exchange timestamp) of one (exchange, symbol)."""
+class LatestPrice(NamedTuple):
+    """The newest tick (by exchange timestamp) of one (exchange, symbol).
+
+    A NamedTuple, like SecondBucket: a flush builds one per changed pair, and a frozen
+    dataclass costs three times as much to build."""
 
     exchange: str
     symbol: str
@@ -138,8 +141,7 @@ class LatestPrice:
     received_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class SecondBucket:
+class SecondBucket(NamedTuple):
     """The ticks of one (exchange, symbol) in one second of exchange time."""
 
     exchange: str
@@ -148,7 +150,7 @@ class SecondBucket:
     low: float
     high: float
     total: float
-    count: int
+    count: int  # type: ignore[assignment]  # shadows tuple.count, on purpose
 
 
 @dataclass(slots=True)
