@@ -192,12 +192,11 @@ class MinuteWriter:
         self._wake.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
-        if (
-            (self._pending or self._marks or self._spill_exists)
-            and not await self._attempt()
-            and (self._pending or self._marks)
-        ):
-            await self._spill_pending()
+        if self._pending or self._marks or self._spill_exists:
+            await self._attempt()
+        # Whatever is left (the store still down, or rows submitted during that last write)
+        # goes to the spill file; nothing left is nothing to do.
+        await self._spill_pending()
         self._finished = True
         if self._pending:
             log.error("minute_rows_lost rows=%d reason=spill_failed", len(self._pending))
@@ -233,8 +232,9 @@ class MinuteWriter:
             # Not an outage we know: keep the rows (they are retried and, past the memory
             # bound, spilled) rather than lose them to a bug; the log has the traceback.
             log.exception("minute_write_failed kind=%s", self.store.kind)
-            self._mark_down(f"{type(exc).__name__}: {exc}")
-            self._fail_waiters(StoreUnavailable(self._last_error or "write failed"))
+            error = f"{type(exc).__name__}: {exc}"
+            self._mark_down(error)
+            self._fail_waiters(StoreUnavailable(error))
             return False
         self._mark_up()
         self._durable = max(self._durable, target)
