@@ -121,6 +121,8 @@ class MinuteWriter:
             raise StoreUnavailable(f"minute writer closed; {self._spilled} rows in spill file")
         if self._task is None:
             raise RuntimeError("MinuteWriter.flush() needs start() first")
+        if self._task.done() and not self._closed:
+            raise StoreUnavailable("minute writer stopped")  # nothing would ever answer
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((target, fut))
         self._flush_requested = True
@@ -162,6 +164,14 @@ class MinuteWriter:
         self._task = asyncio.create_task(self._run(), name="minute-writer")
 
     async def _run(self) -> None:
+        """``_serve()``; a flush waiting when this task dies fails instead of waiting for ever."""
+        try:
+            await self._serve()
+        except BaseException as exc:
+            self._fail_waiters(StoreUnavailable(f"minute writer stopped: {type(exc).__name__}"))
+            raise
+
+    async def _serve(self) -> None:
         """Write pending rows until ``aclose()``; retry with backoff while the store is down."""
         while not self._closed:
             if not (self._pending or self._marks or self._spill_exists or self._flush_requested):

@@ -285,3 +285,26 @@ async def test_without_a_retry_policy_delays_start_at_a_quarter_second_and_stop_
         assert all(2.0 <= d <= 4.0 for d in delays[4:])  # capped at 4 s, half kept
     finally:
         await w.aclose()
+
+
+async def test_a_flush_fails_instead_of_hanging_when_the_background_task_has_died() -> None:
+    store = FakeStore()
+    w = writer(store, FakeSpill())
+    await w.start()
+    task = w._task
+    assert task is not None
+    hold = asyncio.Event()
+    store.hold = hold
+    w.submit([row(0)])
+    await eventually(lambda: store.holding == 1)
+    waiting = asyncio.create_task(w.flush())
+    await asyncio.sleep(0)
+    task.cancel()  # as a bug escaping the task would end it
+    async with asyncio.timeout(5):
+        with pytest.raises(StoreUnavailable, match=r"^minute writer stopped: CancelledError$"):
+            await waiting
+        with pytest.raises(StoreUnavailable, match=r"^minute writer stopped$"):
+            await w.flush()
+    hold.set()
+    await w.aclose()  # what the task held is written at close
+    assert store.calls == [([row(0)], {})]
