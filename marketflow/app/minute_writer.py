@@ -121,6 +121,8 @@ class MinuteWriter:
             raise StoreUnavailable(f"minute writer closed; {self._spilled} rows in spill file")
         if self._task is None:
             raise RuntimeError("MinuteWriter.flush() needs start() first")
+        if self._task.done() and not self._closed:
+            raise StoreUnavailable("minute writer stopped")  # nothing would ever answer
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((target, fut))
         self._flush_requested = True
@@ -162,6 +164,14 @@ class MinuteWriter:
         self._task = asyncio.create_task(self._run(), name="minute-writer")
 
     async def _run(self) -> None:
+        """``_serve()``; a flush waiting when this task dies fails instead of waiting for ever."""
+        try:
+            await self._serve()
+        except BaseException as exc:
+            self._fail_waiters(StoreUnavailable(f"minute writer stopped: {type(exc).__name__}"))
+            raise
+
+    async def _serve(self) -> None:
         """Write pending rows until ``aclose()``; retry with backoff while the store is down."""
         while not self._closed:
             if not (self._pending or self._marks or self._spill_exists or self._flush_requested):
@@ -192,12 +202,11 @@ class MinuteWriter:
         self._wake.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
-        if (
-            (self._pending or self._marks or self._spill_exists)
-            and not await self._attempt()
-            and (self._pending or self._marks)
-        ):
-            await self._spill_pending()
+        if self._pending or self._marks or self._spill_exists:
+            await self._attempt()
+        # Whatever is left (the store still down, or rows submitted during that last write)
+        # goes to the spill file; nothing left is nothing to do.
+        await self._spill_pending()
         self._finished = True
         if self._pending:
             log.error("minute_rows_lost rows=%d reason=spill_failed", len(self._pending))
@@ -233,8 +242,9 @@ class MinuteWriter:
             # Not an outage we know: keep the rows (they are retried and, past the memory
             # bound, spilled) rather than lose them to a bug; the log has the traceback.
             log.exception("minute_write_failed kind=%s", self.store.kind)
-            self._mark_down(f"{type(exc).__name__}: {exc}")
-            self._fail_waiters(StoreUnavailable(self._last_error or "write failed"))
+            error = f"{type(exc).__name__}: {exc}"
+            self._mark_down(error)
+            self._fail_waiters(StoreUnavailable(error))
             return False
         self._mark_up()
         self._durable = max(self._durable, target)

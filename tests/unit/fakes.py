@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from marketflow.domain.aggregates import (
     Aggregate,
@@ -24,13 +27,25 @@ class FakeStore:
         self.marks: dict[str, Mark] = {}
         self.down = False
         self.writes = 0
+        self.failures = 0  # upserts refused while down
+        self.calls: list[tuple[list[MinuteRow], dict[str, Mark]]] = []  # each landed upsert
+        self.hold: asyncio.Event | None = None  # when set, each upsert waits for it (slow store)
+        self.holding = 0  # upserts waiting on ``hold`` now
 
     async def upsert_minutes(
         self, rows: Sequence[MinuteRow], marks: Mapping[str, Mark] | None = None
     ) -> None:
+        if self.hold is not None:
+            self.holding += 1
+            try:
+                await self.hold.wait()
+            finally:
+                self.holding -= 1
         if self.down:
+            self.failures += 1
             raise StoreUnavailable("fake store is down")
         self.writes += 1
+        self.calls.append((list(rows), dict(marks) if marks is not None else {}))
         for r in rows:
             old = self.rows.get(r.key)
             if old is None or old.count <= r.count:  # a stored row never shrinks
@@ -122,6 +137,68 @@ class FakeCache:
 
     async def aclose(self) -> None:
         pass
+
+
+class FakeSpill:
+    """A ``RowSpill`` in memory: one entry per row or marks line, like the JSON-lines file.
+
+    ``append`` can be made to fail (``fail_append``) or to block in its worker thread until
+    ``release`` is set (``block``), so a test can act while an append is under way.
+    """
+
+    def __init__(self, path: Path = Path("var/spill/minutes-fake.jsonl")) -> None:
+        self.path = path
+        self.lines: list[MinuteRow | dict[str, Mark]] = []
+        self.appends: list[tuple[list[MinuteRow], dict[str, Mark]]] = []
+        self.reads: list[tuple[int, int]] = []  # (offset, limit) of each read_chunk
+        self.removed = 0
+        self.present = False
+        self.fail_append: OSError | None = None
+        self.block = False
+        self.appending = threading.Event()  # an append is waiting for ``release``
+        self.release = threading.Event()
+
+    def preload(self, *lines: MinuteRow | dict[str, Mark]) -> None:
+        """A file left by an earlier run."""
+        self.lines.extend(lines)
+        self.present = True
+
+    def exists(self) -> bool:
+        return self.present
+
+    def count(self) -> int:
+        return sum(1 for line in self.lines if isinstance(line, MinuteRow))
+
+    def append(self, rows: list[MinuteRow], marks: dict[str, Mark]) -> None:
+        if self.block:
+            self.appending.set()
+            self.release.wait(10)
+        if self.fail_append is not None:
+            raise self.fail_append
+        self.appends.append((list(rows), dict(marks)))
+        self.lines.extend(rows)
+        if marks:
+            self.lines.append(dict(marks))
+        self.present = True
+
+    def read_chunk(self, offset: int, limit: int) -> tuple[list[MinuteRow], dict[str, Mark], int]:
+        self.reads.append((offset, limit))
+        rows: list[MinuteRow] = []
+        marks: dict[str, Mark] = {}
+        i = offset
+        while i < len(self.lines) and len(rows) < limit:
+            line = self.lines[i]
+            i += 1
+            if isinstance(line, MinuteRow):
+                rows.append(line)
+            else:
+                marks.update(line)
+        return rows, marks, i
+
+    def remove(self) -> None:
+        self.removed += 1
+        self.lines.clear()
+        self.present = False
 
 
 class RecordingSink:
