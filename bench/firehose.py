@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"listening {args.port}", flush=True)
         while True:
             conn, _ = server.accept()
+            # As asyncio does for every TCP transport (the simulator's too): without it Nagle
+            # holds a paced sender's small writes back until the daemon's delayed ACK (40 ms).
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with conn:
                 try:
                     serve(conn, rounds, args.pairs, args.rate, args.fill_s)

@@ -19,11 +19,12 @@ from what was stored.
   parts in PostgreSQL. The daemon's own count (/health ``ticks``), the rows' total and the
   Redis window's total are printed beside it: all three must agree.
 - Latency is exchange timestamp -> readable in Redis, from this process's own poller
-  (``HMGET marketflow:latest`` in a tight loop, no sleep). When a pair's latest timestamp
-  moves from t0 to t1 at poll time T, every millisecond stamp s in (t0, t1] became readable
-  by T: one sample T - s per millisecond (the senders stamp at a constant rate), so the
-  flush wait of the oldest tick of a flush counts, not only the freshest. Stamps are whole
-  milliseconds (up to 1 ms added) and a poll takes ~0.1-0.3 ms: both bias it upward.
+  (``HMGET marketflow:latest`` every 0.5 ms: a tight loop would starve Redis, on the same
+  core). When a pair's latest timestamp moves from t0 to t1 at poll time T, every
+  millisecond stamp s in (t0, t1] became readable by T: one sample T - s per millisecond
+  (the senders stamp at a constant rate), so the flush wait of the oldest tick of a flush
+  counts, not only the freshest. Stamps are whole milliseconds (up to 1 ms added) and polls
+  0.5 ms apart: both bias it upward.
 - ``--fill`` first sends one round per second of exchange time over the whole retention
   (600 s), so the RSS printed is with every retained (exchange, pair, second) present.
 The last line printed is one JSON object.
@@ -55,6 +56,7 @@ from tests.e2e.procs import Daemon
 from tests.harness.services import PostgresServer, RedisServer, free_port
 
 RETENTION_S = 600
+POLL_S = 0.0005
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -111,6 +113,7 @@ async def sample_latency(url: str, fields: list[str], seconds: float) -> list[fl
                 if prev is None or ts <= prev:
                     continue
                 out.extend(now_ms - s for s in range(max(prev + 1, ts - 1000), ts + 1))
+            await asyncio.sleep(POLL_S)  # a tight loop would starve Redis on its shared core
     finally:
         await client.aclose()
     return out
@@ -214,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.latency_rate:
                 paced = asyncio.run(sample_latency(rd.url, fields, args.latency_seconds))
                 paced_rss = rss_mb(daemon.proc.pid)
+                paced_health = daemon.get("/health")[1]
                 for h in hoses:  # the same ports: the daemon reconnects to the saturating ones
                     h.stop()
                 hoses = [Firehose(args.pairs, args.rate, 0, h.port) for h in hoses]
@@ -252,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             "paced_max_ms": round(max(paced), 2),
             "paced_samples": len(paced),
             "paced_rss_mb": round(paced_rss, 1),
+            "paced_pipeline": paced_health.get("pipeline"),
+            "paced_loop_lag": paced_health.get("loop_lag"),
         }
     result = {
         **paced_stats,

@@ -11,8 +11,8 @@ Key layout (other tools read it; change it only with a new prefix):
 ``marketflow:window:{exchange}:{symbol}:{minute_start_epoch_s}`` (hash, one per minute)
     field ``"{second}"`` (Unix epoch seconds), value ``"low,high,total,count"`` (floats as
     Python ``repr``, count an integer). A second is always written whole, so it is
-    overwritten, never incremented. Each key expires ``retention_s + 120`` s after its last
-    write.
+    overwritten, never incremented. Each key expires ``retention_s + 120`` s after a write
+    (its TTL is renewed once half of it has passed).
 
 ``marketflow:marks`` (hash)
     field source name, value ``"{position},{made_ms}"``: where the source resumes (FIX: the
@@ -23,8 +23,8 @@ Key layout (other tools read it; change it only with a new prefix):
     set once when missing; a write that finds it missing tells the daemon that Redis lost
     its data (restarted without persistence), and the daemon writes everything it holds.
 
-A ``write()`` is one MULTI/EXEC round trip: the script for every latest price, HSET and EXPIRE
-per minute key, the marks, and the sentinel.
+A ``write()`` is one round trip, one script (atomic, like MULTI/EXEC): every latest price,
+HSET (and EXPIRE once per half TTL) per minute key, the marks, and the sentinel.
 """
 
 from __future__ import annotations
@@ -57,12 +57,19 @@ ALIVE_KEY = "marketflow:alive"
 EXPIRY_MARGIN_S = 120
 SCAN_COUNT = 1000
 
-# ARGV holds (field, timestamp, json) triples. A value that is not ours (unparsable) is
-# replaced rather than blocking updates forever.
-LATEST_SCRIPT = """
-local key = KEYS[1]
-for i = 1, #ARGV, 3 do
-  local current = redis.call('HGET', key, ARGV[i])
+# One script is one write: atomic like MULTI/EXEC (the marks never become visible without
+# the seconds they cover), and one command for redis-py to pack instead of two per minute key
+# (redis-py spends ~30 us a command: a 25-command MULTI took ~1 ms, most of a flush).
+# KEYS: latest, alive, marks, then the minute keys. ARGV: the number of latest prices, then
+# (field, timestamp, json) triples; per minute key its field count, its TTL (0: keep the one
+# it has) and its (field, value) pairs; the number of marks, then (field, value) pairs.
+# A latest value that is not ours (unparsable) is replaced rather than blocking updates.
+WRITE_SCRIPT = """
+local missing = redis.call('SET', KEYS[2], '1', 'NX')
+local i = 1
+local n = tonumber(ARGV[i]); i = i + 1
+for _ = 1, n do
+  local current = redis.call('HGET', KEYS[1], ARGV[i])
   local newer = true
   if current then
     local ok, doc = pcall(cjson.decode, current)
@@ -71,8 +78,25 @@ for i = 1, #ARGV, 3 do
     end
   end
   if newer then
-    redis.call('HSET', key, ARGV[i], ARGV[i + 2])
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
   end
+  i = i + 3
+end
+for k = 4, #KEYS do
+  local fields = tonumber(ARGV[i])
+  local ttl = tonumber(ARGV[i + 1])
+  redis.call('HSET', KEYS[k], unpack(ARGV, i + 2, i + 1 + 2 * fields))
+  if ttl > 0 then
+    redis.call('EXPIRE', KEYS[k], ttl)
+  end
+  i = i + 2 + 2 * fields
+end
+local marks = tonumber(ARGV[i])
+if marks > 0 then
+  redis.call('HSET', KEYS[3], unpack(ARGV, i + 1, i + 2 * marks))
+end
+if missing then
+  return 1
 end
 return 0
 """
@@ -134,7 +158,7 @@ class RedisPriceCache(Closing):
         seconds: Sequence[SecondBucket],
         marks: Mapping[str, Mark] | None = None,
     ) -> bool:
-        """One MULTI/EXEC: newest-wins latest prices, whole seconds, key expiry, marks.
+        """One script: newest-wins latest prices, whole seconds, key expiry, marks.
 
         Returns True when the sentinel was missing: Redis lost what was written before.
         """
@@ -148,36 +172,32 @@ class RedisPriceCache(Closing):
         refresh_before = now - self._ttl / 2
         expired_at = self._expired_at
         fresh: list[str] = []
+        keys: list[str] = [LATEST_KEY, ALIVE_KEY, MARKS_KEY]
+        argv: list[str | int] = [len(latest), *args]
+        for key, fields in by_key.items():
+            keys.append(key)
+            ttl = 0
+            if expired_at.get(key, -1.0) < refresh_before:
+                ttl = self._ttl
+                fresh.append(key)
+            argv += [len(fields), ttl]
+            for field, value in fields.items():
+                argv += [field, value]
+        argv.append(len(marks or {}))
+        for src, (pos, made) in (marks or {}).items():
+            argv += [src, f"{pos},{made}"]
         try:
-            # A transaction: the marks never become visible without the seconds they cover.
-            pipe = self._client.pipeline(transaction=True)
-            pipe.set(ALIVE_KEY, "1", nx=True)
-            if args:
-                pipe.evalsha(self._sha, 1, LATEST_KEY, *args)
-            for key, fields in by_key.items():
-                # The stub's Mapping key type is invariant: a dict[str, str] is refused.
-                pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
-                if expired_at.get(key, -1.0) < refresh_before:
-                    pipe.expire(key, self._ttl)
-                    fresh.append(key)
-            if marks:
-                encoded = {src: f"{pos},{made}" for src, (pos, made) in marks.items()}
-                pipe.hset(MARKS_KEY, mapping=encoded)  # type: ignore[arg-type]
-            results = await pipe.execute(raise_on_error=False)
-            lost = results[0] is True
-            if args and isinstance(results[1], NoScriptError):
+            try:
+                missing = await self._client.evalsha(self._sha, len(keys), *keys, *argv)
+            except NoScriptError:
                 # Redis restarted (its script cache is empty): load once more, apply once.
                 lost = True
-                self._sha = await self._client.script_load(LATEST_SCRIPT)
-                await self._client.evalsha(self._sha, 1, LATEST_KEY, *args)
+                self._sha = await self._client.script_load(WRITE_SCRIPT)
+                missing = await self._client.evalsha(self._sha, len(keys), *keys, *argv)
         except CACHE_ERRORS as exc:
+            # Down, or e.g. WRONGTYPE: someone else's key in our namespace. Retried later.
             raise CacheUnavailable(f"redis: {_describe(exc)}") from exc
-        for result in results:
-            if isinstance(result, NoScriptError):
-                continue
-            if isinstance(result, RedisError):
-                # e.g. WRONGTYPE: someone else's key in our namespace. Not retryable here.
-                raise CacheUnavailable(f"redis: {_describe(result)}") from result
+        lost = lost or missing == 1
         self._note_expiries(fresh, now, lost)
         return lost
 
@@ -315,7 +335,7 @@ async def open_redis(settings: RedisSettings, retention_s: int) -> RedisPriceCac
     )
     try:
         await client.ping()
-        sha: str = await client.script_load(LATEST_SCRIPT)
+        sha: str = await client.script_load(WRITE_SCRIPT)
     except CACHE_ERRORS as exc:
         await client.aclose()
         raise CacheUnavailable(f"redis: {_describe(exc)}") from exc
