@@ -34,7 +34,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: $(STAMP) server-binaries lint typecheck
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist load
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal
 
 ## mutation: mutmut over the core modules against the unit tests, one module at a time, each
 ## run capped at MUTATION_TIMEOUT s (results are kept in mutants/: a rerun resumes). Not in test.

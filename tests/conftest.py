@@ -7,6 +7,7 @@ a skipped integration suite looks green while testing nothing.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -89,13 +90,27 @@ def private_redis() -> Iterator[RedisServer]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Longest first: tests with a raised timeout (they wait for minute boundaries), then the
-    other end-to-end tests. Under ``pytest -n`` a long test started last would keep one
-    worker busy long after the others are done."""
+    """Under ``pytest -n K --dist worksteal`` each worker first gets one contiguous K-th of the
+    collection, and idle workers steal only tests not yet started. The end-to-end tests (the
+    long ones: they wait on minute boundaries and restarts) are therefore dealt round-robin,
+    longest first, to the front of each worker's share, so they run side by side instead of
+    one after another on the worker whose share held them all. Alone, longest first too."""
 
-    def key(item: pytest.Item) -> tuple[float, int]:
+    def weight(item: pytest.Item) -> float:
         marker = item.get_closest_marker("timeout")
-        timeout = float(marker.args[0]) if marker is not None and marker.args else 0.0
-        return (-timeout, 0 if "/e2e/" in str(item.path) else 1)
+        return float(marker.args[0]) if marker is not None and marker.args else 0.0
 
-    items.sort(key=key)
+    long_ones = sorted((i for i in items if "/e2e/" in str(i.path)), key=weight, reverse=True)
+    rest = [i for i in items if "/e2e/" not in str(i.path)]
+    workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    sizes, remaining = [], len(items)
+    for k in range(workers):  # xdist's own split: each idle worker takes pending // remaining
+        sizes.append(remaining // (workers - k))
+        remaining -= sizes[-1]
+    ordered: list[pytest.Item] = []
+    for k in range(workers):
+        mine = long_ones[k::workers]
+        take = max(0, sizes[k] - len(mine))
+        ordered += mine + rest[:take]
+        rest = rest[take:]
+    items[:] = ordered + rest
