@@ -81,6 +81,16 @@ class FixCaptureDecoder:
     def __init__(self) -> None:
         self._shapes: dict[str, _Shape | None] = {}
 
+    def _shape_of(self, key: str) -> _Shape | None:
+        """The cached shape of a message with these tags (bounded: cleared when full)."""
+        shapes = self._shapes
+        if key in shapes:
+            return shapes[key]
+        if len(shapes) >= _MAX_SHAPES:
+            shapes.clear()
+        shape = shapes[key] = _shape(key)
+        return shape
+
     def decode(self, frame: bytes, received_ms: int, peer: str) -> CapturedMessage:
         """The captured message; raises InvalidMessage with the reject reason."""
         if frame.isascii() and len(frame.translate(None, _NOT_PLAIN)) == len(frame):
@@ -89,14 +99,7 @@ class FixCaptureDecoder:
                 items = text.replace("=", "\x01").split("\x01")
                 values = items[1::2]
                 if "" not in values:
-                    key = "=".join(items[0:-1:2])
-                    shapes = self._shapes
-                    if key in shapes:
-                        shape = shapes[key]
-                    else:
-                        if len(shapes) >= _MAX_SHAPES:
-                            shapes.clear()
-                        shape = shapes[key] = _shape(key)
+                    shape = self._shape_of("=".join(items[0:-1:2]))
                     if shape is not None:
                         seq = values[shape.p34]
                         if not seq.isdigit():
@@ -139,7 +142,6 @@ class FixCaptureDecoder:
         # The fields JSON of all the messages at once: each field's "=" and SOH grow by 2 and
         # 4 characters, so a message's part starts 6 characters further per field before it.
         as_json = text.replace("=", '","').replace("\x01", '"],["')
-        shapes = self._shapes
         out: list[CapturedMessage] = []
         bad: list[tuple[str, bytes]] = []
         start = at = 0
@@ -149,13 +151,7 @@ class FixCaptureDecoder:
             items = msg.replace("=", "\x01").split("\x01")
             json_at = at
             at += len(msg) + 3 * len(items) - 3  # 6 per field, 2 items per field, plus one
-            key = "=".join(items[0:-1:2])
-            if key in shapes:
-                shape = shapes[key]
-            else:
-                if len(shapes) >= _MAX_SHAPES:
-                    shapes.clear()
-                shape = shapes[key] = _shape(key)
+            shape = self._shape_of("=".join(items[0:-1:2]))
             if shape is None:
                 try:
                     out.append(_reference(frame, received_ms, peer))
