@@ -31,7 +31,8 @@ def test_best_bid_and_offer_come_from_different_venues() -> None:
 
     assert best(books) == (("b", 100.5), ("c", 100.8))
     view = books.views[S]
-    assert not view.crossed and not view.locked
+    assert not view.crossed
+    assert not view.locked
 
 
 def test_crossed_when_best_bid_above_best_ask_and_uncrossed_after() -> None:
@@ -40,7 +41,8 @@ def test_crossed_when_best_bid_above_best_ask_and_uncrossed_after() -> None:
     books.apply(quote("b", 101.2, 102.0))  # b bids above a's offer
 
     view = books.views[S]
-    assert view.crossed and not view.locked
+    assert view.crossed
+    assert not view.locked
     assert best(books) == (("b", 101.2), ("a", 101.0))
     assert (books.crossed_now, books.crossed_total) == (1, 1)
 
@@ -55,7 +57,8 @@ def test_locked_when_best_bid_equals_best_ask() -> None:
     books.apply(quote("b", 101.0, 102.0))
 
     view = books.views[S]
-    assert view.locked and not view.crossed
+    assert view.locked
+    assert not view.crossed
     assert (books.locked_now, books.locked_total) == (1, 1)
 
 
@@ -114,7 +117,8 @@ def test_all_venues_down_leaves_an_empty_view() -> None:
 
     view = books.views[S]
     assert (view.best_bid, view.best_ask) == (None, None)
-    assert not view.crossed and not view.locked
+    assert not view.crossed
+    assert not view.locked
 
 
 def test_stale_by_quote_age_only_when_configured() -> None:
