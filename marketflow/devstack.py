@@ -27,7 +27,8 @@ SIMULATORS: tuple[tuple[str, int, tuple[str, ...]], ...] = (
     ("fix", 40111, ("--comp-id", "FIXVENUE")),
 )
 # -- world view: book options of the FIX venues (overlapping, sometimes crossed or locked)
-_BOOK = ("--depth", "5", "--spread", "5e-4", "--volatility", "2e-4", "--revert", "0.05")
+_BOOK = ("--depth", "5", "--spread", "5e-4", "--volatility", "2e-4", "--revert", "0.05",
+         "--tick-bp", "1")  # fmt: skip
 SIMULATORS = (
     *SIMULATORS[:3],
     ("fix", 40111, ("--comp-id", "FIXVENUE", "--seed", "1", *_BOOK)),

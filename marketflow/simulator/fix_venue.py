@@ -2,7 +2,7 @@
 
 ``python -m marketflow.simulator --protocol fix --port 40111 [--rate N] [--gap-every N]
 [--trade-log PATH] [--no-resend] [--depth N] [--spread F] [--offset F] [--volatility F]
-[--revert F]``. It accepts Logon, answers TestRequests, sends a 35=W snapshot
+[--revert F] [--tick-bp F]``. It accepts Logon, answers TestRequests, sends a 35=W snapshot
 per symbol on MarketDataRequest and then 35=X incrementals: bid and offer around a random-walk
 mid price and trades between them. All clients share one market. Sessions (by the initiator's
 CompID) keep their MsgSeqNums across reconnects and answer ResendRequests from a bounded history
@@ -15,7 +15,9 @@ The book: ``--spread`` is the half-spread and ``--offset`` shifts the whole book
 fraction of the mid; ``--volatility`` is the largest relative step of the mid per update and
 ``--revert`` pulls the mid back toward its start by that fraction per update, so two venues
 with different seeds wander around the same price and their books overlap, and now and then
-cross or lock (what ``make run`` uses for the world view). ``--depth N`` (default 1, the
+cross or lock (what ``make run`` uses for the world view). ``--tick-bp F`` puts every price on
+a grid of F basis points of the start price (0: the plain decimals), as venues quote on a tick
+grid: two venues' prices can then be equal (a locked view). ``--depth N`` (default 1, the
 top of book as before) serves N price levels a side with sizes (271) and positions (290) to
 initiators that ask for MarketDepth (264) other than 1: the snapshot lists them, each update
 sends the levels that changed (279=0 new, 1 changed size, 2 deleted); an initiator asking
@@ -75,6 +77,7 @@ class FixVenue:
         offset: float = 0.0,
         volatility: float = 1e-3,
         revert: float = 0.0,
+        tick_bp: float = 0.0,
     ) -> None:
         self.host = host
         self.depth = depth
@@ -94,6 +97,7 @@ class FixVenue:
         self._rng = random.Random(seed)
         self._mids = {s: _STARTS.get(s, 100.0) for s in symbols}
         self._starts = dict(self._mids)
+        self._ticks = {s: m * tick_bp * 1e-4 for s, m in self._mids.items()} if tick_bp else {}
         # symbol -> (bid levels, offer levels) as last sent to depth subscribers: price -> size
         self._levels: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
         self._decimals = {s: max(2, 6 - math.floor(math.log10(m))) for s, m in self._mids.items()}
@@ -146,6 +150,9 @@ class FixVenue:
             self._trade_log = self._trade_log_path.open("a", encoding="utf-8")
 
     def _fmt(self, symbol: str, price: float) -> str:
+        tick = self._ticks.get(symbol)
+        if tick:
+            price = round(price / tick) * tick
         return f"{price:.{self._decimals[symbol]}f}"
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -472,6 +479,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="F",
         help="pull of the mid toward its start per update (default 0)",
     )
+    parser.add_argument(
+        "--tick-bp", type=float, default=0.0, metavar="F",
+        help="price grid in basis points of the start price (default 0: plain decimals)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.depth < 1:
         parser.error("--depth must be at least 1")
@@ -483,7 +494,7 @@ async def _serve(args: argparse.Namespace) -> None:
         args.host, args.port, symbols=[p for p in args.pairs.split(",") if p], seed=args.seed,
         rate=args.rate, gap_every=args.gap_every, trade_log=args.trade_log, comp_id=args.comp_id,
         resend=not args.no_resend, depth=args.depth, spread=args.spread, offset=args.offset,
-        volatility=args.volatility, revert=args.revert,
+        volatility=args.volatility, revert=args.revert, tick_bp=args.tick_bp,
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
