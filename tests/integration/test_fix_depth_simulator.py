@@ -61,8 +61,7 @@ async def test_a_top_of_book_subscriber_of_a_depth_venue_gets_the_top_only(tmp_p
             feed.collect()
             books = last_books(feed)
             return bool(books) and all(
-                (b.bid, b.ask) == tuple(float(q) for q in venue._quote(s))
-                for s, b in books.items()
+                (b.bid, b.ask) == tuple(float(q) for q in venue._quote(s)) for s, b in books.items()
             )
 
         await until(matches)

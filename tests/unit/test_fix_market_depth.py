@@ -122,3 +122,11 @@ def test_depth_one_keeps_the_top_of_book_path() -> None:
 def test_the_subscription_asks_for_the_configured_depth() -> None:
     assert (264, 5) in md_request((S,), "MD-1", 1, 5)
     assert (264, 1) in md_request((S,), "MD-1", 1)
+
+
+def test_a_new_snapshot_replaces_every_level() -> None:
+    p = parser()
+    p.parse([BOOK], NOON)
+    [book] = p.parse([snapshot([("99.0", "1")], [("102.0", "2")])], NOON).books
+
+    assert (book.bids, book.asks) == (((99.0, 1.0),), ((102.0, 2.0),))
