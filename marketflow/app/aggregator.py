@@ -98,6 +98,10 @@ class Aggregator:
         self._folded = asyncio.Event()  # set when the consumer has emptied the fan-in queue
         self._next_sweep = 0  # the flusher's next minute sweep (clock ms)
         self._sleep = sleep
+        # The world view's inputs (app/world_view.py): each batch's book updates, and each
+        # flush (it reads the feeds' link states then). Per batch and per flush, never per tick.
+        self.on_books: Callable[[list[BookUpdate]], None] | None = None
+        self.on_flush: Callable[[int], None] | None = None
 
     @property
     def cache_kind(self) -> str:
@@ -124,6 +128,8 @@ class Aggregator:
             changed.add(w)
         for book in batch.books:
             self.books[(book.exchange, book.symbol)] = book
+        if batch.books and self.on_books is not None:
+            self.on_books(batch.books)
         if batch.mark is not None:
             self._positions[batch.exchange] = batch.mark
         self.ticks_folded += batch.count
@@ -271,6 +277,8 @@ class Aggregator:
         to the writer."""
         started = time.perf_counter()
         now = self._clock()
+        if self.on_flush is not None:
+            self.on_flush(now)
         self._cover(now)
         latest: list[LatestPrice] = []
         seconds: list[SecondBucket] = []
