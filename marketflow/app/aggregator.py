@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
+from marketflow.app.pipeline_metrics import PipelineMetrics
 from marketflow.app.restore import restore
 from marketflow.backoff import Backoff
 from marketflow.domain.aggregates import LatestPrice, Mark, MinuteRow, SecondBucket
@@ -63,6 +64,7 @@ class Aggregator:
         *,
         healthy_sources: Callable[[], Iterable[str]] = _no_sources,
         rng: random.Random | None = None,
+        metrics: PipelineMetrics | None = None,
     ) -> None:
         self._fanin = fanin
         self._cache = cache
@@ -95,6 +97,8 @@ class Aggregator:
         self._next_full_sweep = 0
         self.flush_build_s = 0.0  # the last flush's CPU before it awaited the cache
         self._folded = asyncio.Event()  # set when the consumer has emptied the fan-in queue
+        # Latency histograms and book counts: recorded per flush and per batch, never per tick.
+        self.metrics = metrics if metrics is not None else PipelineMetrics()
 
     @property
     def cache_kind(self) -> str:
@@ -119,8 +123,10 @@ class Aggregator:
                 w = pairs[symbol] = PairWindow(batch.exchange, symbol, self.floor_second)
             w.add_second(second, f, batch.received_ms)
             changed.add(w)
-        for book in batch.books:
-            self.books[(book.exchange, book.symbol)] = book
+        if batch.books:
+            for book in batch.books:
+                self.books[(book.exchange, book.symbol)] = book
+            self.metrics.books_folded(batch.exchange, len(batch.books))
         if batch.mark is not None:
             self._positions[batch.exchange] = batch.mark
         self.ticks_folded += batch.count
@@ -289,7 +295,8 @@ class Aggregator:
         if rows or final:
             self._rows.submit(rows, dict(self.marks))
         self.flush_build_s = time.perf_counter() - started
-        await self._write_cache(latest, seconds, changed, now, force=final)
+        if await self._write_cache(latest, seconds, changed, now, force=final) and latest:
+            self.metrics.cache_written(latest, self._clock())
         self.queue_delay_peak_ms, self._delay_peak_ms = self._delay_peak_ms, 0
         self.flush_duration_ms = self._clock() - now
         self.flushes += 1
@@ -332,16 +339,17 @@ class Aggregator:
         now: int,
         *,
         force: bool,
-    ) -> None:
+    ) -> bool:
+        """True when the cache acknowledged a write of (at least) ``latest``."""
         if not self.cache_up and now < self._cache_retry_at and not force:
-            return
+            return False
         if not self.cache_up or self._refill:
             # Back after an outage, or the cache lost its data: refill everything we hold.
             latest = [lp for w in self.all_windows() if (lp := w.latest()) is not None]
             seconds = [b for w in self.all_windows() for b in w.all_seconds()]
             marks = dict(self.marks)
         if not latest and not seconds and not marks:
-            return
+            return False
         try:
             lost = await self._cache.write(latest, seconds, marks)
         except CacheUnavailable as exc:
@@ -350,7 +358,7 @@ class Aggregator:
             self.cache_up = False
             self.cache_error = str(exc)
             self._cache_retry_at = now + int(self._cache_backoff.fail() * 1000)
-            return
+            return False
         if not self.cache_up or self._refill:
             log.info("cache_refilled kind=%s seconds=%d", self._cache.kind, len(seconds))
         self._refill = bool(lost) and not self._refill
@@ -359,6 +367,7 @@ class Aggregator:
         self.cache_up = True
         self.cache_error = ""
         self._cache_backoff.reset()
+        return True
 
     def late_ticks(self) -> int:
         return sum(w.late for w in self.all_windows())
