@@ -55,9 +55,11 @@ async def test_each_flush_observes_receipt_to_cache_of_every_written_pair_per_so
     await agg.flush()
 
     hist = agg.metrics.tick_to_cache
-    assert (hist["ex1"].count, hist["ex1"].total) == (2, pytest.approx(0.2))
+    assert hist["ex1"].count == 2
+    assert hist["ex1"].total == pytest.approx(0.2)
     # One observation per written pair per flush, not per tick or per batch: the newest.
-    assert (hist["ex2"].count, hist["ex2"].total) == (1, pytest.approx(0.05))
+    assert hist["ex2"].count == 1
+    assert hist["ex2"].total == pytest.approx(0.05)
     await agg.flush()
     assert hist["ex1"].count == 2  # nothing written, nothing observed
 
@@ -116,10 +118,8 @@ async def test_minute_writer_observes_each_successful_write_batch_only() -> None
     try:
         w.submit([row(0), row(1)])
         await w.flush()
-        assert (w.metrics.minute_write.count, w.metrics.minute_write.total) == (
-            1,
-            pytest.approx(0.004),
-        )
+        assert w.metrics.minute_write.count == 1
+        assert w.metrics.minute_write.total == pytest.approx(0.004)
         store.down = True
         w.submit([row(2)])
         with pytest.raises(StoreUnavailable):
