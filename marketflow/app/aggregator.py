@@ -99,6 +99,8 @@ class Aggregator:
         self._folded = asyncio.Event()  # set when the consumer has emptied the fan-in queue
         # Latency histograms and book counts: recorded per flush and per batch, never per tick.
         self.metrics = metrics if metrics is not None else PipelineMetrics()
+        # source -> receipt of the oldest tick batch folded since the last cache write
+        self._first_received: dict[str, int] = {}
 
     @property
     def cache_kind(self) -> str:
@@ -130,6 +132,10 @@ class Aggregator:
         if batch.mark is not None:
             self._positions[batch.exchange] = batch.mark
         self.ticks_folded += batch.count
+        if batch.count:  # per batch: the flush observes tick -> cache from it
+            first = self._first_received.get(batch.exchange)
+            if first is None or batch.received_ms < first:
+                self._first_received[batch.exchange] = batch.received_ms
         delay = self._clock() - batch.received_ms
         self.queue_delay_ms = delay
         if delay > self._delay_peak_ms:
@@ -274,6 +280,7 @@ class Aggregator:
         retention = self._pipeline.window_retention_s
         changed_windows = list(self._changed)
         self._changed.clear()
+        received, self._first_received = self._first_received, {}
         for w in changed_windows:
             if w.dirty_seconds:
                 lp = w.latest()
@@ -295,8 +302,12 @@ class Aggregator:
         if rows or final:
             self._rows.submit(rows, dict(self.marks))
         self.flush_build_s = time.perf_counter() - started
-        if await self._write_cache(latest, seconds, changed, now, force=final) and latest:
-            self.metrics.cache_written(latest, self._clock())
+        if await self._write_cache(latest, seconds, changed, now, force=final):
+            self.metrics.cache_written(received, self._clock())
+        else:  # not written (cache down): those ticks wait on, counted from their receipt
+            for source, ms in received.items():
+                if ms < self._first_received.get(source, ms + 1):
+                    self._first_received[source] = ms
         self.queue_delay_peak_ms, self._delay_peak_ms = self._delay_peak_ms, 0
         self.flush_duration_ms = self._clock() - now
         self.flushes += 1

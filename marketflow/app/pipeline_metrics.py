@@ -1,10 +1,11 @@
 """Latency and volume figures of the pipeline, recorded per flush, per write batch or per
 batch, never per tick (a tick's budget is about a microsecond).
 
-- ``tick_to_cache``: per flush, for every pair whose latest price the flush wrote to the
-  cache, how long ago its newest tick was received (receipt -> cache write acknowledged).
-  One observation per written (exchange, pair) per flush, labelled by source: the
-  distribution across pairs of what a reader of the cache is behind the feed.
+- ``tick_to_cache``: per cache write and source, from the receipt of the oldest tick batch
+  folded since the previous write to the cache acknowledging this one: the longest any tick
+  of the flush waited before a reader could see it in the cache (a tick received later
+  waited less). The aggregator keeps that oldest receipt per source per batch (one compare);
+  while the cache is down it is kept, so the write after the outage observes the outage.
 - ``minute_write``: the duration of one successful minute-row write batch (``MinuteWriter``).
 - ``book_updates``: top-of-book updates folded, per venue (``TickBatch.books`` per batch).
 
@@ -16,11 +17,10 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from marketflow.app.loop_health import Histogram
-from marketflow.domain.aggregates import LatestPrice
 
 # Receipt -> cache write: a flush every 10-1000 ms, a write of a few ms; seconds mean trouble.
 TICK_TO_CACHE_BUCKETS_S: tuple[float, ...] = (
@@ -75,15 +75,16 @@ class PipelineMetrics:
         self.minute_write = Histogram(MINUTE_WRITE_BUCKETS_S)
         self.book_updates: dict[str, int] = {}  # venue -> updates folded
 
-    def cache_written(self, latest: Iterable[LatestPrice], written_ms: int) -> None:
-        """One flush's latest prices reached the cache at ``written_ms`` (wall clock)."""
+    def cache_written(self, oldest_received: Mapping[str, int], written_ms: int) -> None:
+        """A cache write acknowledged at ``written_ms`` (wall clock) carried the ticks of each
+        source received since ``oldest_received[source]``: one observation per source."""
         hists = self.tick_to_cache
         recent = self.recent_tick_to_cache.values
-        for lp in latest:
-            h = hists.get(lp.exchange)
+        for source, received_ms in oldest_received.items():
+            h = hists.get(source)
             if h is None:
-                h = hists[lp.exchange] = Histogram(TICK_TO_CACHE_BUCKETS_S)
-            age = max(0, written_ms - lp.received_ms) / 1000
+                h = hists[source] = Histogram(TICK_TO_CACHE_BUCKETS_S)
+            age = max(0, written_ms - received_ms) / 1000
             h.observe(age)
             recent.append(age)
 

@@ -44,27 +44,34 @@ def sample(text: str, name: str, **labels: str) -> float:
     return float(m.group(1))
 
 
-async def test_each_flush_observes_receipt_to_cache_of_every_written_pair_per_source() -> None:
+async def test_each_cache_write_observes_the_oldest_receipt_per_source_once() -> None:
     clock = ManualClock(T0 + 1_000)
     cache = FakeCache()
     agg = Aggregator(asyncio.Queue(), cache, RecordingSink(FakeStore()), PipelineSettings(), clock)
     agg.fold(received_at("ex1", T0 + 900, ("BTCUSDT", 1.0, T0), ("ETHUSDT", 2.0, T0 + 10)))
-    agg.fold(received_at("ex2", T0 + 700, ("BTCUSDT", 3.0, T0 + 20)))
-    agg.fold(received_at("ex2", T0 + 950, ("BTCUSDT", 3.5, T0 + 30)))  # one pair, twice
+    agg.fold(received_at("ex2", T0 + 950, ("BTCUSDT", 3.5, T0 + 30)))
+    agg.fold(received_at("ex2", T0 + 700, ("ETHUSDT", 3.0, T0 + 20)))  # folded later, older
+    agg.fold(TickBatch("ex3", {}, T0, 0, books=[BookUpdate("ex3", "X", 1.0, 2.0, T0)]))
 
     await agg.flush()
 
     hist = agg.metrics.tick_to_cache
-    assert hist["ex1"].count == 2
-    assert hist["ex1"].total == pytest.approx(0.2)
-    # One observation per written pair per flush, not per tick or per batch: the newest.
+    # One observation per source per write (not per tick, pair or batch): the oldest receipt.
+    assert hist["ex1"].count == 1
+    assert hist["ex1"].total == pytest.approx(0.1)
     assert hist["ex2"].count == 1
-    assert hist["ex2"].total == pytest.approx(0.05)
+    assert hist["ex2"].total == pytest.approx(0.3)
+    assert "ex3" not in hist  # books alone are not ticks
+    clock.now_ms += 500
     await agg.flush()
-    assert hist["ex1"].count == 2  # nothing written, nothing observed
+    assert hist["ex1"].count == 1  # nothing written, nothing observed
+    agg.fold(received_at("ex1", T0 + 1_400, ("BTCUSDT", 1.5, T0 + 1_000)))
+    await agg.flush()
+    assert hist["ex1"].count == 2
+    assert hist["ex1"].total == pytest.approx(0.2)  # from its own receipt, not the first one
 
 
-async def test_a_flush_the_cache_refuses_observes_nothing() -> None:
+async def test_ticks_held_by_a_cache_outage_are_observed_from_their_receipt_when_written() -> None:
     clock = ManualClock(T0 + 1_000)
     cache = FakeCache()
     cache.down = True
@@ -75,6 +82,12 @@ async def test_a_flush_the_cache_refuses_observes_nothing() -> None:
 
     assert agg.metrics.tick_to_cache == {}
     assert agg.metrics.snapshot()["tick_to_cache_ms"]["n"] == 0
+    agg.fold(received_at("ex1", T0 + 2_000, ("BTCUSDT", 1.1, T0 + 1_500)))
+    cache.down = False
+    clock.now_ms = T0 + 10_000  # past the retry backoff
+    await agg.flush()
+    assert agg.metrics.tick_to_cache["ex1"].count == 1
+    assert agg.metrics.tick_to_cache["ex1"].total == pytest.approx(9.1)  # the outage included
 
 
 def test_recent_percentiles_of_tick_to_cache() -> None:
@@ -168,8 +181,8 @@ async def test_metrics_page_has_the_new_families_with_bounded_labels() -> None:
 
     assert sample(text, "marketflow_latest_price", pair="BTCUSDT", source="exchange1") == 101.5
     assert "NOTCONFIGURED" not in text  # only configured pairs get a price series
-    assert sample(text, "marketflow_tick_to_cache_seconds_count", source="exchange1") == 2
-    assert sample(text, "marketflow_tick_to_cache_seconds_sum", source="exchange1") == 0.2
+    assert sample(text, "marketflow_tick_to_cache_seconds_count", source="exchange1") == 1
+    assert sample(text, "marketflow_tick_to_cache_seconds_sum", source="exchange1") == 0.1
     assert sample(text, "marketflow_book_updates_total", source="fixvenue") == 1
     assert sample(text, "marketflow_http_request_duration_seconds_count", route="/health") == 1
     assert sample(text, "marketflow_minute_write_duration_seconds_count") == 0
@@ -178,5 +191,5 @@ async def test_metrics_page_has_the_new_families_with_bounded_labels() -> None:
         assert sample(text, f"marketflow_{name}") == 0
     assert re.search(r"^marketflow_\w+\{[^}]*symbol=", text, re.MULTILINE) is None
     health = report.build()
-    assert health["pipeline"]["tick_to_cache_ms"]["n"] == 2
+    assert health["pipeline"]["tick_to_cache_ms"]["n"] == 1
     assert health["pipeline"]["tick_to_cache_ms"]["max_ms"] == 100.0
