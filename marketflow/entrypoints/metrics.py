@@ -136,7 +136,7 @@ class DaemonCollector(Collector):
         pm: PipelineMetrics = agg.metrics
         yield _labelled_histograms(
             "marketflow_tick_to_cache_seconds",
-            "Receipt of a pair's newest tick to its cache write, per written pair per flush",
+            "Receipt of the oldest tick batch of a cache write to its acknowledgement, per write",
             "source",
             pm.tick_to_cache,
         )
