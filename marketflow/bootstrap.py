@@ -44,13 +44,14 @@ from marketflow.app.minute_writer import MinuteWriter
 from marketflow.app.modes import Mode, ModeController
 from marketflow.app.pipeline_metrics import PipelineMetrics
 from marketflow.app.queries import PriceQueries
+from marketflow.app.world_view import WorldView
 from marketflow.domain.capture import CaptureStore
 from marketflow.domain.errors import ConfigError
 from marketflow.domain.feeds import Source
 from marketflow.domain.ports import MinuteStore, PriceCache
 from marketflow.domain.ticks import TickBatch
 from marketflow.entrypoints.http_api import build_app
-from marketflow.entrypoints.http_common import ControlGuard, JsonErrorsRunner
+from marketflow.entrypoints.http_common import ControlGuard, JsonErrorsRunner, rfc3339
 from marketflow.entrypoints.http_messages import add_message_routes
 from marketflow.entrypoints.http_metrics import HttpMetrics
 from marketflow.entrypoints.metrics import metrics_renderer
@@ -106,6 +107,7 @@ class Daemon:
         self.modes: ModeController
         self.capture: CaptureService | None = None
         self.capture_listener: CaptureListener | None = None
+        self.world_view: WorldView
         self._capture_store: CaptureStore | None = None
         self.died = asyncio.Event()  # set when a core task fails: the daemon must stop
         # Latency histograms shared by the writer and the aggregator (/metrics, /health).
@@ -176,6 +178,15 @@ class Daemon:
             healthy_sources=self.modes.healthy_sources,
             metrics=self.metrics,
         )
+        # -- world view: books of each folded batch, feed link states read at each flush
+        self.world_view = WorldView(
+            s.world_view,
+            wall_clock_ms,
+            lambda: [r.source.status for r in self.modes.running()],
+            stamp=rfc3339,
+        )
+        self.aggregator.on_books = self.world_view.on_books
+        self.aggregator.on_flush = self.world_view.poll
         if self._resume:
             await self.aggregator.resume(self.store)
         self._spawn(self.aggregator.consume(), "aggregator")
@@ -259,7 +270,7 @@ class Daemon:
         )
         http_metrics = HttpMetrics()  # request duration per route pattern
         metrics_text = metrics_renderer(report, s.pairs, http_metrics)
-        app = build_app(queries, self.modes, report, metrics_text, guard)
+        app = build_app(queries, self.modes, report, metrics_text, guard, self.world_view)
         http_metrics.install(app)
         if self.capture is not None:
             add_message_routes(app, self.capture)
