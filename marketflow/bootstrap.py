@@ -42,6 +42,7 @@ from marketflow.app.ingest import RunningSource
 from marketflow.app.loop_health import LoopHealth
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.app.modes import Mode, ModeController
+from marketflow.app.pipeline_metrics import PipelineMetrics
 from marketflow.app.queries import PriceQueries
 from marketflow.app.world_view import WorldView
 from marketflow.domain.capture import CaptureStore
@@ -52,6 +53,7 @@ from marketflow.domain.ticks import TickBatch
 from marketflow.entrypoints.http_api import build_app
 from marketflow.entrypoints.http_common import ControlGuard, JsonErrorsRunner, rfc3339
 from marketflow.entrypoints.http_messages import add_message_routes
+from marketflow.entrypoints.http_metrics import HttpMetrics
 from marketflow.entrypoints.metrics import metrics_renderer
 from marketflow.settings import ExchangeSettings, Settings
 from marketflow.startup import adopt_spill, open_cache, open_storage, reserve_port, tune_gc
@@ -108,6 +110,8 @@ class Daemon:
         self.world_view: WorldView
         self._capture_store: CaptureStore | None = None
         self.died = asyncio.Event()  # set when a core task fails: the daemon must stop
+        # Latency histograms shared by the writer and the aggregator (/metrics, /health).
+        self.metrics = PipelineMetrics()
 
     def _live_sources(self) -> Sequence[Source[Any]]:
         agg = self.aggregator
@@ -146,6 +150,7 @@ class Daemon:
             JsonlSpillFile(spill_dir / f"minutes-{self.store.identity}.jsonl"),
             s.pipeline.spill_max_rows_in_memory,
             wall_clock_ms,
+            metrics=self.metrics,
         )
         if not store_embedded and self.store.kind == "postgres":
             # Spills of versions that did not name their store were meant for PostgreSQL.
@@ -171,6 +176,7 @@ class Daemon:
             s.pipeline,
             wall_clock_ms,
             healthy_sources=self.modes.healthy_sources,
+            metrics=self.metrics,
         )
         # -- world view: books of each folded batch, feed link states read at each flush
         self.world_view = WorldView(
@@ -262,9 +268,10 @@ class Daemon:
             s.pairs,
             wall_clock_ms,
         )
-        app = build_app(
-            queries, self.modes, report, metrics_renderer(report), guard, self.world_view
-        )
+        http_metrics = HttpMetrics()  # request duration per route pattern
+        metrics_text = metrics_renderer(report, s.pairs, http_metrics)
+        app = build_app(queries, self.modes, report, metrics_text, guard, self.world_view)
+        http_metrics.install(app)
         if self.capture is not None:
             add_message_routes(app, self.capture)
         self._runner = JsonErrorsRunner(app, access_log=None, handle_signals=False)
