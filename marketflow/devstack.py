@@ -22,6 +22,8 @@ SIMULATORS: tuple[tuple[str, int, tuple[str, ...]], ...] = (
     ("json", 40103, ()),
     ("fix", 40111, ("--comp-id", "FIXVENUE")),
 )
+# The WebSocket venue of config.toml's wsvenue (Binance-style combined streams).
+SIMULATORS += (("websocket", 40121, ()),)
 
 
 def port_taken(port: int) -> bool:

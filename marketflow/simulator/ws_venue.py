@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import random
 import signal
@@ -24,7 +25,9 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
+from typing import TextIO
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -62,6 +65,7 @@ class WsVenue:
         pairs: Sequence[str] = PAIRS,
         rate: float = DEFAULT_RATE,
         seed: int | None = None,
+        trade_log: Path | None = None,
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
@@ -76,6 +80,12 @@ class WsVenue:
         self._trade_id = 0
         self.frames_sent = 0
         self.subscribes = 0  # SUBSCRIBE requests and ?streams= connections served
+        # Every trade sent to at least one client, as a JSON line: the tests' oracle.
+        self._trade_log_path = trade_log
+        self._trade_log: TextIO | None = None
+        # True: every round sends a ping instead of data (a venue whose streams stalled while
+        # its link lives): what a client must see as stale.
+        self.silent = False
 
     @property
     def clients(self) -> int:
@@ -98,6 +108,8 @@ class WsVenue:
             raise
         self.port = sock.getsockname()[1]  # the bound one when port 0 was asked for
         await web.SockSite(self._runner, sock).start()
+        if self._trade_log_path is not None and self._trade_log is None:
+            self._trade_log = self._trade_log_path.open("a", buffering=1)
         self._task = asyncio.create_task(self._run(), name=f"ws-venue:{self.port}")
         log.info("simulator_listening host=%s port=%d rate=%s protocol=websocket",
                  self.host, self.port, self.rate)  # fmt: skip
@@ -113,6 +125,9 @@ class WsVenue:
             for client in list(self._clients):
                 await client.ws.close()
             await runner.cleanup()
+            if self._trade_log is not None:
+                self._trade_log.close()
+                self._trade_log = None
             log.info("simulator_stopped port=%d frames_sent=%d", self.port, self.frames_sent)
 
     async def __aenter__(self) -> WsVenue:
@@ -188,16 +203,32 @@ class WsVenue:
         due = loop.time()
         while True:
             due += round_s
-            if self._clients:
-                frames = self._round()
+            if self._clients and self.silent:
                 for client in list(self._clients):
-                    await self._send(client, frames)
+                    if not client.ws.closed:
+                        with contextlib.suppress(ConnectionError):
+                            await client.ws.ping()
+            elif self._clients:
+                frames = self._round()
+                sent: set[str] = set()
+                for client in list(self._clients):
+                    await self._send(client, frames, sent)
+                self._log_trades(frames, sent)
             delay = due - loop.time()
             if delay < -1.0:  # far behind (a stalled machine): skip, do not burst
                 due = loop.time()
             await asyncio.sleep(max(delay, 0.0))
 
-    async def _send(self, client: _Client, frames: dict[str, str]) -> None:
+    def _log_trades(self, frames: dict[str, str], sent: set[str]) -> None:
+        if self._trade_log is None:
+            return
+        for name in sent:
+            if name.endswith("@trade"):
+                data = orjson.loads(frames[name])["data"]
+                line = {"symbol": data["s"], "price": float(data["p"]), "timestamp": data["T"]}
+                self._trade_log.write(orjson.dumps(line).decode() + "\n")
+
+    async def _send(self, client: _Client, frames: dict[str, str], sent: set[str]) -> None:
         transport = client.transport
         if client.ws.closed or transport is None or transport.is_closing():
             return
@@ -208,6 +239,7 @@ class WsVenue:
                 frame = frames.get(name)
                 if frame is not None:
                     await client.ws.send_str(frame)
+                    sent.add(name)
                     self.frames_sent += 1
         except ConnectionError:
             self._clients.discard(client)
@@ -225,6 +257,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"frames/s per client subscribed to every stream "
                         f"(default: {DEFAULT_RATE:g})")  # fmt: skip
     parser.add_argument("--pairs", default=",".join(PAIRS))
+    parser.add_argument("--trade-log", type=Path, default=None, metavar="PATH",
+                        help="append every trade sent as a JSON line")  # fmt: skip
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error("--port must be 1..65535")
@@ -235,7 +269,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def _serve(args: argparse.Namespace) -> None:
     pairs = [p for p in args.pairs.split(",") if p]
-    venue = WsVenue(args.host, args.port, pairs=pairs, rate=args.rate, seed=args.seed)
+    venue = WsVenue(
+        args.host, args.port, pairs=pairs, rate=args.rate, seed=args.seed, trade_log=args.trade_log
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

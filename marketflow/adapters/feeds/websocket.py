@@ -43,6 +43,7 @@ log = logging.getLogger("marketflow.feeds.websocket")
 
 WsQueue = asyncio.Queue[tuple[WsItem, int]]
 _CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
+_END = (*_CLOSED, aiohttp.WSMsgType.ERROR)
 
 
 class _Stale(Exception):
@@ -58,16 +59,19 @@ def stream_names(pairs: Sequence[str]) -> list[str]:
     return [f"{p.lower()}@{kind}" for p in pairs for kind in ("trade", "bookTicker")]
 
 
-def _buffered(ws: aiohttp.ClientWebSocketResponse) -> int:
-    """Frames aiohttp has read and not yet handed over: ``receive()`` returns one of them
-    without waiting. aiohttp exposes no public count; its frame queue's ``_buffer`` (a deque,
-    public on the Cython build too) is read defensively: without it every frame is its own
-    item, slower but still correct."""
+def _data_buffered(ws: aiohttp.ClientWebSocketResponse) -> bool:
+    """True when the next frame aiohttp has read is a data frame: ``receive()`` returns it
+    without waiting (a buffered ping would make ``receive()`` answer it and then wait).
+    aiohttp exposes no public look-ahead; its frame queue's ``_buffer`` (a deque of
+    ``(message, size)``, public on the Cython build too) is read defensively: without it every
+    frame is its own item, slower but still correct."""
     buffer = getattr(getattr(ws, "_reader", None), "_buffer", None)
     try:
-        return len(buffer) if buffer is not None else 0
-    except TypeError:
-        return 0
+        head = buffer[0][0] if buffer else None
+    except (TypeError, IndexError, KeyError):
+        return False
+    kind = getattr(head, "type", None)
+    return kind is aiohttp.WSMsgType.TEXT or kind is aiohttp.WSMsgType.BINARY
 
 
 @dataclass(eq=False)
@@ -156,26 +160,24 @@ class WebSocketProducer:
         clock = self.clock
         got_data = False
         while True:
+            frames: WsItem = []
+            size = 0
+            stale = False
             # A deadline, not receive(timeout=...): aiohttp restarts that timeout after each
             # ping it answers, and pings must not keep a silent feed alive.
             try:
                 async with asyncio.timeout_at(loop.time() + stale_s):
                     msg = await ws.receive()
+                    while True:
+                        kind = msg.type
+                        if kind is aiohttp.WSMsgType.TEXT or kind is aiohttp.WSMsgType.BINARY:
+                            frames.append(msg.data)
+                            size += len(msg.data)
+                        if kind in _END or size >= burst_chars or not _data_buffered(ws):
+                            break
+                        msg = await ws.receive()  # a buffered data frame: no wait
             except TimeoutError:
-                log.warning("feed_stale exchange=%s silent_s=%g", status.name, stale_s)
-                raise _Stale from None
-            frames: WsItem = []
-            size = 0
-            while True:
-                kind = msg.type
-                if kind is aiohttp.WSMsgType.TEXT or kind is aiohttp.WSMsgType.BINARY:
-                    frames.append(msg.data)
-                    size += len(msg.data)
-                elif kind in _CLOSED or kind is aiohttp.WSMsgType.ERROR:
-                    break
-                if size >= burst_chars or not _buffered(ws):
-                    break
-                msg = await ws.receive()  # buffered: returns without waiting
+                stale = True
             if frames:
                 if not got_data:
                     got_data = True
@@ -184,6 +186,9 @@ class WebSocketProducer:
                 status.bytes_in += size
                 # Blocks while the queue is full: aiohttp stops reading the socket meanwhile.
                 await out.put((frames, clock()))
+            if stale:
+                log.warning("feed_stale exchange=%s silent_s=%g", status.name, stale_s)
+                raise _Stale
             if msg.type is aiohttp.WSMsgType.ERROR:
                 self._failed(msg.data, status)
             if msg.type in _CLOSED:
