@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import orjson
 import pytest
@@ -18,8 +20,10 @@ from marketflow.adapters.feeds.websocket import (
     venue_url,
 )
 from marketflow.adapters.feeds.ws_messages import WsItem
+from marketflow.bootstrap import live_source
+from marketflow.devstack import SIMULATORS
 from marketflow.domain.feeds import FeedStatus
-from marketflow.settings import ExchangeSettings, PipelineSettings
+from marketflow.settings import ExchangeSettings, PipelineSettings, Settings, load_settings
 
 PIPELINE = PipelineSettings(
     max_line_bytes=1024,
@@ -223,3 +227,30 @@ async def test_a_refused_handshake_is_retried_and_reported(venue: Venue) -> None
     assert not feed.status.connected
     assert "404" in feed.status.last_error
     assert venue.requests == []
+
+
+def test_bootstrap_builds_a_websocket_source_for_protocol_websocket() -> None:
+    ex = settings(40121)
+    source = live_source(ex, Settings(exchanges=(ex,)), lambda: None)
+    assert isinstance(source.producer, WebSocketProducer)
+    assert source.status.protocol == "websocket"
+    assert source.status.address == "ws://127.0.0.1:40121/stream"
+
+
+def test_make_run_starts_the_websocket_venue_config_toml_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key in [k for k in os.environ if k.startswith("MARKETFLOW_")]:
+        monkeypatch.delenv(key)
+    loaded = load_settings(Path(__file__).parents[2] / "config.toml")
+    [ws] = [e for e in loaded.exchanges if e.protocol == "websocket"]
+    assert (ws.name, ws.port, ws.ws_path, ws.tls, ws.ws_subscribe) == (
+        "wsvenue", 40121, "/stream", False, "url",
+    )  # fmt: skip
+    assert ("websocket", ws.port, ()) in SIMULATORS
+
+
+@pytest.mark.parametrize("path", ["stream", "/a b", "/x?streams=y"])
+def test_ws_path_must_be_a_plain_absolute_path(path: str) -> None:
+    with pytest.raises(ValueError, match="ws_path"):
+        settings(1, ws_path=path)
