@@ -142,7 +142,12 @@ class WsVenue:
     async def _handle(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(request)
-        client = _Client(ws, request.transport)
+        transport = request.transport
+        if transport is not None:
+            # Far above the point where a client is skipped: a send never waits for a slow
+            # reader's socket (which would hold up every other client's round).
+            transport.set_write_buffer_limits(high=4 * _MAX_CLIENT_BUFFER)
+        client = _Client(ws, transport)
         query = request.query.get("streams", "")
         client.streams.update(s for s in query.split("/") if s)
         self.subscribes += bool(client.streams)
