@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from marketflow.adapters.feeds.ws_messages import (
     CombinedStreamParser,
@@ -93,6 +96,7 @@ def test_a_size_change_alone_is_a_change() -> None:
         (" 1", "price_not_decimal"),  # float() would take these three
         ("1_000", "price_not_decimal"),
         ("0x10", "price_not_decimal"),
+        ("\u0661", "price_not_decimal"),  # ARABIC-INDIC DIGIT ONE: float() reads it as 1
     ],
 )
 def test_bad_trade_price_is_refused_with_its_reason(price: object, reason: str) -> None:
@@ -171,3 +175,85 @@ def test_decimal_and_size_readers() -> None:
     assert size_of("0.00000000") == (0.0, True)
     assert size_of(None) == (None, True)
     assert size_of("x") == (None, False)
+
+
+class CarefulOnly(CombinedStreamParser):
+    """The same parser without its fast path: every frame read field by field."""
+
+    def _fast(self, *args: object) -> int | None:  # type: ignore[override]
+        return None
+
+
+# What float() takes and a plain decimal is not, and the edges of the decimal rules.
+TRICKY = (" 1", "1 ", "\t2", "\x1c3", "1_0", "\u0661", "inf", "Infinity", "-inf", "nan",
+          "1e999", "1e-999", "-0", "+1", "1.", ".5", "1e5", "0x1", "")  # fmt: skip
+_TRICKY = st.sampled_from(TRICKY)
+_DECIMALS = st.one_of(
+    st.decimals(allow_nan=True, allow_infinity=True).map(str),
+    st.floats().map(repr),
+    st.floats(min_value=1e-9, max_value=1e13).map(lambda f: f"{f:.8f}"),
+    st.text(alphabet="0123456789.eE+-_ \t\u0661nafiINF", max_size=8),
+)
+_VALUES = st.one_of(_TRICKY, _TRICKY, _DECIMALS, st.integers(), st.floats(), st.booleans(),
+                    st.none())  # fmt: skip
+_TS = st.one_of(
+    st.integers(min_value=T - 10**12, max_value=T + 10**8),
+    st.integers(),
+    st.booleans(),
+    st.floats(),
+    st.just(str(T)),
+)
+_SYMBOLS = st.sampled_from(["BTCUSDT", "DOGEUSDT", "ETHUSDT", "XRPUSDT", ""])
+_STREAMS = st.sampled_from(
+    ["btcusdt@trade", "btcusdt@bookTicker", "x@depth", "trade", "a\\u0040b@trade", 'a\\"@trade']
+)
+
+
+@st.composite
+def frames(draw: st.DrawFn) -> str | bytes:
+    """A valid trade or bookTicker frame, then a few of its values (or its stream name, or
+    its form) replaced by what a venue might send instead."""
+    if draw(st.booleans()):
+        stream = "btcusdt@trade"
+        data: dict[str, object] = {"e": "trade", "s": "BTCUSDT", "p": "100.5", "T": T}
+    else:
+        stream = "btcusdt@bookTicker"
+        data = {"u": 1, "s": "ETHUSDT", "b": "99.1", "B": "2.5", "a": "99.2", "A": "0"}
+    for key in draw(st.sets(st.sampled_from(sorted(data)), max_size=2)):
+        if draw(st.integers(0, 5)) == 0:
+            del data[key]
+        elif key == "T":
+            data[key] = draw(_TS)
+        elif key == "s":
+            data[key] = draw(_SYMBOLS)
+        else:
+            data[key] = draw(_VALUES)
+    if draw(st.integers(0, 4)) == 0:
+        stream = draw(_STREAMS)
+    # The stream name is pasted in raw, so escapes reach the parser as the venue sent them;
+    # json, not orjson: it writes any int and NaN/Infinity (bad JSON the parser must refuse).
+    text = f'{{"stream":"{stream}","data":{json.dumps(data)}}}'
+    form = draw(st.sampled_from(["text"] * 8 + ["cut", "bytes"]))
+    if form == "cut":
+        return text[: draw(st.integers(0, len(text)))]
+    return text.encode() if form == "bytes" else text
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(frames(), max_size=8))
+def test_fast_path_accepts_exactly_what_the_careful_path_accepts(burst: WsItem) -> None:
+    fast, careful = parser(), CarefulOnly("wsvenue", PAIRS, RejectCounts())
+    a = fast.parse(burst, RECEIVED)
+    b = careful.parse(burst, RECEIVED)
+    assert (a.by_symbol, a.count, a.books) == (b.by_symbol, b.count, b.books)
+    assert fast.rejects.counts == careful.rejects.counts
+
+
+@pytest.mark.parametrize("value", TRICKY)
+@pytest.mark.parametrize("key", ["p", "b", "a", "B", "A"])
+def test_fast_path_agrees_on_every_tricky_decimal_in_every_field(key: str, value: str) -> None:
+    frame = trade(value) if key == "p" else ticker(**{"bid": "1", "ask": "2", key: value})
+    fast, careful = parser(), CarefulOnly("wsvenue", PAIRS, RejectCounts())
+    a, b = fast.parse([frame], RECEIVED), careful.parse([frame], RECEIVED)
+    assert (a.by_symbol, a.books) == (b.by_symbol, b.books)
+    assert fast.rejects.counts == careful.rejects.counts
