@@ -180,7 +180,7 @@ def test_decimal_and_size_readers() -> None:
 class CarefulOnly(CombinedStreamParser):
     """The same parser without its fast path: every frame read field by field."""
 
-    def _fast(self, *args: object) -> int | None:  # type: ignore[override]
+    def _fast(self, *args: object) -> int | None:
         return None
 
 
