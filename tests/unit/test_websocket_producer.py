@@ -20,6 +20,7 @@ from marketflow.adapters.feeds.websocket import (
     venue_url,
 )
 from marketflow.adapters.feeds.ws_messages import WsItem
+from marketflow.app.ingest import SourceQueue
 from marketflow.bootstrap import live_source
 from marketflow.devstack import SIMULATORS
 from marketflow.domain.feeds import FeedStatus
@@ -254,3 +255,23 @@ def test_make_run_starts_the_websocket_venue_config_toml_reads(
 def test_ws_path_must_be_a_plain_absolute_path(path: str) -> None:
     with pytest.raises(ValueError, match="ws_path"):
         settings(1, ws_path=path)
+
+
+async def test_a_burst_read_when_stopped_on_a_full_queue_is_kept_not_dropped(
+    venue: Venue,
+) -> None:
+    async def one_burst(ws: web.WebSocketResponse, request: web.Request) -> None:
+        await ws.send_str(trade(1))
+        await ws.receive()
+
+    venue.handler = one_burst
+    source = build_websocket_source(settings(venue.port), PAIRS, PIPELINE, clock)
+    queue: SourceQueue[WsItem] = SourceQueue(1)
+    queue.put_nowait(([trade(0)], 0))  # full: the producer's put must wait
+    status = FeedStatus("wsv", "websocket")
+    task = asyncio.create_task(source.producer.run(queue, status))
+    await until(lambda: status.chunks == 1)  # read, and blocked on the full queue
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+    assert [frames for frames, _ in queue.held] == [[trade(1)]]
