@@ -44,13 +44,14 @@ from marketflow.app.loop_health import LoopHealth
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.app.modes import Mode, ModeController
 from marketflow.app.queries import PriceQueries
+from marketflow.app.world_view import WorldView
 from marketflow.domain.capture import CaptureStore
 from marketflow.domain.errors import ConfigError
 from marketflow.domain.feeds import Source
 from marketflow.domain.ports import MinuteStore, PriceCache
 from marketflow.domain.ticks import TickBatch
 from marketflow.entrypoints.http_api import build_app
-from marketflow.entrypoints.http_common import ControlGuard, JsonErrorsRunner
+from marketflow.entrypoints.http_common import ControlGuard, JsonErrorsRunner, rfc3339
 from marketflow.entrypoints.http_messages import add_message_routes
 from marketflow.entrypoints.metrics import metrics_renderer
 from marketflow.settings import ExchangeSettings, Settings
@@ -107,6 +108,7 @@ class Daemon:
         self.modes: ModeController
         self.capture: CaptureService | None = None
         self.capture_listener: CaptureListener | None = None
+        self.world_view: WorldView
         self._capture_store: CaptureStore | None = None
         self.died = asyncio.Event()  # set when a core task fails: the daemon must stop
 
@@ -173,6 +175,15 @@ class Daemon:
             wall_clock_ms,
             healthy_sources=self.modes.healthy_sources,
         )
+        # -- world view: books of each folded batch, feed link states read at each flush
+        self.world_view = WorldView(
+            s.world_view,
+            wall_clock_ms,
+            lambda: [r.source.status for r in self.modes.running()],
+            stamp=rfc3339,
+        )
+        self.aggregator.on_books = self.world_view.on_books
+        self.aggregator.on_flush = self.world_view.poll
         if self._resume:
             await self.aggregator.resume(self.store)
         self._spawn(self.aggregator.consume(), "aggregator")
@@ -254,7 +265,9 @@ class Daemon:
             s.pairs,
             wall_clock_ms,
         )
-        app = build_app(queries, self.modes, report, metrics_renderer(report), guard)
+        app = build_app(
+            queries, self.modes, report, metrics_renderer(report), guard, self.world_view
+        )
         if self.capture is not None:
             add_message_routes(app, self.capture)
         self._runner = JsonErrorsRunner(app, access_log=None, handle_signals=False)

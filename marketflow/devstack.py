@@ -1,4 +1,8 @@
-"""``make run``: three JSON exchange simulators, one FIX venue, and the daemon, in one terminal.
+"""``make run``: three JSON exchange simulators, two FIX venues, and the daemon, in one terminal.
+
+The two FIX venues serve 5 levels a side around mids that wander about the same start (mean
+reversion, different seeds, one offset by 1 bp), so their books overlap and now and then
+cross or lock: what the world view (GET /bbo, GET /book) combines.
 
 A simulator is not started where its port is already taken (the reference exchange programs
 may be running there). Ctrl-C reaches every process of the group; the daemon drains and
@@ -22,8 +26,18 @@ SIMULATORS: tuple[tuple[str, int, tuple[str, ...]], ...] = (
     ("json", 40103, ()),
     ("fix", 40111, ("--comp-id", "FIXVENUE")),
 )
-# The WebSocket venue of config.toml's wsvenue (Binance-style combined streams).
-SIMULATORS += (("websocket", 40121, ()),)
+# -- world view: book options of the FIX venues (overlapping, sometimes crossed or locked)
+_BOOK = ("--depth", "5", "--spread", "5e-4", "--volatility", "2e-4", "--revert", "0.05",
+         "--tick-bp", "1")  # fmt: skip
+SIMULATORS = (
+    *SIMULATORS[:3],
+    ("fix", 40111, ("--comp-id", "FIXVENUE", "--seed", "1", *_BOOK)),
+    ("fix", 40112, ("--comp-id", "FIXVENUE2", "--seed", "2", "--offset", "1e-4", *_BOOK)),
+)
+# The WebSocket venue of config.toml's wsvenue (Binance-style combined streams): the FIX
+# venues' book model, its own seed and offset, so its quotes join theirs in the world view.
+_WS_BOOK = ("--spread", "5e-4", "--volatility", "2e-4", "--revert", "0.05", "--tick-bp", "1")
+SIMULATORS += (("websocket", 40121, ("--seed", "3", "--offset", "-1e-4", *_WS_BOOK)),)
 
 
 def port_taken(port: int) -> bool:

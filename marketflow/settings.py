@@ -121,6 +121,9 @@ class ExchangeSettings(_Frozen):
     resend_timeout_s: float = Field(10.0, gt=0)  # a gap unfilled this long: re-subscribe
     path: Path | None = None
     speed: float = Field(1.0, ge=0)
+    # FIX MarketDepth (264) asked for in the subscription: 1 = top of book (the lean parser),
+    # N > 1 = N price levels a side with sizes, for the world view's merged book.
+    market_depth: int = Field(1, ge=1, le=100)
     # WebSocket venues (protocol = "websocket"): ws[s]://host:port<ws_path>, combined streams.
     ws_path: str = Field("/stream", pattern=r"^/[A-Za-z0-9_./-]*$")
     tls: bool = False  # wss:// with certificate verification
@@ -198,6 +201,15 @@ class PipelineSettings(_Frozen):
     max_price: float = Field(MAX_PRICE, gt=0, le=1e18)
 
 
+class WorldViewSettings(_Frozen):
+    """The cross-venue world view (GET /bbo, GET /book): combined best bid/offer and book."""
+
+    # A venue whose quote is older than this leaves the view until it quotes again; 0: off
+    # (FIX venues send only on change: an old quote there is not a stale one).
+    max_quote_age_ms: int = Field(0, ge=0, le=86_400_000)
+    max_depth: int = Field(10, ge=1, le=100)  # levels kept per venue and side; GET /book's cap
+
+
 class TestModeSettings(_Frozen):
     """The synthetic generator used in test mode."""
 
@@ -227,6 +239,7 @@ class Settings(BaseSettings):
     pipeline: PipelineSettings = PipelineSettings()
     test_mode: TestModeSettings = TestModeSettings()
     capture: CaptureSettings = CaptureSettings()
+    world_view: WorldViewSettings = WorldViewSettings()
     exchanges: tuple[ExchangeSettings, ...] = (
         ExchangeSettings(name="exchange1", port=40101),
         ExchangeSettings(name="exchange2", port=40102),

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from marketflow.app.restore import restore
@@ -63,6 +63,7 @@ class Aggregator:
         *,
         healthy_sources: Callable[[], Iterable[str]] = _no_sources,
         rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._fanin = fanin
         self._cache = cache
@@ -95,6 +96,12 @@ class Aggregator:
         self._next_full_sweep = 0
         self.flush_build_s = 0.0  # the last flush's CPU before it awaited the cache
         self._folded = asyncio.Event()  # set when the consumer has emptied the fan-in queue
+        self._next_sweep = 0  # the flusher's next minute sweep (clock ms)
+        self._sleep = sleep
+        # The world view's inputs (app/world_view.py): each batch's book updates, and each
+        # flush (it reads the feeds' link states then). Per batch and per flush, never per tick.
+        self.on_books: Callable[[list[BookUpdate]], None] | None = None
+        self.on_flush: Callable[[int], None] | None = None
 
     @property
     def cache_kind(self) -> str:
@@ -121,6 +128,8 @@ class Aggregator:
             changed.add(w)
         for book in batch.books:
             self.books[(book.exchange, book.symbol)] = book
+        if batch.books and self.on_books is not None:
+            self.on_books(batch.books)
         if batch.mark is not None:
             self._positions[batch.exchange] = batch.mark
         self.ticks_folded += batch.count
@@ -227,39 +236,49 @@ class Aggregator:
     async def run_flusher(self) -> None:
         """Flush as soon as the consumer has folded everything queued (the loop is idle).
 
-        Under load one flush carries every batch folded meanwhile: after a flush the flusher
-        waits ``flush_min_interval_ms`` or twice the CPU the flush took to build its writes,
-        whichever is longer (so building flushes takes at most a third of the loop with many
-        pairs), but never longer than
-        ``flush_interval_ms``, the ceiling of what a crash can lose. Minutes are closed on
-        the ceiling's cadence (``_sweep``); a cache flush visits only the changed windows."""
-        p = self._pipeline
-        ceiling = p.flush_interval_ms / 1000
-        gap = p.flush_min_interval_ms / 1000
-        next_sweep = 0
+        Under load one flush carries every batch folded meanwhile (``flush_step``), and the
+        next waits ``coalesce_wait_s``; never longer than ``flush_interval_ms``, the ceiling
+        of what a crash can lose. Minutes are closed on the ceiling's cadence (``_sweep``);
+        a cache flush visits only the changed windows."""
         while True:
-            try:
-                async with asyncio.timeout(ceiling):
-                    await self._folded.wait()
-            except TimeoutError:
-                pass
-            self._folded.clear()
-            sweep = self._clock() >= next_sweep
-            if sweep:
-                next_sweep = self._clock() + p.flush_interval_ms
-            await self.flush(sweep=sweep)
-            # Coalescing: wait at least the minimum, and twice the CPU the flush took before
-            # awaiting the cache (it grows with the windows changed, not with the round trip),
-            # but never past the ceiling.
-            wait = min(max(gap, 2 * self.flush_build_s), ceiling)
-            if wait > 0:
-                await asyncio.sleep(wait)
+            await self.flush_step()
+
+    async def flush_step(self) -> None:
+        """One turn of the flusher: wait until the queue is drained (at most the ceiling),
+        flush, sweep closed minutes when a ceiling has passed since the last sweep, then
+        let batches coalesce for ``coalesce_wait_s``."""
+        p = self._pipeline
+        try:
+            async with asyncio.timeout(p.flush_interval_ms / 1000):
+                await self._folded.wait()
+        except TimeoutError:
+            pass
+        self._folded.clear()
+        now = self._clock()
+        sweep = now >= self._next_sweep
+        if sweep:
+            self._next_sweep = now + p.flush_interval_ms
+        await self.flush(sweep=sweep)
+        wait = self.coalesce_wait_s()
+        if wait > 0:
+            await self._sleep(wait)
+
+    def coalesce_wait_s(self) -> float:
+        """Seconds between a flush and the next: at least ``flush_min_interval_ms``, and
+        twice the CPU the last flush took before awaiting the cache (it grows with the
+        windows changed, not with the round trip, so building flushes takes at most a third
+        of the loop with many pairs), but never past the ceiling ``flush_interval_ms``."""
+        p = self._pipeline
+        gap = p.flush_min_interval_ms / 1000
+        return min(max(gap, 2 * self.flush_build_s), p.flush_interval_ms / 1000)
 
     async def flush(self, *, final: bool = False, sweep: bool = True) -> None:
         """Push changes to the cache and, with ``sweep``, closed (or, when final, all) minutes
         to the writer."""
         started = time.perf_counter()
         now = self._clock()
+        if self.on_flush is not None:
+            self.on_flush(now)
         self._cover(now)
         latest: list[LatestPrice] = []
         seconds: list[SecondBucket] = []

@@ -33,15 +33,27 @@ MAX_AHEAD_MS = 60_000  # default: an exchange clock further ahead of ours is not
 MAX_PRICE = 1e12
 
 
+Level = tuple[float, float | None]
+"""One price level of a book side: (price, size); size None where the venue sends none."""
+
+
 @dataclass(frozen=True, slots=True)
 class BookUpdate:
-    """Top of book of one venue for one symbol (from FIX bid/offer entries)."""
+    """The book of one venue for one symbol: top of book, with sizes where the venue sends
+    them, and depth levels (best first) where it sends depth (FIX 264 > 1). ``bids`` /
+    ``asks`` empty: top of book only (``bid``/``ask`` are then the whole book); otherwise
+    their first level is ``bid``/``ask``. Positional construction of the first five fields
+    stays as it was (the FIX and WebSocket parsers use it)."""
 
     exchange: str
     symbol: str
     bid: float | None
     ask: float | None
     timestamp_ms: int
+    bid_size: float | None = None
+    ask_size: float | None = None
+    bids: tuple[Level, ...] = ()
+    asks: tuple[Level, ...] = ()
 
 
 @dataclass(slots=True)

@@ -16,6 +16,7 @@ from aiohttp import web
 from marketflow.app.health import HealthReport
 from marketflow.app.modes import ModeController
 from marketflow.app.queries import PriceQueries, Stat
+from marketflow.app.world_view import WorldView
 from marketflow.domain.aggregates import LatestPrice
 from marketflow.domain.errors import BadRequest, NotFound
 from marketflow.domain.periods import parse_period
@@ -26,6 +27,7 @@ from marketflow.entrypoints.http_common import (
     new_app,
     rfc3339,
 )
+from marketflow.entrypoints.http_worldview import add_worldview_routes
 from marketflow.entrypoints.openapi import serve_openapi
 
 QUERIES: web.AppKey[PriceQueries] = web.AppKey("queries", PriceQueries)
@@ -129,6 +131,7 @@ def build_app(
     health_report: HealthReport,
     metrics_text: Callable[[], bytes],
     control: ControlGuard | None = None,
+    world_view: WorldView | None = None,
 ) -> web.Application:
     """The aiohttp application; more routes (e.g. /api/messages) may be added before start.
     ``control`` guards the endpoints that change state (default: loopback clients only)."""
@@ -151,4 +154,7 @@ def build_app(
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)
     r.add_get("/openapi.json", serve_openapi)
+    # -- world view: GET /bbo, /bbo/{symbol}, /book/{symbol} (http_worldview.py)
+    if world_view is not None:
+        add_worldview_routes(app, world_view)
     return app

@@ -225,6 +225,105 @@ def _other_schemas() -> dict[str, Any]:
     }  # fmt: skip
 
 
+# -- world view (http_worldview.py): GET /bbo, /bbo/{symbol}, /book/{symbol}
+def _worldview_paths() -> dict[str, Any]:
+    bbo_ref = "#/components/schemas/Bbo"
+    not_quoted = _error("unknown symbol, or no venue has quoted it yet")
+    depth = _query("depth", "levels a side, 1..world_view.max_depth (default 10 or less)",
+                   {"type": "integer", "minimum": 1, "maximum": 100})  # fmt: skip
+    return {
+        "/bbo": {"get": {"summary": "best bid and offer across venues, every quoted pair",
+                         "responses": {"200": _ok("every pair", "#/components/schemas/BboAll"),
+                                       "400": _BAD_REQUEST}}},
+        "/bbo/{symbol}": {"parameters": [_SYMBOL], "get": {
+            "summary": "best bid and offer across the venues in the view",
+            "responses": {"200": _ok("the view", bbo_ref), "400": _BAD_REQUEST,
+                          "404": not_quoted}}},
+        "/book/{symbol}": {"parameters": [_SYMBOL], "get": {
+            "summary": "the merged book of the venues in the view, best first",
+            "parameters": [depth],
+            "responses": {"200": _ok("the merged book", "#/components/schemas/Book"),
+                          "400": _error("bad depth or unknown query parameter"),
+                          "404": not_quoted}}},
+    }  # fmt: skip
+
+
+def _worldview_schemas() -> dict[str, Any]:
+    num = {"type": ["number", "null"]}
+    side = {
+        "type": ["object", "null"],
+        "required": ["exchange", "price", "size", "timestamp", "age_ms"],
+        "properties": {
+            "exchange": {"type": "string"},
+            "price": {"type": "number"},
+            "size": num,
+            "timestamp": _TIMESTAMP,
+            "age_ms": {"type": "integer", "minimum": 0},
+        },
+    }
+    dropped = {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "required": ["exchange", "reason", "last_update"],
+            "properties": {
+                "exchange": {"type": "string"},
+                "reason": {"type": "string", "enum": ["down", "stale", "quote_age"]},
+                "last_update": _TIMESTAMP,
+            },
+        },
+    }
+    level = {
+        "type": "object",
+        "required": ["exchange", "price", "amount"],
+        "properties": {"exchange": {"type": "string"}, "price": {"type": "number"}, "amount": num},
+    }
+    bbo = {
+        "type": "object",
+        "required": [
+            "symbol",
+            "seq",
+            "bid",
+            "ask",
+            "spread",
+            "mid",
+            "crossed",
+            "locked",
+            "venues",
+            "dropped",
+        ],
+        "properties": {
+            "symbol": {"type": "string"},
+            "seq": {"type": "integer", "minimum": 0},
+            "bid": side,
+            "ask": side,
+            "spread": num,
+            "mid": num,
+            "crossed": {"type": "boolean"},
+            "locked": {"type": "boolean"},
+            "venues": {"type": "array", "items": {"type": "string"}},
+            "dropped": dropped,
+        },
+    }
+    book = {
+        "type": "object",
+        "required": ["symbol", "seq", "spread", "bids", "asks", "crossed", "locked", "dropped"],
+        "properties": {
+            "symbol": {"type": "string"},
+            "seq": {"type": "integer", "minimum": 0},
+            "spread": num,
+            "bids": {"type": "array", "items": level},
+            "asks": {"type": "array", "items": level},
+            "crossed": {"type": "boolean"},
+            "locked": {"type": "boolean"},
+            "dropped": dropped,
+        },
+    }
+    return {"Bbo": bbo, "Book": book,
+            "BboAll": {"type": "object", "required": ["bbo"], "properties": {"bbo": {
+                "type": "array", "items": {"$ref": "#/components/schemas/Bbo"}}}}}  # fmt: skip
+
+
 def document() -> dict[str, Any]:
     """Every operation of every route module (a fresh copy: callers may change it)."""
     return {
@@ -241,9 +340,10 @@ def document() -> dict[str, Any]:
             **_control_paths(),
             **_service_paths(),
             **_message_paths(),
+            **_worldview_paths(),
         },
         "components": {
-            "schemas": {**_price_schemas(), **_other_schemas()},
+            "schemas": {**_price_schemas(), **_other_schemas(), **_worldview_schemas()},
             "securitySchemes": {"controlToken": {"type": "http", "scheme": "bearer"}},
         },
     }

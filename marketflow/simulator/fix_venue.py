@@ -1,7 +1,8 @@
 """A FIX 4.4 market-data venue (acceptor) for tests, demos and failover drills.
 
 ``python -m marketflow.simulator --protocol fix --port 40111 [--rate N] [--gap-every N]
-[--trade-log PATH] [--no-resend]``. It accepts Logon, answers TestRequests, sends a 35=W snapshot
+[--trade-log PATH] [--no-resend] [--depth N] [--spread F] [--offset F] [--volatility F]
+[--revert F] [--tick-bp F]``. It accepts Logon, answers TestRequests, sends a 35=W snapshot
 per symbol on MarketDataRequest and then 35=X incrementals: bid and offer around a random-walk
 mid price and trades between them. All clients share one market. Sessions (by the initiator's
 CompID) keep their MsgSeqNums across reconnects and answer ResendRequests from a bounded history
@@ -9,6 +10,18 @@ CompID) keep their MsgSeqNums across reconnects and answer ResendRequests from a
 resend do. ``--gap-every N`` drops (numbers but does not write) every Nth market-data message
 per client; ``--trade-log`` appends every trade written to at least one client (first send or
 resend) as a JSON line ``{"symbol", "price", "timestamp"}``: the oracle of the tests.
+
+The book: ``--spread`` is the half-spread and ``--offset`` shifts the whole book, both as a
+fraction of the mid; ``--volatility`` is the largest relative step of the mid per update and
+``--revert`` pulls the mid back toward its start by that fraction per update, so two venues
+with different seeds wander around the same price and their books overlap, and now and then
+cross or lock (what ``make run`` uses for the world view). ``--tick-bp F`` puts every price on
+a grid of F basis points of the start price (0: the plain decimals), as venues quote on a tick
+grid: two venues' prices can then be equal (a locked view). ``--depth N`` (default 1, the
+top of book as before) serves N price levels a side with sizes (271) and positions (290) to
+initiators that ask for MarketDepth (264) other than 1: the snapshot lists them, each update
+sends the levels that changed (279=0 new, 1 changed size, 2 deleted); an initiator asking
+for 264=1 gets the top of book as before.
 """
 
 from __future__ import annotations
@@ -59,8 +72,19 @@ class FixVenue:
         comp_id: str = "VENUE",
         history: int = 100_000,
         resend: bool = True,
+        depth: int = 1,
+        spread: float = 1e-4,
+        offset: float = 0.0,
+        volatility: float = 1e-3,
+        revert: float = 0.0,
+        tick_bp: float = 0.0,
     ) -> None:
         self.host = host
+        self.depth = depth
+        self.spread = spread
+        self.offset = offset
+        self.volatility = volatility
+        self.revert = revert
         self.port = port
         self.rate = rate
         self.gap_every = gap_every
@@ -72,6 +96,10 @@ class FixVenue:
         self.sessions: dict[str, VenueSession] = {}  # by the initiator's CompID
         self._rng = random.Random(seed)
         self._mids = {s: _STARTS.get(s, 100.0) for s in symbols}
+        self._starts = dict(self._mids)
+        self._ticks = {s: m * tick_bp * 1e-4 for s, m in self._mids.items()} if tick_bp else {}
+        # symbol -> (bid levels, offer levels) as last sent to depth subscribers: price -> size
+        self._levels: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
         self._decimals = {s: max(2, 6 - math.floor(math.log10(m))) for s, m in self._mids.items()}
         self._last_trade = {s: self._fmt(s, m) for s, m in self._mids.items()}
         self._trade_no = 0
@@ -122,6 +150,9 @@ class FixVenue:
             self._trade_log = self._trade_log_path.open("a", encoding="utf-8")
 
     def _fmt(self, symbol: str, price: float) -> str:
+        tick = self._ticks.get(symbol)
+        if tick:
+            price = round(price / tick) * tick
         return f"{price:.{self._decimals[symbol]}f}"
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -241,8 +272,13 @@ class FixVenue:
             return
         client.md_req_id = req_id
         client.symbols = frozenset(symbols)
+        asked = int(fields.get(264, b"1") or b"1") if fields.get(264, b"1").isdigit() else 1
+        client.depth = self.depth if self.depth > 1 and asked != 1 else 1
         time_only = format_utc_time(now)
         for symbol in symbols:
+            if client.depth > 1:
+                client.send("W", self._depth_snapshot(req_id, symbol, time_only), now)
+                continue
             bid, ask = self._quote(symbol)
             client.send(
                 "W",
@@ -253,9 +289,63 @@ class FixVenue:
             )  # fmt: skip
 
     def _quote(self, symbol: str) -> tuple[str, str]:
-        mid = self._mids[symbol]
-        half = mid * 0.0001
+        mid = self._mids[symbol] * (1 + self.offset)
+        half = mid * self.spread
         return self._fmt(symbol, mid - half), self._fmt(symbol, mid + half)
+
+    def quotes(self, symbol: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """The book a depth subscriber has now: (bids, offers) of (price, size), best first."""
+        bids, offers = self._levels.get(symbol) or self._make_levels(symbol)
+        return (
+            sorted(bids.items(), key=lambda kv: -float(kv[0])),
+            sorted(offers.items(), key=lambda kv: float(kv[0])),
+        )
+
+    def _make_levels(self, symbol: str) -> tuple[dict[str, str], dict[str, str]]:
+        """``depth`` levels a side one half-spread apart, sizes drawn per update."""
+        bid, ask = (float(p) for p in self._quote(symbol))
+        step = self._mids[symbol] * self.spread
+        rng = self._rng
+        bids = {
+            self._fmt(symbol, bid - i * step): f"{rng.uniform(0.1, 5):.3f}"
+            for i in range(self.depth)
+        }
+        offers = {
+            self._fmt(symbol, ask + i * step): f"{rng.uniform(0.1, 5):.3f}"
+            for i in range(self.depth)
+        }
+        self._levels[symbol] = (bids, offers)
+        return bids, offers
+
+    def _depth_snapshot(
+        self, req_id: str, symbol: str, time_only: str
+    ) -> list[tuple[int, FieldValue]]:
+        bids, offers = self.quotes(symbol)
+        entries: list[tuple[int, FieldValue]] = []
+        for kind, side in ((0, bids), (1, offers)):
+            for pos, (price, size) in enumerate(side, 1):
+                entries += [(269, kind), (270, price), (271, size), (290, pos)]
+        entries += [(269, 2), (270, self._last_trade[symbol]), (271, 1), (273, time_only)]
+        return [(262, req_id), (55, symbol), (268, len(bids) + len(offers) + 1), *entries]
+
+    def _depth_changes(self, symbol: str, time_only: str) -> list[tuple[int, FieldValue]]:
+        """The book entries of one update for depth subscribers: deletes, then new and changed
+        levels, against what they were sent last."""
+        old = self._levels.get(symbol) or self._make_levels(symbol)
+        new = self._make_levels(symbol)
+        out: list[tuple[int, FieldValue]] = [(268, 0)]  # the count, set below
+        for kind in (0, 1):
+            before, after = old[kind], new[kind]
+            for price in before:
+                if price not in after:
+                    out += [(279, 2), (269, kind), (55, symbol), (270, price), (273, time_only)]
+            for price, size in after.items():
+                if before.get(price) != size:
+                    action = 1 if price in before else 0
+                    out += [(279, action), (269, kind), (55, symbol), (270, price), (271, size)]
+                    out.append((273, time_only))
+        out[0] = (268, sum(1 for tag, _ in out if tag == 279))
+        return out
 
     async def _run_market(self) -> None:
         symbols = list(self._mids)
@@ -279,7 +369,9 @@ class FixVenue:
                 client.send("0", [], _now_ms())
 
     def _update(self, symbol: str) -> None:
-        mid = self._mids[symbol] = self._mids[symbol] * (1 + self._rng.uniform(-1e-3, 1e-3))
+        mid = self._mids[symbol] * (1 + self._rng.uniform(-self.volatility, self.volatility))
+        mid += self.revert * (self._starts[symbol] - mid)
+        self._mids[symbol] = mid
         bid, ask = self._quote(symbol)
         now = _now_ms()
         time_only = format_utc_time(now)
@@ -295,6 +387,12 @@ class FixVenue:
             fields += [(279, 0), (269, 2), (55, symbol), (270, price), (271, 0.5)]
             fields += [(273, time_only), (1003, f"{self._trade_prefix}{self._trade_no}")]
         fields.insert(0, (268, 2 if trade is None else 3))
+        deep: list[tuple[int, FieldValue]] | None = None
+        if self.depth > 1:  # the depth subscribers' message: the changed levels, the trade
+            changes = self._depth_changes(symbol, time_only)
+            count = changes[0][1]
+            assert isinstance(count, int)
+            deep = [(268, count + (trade is not None)), *changes[1:], *fields[13:]]
         for client in list(self._clients):
             if client.md_req_id is None or symbol not in client.symbols:
                 continue
@@ -303,7 +401,7 @@ class FixVenue:
                 client.writer.close()
                 self._clients.discard(client)
                 continue
-            client.send("X", fields, now, trade)
+            client.send("X", deep if client.depth > 1 and deep is not None else fields, now, trade)
 
     def _delivered(self, trade: Trade) -> None:
         """A trade was written to a client (sent or resent): log it the first time."""
@@ -346,14 +444,57 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-resend", action="store_true", help="answer ResendRequests with a Reject"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=1,
+        metavar="N",
+        help="price levels a side for initiators asking 264 != 1 (default 1)",
+    )
+    parser.add_argument(
+        "--spread",
+        type=float,
+        default=1e-4,
+        metavar="F",
+        help="half-spread as a fraction of the mid (default 1e-4)",
+    )
+    parser.add_argument(
+        "--offset",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="shift of the whole book as a fraction of the mid (default 0)",
+    )
+    parser.add_argument(
+        "--volatility",
+        type=float,
+        default=1e-3,
+        metavar="F",
+        help="largest relative step of the mid per update (default 1e-3)",
+    )
+    parser.add_argument(
+        "--revert",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="pull of the mid toward its start per update (default 0)",
+    )
+    parser.add_argument(
+        "--tick-bp", type=float, default=0.0, metavar="F",
+        help="price grid in basis points of the start price (default 0: plain decimals)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.depth < 1:
+        parser.error("--depth must be at least 1")
+    return args
 
 
 async def _serve(args: argparse.Namespace) -> None:
     venue = FixVenue(
         args.host, args.port, symbols=[p for p in args.pairs.split(",") if p], seed=args.seed,
         rate=args.rate, gap_every=args.gap_every, trade_log=args.trade_log, comp_id=args.comp_id,
-        resend=not args.no_resend,
+        resend=not args.no_resend, depth=args.depth, spread=args.spread, offset=args.offset,
+        volatility=args.volatility, revert=args.revert, tick_bp=args.tick_bp,
     )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -79,6 +79,7 @@ class Client:
         self.logged_on = False
         self.md_req_id: str | None = None
         self.symbols: frozenset[str] = frozenset()
+        self.depth = 1  # MarketDepth served: 1 top of book, else the venue's --depth levels
         self.gaps_injected = 0
         self._gap_every = gap_every
         self._md_sent = 0

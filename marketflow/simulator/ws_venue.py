@@ -4,13 +4,21 @@
 may also (or instead) send ``{"method":"SUBSCRIBE","params":[...],"id":N}``,
 ``UNSUBSCRIBE`` or ``LIST_SUBSCRIPTIONS`` and gets ``{"result":null,"id":N}`` (the list for
 LIST_SUBSCRIPTIONS) or ``{"code":2,"msg":...,"id":N}`` for a request it cannot read. Every
-round, each pair's walk steps once and the venue sends, to each client subscribed to it, a
-``<pair>@trade`` frame at that price and a ``<pair>@bookTicker`` frame with a bid and an ask a
-random half-spread around it. Prices are decimal strings with 8 decimals, as Binance sends
-them. Every client of one venue sees one walk; a client whose send buffer is full is skipped
-for the round (it misses frames, it never holds the others up).
+round, each pair's mid moves once and the venue sends, to each client subscribed to it, a
+``<pair>@trade`` frame at a price next to the mid and a ``<pair>@bookTicker`` frame with a bid
+and an ask around it. Prices are decimal strings with 8 decimals, as Binance sends them. Every
+client of one venue sees one market; a client whose send buffer is full is skipped for the
+round (it misses frames, it never holds the others up).
+
+The book model is the FIX venue's (fix_venue.py), with the same options and defaults, so a
+WebSocket venue and FIX venues started alike overlap and now and then cross or lock:
+``--volatility`` is the largest relative step of the mid per round, ``--revert`` pulls it back
+toward its start by that fraction per round, ``--spread`` is the half-spread and ``--offset``
+shifts the book, both as fractions of the mid, and ``--tick-bp F`` puts every price on a grid
+of F basis points of the start price.
 
 python -m marketflow.simulator --protocol websocket --port 40121 [--rate N] [--seed S]
+    [--trade-log PATH] [--spread F] [--offset F] [--volatility F] [--revert F] [--tick-bp F]
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from typing import TextIO
 import orjson
 from aiohttp import WSMsgType, web
 
-from marketflow.domain.walk import PAIRS, PriceWalk
+from marketflow.domain.walk import PAIRS, UNKNOWN_PAIR_START
 from marketflow.simulator.json_exchange import start_prices
 
 log = logging.getLogger("marketflow.simulator.ws")
@@ -66,13 +74,26 @@ class WsVenue:
         rate: float = DEFAULT_RATE,
         seed: int | None = None,
         trade_log: Path | None = None,
+        spread: float = 1e-4,
+        offset: float = 0.0,
+        volatility: float = 1e-3,
+        revert: float = 0.0,
+        tick_bp: float = 0.0,
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
         self.host = host
         self.port = port
         self.rate = rate
-        self.walk = PriceWalk(start_prices(port), pairs, seed)
+        self.pairs = tuple(pairs)
+        self.spread = spread
+        self.offset = offset
+        self.volatility = volatility
+        self.revert = revert
+        starts = start_prices(port)
+        self._starts = {p: starts.get(p, UNKNOWN_PAIR_START) for p in self.pairs}
+        self._mids = dict(self._starts)
+        self._ticks = {p: m * tick_bp * 1e-4 for p, m in self._starts.items()} if tick_bp else {}
         self._rng = random.Random(seed)
         self._clients: set[_Client] = set()
         self._runner: web.AppRunner | None = None
@@ -181,21 +202,38 @@ class WsVenue:
             return orjson.dumps({"result": sorted(client.streams), "id": req_id})
         return orjson.dumps({"code": 2, "msg": f"Unknown method {method!r}", "id": req_id})
 
+    def _fmt(self, pair: str, price: float) -> str:
+        tick = self._ticks.get(pair)
+        if tick:
+            price = round(price / tick) * tick
+        return f"{price:.8f}"
+
+    def _step(self, pair: str) -> float:
+        """The pair's mid after one round (the FIX venue's model)."""
+        mid = self._mids[pair] * (1 + self._rng.uniform(-self.volatility, self.volatility))
+        mid += self.revert * (self._starts[pair] - mid)
+        self._mids[pair] = mid
+        return mid
+
     def _round(self) -> dict[str, str]:
         """One step of every pair: the frame of each stream, by stream name."""
         now = _now_ms()
         uniform = self._rng.uniform
+        fmt = self._fmt
         frames: dict[str, str] = {}
-        for pair, price in zip(self.walk.pairs, self.walk.step(), strict=True):
+        for pair in self.pairs:
+            mid = self._step(pair)
             low = pair.lower()
             self._trade_id += 1
             trade = {"e": "trade", "E": now, "s": pair, "t": self._trade_id,
-                     "p": f"{price:.8f}", "q": f"{uniform(0.001, 5):.8f}", "T": now,
+                     "p": fmt(pair, mid * (1 + uniform(-1e-4, 1e-4))),
+                     "q": f"{uniform(0.001, 5):.8f}", "T": now,
                      "m": self._rng.random() < 0.5, "M": True}  # fmt: skip
-            half = price * uniform(0.00002, 0.0004)
+            center = mid * (1 + self.offset)
+            half = center * self.spread
             book = {"u": self._trade_id, "s": pair,
-                    "b": f"{price - half:.8f}", "B": f"{uniform(0.1, 50):.8f}",
-                    "a": f"{price + half:.8f}", "A": f"{uniform(0.1, 50):.8f}"}  # fmt: skip
+                    "b": fmt(pair, center - half), "B": f"{uniform(0.1, 50):.8f}",
+                    "a": fmt(pair, center + half), "A": f"{uniform(0.1, 50):.8f}"}  # fmt: skip
             for kind, data in (("trade", trade), ("bookTicker", book)):
                 name = f"{low}@{kind}"
                 frames[name] = orjson.dumps({"stream": name, "data": data}).decode()
@@ -204,7 +242,7 @@ class WsVenue:
     async def _run(self) -> None:
         """Rounds on schedule until cancelled."""
         loop = asyncio.get_running_loop()
-        round_s = len(self.walk.pairs) * len(_KINDS) / self.rate
+        round_s = len(self.pairs) * len(_KINDS) / self.rate
         due = loop.time()
         while True:
             due += round_s
@@ -264,6 +302,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pairs", default=",".join(PAIRS))
     parser.add_argument("--trade-log", type=Path, default=None, metavar="PATH",
                         help="append every trade sent as a JSON line")  # fmt: skip
+    parser.add_argument("--spread", type=float, default=1e-4,
+                        help="half-spread as a fraction of the mid (default 1e-4)")  # fmt: skip
+    parser.add_argument("--offset", type=float, default=0.0,
+                        help="shift of the book as a fraction of the mid (default 0)")  # fmt: skip
+    parser.add_argument("--volatility", type=float, default=1e-3,
+                        help="largest relative mid step per round (default 1e-3)")  # fmt: skip
+    parser.add_argument("--revert", type=float, default=0.0,
+                        help="pull of the mid toward its start per round (default 0)")  # fmt: skip
+    parser.add_argument("--tick-bp", type=float, default=0.0, metavar="F",
+                        help="price grid in basis points of the start price (0: none)")  # fmt: skip
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error("--port must be 1..65535")
@@ -275,8 +323,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def _serve(args: argparse.Namespace) -> None:
     pairs = [p for p in args.pairs.split(",") if p]
     venue = WsVenue(
-        args.host, args.port, pairs=pairs, rate=args.rate, seed=args.seed, trade_log=args.trade_log
-    )
+        args.host, args.port, pairs=pairs, rate=args.rate, seed=args.seed,
+        trade_log=args.trade_log, spread=args.spread, offset=args.offset,
+        volatility=args.volatility, revert=args.revert, tick_bp=args.tick_bp,
+    )  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -15,13 +15,14 @@ from marketflow.app.ingest import RunningSource
 from marketflow.app.loop_health import LoopHealth
 from marketflow.app.modes import ModeController
 from marketflow.app.queries import PriceQueries
+from marketflow.app.world_view import WorldView
 from marketflow.domain.aggregates import MinuteRow
 from marketflow.domain.feeds import FeedStatus, Source
 from marketflow.domain.ticks import TickBatch
 from marketflow.entrypoints.http_api import build_app
-from marketflow.entrypoints.http_common import ControlGuard
+from marketflow.entrypoints.http_common import ControlGuard, rfc3339
 from marketflow.entrypoints.metrics import metrics_renderer
-from marketflow.settings import DEFAULT_PAIRS, PipelineSettings
+from marketflow.settings import DEFAULT_PAIRS, PipelineSettings, WorldViewSettings
 from tests.unit.fakes import FakeCache, FakeStore, ManualClock, RecordingSink
 
 T0 = 1_795_482_600_000
@@ -74,6 +75,7 @@ class Parts:
     store: FakeStore
     clock: ManualClock
     loop: LoopHealth
+    view: WorldView | None = None  # the world view (GET /bbo, /book), fed by agg.fold
 
 
 def build_test_app(control: ControlGuard) -> Parts:
@@ -102,9 +104,17 @@ def build_test_app(control: ControlGuard) -> Parts:
     queries = PriceQueries(
         agg, lambda: store, modes.exchanges, modes.known_exchanges, DEFAULT_PAIRS, clock
     )
-    app = build_app(queries, modes, report, metrics_renderer(report), control)
+    view = WorldView(
+        WorldViewSettings(max_depth=5),
+        clock,
+        lambda: [r.source.status for r in modes.running()],
+        stamp=rfc3339,
+    )
+    agg.on_books = view.on_books
+    agg.on_flush = view.poll
+    app = build_app(queries, modes, report, metrics_renderer(report), control, view)
     assert report.loop is not None
-    return Parts(app, agg, modes, store, clock, report.loop)
+    return Parts(app, agg, modes, store, clock, report.loop, view)
 
 
 @pytest.fixture

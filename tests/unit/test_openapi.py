@@ -29,7 +29,7 @@ from schemathesis.specs.openapi.checks import (
 
 from marketflow.adapters.fix.dictionary import FixDictionary
 from marketflow.domain.capture import EnrichedField, MessageQuery, StoredMessage, StoredReject
-from marketflow.domain.ticks import TickBatch
+from marketflow.domain.ticks import BookUpdate, TickBatch
 from marketflow.entrypoints.http_common import ControlGuard, JsonErrorsRunner
 from marketflow.entrypoints.http_messages import add_message_routes
 from marketflow.entrypoints.openapi import document, documented_operations, routed_operations
@@ -68,6 +68,11 @@ def full_app() -> web.Application:
     for ex in parts.modes.known_exchanges():
         ticks = {p: [(100.0 + i, T0 + 1000 * i) for i in range(3)] for p in DEFAULT_PAIRS}
         parts.agg.fold(TickBatch(ex, ticks, T0, 3 * len(DEFAULT_PAIRS)))
+    # the world view: two venues quote BTCUSDT (one with depth), so /bbo and /book answer 200
+    books = [BookUpdate("exchange1", "BTCUSDT", 100.0, 101.0, T0, 1.0, 2.0,
+                        ((100.0, 1.0), (99.0, 3.0)), ((101.0, 2.0),)),
+             BookUpdate("exchange2", "BTCUSDT", 100.5, None, T0)]  # fmt: skip
+    parts.agg.fold(TickBatch("exchange1", {}, T0, 0, books=books))
     add_message_routes(parts.app, Messages())
 
     async def start_mode(app: web.Application) -> None:

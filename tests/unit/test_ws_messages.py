@@ -52,7 +52,9 @@ def test_recorded_burst_gives_trades_as_ticks_and_the_last_quote_per_symbol() ->
     }
     assert batch.count == 3
     # Two bookTickers of BTCUSDT in one burst: only the newest is published, at receipt time.
-    assert batch.books == [BookUpdate("wsvenue", "BTCUSDT", 99761.4, 99761.6, RECEIVED)]
+    assert batch.books == [
+        BookUpdate("wsvenue", "BTCUSDT", 99761.4, 99761.6, RECEIVED, bid_size=2.0, ask_size=1.5)
+    ]
     assert p.rejects.counts == {}  # the SUBSCRIBE reply is no reject
 
 
@@ -71,7 +73,13 @@ def test_a_size_change_alone_is_a_change() -> None:
     p = parser()
     p.parse([ticker()], RECEIVED)
     batch = p.parse([ticker(B="9")], RECEIVED + 1)
-    assert len(batch.books) == 1
+    assert [(b.bid_size, b.ask_size) for b in batch.books] == [(9.0, 4.0)]
+
+
+def test_sizes_left_out_are_none() -> None:
+    frame = '{"stream":"btcusdt@bookTicker","data":{"s":"BTCUSDT","b":"1.5","a":"1.6"}}'
+    [book] = parser().parse([frame], RECEIVED).books
+    assert (book.bid, book.ask, book.bid_size, book.ask_size) == (1.5, 1.6, None, None)
 
 
 @pytest.mark.parametrize(

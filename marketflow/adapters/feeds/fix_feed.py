@@ -285,6 +285,7 @@ def build_fix_source(
         reset_on_logon=settings.reset_on_logon,
         resend_chunk_size=settings.resend_chunk_size,
         resend_timeout_s=settings.resend_timeout_s,
+        market_depth=settings.market_depth,
     )
     store = SequenceStore.for_venue(data_dir, settings.name, settings.sender_comp_id, target)
     producer = FixFeedProducer(
@@ -297,5 +298,5 @@ def build_fix_source(
         store=store,
         resume_mark=resume_mark,
     )
-    parser = FixMarketDataParser(settings.name, pairs, status.rejects)
+    parser = FixMarketDataParser(settings.name, pairs, status.rejects, depth=settings.market_depth)
     return Source(status, producer, parser)

@@ -19,6 +19,13 @@ over the read's frames; any other message, and any entry that is not a plain new
 bid, offer or trade, goes through ``_general`` / ``_entry``, the exact rules for every layout.
 Tests hold both paths to the same ticks, books and reject counts.
 
+Depth (``depth`` > 1, the subscription's MarketDepth 264): bid and offer entries are price
+levels, keyed by MDEntryPx per side with their MDEntrySize (271): 279=0/1 set a level (a 279=1
+with MDEntryPositionNo 290 first removes the level that was at that position, the price may
+move), 279=2 removes the level at its price, or at its position when it has no price; a level
+pushed below ``depth`` is dropped. Every message then takes the general path (``_depth_frame``);
+the top-of-book path above is untouched, and stays the one for ``depth`` 1.
+
 Each item carries the session's mark (the next expected inbound MsgSeqNum once its messages are
 applied); the batch carries it on to the core, which makes it durable with the ticks.
 """
@@ -29,6 +36,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from marketflow.adapters.fix.codec import FixParseError, parse_fields
 from marketflow.adapters.fix.md_decode import (
     ENTRY_START,
     INCREMENTALS,
@@ -43,6 +51,7 @@ from marketflow.domain.ticks import (
     MAX_TS_MS,
     MIN_TS_MS,
     BookUpdate,
+    Level,
     RejectCounts,
     TickBatch,
 )
@@ -56,6 +65,12 @@ _KINDS = (_TRADE, _BID, _OFFER)
 _OPS = {(b"0", _BID): 0, (b"1", _BID): 0, (b"0", _OFFER): 1, (b"1", _OFFER): 1, (b"0", _TRADE): 2}
 _INF = float("inf")
 _DEDUP_WINDOW = 65536
+# What the depth path reads of an entry, after the Entry tuple's tags: MDEntrySize, position.
+_ENTRY_TAGS = (279, 269, 55, 270, 273, 272, 1003, 278)
+_SIZE, _POSITION = 271, 290
+
+Side = dict[float, float | None]
+"""One side of a depth book: price -> size."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +85,8 @@ class FixMarketDataParser:
     """Turns the market-data frames of one read into one TickBatch; counts rejects by reason."""
 
     __slots__ = (
-        "_book", "_keys", "_published", "_seen", "_symbols", "_window", "exchange", "rejects",
-        "snapshot_trades",
+        "_book", "_depth", "_keys", "_levels", "_published", "_published_depth", "_seen",
+        "_symbols", "_window", "exchange", "rejects", "snapshot_trades",
     )  # fmt: skip
 
     def __init__(
@@ -82,6 +97,7 @@ class FixMarketDataParser:
         *,
         snapshot_trades_as_ticks: bool = False,
         dedup_window: int = _DEDUP_WINDOW,
+        depth: int = 1,
     ) -> None:
         self.exchange = exchange
         self.rejects = rejects
@@ -97,6 +113,9 @@ class FixMarketDataParser:
         self._published: dict[str, tuple[float | None, float | None]] = {}
         self._seen: dict[tuple[str, bytes], None] = {}  # insertion-ordered: oldest first
         self._window = dedup_window
+        self._depth = depth
+        self._levels: dict[str, tuple[Side, Side]] = {}  # symbol -> (bids, offers), depth > 1
+        self._published_depth: dict[str, tuple[tuple[Level, ...], tuple[Level, ...]]] = {}
 
     def parse(self, item: FixItem | list[bytes], received_ms: int) -> TickBatch:
         """Parse complete, framed 35=W/35=X messages (framing was validated by the reader);
@@ -112,6 +131,10 @@ class FixMarketDataParser:
         """The common case, kept short: a message of another layout or type goes to
         ``_general``, an unusual entry (a reject, a delete, a correction) to ``_entry``, which
         decide it exactly as for any other layout."""
+        if self._depth > 1:
+            for frame in frames:
+                self._depth_frame(frame, batch)
+            return
         keys = self._keys
         book_of = self._book
         published = self._published
@@ -191,13 +214,115 @@ class FixMarketDataParser:
             self._entry(entry, snapshot, msg_symbol, sending_ms, frame, batch, touched)
         self._publish(touched, batch)
 
+    def _depth_frame(self, frame: bytes, batch: TickBatch) -> None:
+        """Any message when the subscription asked for depth: the entries with their sizes
+        and positions, through the same rules (``_entry``) as every other path."""
+        try:
+            fields = parse_fields(frame)
+        except FixParseError:
+            self.rejects.add("unexpected_msg_type", frame)
+            return
+        header: dict[int, bytes] = {}
+        entries: list[dict[int, bytes]] = []
+        first = 0
+        in_group = False
+        for tag, value in fields:
+            if tag == 10:
+                break
+            if not in_group:
+                if tag == 268:
+                    in_group = True
+                else:
+                    header.setdefault(tag, value)
+                continue
+            if not entries or tag == first:
+                first = first or tag
+                entries.append({})
+            entries[-1][tag] = value
+        msg_type = header.get(35)
+        if msg_type not in (b"X", b"W"):
+            self.rejects.add("unexpected_msg_type", frame)
+            return
+        try:
+            sending_ms = parse_utc(header.get(52) or b"")
+        except ValueError:
+            self.rejects.add("sending_time_invalid", frame)
+            return
+        snapshot = msg_type == b"W"
+        touched: dict[str, int] = {}
+        for e in entries:
+            entry = tuple(e.get(t) for t in _ENTRY_TAGS)
+            extra = (e.get(_SIZE), e.get(_POSITION))
+            self._entry(entry, snapshot, header.get(55), sending_ms, frame, batch, touched, extra)
+        self._publish(touched, batch)
+
+    def _set_level(
+        self, symbol: str, offer: bool, price: float, action: bytes, extra: tuple[bytes | None, ...]
+    ) -> str | None:
+        """Set one depth level; the reason when its size or position is invalid."""
+        raw_size, raw_pos = extra
+        size = None if raw_size is None else _size(raw_size)
+        if type(size) is str:
+            return size
+        assert size is None or isinstance(size, float)
+        levels = self._levels.get(symbol)
+        if levels is None:
+            levels = self._levels[symbol] = ({}, {})
+        side = levels[offer]
+        if action == b"1" and raw_pos is not None:
+            pos = _position(raw_pos)
+            if pos is None:
+                return "position_invalid"
+            ordered = sorted(side, reverse=not offer)
+            if pos <= len(ordered) and ordered[pos - 1] != price:
+                del side[ordered[pos - 1]]
+        side[price] = size
+        if len(side) > self._depth:  # pushed below the depth asked for: the venue forgets it
+            del side[max(side) if offer else min(side)]
+        return None
+
+    def _delete_level(
+        self, symbol: str, offer: bool, raw_px: bytes | None, raw_pos: bytes | None
+    ) -> None:
+        levels = self._levels.get(symbol)
+        if levels is None:
+            return
+        side = levels[offer]
+        price = _price(raw_px)
+        if type(price) is float:
+            side.pop(price, None)
+            return
+        pos = None if raw_pos is None else _position(raw_pos)
+        if pos is not None:
+            ordered = sorted(side, reverse=not offer)
+            if pos <= len(ordered):
+                del side[ordered[pos - 1]]
+
     def _publish(self, touched: dict[str, int], batch: TickBatch) -> None:
         """A BookUpdate for each symbol whose top of book this message changed."""
+        if self._depth > 1:
+            self._publish_depth(touched, batch)
+            return
         for symbol, ts in touched.items():
             bid, ask = self._book[symbol]
             if self._published.get(symbol) != (bid, ask):
                 self._published[symbol] = (bid, ask)
                 batch.books.append(BookUpdate(self.exchange, symbol, bid, ask, ts))
+
+    def _publish_depth(self, touched: dict[str, int], batch: TickBatch) -> None:
+        """A BookUpdate with the levels of each symbol whose levels this message changed."""
+        for symbol, ts in touched.items():
+            bid_side, ask_side = self._levels.get(symbol) or ({}, {})
+            bids = tuple((p, bid_side[p]) for p in sorted(bid_side, reverse=True))
+            asks = tuple((p, ask_side[p]) for p in sorted(ask_side))
+            if self._published_depth.get(symbol) == (bids, asks):
+                continue
+            self._published_depth[symbol] = (bids, asks)
+            bid, bid_size = bids[0] if bids else (None, None)
+            ask, ask_size = asks[0] if asks else (None, None)
+            batch.books.append(
+                BookUpdate(self.exchange, symbol, bid, ask, ts, bid_size, ask_size, bids, asks)
+            )
 
     def _entry(  # noqa: C901 - one rule after the other, in the order the reasons are counted
         self,
@@ -208,7 +333,9 @@ class FixMarketDataParser:
         frame: bytes,
         batch: TickBatch,
         touched: dict[str, int],
+        extra: tuple[bytes | None, ...] = (None, None),
     ) -> None:
+        """One entry; ``extra`` is (MDEntrySize, MDEntryPositionNo) on the depth path."""
         action, kind, sym, px, etime, edate, trade_id, entry_id = e
         if snapshot or action is None:
             action = b"0"
@@ -232,12 +359,17 @@ class FixMarketDataParser:
             return
         if snapshot and symbol not in touched:
             self._book[symbol] = [None, None]  # a snapshot replaces the whole book
+            if self._depth > 1:
+                self._levels[symbol] = ({}, {})
             touched[symbol] = ts
         if action != b"0" and kind == _TRADE:  # a correction or cancel, not a new trade
             self.rejects.add("trade_cancel" if action == _DELETE else "trade_correction", frame)
             return
         if action == _DELETE:
-            self._book.setdefault(symbol, [None, None])[kind == _OFFER] = None
+            if self._depth > 1:
+                self._delete_level(symbol, kind == _OFFER, px, extra[1])
+            else:
+                self._book.setdefault(symbol, [None, None])[kind == _OFFER] = None
             touched[symbol] = ts
             return
         price = _price(px)
@@ -246,7 +378,13 @@ class FixMarketDataParser:
             return
         assert isinstance(price, float)
         if kind != _TRADE:
-            self._book.setdefault(symbol, [None, None])[kind == _OFFER] = price
+            if self._depth > 1:
+                bad = self._set_level(symbol, kind == _OFFER, price, action, extra)
+                if bad is not None:
+                    self.rejects.add(bad, frame)
+                    return
+            else:
+                self._book.setdefault(symbol, [None, None])[kind == _OFFER] = price
             touched[symbol] = ts
             return
         if snapshot and not self.snapshot_trades:
@@ -296,3 +434,18 @@ def _price(raw: bytes | None) -> float | str:
     if price <= 0.0:
         return "price_not_positive"
     return price if price < _INF else "price_not_finite"
+
+
+def _size(raw: bytes) -> float | str:
+    """An MDEntrySize (271): a non-negative finite decimal, or the reason it is not one."""
+    if not _DECIMAL.fullmatch(raw):
+        return "size_not_number"
+    size = float(raw)
+    if size < 0.0:
+        return "size_negative"
+    return size if size < _INF else "size_not_finite"
+
+
+def _position(raw: bytes) -> int | None:
+    """An MDEntryPositionNo (290): 1 is the top of the book."""
+    return int(raw) if raw.isdigit() and 0 < int(raw) <= 10_000 else None

@@ -20,6 +20,13 @@ ms range), and each tick is folded inline into its (symbol, second) bucket: no d
 no tuple per tick, no second pass in the aggregator. Only when the chunk breaks a type or range
 rule is it decoded again by orjson and validated tick by tick with a reason per line, so one
 bad line costs only itself and gets the same reason whichever path saw it.
+
+A line may also carry the venue's top of book: optional ``bid`` and ``ask`` (and
+``bid_size``, ``ask_size``) numbers, validated like prices (a bad one rejects the line, as
+``bid_<price reason>`` etc.). Such a chunk fails the typed decode at its first quote field
+(unknown fields are refused there), so plain lines keep the fast path and lines with quotes
+take the per-tick one, which reads the quote of a line only when it has more than three keys.
+The last quote per symbol of a chunk becomes the batch's ``BookUpdate`` for the world view.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from marketflow.domain.ticks import (
     MAX_PRICE,
     MAX_TS_MS,
     MIN_TS_MS,
+    BookUpdate,
     FoldKey,
     PricePoint,
     RejectCounts,
@@ -46,6 +54,7 @@ from marketflow.domain.ticks import (
 )
 
 _TICK_KEYS = ("symbol", "price", "timestamp")
+_QUOTE_KEYS = ("bid", "ask", "bid_size", "ask_size")
 _SEPARATOR = b",0,\n"  # see the module docstring: why exactly this
 _Timestamp = Annotated[int, msgspec.Meta(ge=MIN_TS_MS, le=MAX_TS_MS)]
 
@@ -199,6 +208,7 @@ class JsonLinesParser:
         # push the whole window into the past: reject it with the other invalid timestamps.
         max_ts = min(MAX_TS_MS, received_ms + self.max_ahead_ms)
         max_price = self.max_price
+        books: dict[str, BookUpdate] = {}
         count = 0
         for o in objs:
             try:
@@ -220,6 +230,8 @@ class JsonLinesParser:
                     self._reject(reason, o)
                     continue
                 price = float(price)  # a positive int price
+            if len(o) > 3 and not self._quote(o, books, ts):  # type: ignore[arg-type]
+                continue
             # A symbol already in this batch was validated; only new ones hit the set.
             points = get_points(sym) if type(sym) is str else None
             if points is None:
@@ -230,7 +242,33 @@ class JsonLinesParser:
             else:
                 points.append((price, ts))
             count += 1
-        return TickBatch(self.exchange, by_symbol, received_ms, count)
+        batch = TickBatch(self.exchange, by_symbol, received_ms, count)
+        if books:
+            batch.books = list(books.values())
+        return batch
+
+    def _quote(self, o: dict[str, object], books: dict[str, BookUpdate], ts: int) -> bool:
+        """Take the line's quote (``bid``/``ask``/sizes) into ``books``; False when one of
+        them is invalid (the line is rejected). A line of an unknown symbol is left to the
+        tick rules (``unknown_symbol``)."""
+        sym = o["symbol"]
+        if type(sym) is not str or sym not in self.symbols:
+            return True
+        values: list[float | None] = []
+        for name in _QUOTE_KEYS:
+            v = o.get(name)
+            if v is not None:
+                reason = price_reject_reason(v, self.max_price)
+                if reason is not None:
+                    self._reject(f"{name}_{reason.removeprefix('price_')}", o)
+                    return False
+                v = float(v)  # type: ignore[arg-type]
+            values.append(v)
+        bid, ask, bid_size, ask_size = values
+        if bid is None and ask is None:
+            return True  # no quote (sizes alone say nothing)
+        books[sym] = BookUpdate(self.exchange, sym, bid, ask, ts, bid_size, ask_size)
+        return True
 
     @staticmethod
     def _bad_value(price: object, ts: object, max_ts: int, max_price: float) -> str | None:

@@ -157,11 +157,12 @@ def book_update(
     quote: Quote,
     timestamp_ms: int,
 ) -> BookUpdate:
-    """The one place a WebSocket quote becomes a BookUpdate. The sizes (``quote[2:]``) are
-    read and validated already; BookUpdate has no size fields on this branch, so they stop
-    here. When BookUpdate gains ``bid_size``/``ask_size``, pass them in this call only."""
-    bid, ask, _bid_size, _ask_size = quote
-    return BookUpdate(exchange, symbol, bid, ask, timestamp_ms)
+    """The one place a WebSocket quote becomes a BookUpdate: top of book with the sizes
+    ``B``/``A`` (None where the venue left them out); a bookTicker has no depth levels."""
+    bid, ask, bid_size, ask_size = quote
+    return BookUpdate(
+        exchange, symbol, bid, ask, timestamp_ms, bid_size=bid_size, ask_size=ask_size
+    )
 
 
 @dataclass(slots=True, eq=False)

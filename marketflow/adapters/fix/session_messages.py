@@ -29,11 +29,12 @@ def peek_header(frame: bytes) -> tuple[bytes, int] | None:
     return frame[i + 4 : j], int(seq_raw)
 
 
-def md_request(symbols: tuple[str, ...], req_id: str, request_type: int) -> Body:
+def md_request(symbols: tuple[str, ...], req_id: str, request_type: int, depth: int = 1) -> Body:
     """MarketDataRequest body. The NoMDEntryTypes and NoRelatedSym groups are required in
     FIX 4.4 even to unsubscribe (263=2): QuickFIX rejects a V without 267 (35=3, required
-    tag missing) and the old subscription then keeps streaming next to the new one."""
-    fields: Body = [(262, req_id), (263, request_type), (264, 1)]
+    tag missing) and the old subscription then keeps streaming next to the new one.
+    ``depth`` is MarketDepth (264): 1 top of book, N price levels a side."""
+    fields: Body = [(262, req_id), (263, request_type), (264, depth)]
     if request_type == 1:
         fields.append((265, 1))
     fields += [(267, 3), (269, 0), (269, 1), (269, 2), (146, len(symbols))]

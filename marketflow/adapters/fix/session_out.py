@@ -77,7 +77,7 @@ class Outbound:
 
     def subscribe(self) -> None:
         self.md_req_id = f"MD-{self.seq}"  # unique: our MsgSeqNum never goes back
-        self.send("V", md_request(self.config.symbols, self.md_req_id, 1))
+        self.send("V", md_request(self.config.symbols, self.md_req_id, 1, self.config.market_depth))
 
     def resubscribe(self) -> None:
         """Cancel the subscription and ask again: a fresh snapshot (at most once a second)."""
@@ -87,7 +87,9 @@ class Outbound:
         self._last_resubscribe = now
         self._stats.resubscribes += 1
         if self.md_req_id is not None:  # 263=2: disable the old request before the new one
-            self.send("V", md_request(self.config.symbols, self.md_req_id, 2))
+            self.send(
+                "V", md_request(self.config.symbols, self.md_req_id, 2, self.config.market_depth)
+            )
         self.subscribe()
 
     def gap_fill(self, begin_seq: int) -> None:

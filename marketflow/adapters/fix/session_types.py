@@ -45,6 +45,7 @@ class SessionConfig:
     resend_chunk_size: int = 0  # MsgSeqNums per ResendRequest; 0: one open-ended request
     resend_timeout_s: float = 10.0  # a gap open this long without progress is given up
     max_held: int = 100_000  # messages held above a gap before it is given up
+    market_depth: int = 1  # MarketDepth (264) of the subscription
 
 
 @dataclass(slots=True)
