@@ -37,7 +37,7 @@ SIMULATORS = (
 # The WebSocket venue of config.toml's wsvenue (Binance-style combined streams): the FIX
 # venues' book model, its own seed and offset, so its quotes join theirs in the world view.
 _WS_BOOK = ("--spread", "5e-4", "--volatility", "2e-4", "--revert", "0.05", "--tick-bp", "1")
-SIMULATORS += (("websocket", 40121, ("--seed", "3", "--offset", "-1e-4", *_WS_BOOK)),)
+SIMULATORS += (("websocket", 40121, ("--seed", "3", "--offset=-1e-4", *_WS_BOOK)),)
 
 
 def port_taken(port: int) -> bool:

@@ -25,6 +25,7 @@ from marketflow.bootstrap import live_source
 from marketflow.devstack import SIMULATORS
 from marketflow.domain.feeds import FeedStatus
 from marketflow.settings import ExchangeSettings, PipelineSettings, Settings, load_settings
+from marketflow.simulator.ws_venue import _parse_args as ws_venue_args
 
 PIPELINE = PipelineSettings(
     max_line_bytes=1024,
@@ -275,3 +276,9 @@ async def test_a_burst_read_when_stopped_on_a_full_queue_is_kept_not_dropped(
     await asyncio.gather(task, return_exceptions=True)
 
     assert [frames for frames, _ in queue.held] == [[trade(1)]]
+
+
+def test_make_run_arguments_of_the_websocket_venue_are_accepted() -> None:
+    [(_, port, extra)] = [s for s in SIMULATORS if s[0] == "websocket"]
+    args = ws_venue_args(["--port", str(port), *extra])
+    assert (args.port, args.offset, args.tick_bp) == (40121, -1e-4, 1.0)
