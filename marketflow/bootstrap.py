@@ -30,6 +30,7 @@ from marketflow.adapters.feeds.fix_feed import build_fix_source
 from marketflow.adapters.feeds.generator import build_generator_source
 from marketflow.adapters.feeds.replay import build_file_source
 from marketflow.adapters.feeds.tcp_json import build_json_source
+from marketflow.adapters.feeds.websocket import build_websocket_source
 from marketflow.adapters.fix.dictionary import FixDictionary
 from marketflow.adapters.postgres.database import Database
 from marketflow.adapters.postgres.minute_store import PostgresMinuteStore
@@ -81,6 +82,8 @@ def live_source(
             data_dir=settings.embedded.data_dir,
             resume_mark=resume_mark,
         )
+    if ex.protocol == "websocket":
+        return build_websocket_source(ex, settings.pairs, settings.pipeline, wall_clock_ms)
     return build_json_source(ex, settings.pairs, settings.pipeline, wall_clock_ms)
 
 

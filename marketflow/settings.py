@@ -104,13 +104,14 @@ class ExchangeSettings(_Frozen):
     """One live source. ``type = "tcp"``: a venue's feed, newline JSON (``protocol = "json"``)
     or FIX 4.4 (``protocol = "fix"``, we are the initiator). ``type = "file"``: a FIX log or
     JSONL tick capture replayed at start, ``speed`` times the original pace (0 = as fast as
-    possible)."""
+    possible). ``protocol = "websocket"``: a Binance-style combined-stream WebSocket venue
+    (``ws_path``, ``tls``, ``ws_subscribe``; README "WebSocket venues")."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     type: Literal["tcp", "file"] = "tcp"
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)
-    protocol: Literal["json", "fix"] = "json"
+    protocol: Literal["json", "fix", "websocket"] = "json"
     sender_comp_id: str = "MARKETFLOW"
     target_comp_id: str = ""  # empty: the venue name upper-cased
     heartbeat_s: int = Field(30, ge=1, le=3600)
@@ -123,6 +124,12 @@ class ExchangeSettings(_Frozen):
     # FIX MarketDepth (264) asked for in the subscription: 1 = top of book (the lean parser),
     # N > 1 = N price levels a side with sizes, for the world view's merged book.
     market_depth: int = Field(1, ge=1, le=100)
+    # WebSocket venues (protocol = "websocket"): ws[s]://host:port<ws_path>, combined streams.
+    ws_path: str = Field("/stream", pattern=r"^/[A-Za-z0-9_./-]*$")
+    tls: bool = False  # wss:// with certificate verification
+    # "url": the streams in the query (?streams=a@trade/b@bookTicker); "message": connect
+    # bare and send {"method":"SUBSCRIBE"} after each connect. Both re-subscribe on reconnect.
+    ws_subscribe: Literal["url", "message"] = "url"
 
     @field_validator("name")
     @classmethod
