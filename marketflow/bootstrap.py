@@ -43,6 +43,7 @@ from marketflow.app.loop_health import LoopHealth
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.app.modes import Mode, ModeController
 from marketflow.app.queries import PriceQueries
+from marketflow.app.stream_hub import StreamHub, WorldViewLike, feed_states
 from marketflow.domain.capture import CaptureStore
 from marketflow.domain.errors import ConfigError
 from marketflow.domain.feeds import Source
@@ -106,6 +107,11 @@ class Daemon:
         self.capture_listener: CaptureListener | None = None
         self._capture_store: CaptureStore | None = None
         self.died = asyncio.Event()  # set when a core task fails: the daemon must stop
+        # -- streaming (issue 13) --
+        # The world view (BBO, merged book) when one is wired before start(); None: the
+        # stream's bbo/book channels stay empty and venue status comes from the feeds.
+        self.world_view: WorldViewLike | None = None
+        self.stream: StreamHub | None = None  # with HTTP only: /stream and /stream/sse
 
     def _live_sources(self) -> Sequence[Source[Any]]:
         agg = self.aggregator
@@ -139,11 +145,14 @@ class Daemon:
         self.cache, cache_embedded = await open_cache(s)
         self._exit.push_async_callback(self.cache.aclose)
         spill_dir = s.embedded.data_dir / "spill"
+        if self._serve_http:
+            self.stream = self._build_stream()
         self.writer = MinuteWriter(
             self.store,
             JsonlSpillFile(spill_dir / f"minutes-{self.store.identity}.jsonl"),
             s.pipeline.spill_max_rows_in_memory,
             wall_clock_ms,
+            on_written=self.stream.publish_rows if self.stream is not None else None,
         )
         if not store_embedded and self.store.kind == "postgres":
             # Spills of versions that did not name their store were meant for PostgreSQL.
@@ -169,9 +178,13 @@ class Daemon:
             s.pipeline,
             wall_clock_ms,
             healthy_sources=self.modes.healthy_sources,
+            on_latest=self.stream.publish_latest if self.stream is not None else None,
         )
         if self._resume:
             await self.aggregator.resume(self.store)
+        if self.stream is not None:  # what the windows hold already is the ticks snapshot
+            agg = self.aggregator
+            self.stream.publish_latest(lp for w in agg.all_windows() if (lp := w.latest()))
         self._spawn(self.aggregator.consume(), "aggregator")
         self._spawn(self.aggregator.run_flusher(), "flusher")
         self._exit.push_async_callback(self._finish_pipeline)
@@ -216,6 +229,22 @@ class Daemon:
                 f"{exc.strerror or exc}"
             ) from exc
 
+    def _build_stream(self) -> StreamHub:
+        """The stream hub; venue status from the world view when wired, else the feeds."""
+        s = self.settings
+        return StreamHub(
+            s.stream,
+            s.pairs,
+            wall_clock_ms,
+            view=self.world_view,
+            status_poll=None
+            if self.world_view is not None
+            else lambda: feed_states(self.modes.statuses),
+        )
+
+    def _stream_health(self) -> dict[str, Any]:
+        return {} if self.stream is None else {"stream": self.stream.stats()}
+
     def _capture_health(self) -> dict[str, Any]:
         if self.capture is None or self.capture_listener is None:
             return {}
@@ -240,7 +269,7 @@ class Daemon:
             cache_embedded,
             self.fanin.qsize,
             wall_clock_ms,
-            lambda: {**self._capture_health(), "http": guard.stats()},
+            lambda: {**self._capture_health(), "http": guard.stats(), **self._stream_health()},
             loop=loop,
         )
         queries = PriceQueries(
@@ -251,7 +280,8 @@ class Daemon:
             s.pairs,
             wall_clock_ms,
         )
-        app = build_app(queries, self.modes, report, metrics_renderer(report), guard)
+        stream = None if self.stream is None else (self.stream, s.stream)
+        app = build_app(queries, self.modes, report, metrics_renderer(report), guard, stream=stream)
         if self.capture is not None:
             add_message_routes(app, self.capture)
         self._runner = JsonErrorsRunner(app, access_log=None, handle_signals=False)
@@ -259,6 +289,9 @@ class Daemon:
         self._exit.push_async_callback(self._runner.cleanup)
         assert self._sock is not None
         await web.SockSite(self._runner, self._sock).start()
+        if self.stream is not None:  # closed before the HTTP server stops (LIFO)
+            await self.stream.start()
+            self._exit.push_async_callback(self.stream.aclose)
 
     @property
     def http_port(self) -> int:

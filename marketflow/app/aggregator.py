@@ -63,7 +63,10 @@ class Aggregator:
         *,
         healthy_sources: Callable[[], Iterable[str]] = _no_sources,
         rng: random.Random | None = None,
+        on_latest: Callable[[Sequence[LatestPrice]], None] | None = None,
     ) -> None:
+        """``on_latest``: told the latest prices changed by each flush, once per flush (the
+        stream hub's ``publish_latest``); it must not block or raise."""
         self._fanin = fanin
         self._cache = cache
         self._rows = rows
@@ -95,6 +98,7 @@ class Aggregator:
         self._next_full_sweep = 0
         self.flush_build_s = 0.0  # the last flush's CPU before it awaited the cache
         self._folded = asyncio.Event()  # set when the consumer has emptied the fan-in queue
+        self._on_latest = on_latest
 
     @property
     def cache_kind(self) -> str:
@@ -282,6 +286,8 @@ class Aggregator:
                         got.add(w)
                 newly.clear()
             w.evict(retention)  # the floor follows the newest second at once: late is late
+        if latest and self._on_latest is not None:
+            self._on_latest(latest)  # once per flush, never per tick
         rows = self._sweep(now, final) if sweep or final else []
         changed = {source: (pos, now) for source, pos in self._positions.items()}
         self.marks.update(changed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -32,7 +33,7 @@ def writer(
     spill_after_s: float | None = None,
 ) -> MinuteWriter:
     """A writer retrying fast (10-50 ms) unless told otherwise."""
-    kwargs = {} if spill_after_s is None else {"spill_after_s": spill_after_s}
+    kwargs: dict[str, Any] = {} if spill_after_s is None else {"spill_after_s": spill_after_s}
     return MinuteWriter(
         store,
         spill,
