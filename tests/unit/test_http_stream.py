@@ -317,10 +317,11 @@ async def test_websocket_route_without_an_upgrade_is_400_json(served: Served) ->
 
 
 async def read_event(resp: aiohttp.ClientResponse) -> dict[str, str]:
-    """The next event (or comment) of an event stream, as its fields."""
+    """The next event (or comment) of an event stream, as its fields (10 s at most)."""
     fields: dict[str, str] = {}
     while True:
-        line = (await resp.content.readline()).decode().rstrip("\n")
+        async with asyncio.timeout(10):
+            line = (await resp.content.readline()).decode().rstrip("\n")
         if not line:
             if fields:
                 return fields
