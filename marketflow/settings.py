@@ -218,6 +218,26 @@ class TestModeSettings(_Frozen):
     seed: int | None = None
 
 
+class StreamSettings(_Frozen):
+    """``GET /stream`` (WebSocket) and ``GET /stream/sse``: the stream hub's cadence and caps.
+
+    Updates are coalesced: at most one frame per subscribed channel per client every
+    ``1 / cadence_hz`` seconds, whatever the tick rate. A client that falls more than
+    ``max_buffered_bytes`` behind (bytes its socket has not taken plus updates queued for it
+    since it last caught up) is closed with 1008; before that its updates are conflated."""
+
+    cadence_hz: float = Field(10.0, gt=0, le=1000)
+    max_connections: int = Field(2000, ge=1, le=100_000)  # WebSocket + SSE; more: 503
+    max_subscriptions: int = Field(256, ge=1, le=100_000)  # (channel, symbol) per connection
+    max_buffered_bytes: int = Field(1_048_576, ge=1024)
+    heartbeat_s: float = Field(30.0, gt=0, le=3600)  # WebSocket ping; no pong: closed
+    sse_keepalive_s: float = Field(15.0, gt=0, le=3600)  # SSE comment when nothing was sent
+    # Origins (scheme://host[:port]) allowed besides the daemon's own host and no Origin at
+    # all (curl, bots); "*" allows any. Others get 403 before the upgrade.
+    allowed_origins: tuple[str, ...] = ()
+    book_depth: int = Field(10, ge=1, le=1000)  # levels per side on the book channel
+
+
 class Settings(BaseSettings):
     """The whole configuration; see config.toml for every key with its default."""
 
@@ -240,6 +260,7 @@ class Settings(BaseSettings):
     test_mode: TestModeSettings = TestModeSettings()
     capture: CaptureSettings = CaptureSettings()
     world_view: WorldViewSettings = WorldViewSettings()
+    stream: StreamSettings = StreamSettings()
     exchanges: tuple[ExchangeSettings, ...] = (
         ExchangeSettings(name="exchange1", port=40101),
         ExchangeSettings(name="exchange2", port=40102),

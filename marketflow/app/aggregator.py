@@ -66,7 +66,10 @@ class Aggregator:
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         metrics: PipelineMetrics | None = None,
+        on_latest: Callable[[Sequence[LatestPrice]], None] | None = None,
     ) -> None:
+        """``on_latest``: told the latest prices changed by each flush, once per flush (the
+        stream hub's ``publish_latest``); it must not block or raise."""
         self._fanin = fanin
         self._cache = cache
         self._rows = rows
@@ -108,6 +111,7 @@ class Aggregator:
         self.metrics = metrics if metrics is not None else PipelineMetrics()
         # source -> receipt of the oldest tick batch folded since the last cache write
         self._first_received: dict[str, int] = {}
+        self._on_latest = on_latest
 
     @property
     def cache_kind(self) -> str:
@@ -318,6 +322,8 @@ class Aggregator:
                         got.add(w)
                 newly.clear()
             w.evict(retention)  # the floor follows the newest second at once: late is late
+        if latest and self._on_latest is not None:
+            self._on_latest(latest)  # once per flush, never per tick
         rows = self._sweep(now, final) if sweep or final else []
         changed = {source: (pos, now) for source, pos in self._positions.items()}
         self.marks.update(changed)

@@ -55,7 +55,11 @@ class MinuteWriter:
         spill_after_s: float = 30.0,
         metrics: PipelineMetrics | None = None,
         timer: Callable[[], float] = time.perf_counter,
+        on_written: Callable[[Sequence[MinuteRow]], None] | None = None,
     ) -> None:
+        """``on_written``: told the rows of each batch once the store has them (the stream
+        hub's ``publish_rows``); it must not block or raise."""
+        self._on_written = on_written
         self.store = store
         self.spill = spill
         self._spill_after_ms = int(spill_after_s * 1000)
@@ -241,6 +245,8 @@ class MinuteWriter:
                     self._marks = marks
                     raise
                 self._written += len(batch)
+                if batch and self._on_written is not None:
+                    self._on_written(list(batch.values()))
         except StoreUnavailable as exc:
             self._mark_down(str(exc))
             self._fail_waiters(exc)
@@ -276,6 +282,8 @@ class MinuteWriter:
                 break
             await self._timed_upsert(rows, marks)
             self._written += len(rows)
+            if rows and self._on_written is not None:
+                self._on_written(rows)
         await asyncio.to_thread(self.spill.remove)
         log.info("minute_spill_written path=%s rows=%d", self.spill.path, self._spilled)
         self._spill_exists = False
