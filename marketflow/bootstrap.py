@@ -246,6 +246,11 @@ class Daemon:
                 f"{exc.strerror or exc}"
             ) from exc
 
+    def _bbo_spread(self, pair: str) -> float | None:
+        doc = self.world_view.bbo(pair)
+        spread = None if doc is None else doc.get("spread")
+        return spread if isinstance(spread, float | int) else None
+
     def _build_stream(self) -> StreamHub:
         """The stream hub; venue status from the world view when wired, else the feeds."""
         s = self.settings
@@ -295,7 +300,7 @@ class Daemon:
             wall_clock_ms,
         )
         http_metrics = HttpMetrics()  # request duration per route pattern
-        metrics_text = metrics_renderer(report, s.pairs, http_metrics)
+        metrics_text = metrics_renderer(report, s.pairs, http_metrics, self._bbo_spread)
         stream = None if self.stream is None else (self.stream, s.stream)
         app = build_app(
             queries, self.modes, report, metrics_text, guard, self.world_view, stream=stream

@@ -49,10 +49,12 @@ class DaemonCollector(Collector):
         report: HealthReport,
         pairs: Sequence[str] = (),
         http: HttpMetrics | None = None,
+        spread: Callable[[str], float | None] | None = None,
     ) -> None:
         self._report = report
         self._pairs = tuple(pairs)
         self._http = http
+        self._spread = spread
 
     def collect(self) -> Iterator[Metric]:
         doc = self._report.build()
@@ -180,6 +182,17 @@ class DaemonCollector(Collector):
                 if w is not None and w.latest_ts >= 0:
                     prices.add_metric([pair, source], w.latest_price)
         yield prices
+        if self._spread is not None:  # the world view's best ask minus best bid, same bound
+            spreads = GaugeMetricFamily(
+                "marketflow_bbo_spread",
+                "Cross-venue best ask minus best bid per configured pair (negative: crossed)",
+                labels=["pair"],
+            )
+            for pair in self._pairs:
+                value = self._spread(pair)
+                if value is not None:
+                    spreads.add_metric([pair], value)
+            yield spreads
         if self._http is not None:
             yield _labelled_histograms(
                 "marketflow_http_request_duration_seconds",
@@ -227,10 +240,14 @@ def _loop_metrics(loop: LoopHealth) -> Iterator[Metric]:
 
 
 def metrics_renderer(
-    report: HealthReport, pairs: Sequence[str] = (), http: HttpMetrics | None = None
+    report: HealthReport,
+    pairs: Sequence[str] = (),
+    http: HttpMetrics | None = None,
+    spread: Callable[[str], float | None] | None = None,
 ) -> Callable[[], bytes]:
     """The /metrics body, collected from ``report`` at every scrape; ``pairs`` (the configured
-    ones) bound ``marketflow_latest_price``; ``http`` adds the request-duration histogram."""
+    ones) bound ``marketflow_latest_price`` and ``marketflow_bbo_spread``; ``http`` adds the
+    request-duration histogram; ``spread`` (pair -> the world view's spread) the BBO spread."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(report, pairs, http))
+    registry.register(DaemonCollector(report, pairs, http, spread))
     return lambda: generate_latest(registry)

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.e2e
 # Panel queries of features on other branches, not merged yet: the world view's BBO spread and
 # the stream hub's families. Their queries must be valid and may return nothing here. The lead
 # removes each entry when the branch that exports it is merged (then its panel must have data).
-AWAITING_FEATURES = frozenset({"marketflow_bbo_spread", "marketflow_stream_"})
+AWAITING_FEATURES = frozenset({"marketflow_stream_"})
 
 SCRIPTED = "scripted"
 FIXVENUE = "fixvenue"
