@@ -224,7 +224,9 @@ class StreamSettings(_Frozen):
     Updates are coalesced: at most one frame per subscribed channel per client every
     ``1 / cadence_hz`` seconds, whatever the tick rate. A client that falls more than
     ``max_buffered_bytes`` behind (bytes its socket has not taken plus updates queued for it
-    since it last caught up) is closed with 1008; before that its updates are conflated."""
+    since it last caught up) is closed with 1008; before that its updates are conflated.
+    The kernel send buffer of each stream connection is capped at half of it, so a client
+    that stops reading shows within about that many bytes."""
 
     cadence_hz: float = Field(10.0, gt=0, le=1000)
     max_connections: int = Field(2000, ge=1, le=100_000)  # WebSocket + SSE; more: 503

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
@@ -38,6 +39,16 @@ MAX_CLIENT_MESSAGE = 64 * 1024  # subscribe messages are small; aiohttp closes a
 SSE_RETRY_MS = 2000
 
 
+def bound_kernel_buffer(request: web.Request, max_buffered_bytes: int) -> None:
+    """Cap the kernel's send buffer of a stream connection at half the bound (Linux doubles
+    it): otherwise a client that stops reading hides megabytes in the kernel (autotuned
+    buffers) before its backlog shows in the transport, and is found out minutes late."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:  # asyncio's TransportSocket: setsockopt passes through
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(4096, max_buffered_bytes // 2))
+
+
 def _transport_buffered(request: web.Request) -> int:
     transport = request.transport
     return 0 if transport is None else transport.get_write_buffer_size()
@@ -52,8 +63,25 @@ def _abort_later(transport: asyncio.Transport | None) -> None:
         asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, transport.abort)
 
 
+def ws_text_frame(body: bytes) -> bytes:
+    """``body`` as one unmasked, uncompressed WebSocket text frame (RFC 6455 5.2)."""
+    n = len(body)
+    if n < 126:
+        head = bytes((0x81, n))
+    elif n < 65536:
+        head = b"\x81\x7e" + n.to_bytes(2, "big")
+    else:
+        head = b"\x81\x7f" + n.to_bytes(8, "big")
+    return head + body
+
+
 class WebSocketSink:
-    """A stream client on a WebSocket: frames as JSON text messages."""
+    """A stream client on a WebSocket: frames as JSON text messages.
+
+    ``try_send`` writes the frame's bytes, framed once for every client, straight to the
+    transport (one whole frame per write, so aiohttp's own pings and close frames never
+    interleave with it); the connection negotiates no compression, which would make every
+    client's bytes its own."""
 
     def __init__(self, ws: web.WebSocketResponse, request: web.Request) -> None:
         self._ws = ws
@@ -63,6 +91,21 @@ class WebSocketSink:
         if self._ws.closed:
             raise ConnectionResetError("websocket closed")
         await self._ws.send_frame(frame.body, WSMsgType.TEXT)
+
+    def try_send(self, frame: Frame) -> bool:
+        transport = self._request.transport
+        if (
+            transport is None
+            or self._ws.closed
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+        ):
+            return False
+        wire = frame.wire.get("ws")
+        if wire is None:
+            wire = frame.wire["ws"] = ws_text_frame(frame.body)
+        transport.write(wire)
+        return True
 
     def buffered(self) -> int:
         return _transport_buffered(self._request)
@@ -86,9 +129,18 @@ class SseSink:
         self.closed = asyncio.Event()
 
     async def send(self, frame: Frame) -> None:
-        event = frame.channel or frame.kind
-        chunk = b"id: %d\nevent: %s\ndata: %s\n\n" % (frame.seq, event.encode(), frame.body)
+        chunk = frame.wire.get("sse")
+        if chunk is None:
+            event = (frame.channel or frame.kind).encode()
+            chunk = frame.wire["sse"] = b"id: %d\nevent: %s\ndata: %s\n\n" % (
+                frame.seq,
+                event,
+                frame.body,
+            )
         await self._write(chunk)
+
+    def try_send(self, frame: Frame) -> bool:
+        return False  # the response's chunked encoding is aiohttp's: its writer only
 
     async def comment(self, text: bytes) -> None:
         await self._write(b": " + text + b"\n\n")
@@ -135,7 +187,9 @@ async def stream_ws(request: web.Request) -> web.StreamResponse:
     check_origin(request, cfg.allowed_origins)
     if set(request.query):
         raise BadRequest("GET /stream takes no query parameters: send a subscribe message")
-    ws = web.WebSocketResponse(heartbeat=cfg.heartbeat_s, max_msg_size=MAX_CLIENT_MESSAGE)
+    ws = web.WebSocketResponse(
+        heartbeat=cfg.heartbeat_s, max_msg_size=MAX_CLIENT_MESSAGE, compress=False
+    )
     if not ws.can_prepare(request).ok:
         raise BadRequest("GET /stream is a WebSocket: send Upgrade: websocket")
     try:
@@ -144,6 +198,7 @@ async def stream_ws(request: web.Request) -> web.StreamResponse:
         raise ApiError(503, str(exc), {"Retry-After": "5"}) from exc
     try:
         await ws.prepare(request)
+        bound_kernel_buffer(request, cfg.max_buffered_bytes)
         async for msg in ws:
             if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                 hub.handle(sub, msg.data)
@@ -195,6 +250,7 @@ async def stream_sse(request: web.Request) -> web.StreamResponse:
         except SubscribeError as exc:
             raise BadRequest(str(exc)) from exc
         await response.prepare(request)
+        bound_kernel_buffer(request, cfg.max_buffered_bytes)
         await response.write(b"retry: %d\n\n" % SSE_RETRY_MS)
         if last_id is not None:
             await sink.comment(b"resumed from a fresh snapshot (no replay)")

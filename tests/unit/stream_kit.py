@@ -65,6 +65,12 @@ class FakeSink:
     async def send(self, frame: Frame) -> None:
         self.frames.append(frame)
 
+    def try_send(self, frame: Frame) -> bool:
+        if self.held:
+            return False
+        self.frames.append(frame)
+        return True
+
     def buffered(self) -> int:
         return self.held
 

@@ -157,7 +157,7 @@ SUBSCRIBE_BBO = orjson.dumps({"op": "subscribe", "channels": ["bbo"]})
 
 
 @pytest.mark.parametrize(
-    "cfg", [{"cadence_hz": 50.0, "max_buffered_bytes": 200_000, "pad": 4000}], indirect=True
+    "cfg", [{"cadence_hz": 50.0, "max_buffered_bytes": 8192, "pad": 200}], indirect=True
 )
 async def test_a_stuck_client_is_conflated_then_closed_1008_while_a_fast_one_sees_every_change(
     served: Served,
