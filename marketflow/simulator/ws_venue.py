@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import signal
 import socket
 import time
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ from aiohttp import WSMsgType, web
 
 from marketflow.domain.walk import PAIRS, UNKNOWN_PAIR_START
 from marketflow.simulator.json_exchange import start_prices
+from marketflow.simulator.running import run_venue, serve_until_signalled
 
 log = logging.getLogger("marketflow.simulator.ws")
 
@@ -327,21 +327,9 @@ async def _serve(args: argparse.Namespace) -> None:
         trade_log=args.trade_log, spread=args.spread, offset=args.offset,
         volatility=args.volatility, revert=args.revert, tick_bp=args.tick_bp,
     )  # fmt: skip
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with venue:
-        await stop.wait()
+    await serve_until_signalled(venue)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the venue until SIGINT/SIGTERM; ``argv`` excludes the program name."""
-    args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        asyncio.run(_serve(args))
-    except OSError as exc:
-        log.error("ws_venue_failed error=%s", exc)  # noqa: TRY400 - one line, not a traceback
-        return 1
-    return 0
+    return run_venue(_serve(_parse_args(argv)), log, "ws_venue_failed")
