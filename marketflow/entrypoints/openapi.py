@@ -104,6 +104,7 @@ def _control_paths() -> dict[str, Any]:
             "security": [{"controlToken": []}, {}],
             "responses": {"200": _ok("the mode in force", mode_ref),
                           "401": _error("missing or wrong bearer token"),
+                          "403": _error("sent by another site's page (Origin header)"),
                           "404": _error("unknown mode")},
         }},
         "/mode": {"get": {"summary": "the mode in force",

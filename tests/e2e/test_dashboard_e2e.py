@@ -203,6 +203,10 @@ def test_dashboard_shows_prices_world_view_fix_mode_switch_stale_venue_and_strea
     expect(page.locator("#mode")).to_have_text("live", timeout=WAIT_MS)
     assert d.get("/mode") == (200, {"mode": "live"})
     assert d.get("/health")[1]["http"]["control_unauthorized"] == 1  # only the first try
+    # another site's page cannot switch it, token or not (the browser names the page: Origin)
+    foreign = {"Origin": "http://elsewhere.example", "Authorization": f"Bearer {TOKEN}"}
+    assert d.request("POST", "/mode/test", foreign)[0] == 403
+    assert d.get("/mode") == (200, {"mode": "live"})
 
     # the daemon goes away: the page says so and keeps reconnecting
     d.stop()
