@@ -4,6 +4,8 @@
 # offline: no running systemd needed), and Prometheus (promtool tests the alerting rules; the
 # prometheus binary scrapes a live daemon in tests/e2e/test_prometheus_e2e.py). The tests start
 # their own throwaway servers on free ports; nothing here starts a service.
+# Chromium: Debian's build, driven by playwright in the dashboard's browser test
+# (tests/e2e/test_dashboard_e2e.py); playwright never downloads a browser of its own here.
 set -euo pipefail
 
 have_pg() {
@@ -13,12 +15,14 @@ have_pg() {
 have_redis() { command -v redis-server >/dev/null 2>&1; }
 have_systemd_analyze() { command -v systemd-analyze >/dev/null 2>&1; }
 have_prometheus() { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; }
+have_chromium() { [ -x /usr/bin/chromium ]; }
 
 missing=()
 have_pg || missing+=(postgresql)
 have_redis || missing+=(redis-server)
 have_systemd_analyze || missing+=(systemd)
 have_prometheus || missing+=(prometheus)
+have_chromium || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 echo "installing ${missing[*]} with apt-get (binaries the integration and deploy tests use)"

@@ -28,6 +28,7 @@ from marketflow.entrypoints.http_common import (
     new_app,
     rfc3339,
 )
+from marketflow.entrypoints.http_dashboard import add_dashboard_routes
 from marketflow.entrypoints.http_stream import add_stream_routes
 from marketflow.entrypoints.http_worldview import add_worldview_routes
 from marketflow.entrypoints.openapi import serve_openapi
@@ -166,4 +167,6 @@ def build_app(
     # -- streaming (issue 13) --
     if stream is not None:
         add_stream_routes(app, *stream)
+    # -- the web dashboard (issue 13): GET / and /static/{name} (http_dashboard.py)
+    add_dashboard_routes(app)
     return app

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -162,6 +163,7 @@ class ControlGuard:
         self.unauthorized = 0
 
     def check(self, request: web.Request) -> None:
+        self._check_origin(request)
         if self._token is None:
             if is_loopback_address(request.remote):
                 return
@@ -177,6 +179,20 @@ class ControlGuard:
             "missing or wrong bearer token (Authorization: Bearer <http.control_token>)",
             {"WWW-Authenticate": 'Bearer realm="marketflow"'},
         )
+
+    def _check_origin(self, request: web.Request) -> None:
+        """A browser says which page sent a request (``Origin``); one from another site's page
+        is refused (403, counted): without a token, any page a loopback user opens could
+        otherwise switch the mode with a plain form POST. No Origin (curl, bots) and the
+        daemon's own pages (the dashboard at /) pass on to the token or loopback check."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return
+        host = (request.host or "").lower()
+        if host and urlsplit(origin.strip().lower()).netloc == host:
+            return
+        self.unauthorized += 1
+        raise ApiError(403, "control endpoints refuse requests from another site's page (Origin)")
 
     def protect(self, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:

@@ -104,6 +104,7 @@ def _control_paths() -> dict[str, Any]:
             "security": [{"controlToken": []}, {}],
             "responses": {"200": _ok("the mode in force", mode_ref),
                           "401": _error("missing or wrong bearer token"),
+                          "403": _error("sent by another site's page (Origin header)"),
                           "404": _error("unknown mode")},
         }},
         "/mode": {"get": {"summary": "the mode in force",
@@ -359,6 +360,26 @@ def _worldview_schemas() -> dict[str, Any]:
                 "type": "array", "items": {"$ref": "#/components/schemas/Bbo"}}}}}  # fmt: skip
 
 
+# -- the web dashboard (issue 13): GET /, GET /static/{name} (http_dashboard.py) ------------
+def _dashboard_paths() -> dict[str, Any]:
+    """The page and its files (plain text, not JSON: the only routes that are not)."""
+    text = {"schema": {"type": "string"}}
+    return {
+        "/": {"get": {
+            "summary": "the web dashboard (HTML; its script and style come from /static/)",
+            "responses": {"200": {"description": "the page", "content": {"text/html": text}}},
+        }},
+        "/static/{name}": {"get": {
+            "summary": "a file of the dashboard: dashboard.js, dashboard.css, favicon.svg",
+            "parameters": [_path("name", "a file name (no folders)")],
+            "responses": {"200": {"description": "the file", "content": {
+                              "text/javascript": text, "text/css": text, "text/html": text,
+                              "image/svg+xml": text}},
+                          "404": _error("no such dashboard file")},
+        }},
+    }  # fmt: skip
+
+
 def document() -> dict[str, Any]:
     """Every operation of every route module (a fresh copy: callers may change it)."""
     return {
@@ -377,6 +398,7 @@ def document() -> dict[str, Any]:
             **_message_paths(),
             **_worldview_paths(),
             **_stream_paths(),
+            **_dashboard_paths(),
         },
         "components": {
             "schemas": {**_price_schemas(), **_other_schemas(), **_worldview_schemas()},
