@@ -154,12 +154,29 @@ class PairWindow:
         self.packed[minute_ms] = pack(start, ((s, b[0], b[1], b[2], int(b[3])) for s, b in buckets))
 
     def _pack_loose(self, clock: int, grace_ms: int) -> None:
-        """Pack every closed minute that is not pending (restored ones)."""
+        """Pack every closed minute that is not pending (restored ones, and minutes a feed
+        catching up was still inside when they closed)."""
         self.loose = False
         minutes = {s // 60 * 60_000 for s in self.seconds}
         for m in minutes - self.pending_minutes:
-            if m + 60_000 + grace_ms <= clock:
+            if m + 60_000 + grace_ms > clock:
+                continue
+            if self._feed_inside(m, clock, grace_ms):
+                self.loose = True  # again at a later sweep
+            else:
                 self._pack(m)
+
+    def _feed_inside(self, minute_ms: int, clock: int, grace_ms: int) -> bool:
+        """True while this window's feed may still send ticks of a closed minute: its
+        newest tick is less than a minute past the minute's end and it received one within
+        ``grace_ms``. That is a feed catching up (a backlog, a replay, a Kafka partition
+        taken over). Its minute's row is written at every close as always, but its seconds
+        stay unpacked: packing it at once and unpacking it for every later tick would cost
+        a minute's work per tick."""
+        return (
+            self.newest_second < (minute_ms + 120_000) // 1000
+            and self.latest_received_ms + grace_ms > clock
+        )
 
     def latest(self) -> LatestPrice | None:
         if self.latest_ts < 0:
@@ -308,7 +325,11 @@ class PairWindow:
             row = self.minute_row(minute, _covered(covered, minute))
             if row is not None:
                 rows.append(row)
-                if row.seconds is not None:
+                if row.seconds is None:
+                    pass
+                elif self._feed_inside(minute, clock_ms, grace_ms):
+                    self.loose = True  # packed by a later sweep, once the feed moved on
+                else:
                     self._pack(minute)
         if self.loose:
             self._pack_loose(clock, grace_ms)

@@ -76,6 +76,27 @@ def test_retention_follows_exchange_time_so_an_old_replay_keeps_every_tick() -> 
     ]
 
 
+def test_a_feed_catching_up_keeps_its_closed_minute_unpacked_until_it_moves_on() -> None:
+    w = PairWindow("ex", "BTCUSDT")
+    old = T0 - 600_000  # ten minutes behind the wall clock, arriving now
+    rows = []
+    for k in range(110):  # a backlog, one second per flush
+        w.add([(100.0 + k, old + k * 1000)], T0 + k)
+        w.take_dirty_seconds()
+        rows += w.closed_minutes(T0 + k, 2000)
+    # Every close wrote the minute as it stood (durable as soon as flushed) ...
+    assert [r.count for r in rows if r.minute_ms == old] == list(range(1, 61))
+    # ... but it was packed only once the feed was a minute past it: never reopened.
+    assert (old in w.packed, old + 60_000 in w.packed) == (False, False)
+    w.add([(1.0, old + 125_000)], T0 + 111)  # the feed moves a minute past the first
+    w.take_dirty_seconds()
+    w.closed_minutes(T0 + 111, 2000)
+    assert (old in w.packed, old + 60_000 in w.packed) == (True, False)
+    # Quiet for grace_ms: everything closed is packed.
+    w.closed_minutes(T0 + 111 + 2000, 2000)
+    assert old + 60_000 in w.packed
+
+
 def test_pending_minute_is_not_evicted_before_it_is_emitted() -> None:
     w = PairWindow("ex", "BTCUSDT")
     w.add([(10.0, T0)], T0)
