@@ -11,7 +11,9 @@ A venue is *out* of the view while the app layer says its link is down or stale
 (``set_state``), and, when ``max_quote_age_ms`` > 0, while its quote is older than that
 (``expire``): cryptofeed's NBBO keeps a dropped venue's last quote forever, this does not.
 Dropped venues stay listed with their last update and the reason. A venue that comes back
-is in the view again with its last quote (a FIX venue re-sends its snapshot at logon anyway).
+is in the view again only with a fresh quote: its link may be up (TCP connected) before it
+has sent anything, and its pre-drop quote is no evidence of its book now. Until then it is
+listed as ``awaiting_quote``.
 
 ``seq`` (per symbol) grows by one exactly when the view changes: an included venue's levels
 or sizes change, or a venue enters or leaves the view. An update that repeats a venue's book
@@ -30,6 +32,7 @@ VenueState = str
 """``"up"``, ``"down"`` (link not connected) or ``"stale"`` (connected but silent)."""
 UP, DOWN, STALE = "up", "down", "stale"
 QUOTE_AGE = "quote_age"  # the reason a venue with an old quote is out of the view
+AWAITING_QUOTE = "awaiting_quote"  # back up after a drop, no quote since
 
 
 @dataclass(slots=True, eq=False)
@@ -41,6 +44,7 @@ class VenueBook:
     asks: tuple[Level, ...]
     timestamp_ms: int  # the venue's time of its latest update (repeats included)
     expired: bool = False  # older than max_quote_age_ms at the last expire()
+    dropped: bool = False  # its venue left the view since this book's last update
 
 
 @dataclass(slots=True, eq=False)
@@ -117,9 +121,9 @@ class WorldBooks:
         else:
             if update.timestamp_ms > vb.timestamp_ms:
                 vb.timestamp_ms = update.timestamp_ms
-            was_expired = vb.expired
-            vb.expired = False
-            if vb.bids == bids and vb.asks == asks and not was_expired:
+            was_out = vb.expired or vb.dropped
+            vb.expired = vb.dropped = False
+            if vb.bids == bids and vb.asks == asks and not was_out:
                 return False  # a repeat: younger, but the same view
             vb.bids, vb.asks = bids, asks
         if self.states.get(venue, UP) != UP:
@@ -137,7 +141,11 @@ class WorldBooks:
         changed: list[str] = []
         for symbol in sorted(self._symbols_of.get(venue, ())):
             view = self.views[symbol]
-            if not view.venues[venue].expired:
+            vb = view.venues[venue]
+            fresh = not vb.expired and not vb.dropped
+            if state != UP:  # leaving: its books wait for fresh quotes when it returns
+                vb.dropped = True
+            if fresh:  # it was in the view and leaves, or it quoted while out and enters
                 self._changed(view)
                 changed.append(symbol)
         return changed
@@ -163,7 +171,7 @@ class WorldBooks:
         return changed
 
     def _included(self, vb: VenueBook) -> bool:
-        return not vb.expired and self.states.get(vb.venue, UP) == UP
+        return not vb.expired and not vb.dropped and self.states.get(vb.venue, UP) == UP
 
     def _changed(self, view: SymbolView) -> None:
         """Recompute the best bid/offer (one pass over the venues) and bump ``seq``."""
@@ -171,7 +179,7 @@ class WorldBooks:
         best_ask: VenueBook | None = None
         states = self.states
         for vb in view.venues.values():
-            if vb.expired or states.get(vb.venue, UP) != UP:
+            if vb.expired or vb.dropped or states.get(vb.venue, UP) != UP:
                 continue
             if vb.bids and (best_bid is None or _bid_key(vb) > _bid_key(best_bid)):
                 best_bid = vb
@@ -202,6 +210,8 @@ class WorldBooks:
             state = self.states.get(vb.venue, UP)
             if state != UP:
                 out.append((vb.venue, state, vb.timestamp_ms))
+            elif vb.dropped:
+                out.append((vb.venue, AWAITING_QUOTE, vb.timestamp_ms))
             elif vb.expired:
                 out.append((vb.venue, QUOTE_AGE, vb.timestamp_ms))
         out.sort()

@@ -103,11 +103,27 @@ def test_venue_down_drops_out_at_once_and_returns_with_its_quote() -> None:
     assert not books.apply(quote("b", 100.6, 100.9, T0 + 20))
     assert best(books)[0] == ("a", 100.0)
 
-    assert books.set_state("b", "up") == [S]
+    assert books.set_state("b", "up") == [S]  # with the quote it sent while out
     assert best(books) == (("b", 100.6), ("b", 100.9))
     assert books.dropped(view) == []
     assert view.seq == seq + 2
     assert seen[-2:] == [S, S]
+
+
+def test_a_venue_back_up_without_a_fresh_quote_stays_out_until_it_quotes() -> None:
+    books = WorldBooks()
+    books.apply(quote("a", 100.0, 101.0, T0))
+    books.apply(quote("b", 100.5, 100.9, T0 + 10))
+    books.set_state("b", "stale")
+    # Its link is up again (TCP connected) before it sent anything: the old quote stays out.
+    assert books.set_state("b", "up") == []
+    view = books.views[S]
+    assert best(books) == (("a", 100.0), ("a", 101.0))
+    assert books.dropped(view) == [("b", "awaiting_quote", T0 + 10)]
+    # The same levels again are a fresh quote: back in.
+    assert books.apply(quote("b", 100.5, 100.9, T0 + 30))
+    assert best(books) == (("b", 100.5), ("b", 100.9))
+    assert books.dropped(view) == []
 
 
 def test_all_venues_down_leaves_an_empty_view() -> None:

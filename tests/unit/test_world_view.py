@@ -77,13 +77,20 @@ async def test_link_states_are_read_at_each_flush_and_listeners_hear_of_changes(
     assert states[-1] == ("b", "down")
     assert len(changed) == 3
 
-    feeds.statuses["b"].connected = True  # back: with its quote
+    feeds.statuses["b"].connected = True  # back, but its old quote is no evidence
     await agg.flush()
+    bbo = view.bbo("BTCUSDT")
+    assert bbo is not None
+    assert bbo["bid"]["exchange"] == "a"  # type: ignore[index]
+    assert bbo["dropped"] == [
+        {"exchange": "b", "reason": "awaiting_quote", "last_update": "2026-11-24T01:10:00.000Z"}
+    ]
+    assert states[-1] == ("b", "up")
+    fold(agg, BookUpdate("b", "BTCUSDT", 100.5, 100.9, T0))  # a fresh quote: in again
     bbo = view.bbo("BTCUSDT")
     assert bbo is not None
     assert bbo["bid"]["exchange"] == "b"  # type: ignore[index]
     assert bbo["dropped"] == []
-    assert states[-1] == ("b", "up")
 
     del feeds.statuses["a"]  # a mode switch stopped the source: down
     await agg.flush()
