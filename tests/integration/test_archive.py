@@ -124,8 +124,8 @@ async def all_answers(q: PriceQueries) -> list[StatAnswer]:
             for stat in ("highest", "lowest", "average"):
                 out.append(await q.stat(stat, pair, ex, None, "all"))
             # A period starting inside an archived day, off a minute boundary: the cut day
-            # is read from its file, the straddling minute counts its seconds.
-            period_s = (NOW - (D - DAY_MS + 5 * 3_600_000 + 17_000)) // 1000
+            # is read from its file, the straddling minute (a seeded one) counts its seconds.
+            period_s = (NOW - (D - DAY_MS + 291 * 60_000 + 17_000)) // 1000
             out.append(await q.stat("average", pair, ex, period_s, "p"))
     return out
 
