@@ -339,11 +339,15 @@ class Daemon:
         store = self.store
         if not isinstance(store, ArchivedMinuteStore):
             return {}
+        try:
+            days: int | None = len(store.reader.entries())
+        except (OSError, ArchiveFileError):
+            days = None  # an unreadable manifest: history answers say "partial"
         return {
             "archive": {
                 "dir": str(store.reader.root),
                 "scheduled": self.settings.archive.enabled,
-                "archived_days": len(store.reader.entries()),
+                "archived_days": days,
                 "refused_archived_rows": store.refused_archived_rows,
                 "last_run": self._archive_last_run,
             }

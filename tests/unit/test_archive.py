@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from marketflow.adapters.archive.history import ArchiveReader
+from marketflow.adapters.archive.history import ArchivedMinuteStore, ArchiveReader
 from marketflow.adapters.archive.parquet import DayFileWriter, ParquetArchive, read_checks
 from marketflow.adapters.minute_codec import encode_seconds
 from marketflow.app.archive import Archiver, Sink, exit_code
-from marketflow.domain.aggregates import Aggregate, MinuteRow
+from marketflow.domain.aggregates import Aggregate, History, MinuteRow
 from marketflow.domain.archive import (
     DAY_MS,
     MINUTE_TABLE,
@@ -29,7 +30,8 @@ from marketflow.domain.archive import (
     parse_duration,
     refuse_archived,
 )
-from marketflow.domain.errors import ConfigError
+from marketflow.domain.errors import ConfigError, StoreUnavailable
+from marketflow.domain.ports import MinuteStore
 from marketflow.entrypoints.cli import main
 from marketflow.settings import load_settings
 
@@ -316,3 +318,25 @@ def test_archive_without_postgres_exits_2(
     config.write_text("")
     assert main(["archive", "--config", str(config), "--out", str(tmp_path / "a")]) == 2
     assert "archive needs PostgreSQL" in capsys.readouterr().err
+
+
+class EmptyStore:
+    kind = "postgres"
+    identity = "fake"
+
+    async def history(
+        self, symbol: str, before: Mapping[str, int], since_ms: int | None = None
+    ) -> History:
+        return History(None)
+
+
+async def test_an_unreadable_archived_file_makes_history_unavailable(tmp_path: Path) -> None:
+    e = write_day(tmp_path, day_rows())
+    store = ArchivedMinuteStore(cast(MinuteStore, EmptyStore()), ArchiveReader(tmp_path))
+    got = await store.history("BTC", {"ex1": D + DAY_MS})
+    assert got.aggregate is not None
+    assert got.minutes == 10
+    (tmp_path / e.file).write_bytes(b"not parquet")
+    fresh = ArchivedMinuteStore(cast(MinuteStore, EmptyStore()), ArchiveReader(tmp_path))
+    with pytest.raises(StoreUnavailable, match="archive"):
+        await fresh.history("BTC", {"ex1": D + DAY_MS})

@@ -20,12 +20,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from marketflow.adapters.archive.parquet import MANIFEST, load_manifest
 from marketflow.adapters.minute_codec import decode_seconds
 from marketflow.domain.aggregates import FULL_MINUTE_MS, Aggregate, History, Mark, MinuteRow
-from marketflow.domain.archive import DAY_MS, MINUTE_TABLE, ManifestEntry
+from marketflow.domain.archive import DAY_MS, MINUTE_TABLE, ArchiveFileError, ManifestEntry
+from marketflow.domain.errors import StoreUnavailable
 from marketflow.domain.ports import MinuteStore
 from marketflow.lifecycle import Closing
 
@@ -198,10 +200,15 @@ class ArchivedMinuteStore(Closing):
         self, symbol: str, before: Mapping[str, int], since_ms: int | None = None
     ) -> History:
         out = await self.inner.history(symbol, before, since_ms)
-        entries = await asyncio.to_thread(self.reader.entries)
-        if not entries or not before:
-            return out
-        got = await asyncio.to_thread(self.reader.part, entries, symbol, before, since_ms)
+        try:
+            entries = await asyncio.to_thread(self.reader.entries)
+            if not entries or not before:
+                return out
+            got = await asyncio.to_thread(self.reader.part, entries, symbol, before, since_ms)
+        except (OSError, ArchiveFileError, pa.ArrowException) as exc:
+            # An unreadable archive makes the answer partial (as a store that is down does),
+            # never a 500 and never an answer silently without the archived days.
+            raise StoreUnavailable(f"archive: {type(exc).__name__}: {exc}") from exc
         parts = [a for a in (out.aggregate, got.history.aggregate) if a is not None]
         merged = History(
             Aggregate.merged(parts),
