@@ -17,8 +17,10 @@ from marketflow.adapters.archive.parquet import ParquetArchive
 from marketflow.adapters.postgres.archive_source import ArchiveSource
 from marketflow.adapters.postgres.database import Database, open_database
 from marketflow.adapters.postgres.minute_store import PostgresMinuteStore
+from marketflow.adapters.spill_file import JsonlSpillFile
 from marketflow.app.aggregator import Aggregator
 from marketflow.app.archive import AfterWrite, Archiver, DayResult, exit_code
+from marketflow.app.minute_writer import MinuteWriter
 from marketflow.app.queries import PriceQueries, StatAnswer
 from marketflow.domain.aggregates import MinuteRow
 from marketflow.domain.archive import CAPTURE_TABLE, DAY_MS, MINUTE_TABLE
@@ -289,9 +291,16 @@ async def test_late_replay_into_an_archived_minute_is_refused_and_counted(
     late = MinuteRow("ex1", "BTCUSDT", D - DAY_MS + 60_000, 1.0, 1.0, 1.0, 99, 60_000)
     fresh = MinuteRow("ex1", "BTCUSDT", D + 7 * 60_000, 150.0, 150.0, 150.0, 1, 60_000)
 
-    await store.upsert_minutes([late, fresh])
+    writer = MinuteWriter(store, JsonlSpillFile(tmp_path / "spill.jsonl"), 100, lambda: NOW)
+    await writer.start()
+    try:  # the minute writer's own path: submit, then flush until durable
+        writer.submit([late, fresh])
+        await writer.flush()
+    finally:
+        await writer.aclose()
 
     assert store.refused_archived_rows == 1
+    assert writer.status()["state"] == "up"  # a refusal is not an outage: nothing retried
     assert await count(db, MINUTE_TABLE) == 0  # no second copy of the archived minute
     assert fresh in await inner.minutes_since(D)
     after = await all_answers(q)
