@@ -51,6 +51,7 @@ from marketflow.app.pipeline_metrics import PipelineMetrics
 from marketflow.app.queries import PriceQueries
 from marketflow.app.stream_hub import StreamHub
 from marketflow.app.world_view import WorldView
+from marketflow.domain.archive import TABLES as ARCHIVE_TABLES
 from marketflow.domain.archive import ArchiveFileError, parse_duration
 from marketflow.domain.capture import CaptureStore
 from marketflow.domain.errors import ConfigError, StoreUnavailable
@@ -492,7 +493,7 @@ async def run_archive(
         return 1
     for r in results:
         emit(r.to_json())
-    for table in sorted({r.table for r in results}):
+    for table in sorted(ARCHIVE_TABLES):  # a line per table, also when it had nothing old
         mine = [r for r in results if r.table == table]
         emit(
             {
