@@ -35,7 +35,7 @@ _SUMMARY_COLUMNS = [
     "exchange", "pair_name", "minute_ms", "average_price", "min_price", "max_price",
     "tick_count", "covered_ms",
 ]  # fmt: skip
-_ROW_COLUMNS = [*_SUMMARY_COLUMNS[:-1], "covered_ms", "seconds"]
+_ROW_COLUMNS = [*_SUMMARY_COLUMNS, "seconds"]
 
 
 @dataclass(slots=True)
@@ -140,8 +140,11 @@ class ArchiveReader:
         since_ms: int | None,
     ) -> ArchivedPart:
         """The archived days' share of ``MinuteStore.history`` (same arguments)."""
-        start = None if since_ms is None else -(-since_ms // 60_000) * 60_000
-        boundary = None if since_ms is None or start == since_ms else start - 60_000  # type: ignore[operator]
+        start: int | None = None
+        boundary: int | None = None  # the minute straddling the start: its seconds from it
+        if since_ms is not None:
+            start = -(-since_ms // 60_000) * 60_000
+            boundary = None if start == since_ms else start - 60_000
         parts: list[Aggregate] = []
         out = History(None)
         partial: list[MinuteRow] = []
