@@ -22,6 +22,8 @@ from typing import Any
 
 from aiohttp import web
 
+from marketflow.adapters.archive.history import ArchivedMinuteStore, ArchiveReader
+from marketflow.adapters.archive.parquet import ParquetArchive
 from marketflow.adapters.capture.decoder import FixCaptureDecoder
 from marketflow.adapters.capture.listener import CaptureListener
 from marketflow.adapters.capture.postgres_store import PostgresCaptureStore
@@ -32,11 +34,13 @@ from marketflow.adapters.feeds.replay import build_file_source
 from marketflow.adapters.feeds.tcp_json import build_json_source
 from marketflow.adapters.feeds.websocket import build_websocket_source
 from marketflow.adapters.fix.dictionary import FixDictionary
-from marketflow.adapters.postgres.database import Database
+from marketflow.adapters.postgres.archive_source import ArchiveSource
+from marketflow.adapters.postgres.database import Database, open_database
 from marketflow.adapters.postgres.minute_store import PostgresMinuteStore
 from marketflow.adapters.spill_file import JsonlSpillFile
 from marketflow.adapters.sqlite.minute_store import open_sqlite
 from marketflow.app.aggregator import Aggregator
+from marketflow.app.archive import Archiver, DayResult, exit_code
 from marketflow.app.capture import CaptureService
 from marketflow.app.health import HealthReport
 from marketflow.app.ingest import RunningSource
@@ -47,8 +51,10 @@ from marketflow.app.pipeline_metrics import PipelineMetrics
 from marketflow.app.queries import PriceQueries
 from marketflow.app.stream_hub import StreamHub
 from marketflow.app.world_view import WorldView
+from marketflow.domain.archive import TABLES as ARCHIVE_TABLES
+from marketflow.domain.archive import ArchiveFileError, parse_duration
 from marketflow.domain.capture import CaptureStore
-from marketflow.domain.errors import ConfigError
+from marketflow.domain.errors import ConfigError, StoreUnavailable
 from marketflow.domain.feeds import Source
 from marketflow.domain.ports import MinuteStore, PriceCache
 from marketflow.domain.ticks import TickBatch
@@ -118,6 +124,7 @@ class Daemon:
         self.metrics = PipelineMetrics()
         # -- streaming (issue 13): bbo/book channels and venue status from the world view
         self.stream: StreamHub | None = None  # with HTTP only: /stream and /stream/sse
+        self._archive_last_run: dict[str, Any] | None = None  # -- archive (issue 14)
 
     def _live_sources(self) -> Sequence[Source[Any]]:
         agg = self.aggregator
@@ -142,7 +149,10 @@ class Daemon:
         store_embedded = self._db is None
         if self._db is not None:
             self._exit.push_async_callback(self._db.aclose)
-            self.store = PostgresMinuteStore(self._db)
+            # -- archive (issue 14): history queries also read the archived days
+            self.store = ArchivedMinuteStore(
+                PostgresMinuteStore(self._db), ArchiveReader(s.archive.dir)
+            )
         else:
             path = s.embedded.data_dir / "marketflow.sqlite3"
             log.warning("storage_embedded kind=sqlite path=%s", path)
@@ -204,6 +214,8 @@ class Daemon:
             self.stream.publish_latest(lp for w in agg.all_windows() if (lp := w.latest()))
         self._spawn(self.aggregator.consume(), "aggregator")
         self._spawn(self.aggregator.run_flusher(), "flusher")
+        if s.archive.enabled and self._db is not None:  # -- archive (issue 14)
+            self._spawn(self._archive_every(self._db), "archive")
         self._exit.push_async_callback(self._finish_pipeline)
         self._exit.push_async_callback(self._drain_sources)
         await self.modes.switch(mode or s.mode)
@@ -288,7 +300,12 @@ class Daemon:
             cache_embedded,
             self.fanin.qsize,
             wall_clock_ms,
-            lambda: {**self._capture_health(), "http": guard.stats(), **self._stream_health()},
+            lambda: {
+                **self._capture_health(),
+                "http": guard.stats(),
+                **self._stream_health(),
+                **self._archive_health(),
+            },
             loop=loop,
         )
         queries = PriceQueries(
@@ -316,6 +333,48 @@ class Daemon:
         if self.stream is not None:  # closed before the HTTP server stops (LIFO)
             await self.stream.start()
             self._exit.push_async_callback(self.stream.aclose)
+
+    # -- archive (issue 14) --------------------------------------------------------------
+
+    def _archive_health(self) -> dict[str, Any]:
+        store = self.store
+        if not isinstance(store, ArchivedMinuteStore):
+            return {}
+        try:
+            days: int | None = len(store.reader.entries())
+        except (OSError, ArchiveFileError):
+            days = None  # an unreadable manifest: history answers say "partial"
+        return {
+            "archive": {
+                "dir": str(store.reader.root),
+                "scheduled": self.settings.archive.enabled,
+                "archived_days": days,
+                "refused_archived_rows": store.refused_archived_rows,
+                "last_run": self._archive_last_run,
+            }
+        }
+
+    async def _archive_every(self, db: Database) -> None:
+        """The scheduled archive run (``[archive] enabled``); a failed run is logged and the
+        next one tries again (the run itself is idempotent)."""
+        a = self.settings.archive
+        interval_s = parse_duration(a.interval)
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                results = await archive_once(db, a.dir, parse_duration(a.older_than))
+            except (StoreUnavailable, ArchiveFileError, OSError) as exc:
+                log.warning("archive_run_failed error=%s", exc)
+                self._archive_last_run = {"status": "failed", "error": str(exc)}
+                continue
+            if results is None:
+                self._archive_last_run = {"status": "skipped", "reason": "locked"}
+                continue
+            self._archive_last_run = {
+                "status": "ok" if exit_code(results) == 0 else "failed",
+                "days": len(results),
+                "at_ms": wall_clock_ms(),
+            }
 
     @property
     def http_port(self) -> int:
@@ -398,3 +457,50 @@ async def run_replay(settings: Settings, path: Path, speed: float) -> int:
     st = daemon.modes.statuses["replay"]
     log.info("replayed path=%s ticks=%d rejected=%d", path, st.ticks, st.rejects.total())
     return 0
+
+
+# -- archive (issue 14) -----------------------------------------------------------------------
+
+
+async def archive_once(
+    db: Database, out: Path, older_than_s: int, **kwargs: Any
+) -> list[DayResult] | None:
+    """One archive run into ``out``; None when another run holds the directory's lock."""
+    files = ParquetArchive(out)
+    with files.exclusive() as mine:
+        if not mine:
+            log.info("archive_skipped reason=another_run_holds_the_lock dir=%s", out)
+            return None
+        archiver = Archiver(ArchiveSource(db), files, older_than_s, wall_clock_ms, **kwargs)
+        return await archiver.run()
+
+
+async def run_archive(
+    settings: Settings, out: Path, older_than_s: int, emit: Callable[[dict[str, Any]], None]
+) -> int:
+    """``marketflow archive``: one run; ``emit`` gets one JSON document per table and day,
+    then one per table. Exit status: 0 ok, 1 database or directory unusable, 3 conflict
+    (rows changed since the export: nothing deleted), 4 a file failed its read-back."""
+    if not settings.postgres.dsn:
+        raise ConfigError("archive needs PostgreSQL: set postgres.dsn (MARKETFLOW_POSTGRES__DSN)")
+    db = await open_database(settings.postgres)
+    try:
+        results = await archive_once(db, out, older_than_s)
+    finally:
+        await db.aclose()
+    if results is None:
+        emit({"status": "skipped", "reason": "another archive run holds the lock", "dir": str(out)})
+        return 1
+    for r in results:
+        emit(r.to_json())
+    for table in sorted(ARCHIVE_TABLES):  # a line per table, also when it had nothing old
+        mine = [r for r in results if r.table == table]
+        emit(
+            {
+                "table": table,
+                "days": len(mine),
+                "rows": sum(r.rows for r in mine if r.status == "ok"),
+                "status": "ok" if exit_code(mine) == 0 else "failed",
+            }
+        )
+    return exit_code(results)

@@ -26,6 +26,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from marketflow.domain.archive import parse_duration
 from marketflow.domain.errors import ConfigError
 from marketflow.domain.ticks import MAX_PRICE
 
@@ -294,6 +295,23 @@ class KafkaSettings(_Frozen):
         return bool(self.bootstrap_servers.strip())
 
 
+class ArchiveSettings(_Frozen):
+    """The Parquet archive of old minute and FIX audit rows (README "Archive"). ``dir`` is
+    shared by every node (a shared filesystem path): each node's history queries read the
+    archived days from it, and the scheduled run (``enabled``) archives into it."""
+
+    enabled: bool = False  # a scheduled run every ``interval`` (one node at a time: a lock)
+    dir: Path = Path("var/archive")
+    older_than: str = "7d"  # whole UTC days ending before now - older_than
+    interval: str = "1h"
+
+    @field_validator("older_than", "interval")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
 class Settings(BaseSettings):
     """The whole configuration; see config.toml for every key with its default."""
 
@@ -319,6 +337,7 @@ class Settings(BaseSettings):
     stream: StreamSettings = StreamSettings()
     node: NodeSettings = NodeSettings()
     kafka: KafkaSettings = KafkaSettings()
+    archive: ArchiveSettings = ArchiveSettings()
     exchanges: tuple[ExchangeSettings, ...] = (
         ExchangeSettings(name="exchange1", port=40101),
         ExchangeSettings(name="exchange2", port=40102),

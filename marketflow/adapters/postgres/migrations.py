@@ -101,6 +101,18 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         """,
     ),
+    # The Parquet archive (adapters/postgres/archive_source.py): minute rows starting before
+    # horizon_ms are in the archive and deleted here; a write of one is refused.
+    (
+        5,
+        """
+        CREATE TABLE archive_horizon (
+            one boolean PRIMARY KEY DEFAULT true CHECK (one),
+            horizon_ms bigint NOT NULL
+        );
+        INSERT INTO archive_horizon (horizon_ms) VALUES (0);
+        """,
+    ),
 )
 
 

@@ -28,6 +28,7 @@ import asyncpg
 from marketflow.adapters.minute_codec import decode_seconds, encode_seconds
 from marketflow.adapters.postgres.database import DATA_ERRORS, Database, describe, open_database
 from marketflow.domain.aggregates import Aggregate, History, Mark, MinuteRow
+from marketflow.domain.archive import refuse_archived
 from marketflow.lifecycle import Closing
 from marketflow.settings import PostgresSettings
 
@@ -138,6 +139,8 @@ class PostgresMinuteStore(Closing):
         self.identity = db.identity
         self.rejected_rows = 0  # rows the database refused for their content (logged)
         self.kept_rows = 0  # rewrites refused because the stored row had more ticks
+        # -- archive (issue 14): rows of a day already in the Parquet archive, refused
+        self.refused_archived_rows = 0
 
     async def upsert_minutes(
         self, rows: Sequence[MinuteRow], marks: Mapping[str, Mark] | None = None
@@ -156,12 +159,31 @@ class PostgresMinuteStore(Closing):
     ) -> None:
         async with conn.transaction():
             if batch:
+                batch = await self._refuse_archived(conn, batch)
+            if batch:
                 await self._write(conn, batch)
             if marks:
                 names = list(marks)
                 await conn.execute(
                     _MARKS, names, [marks[n][0] for n in names], [marks[n][1] for n in names]
                 )
+
+    async def _refuse_archived(self, conn: Conn, batch: list[MinuteRow]) -> list[MinuteRow]:
+        """Drop (count, log) rows of days already archived: one short statement per batch.
+
+        FOR SHARE: the archive's delete locks this row FOR UPDATE, so a batch never lands in
+        a day while it is being checked and deleted, and sees the new horizon after it."""
+        horizon = await conn.fetchval("SELECT horizon_ms FROM archive_horizon FOR SHARE")
+        kept, refused = refuse_archived(batch, horizon or None)
+        if refused:
+            self.refused_archived_rows += refused
+            log.warning(
+                "minute_rows_refused reason=archived_day rows=%d horizon_ms=%d total=%d",
+                refused,
+                horizon,
+                self.refused_archived_rows,
+            )
+        return kept
 
     async def _write(self, conn: Conn, batch: list[MinuteRow]) -> None:
         try:
