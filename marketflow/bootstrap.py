@@ -30,13 +30,16 @@ from marketflow.adapters.feeds.fix_feed import build_fix_source
 from marketflow.adapters.feeds.generator import build_generator_source
 from marketflow.adapters.feeds.replay import build_file_source
 from marketflow.adapters.feeds.tcp_json import build_json_source
+from marketflow.adapters.fix.acceptor import AcceptorPolicy, AcceptorSession
 from marketflow.adapters.fix.dictionary import FixDictionary
+from marketflow.adapters.fix.seq_store import SequenceStore
 from marketflow.adapters.postgres.database import Database
 from marketflow.adapters.postgres.minute_store import PostgresMinuteStore
 from marketflow.adapters.spill_file import JsonlSpillFile
 from marketflow.adapters.sqlite.minute_store import open_sqlite
 from marketflow.app.aggregator import Aggregator
 from marketflow.app.capture import CaptureService
+from marketflow.app.fix_distribution import Distribution
 from marketflow.app.health import HealthReport
 from marketflow.app.ingest import RunningSource
 from marketflow.app.loop_health import LoopHealth
@@ -49,6 +52,7 @@ from marketflow.domain.errors import ConfigError
 from marketflow.domain.feeds import Source
 from marketflow.domain.ports import MinuteStore, PriceCache
 from marketflow.domain.ticks import TickBatch
+from marketflow.entrypoints.fix_server import FixServer
 from marketflow.entrypoints.http_api import build_app
 from marketflow.entrypoints.http_common import ControlGuard, JsonErrorsRunner, rfc3339
 from marketflow.entrypoints.http_messages import add_message_routes
@@ -107,6 +111,7 @@ class Daemon:
         self.capture_listener: CaptureListener | None = None
         self.world_view: WorldView
         self._capture_store: CaptureStore | None = None
+        self.fix_server: FixServer | None = None
         self.died = asyncio.Event()  # set when a core task fails: the daemon must stop
 
     def _live_sources(self) -> Sequence[Source[Any]]:
@@ -192,6 +197,8 @@ class Daemon:
             if s.capture.enabled:
                 await self._start_capture()
             await self._start_http(store_embedded, cache_embedded)
+            if s.fix_server.enabled:
+                await self._start_fix_server()
         log.info(
             "started mode=%s storage=%s%s cache=%s%s http=%s:%s",
             self.modes.mode,
@@ -272,6 +279,38 @@ class Daemon:
         self._exit.push_async_callback(self._runner.cleanup)
         assert self._sock is not None
         await web.SockSite(self._runner, self._sock).start()
+
+    # -- FIX market-data server (issue 13): the world view to downstream FIX initiators ------
+    async def _start_fix_server(self) -> None:
+        """Closed first on stop (last pushed): every session gets its Logout while the
+        pipeline still runs."""
+        s = self.settings
+        fs = s.fix_server
+        distribution = Distribution(self.world_view, s.pairs, s.world_view.max_depth)
+        self.world_view.subscribe(distribution.mark)
+        policy = AcceptorPolicy(
+            fs.comp_id, fs.allowed_comp_ids, heartbeat_min_s=fs.heartbeat_min_s,
+            heartbeat_max_s=fs.heartbeat_max_s, logon_timeout_s=fs.logon_timeout_s,
+            logout_timeout_s=fs.logout_timeout_s,
+        )  # fmt: skip
+        seq_dir = s.embedded.data_dir / "fix_server"
+
+        def store_for(peer: str) -> SequenceStore:
+            return SequenceStore(seq_dir / f"{peer}.seq", fs.comp_id, peer)
+
+        def new_session(admit: Callable[[str], str | None]) -> AcceptorSession:
+            return AcceptorSession(
+                policy, store_for, admit, monotonic=time.monotonic, wall_ms=wall_clock_ms
+            )
+
+        self.fix_server = FixServer(fs, distribution, new_session)
+        try:
+            await self.fix_server.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen for FIX on {fs.host}:{fs.port}: {exc.strerror or exc}"
+            ) from exc
+        self._exit.push_async_callback(self.fix_server.aclose)
 
     @property
     def http_port(self) -> int:
