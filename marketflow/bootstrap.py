@@ -30,6 +30,7 @@ from marketflow.adapters.feeds.fix_feed import build_fix_source
 from marketflow.adapters.feeds.generator import build_generator_source
 from marketflow.adapters.feeds.replay import build_file_source
 from marketflow.adapters.feeds.tcp_json import build_json_source
+from marketflow.adapters.feeds.websocket import build_websocket_source
 from marketflow.adapters.fix.acceptor import AcceptorPolicy, AcceptorSession
 from marketflow.adapters.fix.dictionary import FixDictionary
 from marketflow.adapters.fix.seq_store import SequenceStore
@@ -45,7 +46,9 @@ from marketflow.app.ingest import RunningSource
 from marketflow.app.loop_health import LoopHealth
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.app.modes import Mode, ModeController
+from marketflow.app.pipeline_metrics import PipelineMetrics
 from marketflow.app.queries import PriceQueries
+from marketflow.app.stream_hub import StreamHub
 from marketflow.app.world_view import WorldView
 from marketflow.domain.capture import CaptureStore
 from marketflow.domain.errors import ConfigError
@@ -56,6 +59,7 @@ from marketflow.entrypoints.fix_server import FixServer
 from marketflow.entrypoints.http_api import build_app
 from marketflow.entrypoints.http_common import ControlGuard, JsonErrorsRunner, rfc3339
 from marketflow.entrypoints.http_messages import add_message_routes
+from marketflow.entrypoints.http_metrics import HttpMetrics
 from marketflow.entrypoints.metrics import metrics_renderer
 from marketflow.settings import ExchangeSettings, Settings
 from marketflow.startup import adopt_spill, open_cache, open_storage, reserve_port, tune_gc
@@ -83,6 +87,8 @@ def live_source(
             data_dir=settings.embedded.data_dir,
             resume_mark=resume_mark,
         )
+    if ex.protocol == "websocket":
+        return build_websocket_source(ex, settings.pairs, settings.pipeline, wall_clock_ms)
     return build_json_source(ex, settings.pairs, settings.pipeline, wall_clock_ms)
 
 
@@ -113,6 +119,10 @@ class Daemon:
         self._capture_store: CaptureStore | None = None
         self.fix_server: FixServer | None = None
         self.died = asyncio.Event()  # set when a core task fails: the daemon must stop
+        # Latency histograms shared by the writer and the aggregator (/metrics, /health).
+        self.metrics = PipelineMetrics()
+        # -- streaming (issue 13): bbo/book channels and venue status from the world view
+        self.stream: StreamHub | None = None  # with HTTP only: /stream and /stream/sse
 
     def _live_sources(self) -> Sequence[Source[Any]]:
         agg = self.aggregator
@@ -146,11 +156,22 @@ class Daemon:
         self.cache, cache_embedded = await open_cache(s)
         self._exit.push_async_callback(self.cache.aclose)
         spill_dir = s.embedded.data_dir / "spill"
+        # -- world view: books of each folded batch, feed link states read at each flush
+        self.world_view = WorldView(
+            s.world_view,
+            wall_clock_ms,
+            lambda: [r.source.status for r in self.modes.running()],
+            stamp=rfc3339,
+        )
+        if self._serve_http:
+            self.stream = self._build_stream()
         self.writer = MinuteWriter(
             self.store,
             JsonlSpillFile(spill_dir / f"minutes-{self.store.identity}.jsonl"),
             s.pipeline.spill_max_rows_in_memory,
             wall_clock_ms,
+            metrics=self.metrics,
+            on_written=self.stream.publish_rows if self.stream is not None else None,
         )
         if not store_embedded and self.store.kind == "postgres":
             # Spills of versions that did not name their store were meant for PostgreSQL.
@@ -176,18 +197,16 @@ class Daemon:
             s.pipeline,
             wall_clock_ms,
             healthy_sources=self.modes.healthy_sources,
-        )
-        # -- world view: books of each folded batch, feed link states read at each flush
-        self.world_view = WorldView(
-            s.world_view,
-            wall_clock_ms,
-            lambda: [r.source.status for r in self.modes.running()],
-            stamp=rfc3339,
+            metrics=self.metrics,
+            on_latest=self.stream.publish_latest if self.stream is not None else None,
         )
         self.aggregator.on_books = self.world_view.on_books
         self.aggregator.on_flush = self.world_view.poll
         if self._resume:
             await self.aggregator.resume(self.store)
+        if self.stream is not None:  # what the windows hold already is the ticks snapshot
+            agg = self.aggregator
+            self.stream.publish_latest(lp for w in agg.all_windows() if (lp := w.latest()))
         self._spawn(self.aggregator.consume(), "aggregator")
         self._spawn(self.aggregator.run_flusher(), "flusher")
         self._exit.push_async_callback(self._finish_pipeline)
@@ -234,6 +253,24 @@ class Daemon:
                 f"{exc.strerror or exc}"
             ) from exc
 
+    def _bbo_spread(self, pair: str) -> float | None:
+        doc = self.world_view.bbo(pair)
+        spread = None if doc is None else doc.get("spread")
+        return spread if isinstance(spread, float | int) else None
+
+    def _build_stream(self) -> StreamHub:
+        """The stream hub; venue status from the world view when wired, else the feeds."""
+        s = self.settings
+        return StreamHub(
+            s.stream,
+            s.pairs,
+            wall_clock_ms,
+            view=self.world_view,
+        )
+
+    def _stream_health(self) -> dict[str, Any]:
+        return {} if self.stream is None else {"stream": self.stream.stats()}
+
     def _capture_health(self) -> dict[str, Any]:
         if self.capture is None or self.capture_listener is None:
             return {}
@@ -258,7 +295,7 @@ class Daemon:
             cache_embedded,
             self.fanin.qsize,
             wall_clock_ms,
-            lambda: {**self._capture_health(), "http": guard.stats()},
+            lambda: {**self._capture_health(), "http": guard.stats(), **self._stream_health()},
             loop=loop,
         )
         queries = PriceQueries(
@@ -269,9 +306,13 @@ class Daemon:
             s.pairs,
             wall_clock_ms,
         )
+        http_metrics = HttpMetrics()  # request duration per route pattern
+        metrics_text = metrics_renderer(report, s.pairs, http_metrics, self._bbo_spread)
+        stream = None if self.stream is None else (self.stream, s.stream)
         app = build_app(
-            queries, self.modes, report, metrics_renderer(report), guard, self.world_view
+            queries, self.modes, report, metrics_text, guard, self.world_view, stream=stream
         )
+        http_metrics.install(app)
         if self.capture is not None:
             add_message_routes(app, self.capture)
         self._runner = JsonErrorsRunner(app, access_log=None, handle_signals=False)
@@ -279,6 +320,9 @@ class Daemon:
         self._exit.push_async_callback(self._runner.cleanup)
         assert self._sock is not None
         await web.SockSite(self._runner, self._sock).start()
+        if self.stream is not None:  # closed before the HTTP server stops (LIFO)
+            await self.stream.start()
+            self._exit.push_async_callback(self.stream.aclose)
 
     # -- FIX market-data server (issue 13): the world view to downstream FIX initiators ------
     async def _start_fix_server(self) -> None:

@@ -34,6 +34,10 @@ SIMULATORS = (
     ("fix", 40111, ("--comp-id", "FIXVENUE", "--seed", "1", *_BOOK)),
     ("fix", 40112, ("--comp-id", "FIXVENUE2", "--seed", "2", "--offset", "1e-4", *_BOOK)),
 )
+# The WebSocket venue of config.toml's wsvenue (Binance-style combined streams): the FIX
+# venues' book model, its own seed and offset, so its quotes join theirs in the world view.
+_WS_BOOK = ("--spread", "5e-4", "--volatility", "2e-4", "--revert", "0.05", "--tick-bp", "1")
+SIMULATORS += (("websocket", 40121, ("--seed", "3", "--offset=-1e-4", *_WS_BOOK)),)
 
 
 def port_taken(port: int) -> bool:

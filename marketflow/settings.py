@@ -104,13 +104,14 @@ class ExchangeSettings(_Frozen):
     """One live source. ``type = "tcp"``: a venue's feed, newline JSON (``protocol = "json"``)
     or FIX 4.4 (``protocol = "fix"``, we are the initiator). ``type = "file"``: a FIX log or
     JSONL tick capture replayed at start, ``speed`` times the original pace (0 = as fast as
-    possible)."""
+    possible). ``protocol = "websocket"``: a Binance-style combined-stream WebSocket venue
+    (``ws_path``, ``tls``, ``ws_subscribe``; README "WebSocket venues")."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     type: Literal["tcp", "file"] = "tcp"
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)
-    protocol: Literal["json", "fix"] = "json"
+    protocol: Literal["json", "fix", "websocket"] = "json"
     sender_comp_id: str = "MARKETFLOW"
     target_comp_id: str = ""  # empty: the venue name upper-cased
     heartbeat_s: int = Field(30, ge=1, le=3600)
@@ -123,6 +124,12 @@ class ExchangeSettings(_Frozen):
     # FIX MarketDepth (264) asked for in the subscription: 1 = top of book (the lean parser),
     # N > 1 = N price levels a side with sizes, for the world view's merged book.
     market_depth: int = Field(1, ge=1, le=100)
+    # WebSocket venues (protocol = "websocket"): ws[s]://host:port<ws_path>, combined streams.
+    ws_path: str = Field("/stream", pattern=r"^/[A-Za-z0-9_./-]*$")
+    tls: bool = False  # wss:// with certificate verification
+    # "url": the streams in the query (?streams=a@trade/b@bookTicker); "message": connect
+    # bare and send {"method":"SUBSCRIBE"} after each connect. Both re-subscribe on reconnect.
+    ws_subscribe: Literal["url", "message"] = "url"
 
     @field_validator("name")
     @classmethod
@@ -244,6 +251,28 @@ class TestModeSettings(_Frozen):
     seed: int | None = None
 
 
+class StreamSettings(_Frozen):
+    """``GET /stream`` (WebSocket) and ``GET /stream/sse``: the stream hub's cadence and caps.
+
+    Updates are coalesced: at most one frame per subscribed channel per client every
+    ``1 / cadence_hz`` seconds, whatever the tick rate. A client that falls more than
+    ``max_buffered_bytes`` behind (bytes its socket has not taken plus updates queued for it
+    since it last caught up) is closed with 1008; before that its updates are conflated.
+    The kernel send buffer of each stream connection is capped at half of it, so a client
+    that stops reading shows within about that many bytes."""
+
+    cadence_hz: float = Field(10.0, gt=0, le=1000)
+    max_connections: int = Field(2000, ge=1, le=100_000)  # WebSocket + SSE; more: 503
+    max_subscriptions: int = Field(256, ge=1, le=100_000)  # (channel, symbol) per connection
+    max_buffered_bytes: int = Field(1_048_576, ge=1024)
+    heartbeat_s: float = Field(30.0, gt=0, le=3600)  # WebSocket ping; no pong: closed
+    sse_keepalive_s: float = Field(15.0, gt=0, le=3600)  # SSE comment when nothing was sent
+    # Origins (scheme://host[:port]) allowed besides the daemon's own host and no Origin at
+    # all (curl, bots); "*" allows any. Others get 403 before the upgrade.
+    allowed_origins: tuple[str, ...] = ()
+    book_depth: int = Field(10, ge=1, le=1000)  # levels per side on the book channel
+
+
 class Settings(BaseSettings):
     """The whole configuration; see config.toml for every key with its default."""
 
@@ -267,6 +296,7 @@ class Settings(BaseSettings):
     capture: CaptureSettings = CaptureSettings()
     world_view: WorldViewSettings = WorldViewSettings()
     fix_server: FixServerSettings = FixServerSettings()
+    stream: StreamSettings = StreamSettings()
     exchanges: tuple[ExchangeSettings, ...] = (
         ExchangeSettings(name="exchange1", port=40101),
         ExchangeSettings(name="exchange2", port=40102),

@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
+from marketflow.app.pipeline_metrics import PipelineMetrics
 from marketflow.app.restore import restore
 from marketflow.backoff import Backoff
 from marketflow.domain.aggregates import LatestPrice, Mark, MinuteRow, SecondBucket
@@ -64,7 +65,11 @@ class Aggregator:
         healthy_sources: Callable[[], Iterable[str]] = _no_sources,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        metrics: PipelineMetrics | None = None,
+        on_latest: Callable[[Sequence[LatestPrice]], None] | None = None,
     ) -> None:
+        """``on_latest``: told the latest prices changed by each flush, once per flush (the
+        stream hub's ``publish_latest``); it must not block or raise."""
         self._fanin = fanin
         self._cache = cache
         self._rows = rows
@@ -102,6 +107,11 @@ class Aggregator:
         # flush (it reads the feeds' link states then). Per batch and per flush, never per tick.
         self.on_books: Callable[[list[BookUpdate]], None] | None = None
         self.on_flush: Callable[[int], None] | None = None
+        # Latency histograms and book counts: recorded per flush and per batch, never per tick.
+        self.metrics = metrics if metrics is not None else PipelineMetrics()
+        # source -> receipt of the oldest tick batch folded since the last cache write
+        self._first_received: dict[str, int] = {}
+        self._on_latest = on_latest
 
     @property
     def cache_kind(self) -> str:
@@ -126,17 +136,27 @@ class Aggregator:
                 w = pairs[symbol] = PairWindow(batch.exchange, symbol, self.floor_second)
             w.add_second(second, f, batch.received_ms)
             changed.add(w)
-        for book in batch.books:
-            self.books[(book.exchange, book.symbol)] = book
-        if batch.books and self.on_books is not None:
-            self.on_books(batch.books)
+        if batch.books:
+            self._fold_books(batch)
         if batch.mark is not None:
             self._positions[batch.exchange] = batch.mark
         self.ticks_folded += batch.count
+        if batch.count:  # per batch: the flush observes tick -> cache from it
+            first = self._first_received.get(batch.exchange)
+            if first is None or batch.received_ms < first:
+                self._first_received[batch.exchange] = batch.received_ms
         delay = self._clock() - batch.received_ms
         self.queue_delay_ms = delay
         if delay > self._delay_peak_ms:
             self._delay_peak_ms = delay
+
+    def _fold_books(self, batch: TickBatch) -> None:
+        """A batch's top-of-book updates: kept, counted per venue, handed to the world view."""
+        for book in batch.books:
+            self.books[(book.exchange, book.symbol)] = book
+        self.metrics.books_folded(batch.exchange, len(batch.books))
+        if self.on_books is not None:
+            self.on_books(batch.books)
 
     async def consume(self) -> None:
         """Fold batches as they arrive, draining whatever is queued per wake-up, but letting
@@ -287,6 +307,7 @@ class Aggregator:
         retention = self._pipeline.window_retention_s
         changed_windows = list(self._changed)
         self._changed.clear()
+        received, self._first_received = self._first_received, {}
         for w in changed_windows:
             if w.dirty_seconds:
                 lp = w.latest()
@@ -301,6 +322,8 @@ class Aggregator:
                         got.add(w)
                 newly.clear()
             w.evict(retention)  # the floor follows the newest second at once: late is late
+        if latest and self._on_latest is not None:
+            self._on_latest(latest)  # once per flush, never per tick
         rows = self._sweep(now, final) if sweep or final else []
         changed = {source: (pos, now) for source, pos in self._positions.items()}
         self.marks.update(changed)
@@ -308,7 +331,12 @@ class Aggregator:
         if rows or final:
             self._rows.submit(rows, dict(self.marks))
         self.flush_build_s = time.perf_counter() - started
-        await self._write_cache(latest, seconds, changed, now, force=final)
+        if await self._write_cache(latest, seconds, changed, now, force=final):
+            self.metrics.cache_written(received, self._clock())
+        else:  # not written (cache down): those ticks wait on, counted from their receipt
+            for source, ms in received.items():
+                if ms < self._first_received.get(source, ms + 1):
+                    self._first_received[source] = ms
         self.queue_delay_peak_ms, self._delay_peak_ms = self._delay_peak_ms, 0
         self.flush_duration_ms = self._clock() - now
         self.flushes += 1
@@ -351,16 +379,17 @@ class Aggregator:
         now: int,
         *,
         force: bool,
-    ) -> None:
+    ) -> bool:
+        """True when the cache acknowledged a write of (at least) ``latest``."""
         if not self.cache_up and now < self._cache_retry_at and not force:
-            return
+            return False
         if not self.cache_up or self._refill:
             # Back after an outage, or the cache lost its data: refill everything we hold.
             latest = [lp for w in self.all_windows() if (lp := w.latest()) is not None]
             seconds = [b for w in self.all_windows() for b in w.all_seconds()]
             marks = dict(self.marks)
         if not latest and not seconds and not marks:
-            return
+            return False
         try:
             lost = await self._cache.write(latest, seconds, marks)
         except CacheUnavailable as exc:
@@ -369,7 +398,7 @@ class Aggregator:
             self.cache_up = False
             self.cache_error = str(exc)
             self._cache_retry_at = now + int(self._cache_backoff.fail() * 1000)
-            return
+            return False
         if not self.cache_up or self._refill:
             log.info("cache_refilled kind=%s seconds=%d", self._cache.kind, len(seconds))
         self._refill = bool(lost) and not self._refill
@@ -378,6 +407,7 @@ class Aggregator:
         self.cache_up = True
         self.cache_error = ""
         self._cache_backoff.reset()
+        return True
 
     def late_ticks(self) -> int:
         return sum(w.late for w in self.all_windows())

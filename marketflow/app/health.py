@@ -80,6 +80,8 @@ class HealthReport:
                 "queue_delay_ms": self.aggregator.queue_delay_peak_ms,
                 "flush_duration_ms": self.aggregator.flush_duration_ms,
                 "loss_bound_ms": self.aggregator.loss_bound_ms(),
+                # receipt -> cache write, p50/p99 of recent cache writes (pipeline_metrics.py)
+                **self.aggregator.metrics.snapshot(),
             },
         }
         if self.loop is not None:

@@ -23,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from marketflow.app.pipeline_metrics import PipelineMetrics
 from marketflow.backoff import Backoff
 from marketflow.domain.aggregates import Mark, MinuteRow
 from marketflow.domain.errors import StoreUnavailable
@@ -51,7 +53,13 @@ class MinuteWriter:
         *,
         retry: Backoff | None = None,
         spill_after_s: float = 30.0,
+        metrics: PipelineMetrics | None = None,
+        timer: Callable[[], float] = time.perf_counter,
+        on_written: Callable[[Sequence[MinuteRow]], None] | None = None,
     ) -> None:
+        """``on_written``: told the rows of each batch once the store has them (the stream
+        hub's ``publish_rows``); it must not block or raise."""
+        self._on_written = on_written
         self.store = store
         self.spill = spill
         self._spill_after_ms = int(spill_after_s * 1000)
@@ -79,6 +87,9 @@ class MinuteWriter:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._finished = False  # aclose() done: late rows go straight to the spill file
+        # Duration of each successful write batch (``minute_write`` histogram).
+        self.metrics = metrics if metrics is not None else PipelineMetrics()
+        self._timer = timer
 
     # -- the aggregator's side ------------------------------------------------------------
 
@@ -225,7 +236,7 @@ class MinuteWriter:
             marks, self._marks = self._marks, {}
             if batch or marks:
                 try:
-                    await self.store.upsert_minutes(list(batch.values()), marks)
+                    await self._timed_upsert(list(batch.values()), marks)
                 except BaseException:
                     # Rows submitted meanwhile are newer versions: they win over the batch.
                     batch.update(self._pending)
@@ -234,6 +245,8 @@ class MinuteWriter:
                     self._marks = marks
                     raise
                 self._written += len(batch)
+                if batch and self._on_written is not None:
+                    self._on_written(list(batch.values()))
         except StoreUnavailable as exc:
             self._mark_down(str(exc))
             self._fail_waiters(exc)
@@ -253,6 +266,13 @@ class MinuteWriter:
                 fut.set_result(None)
         return True
 
+    async def _timed_upsert(self, rows: list[MinuteRow], marks: Mapping[str, Mark]) -> None:
+        """One write batch; its duration is observed when it succeeds (a failure's duration
+        says more about the timeout than about the store)."""
+        started = self._timer()
+        await self.store.upsert_minutes(rows, marks)
+        self.metrics.minute_write.observe(self._timer() - started)
+
     async def _drain_spill(self) -> None:
         """Write the spill file in order, in chunks of ``max_in_memory`` rows, then delete it."""
         offset = 0
@@ -260,8 +280,10 @@ class MinuteWriter:
             rows, marks, offset = await asyncio.to_thread(self.spill.read_chunk, offset, self._max)
             if not rows and not marks:
                 break
-            await self.store.upsert_minutes(rows, marks)
+            await self._timed_upsert(rows, marks)
             self._written += len(rows)
+            if rows and self._on_written is not None:
+                self._on_written(rows)
         await asyncio.to_thread(self.spill.remove)
         log.info("minute_spill_written path=%s rows=%d", self.spill.path, self._spilled)
         self._spill_exists = False

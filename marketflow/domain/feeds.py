@@ -23,7 +23,7 @@ class FeedStatus:
     """Mutable status of one source, updated by its producer (connection) and workers (ticks)."""
 
     name: str
-    protocol: str  # "json" | "fix" | "generator" | "file"
+    protocol: str  # "json" | "fix" | "websocket" | "generator" | "file"
     address: str = ""
     connected: bool = False
     stale: bool = False

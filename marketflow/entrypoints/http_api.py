@@ -16,6 +16,7 @@ from aiohttp import web
 from marketflow.app.health import HealthReport
 from marketflow.app.modes import ModeController
 from marketflow.app.queries import PriceQueries, Stat
+from marketflow.app.stream_hub import StreamHub
 from marketflow.app.world_view import WorldView
 from marketflow.domain.aggregates import LatestPrice
 from marketflow.domain.errors import BadRequest, NotFound
@@ -27,8 +28,10 @@ from marketflow.entrypoints.http_common import (
     new_app,
     rfc3339,
 )
+from marketflow.entrypoints.http_stream import add_stream_routes
 from marketflow.entrypoints.http_worldview import add_worldview_routes
 from marketflow.entrypoints.openapi import serve_openapi
+from marketflow.settings import StreamSettings
 
 QUERIES: web.AppKey[PriceQueries] = web.AppKey("queries", PriceQueries)
 MODES: web.AppKey[ModeController] = web.AppKey("modes", ModeController)
@@ -132,9 +135,12 @@ def build_app(
     metrics_text: Callable[[], bytes],
     control: ControlGuard | None = None,
     world_view: WorldView | None = None,
+    *,
+    stream: tuple[StreamHub, StreamSettings] | None = None,
 ) -> web.Application:
     """The aiohttp application; more routes (e.g. /api/messages) may be added before start.
-    ``control`` guards the endpoints that change state (default: loopback clients only)."""
+    ``control`` guards the endpoints that change state (default: loopback clients only).
+    ``stream``: the stream hub and its settings, served at /stream and /stream/sse."""
     guard = control if control is not None else ControlGuard()
     app = new_app()
     app[QUERIES] = queries
@@ -157,4 +163,7 @@ def build_app(
     # -- world view: GET /bbo, /bbo/{symbol}, /book/{symbol} (http_worldview.py)
     if world_view is not None:
         add_worldview_routes(app, world_view)
+    # -- streaming (issue 13) --
+    if stream is not None:
+        add_stream_routes(app, *stream)
     return app

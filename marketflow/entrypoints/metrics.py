@@ -6,7 +6,7 @@ when Prometheus scrapes, so exporting costs nothing on the hot path.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -20,6 +20,8 @@ from prometheus_client.registry import Collector
 
 from marketflow.app.health import HealthReport
 from marketflow.app.loop_health import Histogram, LoopHealth
+from marketflow.app.pipeline_metrics import PipelineMetrics
+from marketflow.entrypoints.http_metrics import HttpMetrics
 
 # The per-source families: (kind, name, help, value from the source's /health entry or None).
 _PER_SOURCE: tuple[
@@ -42,8 +44,17 @@ _PER_SOURCE: tuple[
 class DaemonCollector(Collector):
     """Feeds, queues, cache and storage figures from one HealthReport."""
 
-    def __init__(self, report: HealthReport) -> None:
+    def __init__(
+        self,
+        report: HealthReport,
+        pairs: Sequence[str] = (),
+        http: HttpMetrics | None = None,
+        spread: Callable[[str], float | None] | None = None,
+    ) -> None:
         self._report = report
+        self._pairs = tuple(pairs)
+        self._http = http
+        self._spread = spread
 
     def collect(self) -> Iterator[Metric]:
         doc = self._report.build()
@@ -118,12 +129,92 @@ class DaemonCollector(Collector):
                 "Control requests refused for a missing or wrong bearer token",
                 value=http.get("control_unauthorized", 0),
             )
+        yield from self._pipeline_metrics(doc)
+
+    # -- latency histograms, book updates, prices (pipeline_metrics.py, http_metrics.py) ----
+
+    def _pipeline_metrics(self, doc: Mapping[str, Any]) -> Iterator[Metric]:
+        agg = self._report.aggregator
+        pm: PipelineMetrics = agg.metrics
+        yield _labelled_histograms(
+            "marketflow_tick_to_cache_seconds",
+            "Receipt of the oldest tick batch of a cache write to its acknowledgement, per write",
+            "source",
+            pm.tick_to_cache,
+        )
+        yield _histogram(
+            "marketflow_minute_write_duration_seconds",
+            "Duration of one successful minute-row write batch",
+            pm.minute_write,
+        )
+        books = CounterMetricFamily(
+            "marketflow_book_updates", "Top-of-book updates folded per venue", labels=["source"]
+        )
+        for venue, n in pm.book_updates.items():
+            books.add_metric([venue], n)
+        yield books
+        yield CounterMetricFamily("marketflow_flushes", "Aggregator flushes", value=agg.flushes)
+        yield CounterMetricFamily(
+            "marketflow_minute_rows_written",
+            "Minute rows written to the store",
+            value=doc["postgres"].get("written_rows", 0),
+        )
+        yield GaugeMetricFamily(
+            "marketflow_storage_embedded",
+            "1 when minute storage runs on the embedded fallback (SQLite)",
+            value=1.0 if doc["postgres"]["state"] == "embedded" else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "marketflow_cache_embedded",
+            "1 when the price cache runs in process (no Redis)",
+            value=1.0 if doc["redis"]["state"] == "embedded" else 0.0,
+        )
+        # Per pair, as the exception to "never per symbol": the configured pairs only, so the
+        # series are bounded by configuration (pairs x sources), for the prices panel.
+        prices = GaugeMetricFamily(
+            "marketflow_latest_price",
+            "Newest price per configured pair and source",
+            labels=["pair", "source"],
+        )
+        for source, windows in agg.windows.items():
+            for pair in self._pairs:
+                w = windows.get(pair)
+                if w is not None and w.latest_ts >= 0:
+                    prices.add_metric([pair, source], w.latest_price)
+        yield prices
+        if self._spread is not None:  # the world view's best ask minus best bid, same bound
+            spreads = GaugeMetricFamily(
+                "marketflow_bbo_spread",
+                "Cross-venue best ask minus best bid per configured pair (negative: crossed)",
+                labels=["pair"],
+            )
+            for pair in self._pairs:
+                value = self._spread(pair)
+                if value is not None:
+                    spreads.add_metric([pair], value)
+            yield spreads
+        if self._http is not None:
+            yield _labelled_histograms(
+                "marketflow_http_request_duration_seconds",
+                "HTTP request duration per route (the route's path pattern)",
+                "route",
+                self._http.by_route,
+            )
 
 
 def _histogram(name: str, help_text: str, h: Histogram) -> HistogramMetricFamily:
     return HistogramMetricFamily(
         name, help_text, buckets=[(b, float(n)) for b, n in h.cumulative()], sum_value=h.total
     )
+
+
+def _labelled_histograms(
+    name: str, help_text: str, label: str, by_label: Mapping[str, Histogram]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, help_text, labels=[label])
+    for value, h in list(by_label.items()):
+        family.add_metric([value], [(b, float(n)) for b, n in h.cumulative()], sum_value=h.total)
+    return family
 
 
 def _loop_metrics(loop: LoopHealth) -> Iterator[Metric]:
@@ -148,8 +239,15 @@ def _loop_metrics(loop: LoopHealth) -> Iterator[Metric]:
     yield gens
 
 
-def metrics_renderer(report: HealthReport) -> Callable[[], bytes]:
-    """The /metrics body, collected from ``report`` at every scrape."""
+def metrics_renderer(
+    report: HealthReport,
+    pairs: Sequence[str] = (),
+    http: HttpMetrics | None = None,
+    spread: Callable[[str], float | None] | None = None,
+) -> Callable[[], bytes]:
+    """The /metrics body, collected from ``report`` at every scrape; ``pairs`` (the configured
+    ones) bound ``marketflow_latest_price`` and ``marketflow_bbo_spread``; ``http`` adds the
+    request-duration histogram; ``spread`` (pair -> the world view's spread) the BBO spread."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(report))
+    registry.register(DaemonCollector(report, pairs, http, spread))
     return lambda: generate_latest(registry)

@@ -157,6 +157,41 @@ def _message_paths() -> dict[str, Any]:
     }  # fmt: skip
 
 
+# -- streaming (issue 13): GET /stream (WebSocket), GET /stream/sse -------------------------
+_STREAM_CHANNELS = ["ticks", "bbo", "book", "aggregates", "status"]
+
+
+def _stream_paths() -> dict[str, Any]:
+    """The two streaming routes; the message shapes are in docs/protocols.md."""
+    refused = {"403": _error("Origin not allowed (stream.allowed_origins)"),
+               "503": _error("stream.max_connections reached (Retry-After)")}  # fmt: skip
+    return {
+        "/stream": {"get": {
+            "summary": "WebSocket stream: send {\"op\": \"subscribe\", \"channels\": [...], "
+                       "\"symbols\": [...]}; snapshots then updates at the cadence",
+            "responses": {"101": {"description": "switching to the WebSocket protocol"},
+                          "400": _error("not a WebSocket upgrade, or query parameters given"),
+                          **refused},
+        }},
+        "/stream/sse": {"get": {
+            "summary": "the same channels as Server-Sent Events (Last-Event-ID: a fresh "
+                       "snapshot, not a replay)",
+            "parameters": [
+                _query("channels", "comma-separated: " + ", ".join(_STREAM_CHANNELS),
+                       {"type": "string"}) | {"required": True},
+                _query("symbols", "comma-separated configured pairs; absent: all",
+                       {"type": "string"}),
+                {"name": "Last-Event-ID", "in": "header", "required": False,
+                 "description": "the id of the last event seen", "schema": {"type": "string"}},
+            ],
+            "responses": {"200": {"description": "an endless event stream", "content": {
+                              "text/event-stream": {"schema": {"type": "string"}}}},
+                          "400": _error("unknown channel or symbol, or a bad parameter"),
+                          **refused},
+        }},
+    }  # fmt: skip
+
+
 _TIMESTAMP = {"type": "string", "format": "date-time", "pattern": r"Z$"}
 _NULLABLE_ID = {"type": ["integer", "null"]}
 _SUMMARY_FIELDS: dict[str, Any] = {
@@ -341,6 +376,7 @@ def document() -> dict[str, Any]:
             **_service_paths(),
             **_message_paths(),
             **_worldview_paths(),
+            **_stream_paths(),
         },
         "components": {
             "schemas": {**_price_schemas(), **_other_schemas(), **_worldview_schemas()},

@@ -2,6 +2,7 @@
 
 python -m marketflow.simulator --port 40101 [--host 127.0.0.1] [--rate N] [--seed S]
 python -m marketflow.simulator --protocol fix --port 40111 ...   (a FIX 4.4 venue)
+python -m marketflow.simulator --protocol websocket --port 40121 ...   (Binance-style streams)
 """
 
 from __future__ import annotations
@@ -20,11 +21,18 @@ from marketflow.simulator.json_exchange import DEFAULT_RATE, serve
 
 log = logging.getLogger("marketflow.simulator")
 
+# Each protocol but json is its own module with its own options and main(argv).
+VENUE_MODULES = {
+    "fix": "marketflow.simulator.fix_venue",
+    "websocket": "marketflow.simulator.ws_venue",
+}
+PROTOCOLS = ("json", *VENUE_MODULES)
+
 
 def _protocol_of(argv: list[str]) -> tuple[str, list[str]]:
     """The ``--protocol`` value and the arguments without it."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--protocol", choices=("json", "fix"), default="json")
+    pre.add_argument("--protocol", choices=PROTOCOLS, default="json")
     known, rest = pre.parse_known_args(argv)
     return cast(str, known.protocol), rest
 
@@ -37,10 +45,11 @@ def _parser() -> argparse.ArgumentParser:
             '({"symbol","price","timestamp"}) to every client of a TCP port, one line per pair '
             "every 100 ms by default. Stop it with Ctrl-C or SIGTERM."
         ),
-        epilog="With --protocol fix the simulator is a FIX 4.4 venue (acceptor) instead; "
-        "run 'python -m marketflow.simulator --protocol fix --help' for its options.",
+        epilog="With --protocol fix the simulator is a FIX 4.4 venue (acceptor) instead, with "
+        "--protocol websocket a Binance-style WebSocket venue; run "
+        "'python -m marketflow.simulator --protocol fix --help' (or websocket) for its options.",
     )
-    parser.add_argument("--protocol", choices=("json", "fix"), default="json",
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="json",
                         help="wire protocol (default: json)")  # fmt: skip
     parser.add_argument("--port", type=int, default=40101,
                         help="TCP port; 40101/40102/40103 pick that exchange's starting prices "
@@ -87,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the simulator; returns the process exit status."""
     args_in = sys.argv[1:] if argv is None else argv
     protocol, rest = _protocol_of(args_in)
-    if protocol == "fix":
-        # Imported here: the FIX venue is its own module, with its own options.
-        fix_venue = importlib.import_module("marketflow.simulator.fix_venue")
-        fix_main = cast(Callable[[list[str]], int], fix_venue.main)
-        return fix_main(rest)
+    if protocol in VENUE_MODULES:
+        # Imported here: each venue is its own module, with its own options.
+        venue = importlib.import_module(VENUE_MODULES[protocol])
+        venue_main = cast(Callable[[list[str]], int], venue.main)
+        return venue_main(rest)
     args = _parser().parse_args(args_in)
     if not 0 < args.port < 65536:
         _parser().error("--port must be 1..65535")

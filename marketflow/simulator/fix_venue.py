@@ -31,7 +31,6 @@ import asyncio
 import logging
 import math
 import random
-import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ from marketflow.adapters.fix.codec import FieldValue, FixFramer, parse_fields
 from marketflow.adapters.fix.timestamps import format_utc_time
 from marketflow.settings import DEFAULT_PAIRS
 from marketflow.simulator.fix_venue_session import Client, Trade, VenueSession
+from marketflow.simulator.running import run_venue, serve_until_signalled
 
 log = logging.getLogger("marketflow.simulator.fix")
 
@@ -496,21 +496,9 @@ async def _serve(args: argparse.Namespace) -> None:
         resend=not args.no_resend, depth=args.depth, spread=args.spread, offset=args.offset,
         volatility=args.volatility, revert=args.revert, tick_bp=args.tick_bp,
     )  # fmt: skip
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with venue:
-        await stop.wait()
+    await serve_until_signalled(venue)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the venue until SIGINT/SIGTERM; ``argv`` excludes the program name."""
-    args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        asyncio.run(_serve(args))
-    except OSError as exc:
-        log.error("fix_venue_failed error=%s", exc)  # noqa: TRY400 - one line, not a traceback
-        return 1
-    return 0
+    return run_venue(_serve(_parse_args(argv)), log, "fix_venue_failed")

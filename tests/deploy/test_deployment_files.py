@@ -35,7 +35,11 @@ COMPOSE = ROOT / "docker-compose.yml"
 UNIT = ROOT / "deploy" / "marketflow.service"
 DOCKERFILE = ROOT / "Dockerfile"
 IMAGE_CONFIG = "/etc/marketflow/config.toml"  # where the Dockerfile puts config.toml
-TEST_ENV = {"POSTGRES_PASSWORD": "pw", "MARKETFLOW_CONTROL_TOKEN": "compose-test-token"}
+TEST_ENV = {
+    "POSTGRES_PASSWORD": "pw",
+    "MARKETFLOW_CONTROL_TOKEN": "compose-test-token",
+    "GRAFANA_ADMIN_PASSWORD": "grafana-test-password",
+}
 
 
 # -- compose interpolation (the subset of the spec this file uses, strictly) -----------------

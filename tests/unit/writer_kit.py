@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections.abc import Callable
 
@@ -32,15 +33,15 @@ def writer(
     spill_after_s: float | None = None,
 ) -> MinuteWriter:
     """A writer retrying fast (10-50 ms) unless told otherwise."""
-    kwargs = {} if spill_after_s is None else {"spill_after_s": spill_after_s}
-    return MinuteWriter(
+    make = functools.partial(
+        MinuteWriter,
         store,
         spill,
         max_in_memory,
         clock or ManualClock(T0),
         retry=retry or Backoff(0.01, 0.05, random.Random(1)),
-        **kwargs,
     )
+    return make() if spill_after_s is None else make(spill_after_s=spill_after_s)
 
 
 async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
