@@ -31,7 +31,7 @@ from marketflow.adapters.feeds.generator import build_generator_source
 from marketflow.adapters.feeds.replay import build_file_source
 from marketflow.adapters.feeds.tcp_json import build_json_source
 from marketflow.adapters.feeds.websocket import build_websocket_source
-from marketflow.adapters.fix.acceptor import AcceptorPolicy, AcceptorSession
+from marketflow.adapters.fix.acceptor import AcceptorPolicy, AcceptorSession, Refusal
 from marketflow.adapters.fix.dictionary import FixDictionary
 from marketflow.adapters.fix.seq_store import SequenceStore
 from marketflow.adapters.postgres.database import Database
@@ -271,6 +271,9 @@ class Daemon:
     def _stream_health(self) -> dict[str, Any]:
         return {} if self.stream is None else {"stream": self.stream.stats()}
 
+    def _fix_server_health(self) -> dict[str, Any]:
+        return {} if self.fix_server is None else {"fix_server": self.fix_server.stats()}
+
     def _capture_health(self) -> dict[str, Any]:
         if self.capture is None or self.capture_listener is None:
             return {}
@@ -295,7 +298,12 @@ class Daemon:
             cache_embedded,
             self.fanin.qsize,
             wall_clock_ms,
-            lambda: {**self._capture_health(), "http": guard.stats(), **self._stream_health()},
+            lambda: {
+                **self._capture_health(),
+                "http": guard.stats(),
+                **self._stream_health(),
+                **self._fix_server_health(),
+            },
             loop=loop,
         )
         queries = PriceQueries(
@@ -342,7 +350,7 @@ class Daemon:
         def store_for(peer: str) -> SequenceStore:
             return SequenceStore(seq_dir / f"{peer}.seq", fs.comp_id, peer)
 
-        def new_session(admit: Callable[[str], str | None]) -> AcceptorSession:
+        def new_session(admit: Callable[[str], Refusal | None]) -> AcceptorSession:
             return AcceptorSession(
                 policy, store_for, admit, monotonic=time.monotonic, wall_ms=wall_clock_ms
             )

@@ -23,7 +23,8 @@ log = logging.getLogger("marketflow.fix_server")
 # MDReqRejReason (281) values.
 UNKNOWN_SYMBOL = 0
 DUPLICATE_REQ_ID = 1
-UNSUPPORTED_DEPTH = 4
+UNSUPPORTED_DEPTH = 5
+UNSUPPORTED_UPDATE_TYPE = 6
 UNSUPPORTED_ENTRY_TYPE = 8
 
 Sides = tuple[tuple[Level, ...], tuple[Level, ...]]
@@ -75,6 +76,7 @@ class Distribution:
         self._dirty: set[str] = set()
         self.snapshots_sent = 0
         self.incrementals_sent = 0
+        self.rejects_sent = 0
 
     @property
     def sessions(self) -> int:
@@ -97,30 +99,33 @@ class Distribution:
             if subs.pop(req.req_id, None) is None:
                 log.info("fix_server_unsubscribe_unknown req=%s", req.req_id)
             return
-        if req.kind == 1 and req.req_id in subs:
-            sink.request_reject(req.req_id, DUPLICATE_REQ_ID, f"MDReqID {req.req_id} is active")
-            return
-        unknown = [s for s in req.symbols if s not in self.symbols]
-        if unknown or not req.symbols:
-            sink.request_reject(
-                req.req_id, UNKNOWN_SYMBOL, f"unknown symbol: {','.join(unknown) or '(none)'}"
-            )
-            return
-        sides = req.sides & {BID, OFFER}
-        if not sides:
-            sink.request_reject(req.req_id, UNSUPPORTED_ENTRY_TYPE, "only bids (0) and offers (1)")
+        problem = self._problem(req, subs)
+        if problem is not None:
+            self.rejects_sent += 1
+            sink.request_reject(req.req_id, *problem)
             return
         depth = self.max_depth if req.depth == 0 else req.depth
-        if depth > self.max_depth:
-            sink.request_reject(
-                req.req_id, UNSUPPORTED_DEPTH, f"MarketDepth above {self.max_depth}"
-            )
-            return
-        sub = _Subscription(req.req_id, frozenset(req.symbols), depth, frozenset(sides))
+        sides = frozenset(req.sides & {BID, OFFER})
+        sub = _Subscription(req.req_id, frozenset(req.symbols), depth, sides)
         for symbol in req.symbols:  # in the order asked
             self._snapshot(sink, sub, symbol)
         if req.kind == 1:
             subs[req.req_id] = sub
+
+    def _problem(self, req: MdRequest, subs: dict[str, _Subscription]) -> tuple[int, str] | None:
+        """Why the request cannot be served: MDReqRejReason (281) and Text (58)."""
+        if req.kind == 1 and req.req_id in subs:
+            return DUPLICATE_REQ_ID, f"MDReqID {req.req_id} is active"
+        unknown = [s for s in req.symbols if s not in self.symbols]
+        if unknown or not req.symbols:
+            return UNKNOWN_SYMBOL, f"unknown symbol: {','.join(unknown) or '(none)'}"
+        if not req.sides & {BID, OFFER}:
+            return UNSUPPORTED_ENTRY_TYPE, "only bids (0) and offers (1)"
+        if req.depth > self.max_depth:
+            return UNSUPPORTED_DEPTH, f"MarketDepth above {self.max_depth}"
+        if req.kind == 1 and req.update_type == 0:
+            return UNSUPPORTED_UPDATE_TYPE, "only incremental refresh (265=1)"
+        return None
 
     def refresh(self, sink: MdSink) -> None:
         """Send every subscription of ``sink`` a fresh snapshot (after a gap fill: the

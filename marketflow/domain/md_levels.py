@@ -42,13 +42,15 @@ class LevelChange:
 @dataclass(frozen=True, slots=True)
 class MdRequest:
     """A subscriber's request: ``kind`` 0 snapshot, 1 snapshot + updates, 2 unsubscribe;
-    ``depth`` levels a side (1: the best bid/offer); ``sides`` the entry types asked for."""
+    ``depth`` levels a side (1: the best bid/offer, 0: the whole book kept); ``sides`` the
+    entry types asked for; ``update_type`` MDUpdateType (265), -1 when absent."""
 
     req_id: str
     kind: int
     depth: int
     sides: frozenset[int]
     symbols: tuple[str, ...]
+    update_type: int = -1
 
 
 def diff_levels(side: int, old: Sequence[Level], new: Sequence[Level]) -> list[LevelChange]:

@@ -30,6 +30,9 @@ class ServerSession(Protocol):
 
     peer: str | None
     close_reason: str
+    refused: str | None  # why the Logon was refused (a bounded kind), None once logged on
+    messages_sent: int
+    garbled: int
     on_request: Callable[[MdRequest], None]
     on_logon: Callable[[], None]
     on_gap_filled: Callable[[], None]
@@ -58,8 +61,12 @@ class ServerSession(Protocol):
     def request_reject(self, req_id: str, reason: int, text: str) -> None: ...
 
 
-SessionFactory = Callable[[Callable[[str], str | None]], ServerSession]
+Refusal = tuple[str, str]  # (kind, Logout text)
+SessionFactory = Callable[[Callable[[str], Refusal | None]], ServerSession]
 """Builds a session for a new connection, given the server's ``admit(peer) -> refusal``."""
+
+REFUSED_DUPLICATE = "duplicate"  # the acceptor's kinds (adapters/fix/acceptor.py REFUSALS)
+REFUSED_SESSION_CAP = "session_cap"
 
 
 class _Conn:
@@ -86,17 +93,27 @@ class FixServer:
         self._active: dict[str, _Conn] = {}  # logged-on sessions by the peer's CompID
         self._handlers: set[asyncio.Task[None]] = set()
         self._cadence: asyncio.Task[None] | None = None
-        self.refused = 0
+        self.logons = 0
+        self.refused: dict[str, int] = {}  # refused logons by kind (bounded)
         self.slow_closed = 0
+        self._sent_closed = 0  # messages sent by sessions that have ended
+        self._garbled_closed = 0
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, object]:
+        """For /health and /metrics: totals since start, sessions now."""
+        live = [c.session for c in self._conns]
         return {
+            "port": self.port,
             "sessions": len(self._active),
             "connections": len(self._conns),
-            "refused": self.refused,
+            "logons": self.logons,
+            "refused": dict(sorted(self.refused.items())),
             "slow_closed": self.slow_closed,
+            "messages_sent": self._sent_closed + sum(s.messages_sent for s in live),
+            "garbled": self._garbled_closed + sum(s.garbled for s in live),
             "snapshots_sent": self.distribution.snapshots_sent,
             "incrementals_sent": self.distribution.incrementals_sent,
+            "request_rejects": self.distribution.rejects_sent,
         }
 
     async def start(self) -> None:
@@ -128,11 +145,11 @@ class FixServer:
         await self._server.wait_closed()
         self._server = None
 
-    def _admit(self, peer: str) -> str | None:
+    def _admit(self, peer: str) -> Refusal | None:
         if peer in self._active:
-            return f"a session for {peer} is already logged on"
+            return REFUSED_DUPLICATE, f"a session for {peer} is already logged on"
         if len(self._active) >= self.settings.max_sessions:
-            return f"too many sessions (max {self.settings.max_sessions})"
+            return REFUSED_SESSION_CAP, f"too many sessions (max {self.settings.max_sessions})"
         return None
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -163,6 +180,7 @@ class FixServer:
         assert peer is not None
         self._active[peer] = conn
         conn.logged_on = True
+        self.logons += 1
         self.distribution.attach(conn.session)
 
     def _gone(self, conn: _Conn) -> None:
@@ -171,8 +189,11 @@ class FixServer:
         self._conns.discard(conn)
         if session.peer is not None and self._active.get(session.peer) is conn:
             del self._active[session.peer]
-        if not conn.logged_on:
-            self.refused += 1  # refused at logon, or never logged on
+        if not conn.logged_on:  # refused at logon, or never logged on
+            kind = session.refused or "no_logon"
+            self.refused[kind] = self.refused.get(kind, 0) + 1
+        self._sent_closed += session.messages_sent
+        self._garbled_closed += session.garbled
         self.distribution.detach(session)
         with contextlib.suppress(RuntimeError, OSError):
             conn.writer.close()
@@ -195,7 +216,11 @@ class FixServer:
         interval = self.settings.cadence_ms / 1000
         while True:
             await asyncio.sleep(interval)
-            self.distribution.flush()
-            for conn in list(self._conns):
-                conn.session.poll()
-                self._write(conn)
+            self.step()
+
+    def step(self) -> None:
+        """One cadence: the coalesced updates, every session's timers, what each has to say."""
+        self.distribution.flush()
+        for conn in list(self._conns):
+            conn.session.poll()
+            self._write(conn)

@@ -47,6 +47,18 @@ from marketflow.domain.md_levels import Level, LevelChange, MdRequest
 log = logging.getLogger("marketflow.fix_server.session")
 
 COMP_ID_PROBLEM = (9, "CompID problem")
+# Why a Logon was refused (bounded: the /health and metrics label values).
+REFUSED_COMP_ID = "comp_id"
+REFUSED_HEARTBEAT = "heartbeat"
+REFUSED_SEQ_TOO_LOW = "seq_too_low"
+REFUSED_DUPLICATE = "duplicate"
+REFUSED_SESSION_CAP = "session_cap"
+REFUSED_NO_LOGON = "no_logon"
+REFUSALS = (REFUSED_COMP_ID, REFUSED_HEARTBEAT, REFUSED_SEQ_TOO_LOW, REFUSED_DUPLICATE,
+            REFUSED_SESSION_CAP, REFUSED_NO_LOGON)  # fmt: skip
+
+Refusal = tuple[str, str]
+"""``(kind, text)``: one of ``REFUSALS`` and the Logout's Text (58)."""
 _SESSION_TYPES = frozenset((b"0", b"1", b"2", b"3", b"4", b"5", b"A"))
 
 
@@ -95,7 +107,7 @@ class AcceptorSession:
         self,
         policy: AcceptorPolicy,
         store_for: Callable[[str], SequenceStore],
-        admit: Callable[[str], str | None],
+        admit: Callable[[str], Refusal | None],
         *,
         monotonic: Callable[[], float],
         wall_ms: Callable[[], int],
@@ -104,6 +116,9 @@ class AcceptorSession:
         self.state = State.AWAITING_LOGON
         self.peer: str | None = None
         self.close_reason = ""
+        self.refused: str | None = None  # the Logon refused: one of REFUSALS
+        self.messages_sent = 0
+        self.garbled = 0  # frames the framer could not read (ignored once logged on)
         self.stats = SessionStats()
         self.heartbeat_s = 30
         self.reset_on_logon = False
@@ -144,7 +159,8 @@ class AcceptorSession:
         return self._in_seq
 
     def write(self, data: bytes, /) -> None:
-        """The transport of ``Outbound``: collected until ``take_output()``."""
+        """The transport of ``Outbound`` (one message a call): kept until ``take_output()``."""
+        self.messages_sent += 1
         self._buf.append(data)
 
     def take_output(self) -> bytes:
@@ -162,7 +178,10 @@ class AcceptorSession:
             if isinstance(frame, bytes):
                 self.on_frame(frame)
             else:  # garbled: ignored, as the standard says (the peer's resend covers it)
+                self.garbled += 1
                 log.warning("fix_server_bad_frame peer=%s reason=%s", self.peer, frame.reason)
+                if self.state is State.AWAITING_LOGON:  # the first message must be a Logon
+                    self._refuse_silently(f"garbled frame before logon ({frame.reason})")
 
     def logout(self, text: str) -> None:
         """Send Logout; the session closes on the peer's answer or ``logout_timeout_s``."""
@@ -182,7 +201,7 @@ class AcceptorSession:
         now = self._monotonic()
         if self.state is State.AWAITING_LOGON:
             if now - self._started >= self.policy.logon_timeout_s:
-                self._close("no logon")
+                self._refuse_silently("no logon")
             return
         if self.state is State.LOGOUT_SENT:
             if now - self._logout_at >= self.policy.logout_timeout_s:
@@ -235,6 +254,13 @@ class AcceptorSession:
             pairs = []
         if header is None or not pairs:
             log.warning("fix_server_bad_header peer=%s raw=%r", self.peer, frame[:200])
+            self.garbled += 1
+            if self.state is State.AWAITING_LOGON:
+                self._refuse_silently("unreadable first message")
+            else:  # a message without a readable MsgSeqNum cannot be sequenced: end it
+                text = "MsgSeqNum (34) missing or unreadable"
+                self.logout(text)
+                self._close(text)
             return
         msg_type, seq = header
         fields = dict(pairs)
@@ -253,7 +279,7 @@ class AcceptorSession:
 
     def _logon(self, msg_type: bytes, seq: int, fields: dict[int, bytes]) -> None:
         if msg_type != b"A":  # the first message must be a Logon: drop the link, say nothing
-            self._close(f"first message was 35={msg_type.decode(errors='replace')}")
+            self._refuse_silently(f"first message was 35={msg_type.decode(errors='replace')}")
             return
         peer = fields.get(49, b"").decode(errors="replace")
         target = fields.get(56, b"").decode(errors="replace")
@@ -263,7 +289,11 @@ class AcceptorSession:
                 if peer not in self.policy.allowed
                 else f"TargetCompID must be {self.policy.comp_id!r}"
             )
-            self._refuse_unknown(peer, why)
+            self._refuse_unknown(peer, REFUSED_COMP_ID, why)
+            return
+        admitted = self._admit(peer)
+        if admitted is not None and admitted[0] == REFUSED_DUPLICATE:
+            self._refuse_unknown(peer, *admitted)  # its numbers belong to the live session
             return
         raw_hb = fields.get(108, b"")
         hb = int(raw_hb) if raw_hb.isdigit() else -1
@@ -281,21 +311,20 @@ class AcceptorSession:
             config, self, self.stats, monotonic=self._monotonic, wall_ms=self._wall_ms,
             next_out=next_out, next_in=lambda: self._in_seq, persist=None,
         )  # fmt: skip
-        refusal = None
+        refusal: Refusal | None = admitted
         if not self.policy.heartbeat_min_s <= hb <= self.policy.heartbeat_max_s:
-            refusal = (
-                f"HeartBtInt must be {self.policy.heartbeat_min_s}..{self.policy.heartbeat_max_s}"
-            )
+            lo, hi = self.policy.heartbeat_min_s, self.policy.heartbeat_max_s
+            refusal = (REFUSED_HEARTBEAT, f"HeartBtInt must be {lo}..{hi}")
         elif seq < next_in and fields.get(43) != b"Y":
-            refusal = f"MsgSeqNum too low, expecting {next_in} but received {seq}"
-        else:
-            refusal = self._admit(peer)
-        if refusal is not None:
+            text = f"MsgSeqNum too low, expecting {next_in} but received {seq}"
+            refusal = (REFUSED_SEQ_TOO_LOW, text)
+        if refusal is not None:  # numbered and saved: the peer counts our Logout
             if seq >= next_in:
                 self._in_seq = seq + 1
-            self._out.send("5", [(58, refusal)])
-            log.warning("fix_server_logon_refused peer=%s reason=%s", peer, refusal)
-            self._close(refusal)
+            self._out.send("5", [(58, refusal[1])])
+            log.warning("fix_server_logon_refused peer=%s reason=%s", peer, refusal[1])
+            self.refused = refusal[0]
+            self._close(refusal[1])
             return
         self.state = State.ACTIVE
         answer: Body = [(98, 0), (108, self.heartbeat_s)]
@@ -312,11 +341,19 @@ class AcceptorSession:
                  self.heartbeat_s, self._in_seq, self._out.seq, self.reset_on_logon)  # fmt: skip
         self.on_logon()
 
-    def _refuse_unknown(self, peer: str, why: str) -> None:
-        """A CompID with no session here: a Logout numbered 1, nothing stored."""
+    def _refuse_unknown(self, peer: str, kind: str, why: str) -> None:
+        """A CompID with no session here (or one already logged on elsewhere): a Logout
+        numbered 1, nothing stored."""
         log.warning("fix_server_logon_refused peer=%s reason=%s", peer, why)
         self.write(encode("5", [(58, why)], sender=self.policy.comp_id, target=peer, seq=1,
                           sending_time=format_utc(self._wall_ms())))  # fmt: skip
+        self.refused = kind
+        self._close(why)
+
+    def _refuse_silently(self, why: str) -> None:
+        """No readable Logon: nobody to answer, the link is dropped."""
+        log.warning("fix_server_logon_refused peer=%s reason=%s", self.peer, why)
+        self.refused = REFUSED_NO_LOGON
         self._close(why)
 
     def _next(

@@ -60,8 +60,11 @@ def parse_md_request(pairs: Sequence[tuple[int, bytes]]) -> MdRequest | RequestP
     symbols = [v.decode(errors="replace") for t, v in pairs if t == 55]
     if len(symbols) != n_symbols or n_symbols == 0:
         return RequestProblem(*BAD_GROUP_COUNT, 146)
+    update = _int(fields, 265, required=False)
+    if isinstance(update, RequestProblem):
+        return update
     sides = frozenset(int(t) for t in types)
-    return MdRequest(req_id, kind, depth, sides, tuple(symbols))
+    return MdRequest(req_id, kind, depth, sides, tuple(symbols), update)
 
 
 def _entry(level: Level) -> Body:
