@@ -216,7 +216,10 @@ class FixServer:
         interval = self.settings.cadence_ms / 1000
         while True:
             await asyncio.sleep(interval)
-            self.step()
+            try:
+                self.step()
+            except Exception:  # a bug must not end delivery to every consumer silently
+                log.exception("fix_server_cadence_failed")
 
     def step(self) -> None:
         """One cadence: the coalesced updates, every session's timers, what each has to say."""

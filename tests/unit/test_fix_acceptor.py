@@ -548,3 +548,21 @@ def test_malformed_request_gets_a_session_reject(rig: Rig) -> None:
                          (55, "BTCUSDT")])  # fmt: skip
     assert types(out) == [b"3"]
     assert out[0][371] == b"267"
+
+
+def test_a_venue_leaving_the_view_sends_deletes(rig: Rig, view: WorldView) -> None:
+    quote(view, "v1", "BTCUSDT", 100.0, 101.0)
+    rig.logon()
+    rig.subscribe(symbols=("BTCUSDT",))
+    view.set_state("v1", "down")  # its link dropped: nothing left in the view
+    rig.dist.flush()
+    out = rig.out()
+    assert types(out) == [b"X"]
+    gone = entries(rig.frames[0])
+    assert [(e[279], e[269], float(e[270]), e[282], e[290]) for e in gone] == [
+        (b"2", b"0", 100.0, b"v1", b"1"),
+        (b"2", b"1", 101.0, b"v1", b"1"),
+    ]
+    bbo = view.bbo("BTCUSDT")
+    assert bbo is not None
+    assert (bbo["bid"], bbo["ask"]) == (None, None)
