@@ -16,6 +16,7 @@ from the 35=W / 35=X it reports and checks, in order:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -72,12 +73,18 @@ class Consumer:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.command("quit")
+            with contextlib.suppress(OSError):  # a consumer that died has no stdin
+                self.command("quit")
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._reader.join(5)  # stdout at EOF: the reader ends
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
 
 def msgs(events: list[dict[str, Any]], direction: str, msg_type: str) -> list[Fields]:

@@ -8,7 +8,12 @@ sequence numbers (one save per batch of messages, not per message: a cadence flu
 incrementals): the peer never sees a number that a restart could hand out again.
 
 Logon: only configured CompIDs (others get a Logout with the reason, then the link closes),
-a HeartBtInt within bounds, ``admit`` (the server's cap, one session per CompID). The numbers
+a HeartBtInt within bounds, ``admit`` (the server's cap, one session per CompID); why a Logon
+was refused is kept as one of a fixed set of kinds (``refused``), for /health and metrics.
+A refused duplicate never touches the store: the numbers belong to the live session.
+Garbled input (bad checksum or length, garbage) is ignored once logged on, as the standard
+says (the number is not consumed; a resend covers it), and ends the link before a Logon; both
+are counted (``garbled``). A message whose MsgSeqNum cannot be read ends the session. The numbers
 come from the CompID's sequence store (QuickFIX initiators keep theirs across restarts);
 141=Y restarts both at 1; a Logon above the expected number makes us ask for a resend; below
 it without PossDup ends the session. After logon: TestRequest answered with its 112, our own
