@@ -9,7 +9,7 @@ CONFIG ?= config.toml
 # The suite mostly waits (minute boundaries, restarts): more workers than cores pay off.
 TEST_WORKERS ?= 4
 
-.PHONY: run test lint typecheck unit server-binaries bench-tools bench bench-fix bench-api mutation clean
+.PHONY: run test lint typecheck unit server-binaries kafka-jars bench-tools bench bench-fix bench-api mutation clean
 
 $(STAMP): pyproject.toml
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -26,6 +26,10 @@ run: $(STAMP)
 server-binaries:
 	@bash scripts/ensure-servers.sh
 
+## kafka-jars: Apache Kafka's broker as Maven artifacts, cached (the Kafka tests start it)
+kafka-jars:
+	@bash scripts/ensure-kafka.sh >/dev/null
+
 lint: $(STAMP)
 	$(BIN)/ruff check marketflow tests bench
 	$(BIN)/ruff format --check marketflow tests bench
@@ -33,7 +37,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) server-binaries lint typecheck
+test: $(STAMP) server-binaries kafka-jars lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal
 
 ## mutation: mutmut over the core modules against the unit tests, one module at a time, each

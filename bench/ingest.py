@@ -152,15 +152,20 @@ def ticks(daemon: Daemon) -> int:
     return int(daemon.get("/health")[1]["ticks"])
 
 
-def settle(daemon: Daemon, timeout: float = 30) -> int:
-    """The daemon's tick count once it stops moving (the senders have stopped)."""
-    last, deadline = -1, time.monotonic() + timeout
+def settle(daemon: Daemon, timeout: float = 120, quiet_s: float = 3.0) -> int:
+    """The daemon's tick count once the senders have stopped and the backlog has drained:
+    every queue empty and the count unchanged for ``quiet_s`` (one long flush at 500 x 10
+    pairs must not pass for the end)."""
+    last, since, deadline = -1, time.monotonic(), time.monotonic() + timeout
     while time.monotonic() < deadline:
-        n = ticks(daemon)
-        if n == last:
+        health = daemon.get("/health")[1]
+        n, queued = int(health["ticks"]), sum(health.get("queues", {}).values())
+        now = time.monotonic()
+        if n != last or queued:
+            last, since = n, now
+        elif now - since >= quiet_s:
             return n
-        last = n
-        time.sleep(0.5)
+        time.sleep(0.25)
     return last
 
 

@@ -273,6 +273,60 @@ class StreamSettings(_Frozen):
     book_depth: int = Field(10, ge=1, le=1000)  # levels per side on the book channel
 
 
+class NodeSettings(_Frozen):
+    """This process in a multi-node deployment: its name (in diagnostics, Kafka client ids
+    and group membership) and its role. ``all`` is the single process and needs no Kafka;
+    ``ingest`` reads feeds and publishes ticks to Kafka; ``aggregate`` consumes them, builds
+    windows, books and minute rows and serves the API (``--role`` sets it too)."""
+
+    id: str = Field("", max_length=128, pattern=r"^[A-Za-z0-9_.-]*$")  # empty: the hostname
+    role: Literal["all", "ingest", "aggregate"] = "all"
+
+
+class KafkaSettings(_Frozen):
+    """Apache Kafka between ingest and aggregate nodes. Empty ``bootstrap_servers``: not used
+    (the ``all`` role); the ``ingest`` and ``aggregate`` roles require it. The password comes
+    from the env (MARKETFLOW_KAFKA__SASL_PASSWORD), never the TOML."""
+
+    bootstrap_servers: str = ""  # "host1:9092,host2:9092"
+    client_id: str = "marketflow"
+    ticks_topic: str = "marketflow.ticks"
+    ticks_partitions: int = Field(12, ge=1, le=10_000)  # created with this many if missing
+    status_topic: str = "marketflow.feed-status"
+    feeds_topic: str = "marketflow.feeds"  # control topic: one partition per configured feed
+    dead_letter_topic: str = "marketflow.dead-letter"
+    capture_topic: str = "marketflow.fix-capture"
+    replication_factor: int = Field(1, ge=1, le=16)
+    aggregate_group: str = "marketflow-aggregate"
+    feeds_group: str = "marketflow-feeds"
+    compression: Literal["none", "gzip", "lz4"] = "lz4"
+    linger_ms: int = Field(5, ge=0, le=10_000)
+    max_batch_bytes: int = Field(1_048_576, ge=16_384)
+    session_timeout_ms: int = Field(10_000, ge=500, le=600_000)
+    heartbeat_interval_ms: int = Field(3_000, ge=100, le=60_000)
+    request_timeout_ms: int = Field(15_000, ge=1_000, le=600_000)
+    hold_back_max_records: int = Field(100_000, ge=1)  # broker down: buffered, then spilled
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str = ""
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _timings(self) -> KafkaSettings:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError(
+                "kafka.heartbeat_interval_ms must be at most a third of session_timeout_ms"
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.bootstrap_servers.strip())
+
+
 class Settings(BaseSettings):
     """The whole configuration; see config.toml for every key with its default."""
 
@@ -297,6 +351,8 @@ class Settings(BaseSettings):
     world_view: WorldViewSettings = WorldViewSettings()
     fix_server: FixServerSettings = FixServerSettings()
     stream: StreamSettings = StreamSettings()
+    node: NodeSettings = NodeSettings()
+    kafka: KafkaSettings = KafkaSettings()
     exchanges: tuple[ExchangeSettings, ...] = (
         ExchangeSettings(name="exchange1", port=40101),
         ExchangeSettings(name="exchange2", port=40102),
@@ -319,6 +375,13 @@ class Settings(BaseSettings):
             msg = "pairs must be non-empty upper-case alphanumeric symbols"
             raise ValueError(msg)
         return value
+
+    @model_validator(mode="after")
+    def _role_needs_kafka(self) -> Settings:
+        if self.node.role != "all" and not self.kafka.enabled:
+            msg = f"node.role {self.node.role!r} needs kafka.bootstrap_servers"
+            raise ValueError(msg)
+        return self
 
     def test_source_names(self) -> tuple[str, ...]:
         return tuple(f"test-exchange{i}" for i in range(1, self.test_mode.sources + 1))

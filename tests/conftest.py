@@ -15,7 +15,12 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from tests.harness.services import PostgresServer, RedisServer, ServerBinaryMissing
+from tests.harness.services import (
+    KafkaServer,
+    PostgresServer,
+    RedisServer,
+    ServerBinaryMissing,
+)
 
 
 def _postgres() -> PostgresServer:
@@ -86,6 +91,27 @@ def private_postgres() -> Iterator[PostgresServer]:
 def private_redis() -> Iterator[RedisServer]:
     """A Redis of this test's own, free to be stopped and restarted."""
     with _redis() as server:
+        yield server
+
+
+def _kafka() -> KafkaServer:
+    try:
+        return KafkaServer()
+    except ServerBinaryMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def kafka_server() -> Iterator[KafkaServer]:
+    """One Kafka broker for the session; tests use topics and groups of their own names."""
+    with _kafka() as server:
+        yield server
+
+
+@pytest.fixture
+def private_kafka() -> Iterator[KafkaServer]:
+    """A Kafka broker of this test's own, free to be killed and restarted."""
+    with _kafka() as server:
         yield server
 
 

@@ -1,4 +1,5 @@
-"""Command line: ``marketflow [--port <N>] [--config <path>]``, ``marketflow replay FILE``.
+"""Command line: ``marketflow [--port <N>] [--config <path>] [--role <R>]``,
+``marketflow replay FILE``.
 
 Errors a user can fix (bad argument, unreadable config, port in use) exit non-zero with one
 clear line on stderr and no traceback.
@@ -23,13 +24,15 @@ from marketflow.settings import Settings, load_settings
 
 USAGE = """\
 Usage:
-  marketflow [--port <N>] [--config <path>]
+  marketflow [--port <N>] [--config <path>] [--role all|ingest|aggregate]
   marketflow replay <file> [--speed <X> | --max] [--config <path>]
   marketflow --help
 
 Options:
   --port N       Port number for the REST API (default: config http.port, 8080)
   --config PATH  TOML configuration (default: ./config.toml when present)
+  --role R       all: one process (default, config node.role) | ingest: read feeds, publish
+                 ticks to Kafka | aggregate: consume them, write the stores, serve the API
   --help         Show this screen
 
 Environment variables MARKETFLOW_* override the configuration, e.g.
@@ -92,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="marketflow")
     parser.add_argument("--port", type=_port)
     parser.add_argument("--config", type=Path)
+    parser.add_argument("--role", choices=("all", "ingest", "aggregate"))
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
     replay = commands.add_parser("replay", screen=REPLAY_USAGE)
     replay.add_argument("file", type=Path)
@@ -103,9 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_settings(config: Path | None, port: int | None) -> Settings:
+def resolve_settings(config: Path | None, port: int | None, role: str | None = None) -> Settings:
     path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    settings = load_settings(path)
+    overrides: dict[str, object] = {}
+    if role is not None:  # validated with the rest (a role without Kafka is a config error)
+        overrides["node"] = {"role": role}
+    settings = load_settings(path, **overrides)
     if port is not None:
         settings = settings.model_copy(
             update={"http": settings.http.model_copy(update={"port": port})}
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{prog}: {args.file} is not a readable file\n")
         return 2
     try:
-        settings = resolve_settings(args.config, args.port)
+        settings = resolve_settings(args.config, args.port, args.role)
     except ConfigError as exc:
         sys.stderr.write(f"{prog}: {exc}\n")
         return 2
