@@ -9,7 +9,9 @@ from the 35=W / 35=X it reports and checks, in order:
    ResendRequest, answered with a GapFill, and the session stays up;
 2. a daemon restart (SIGTERM, then started again on the same data dir) ends the session with
    a Logout, and QuickFIX logs on again with its kept numbers, no ResetSeqNumFlag, accepted:
-   our Logon answer carries the number after our last one before the restart;
+   our Logon answer carries the number after our last one before the restart; after a crash
+   (SIGKILL) ours jump ahead instead (never reused), and QuickFIX's ResendRequest gets a
+   GapFill;
 3. with the venues paused, the consumer's last BBO per symbol equals GET /bbo (prices, sizes,
    venues); with the venues stopped, both are empty (the DELETEs came through).
 """
@@ -95,6 +97,10 @@ def msgs(events: list[dict[str, Any]], direction: str, msg_type: str) -> list[Fi
             if dict(fields).get(35) == msg_type:
                 out.append(fields)
     return out
+
+
+def incoming(events: list[dict[str, Any]]) -> list[Fields]:
+    return [[(int(t), v) for t, v in e["fields"]] for e in events if e["event"] == "in"]
 
 
 def groups(fields: Fields, first: int) -> list[dict[int, str]]:
@@ -255,6 +261,23 @@ def test_quickfix_consumer_gap_restart_and_bbo_equal_to_rest(rig: Rig) -> None:
     assert int(dict(logon_in)[34]) == last_in + 1  # we kept ours: no reset, no gap
     poll(lambda: msgs(c.snapshot()[n_events:], "in", "X"), lambda m: len(m) >= 5, 30,
          "incrementals after the restart")  # fmt: skip
+
+    # 2b. A crash (SIGKILL): nothing saved at the end. We resume above every number we sent
+    #     (reserved ahead), QuickFIX asks for the gap, gets a GapFill, and the session goes on.
+    n_events = len(c.snapshot())
+    sent_before = max(int(dict(f)[34]) for f in incoming(c.snapshot()) if 43 not in dict(f))
+    assert rig.daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+    rig.daemon = Daemon(rig.tmp, rig.config)
+    rig.daemon.start()
+    poll(lambda: [e["event"] for e in c.snapshot()].count("logon"), lambda n: n == 3, 30,
+         "a logon after the crash")  # fmt: skip
+    (logon_in,) = msgs(c.snapshot()[n_events:], "in", "A")
+    assert int(dict(logon_in)[34]) > sent_before + 1  # a jump, never a number reused
+    poll(lambda: msgs(c.snapshot()[n_events:], "in", "4"), bool, 20, "a GapFill")
+    (resend,) = msgs(c.snapshot()[n_events:], "out", "2")
+    assert int(dict(resend)[7]) == sent_before + 1
+    poll(lambda: msgs(c.snapshot()[n_events:], "in", "X"), lambda m: len(m) >= 5, 30,
+         "incrementals after the crash")  # fmt: skip
 
     # 3. Venues paused: what the consumer holds equals GET /bbo, every pair quoted.
     for v in rig.venues:

@@ -64,7 +64,8 @@ class Rig:
         max_depth: int = 5,
     ) -> None:
         policy = AcceptorPolicy(ME, [PEER, "OTHER"], heartbeat_min_s=1, heartbeat_max_s=60,
-                                logon_timeout_s=5.0, logout_timeout_s=2.0)  # fmt: skip
+                                logon_timeout_s=5.0, logout_timeout_s=2.0,
+                                seq_reserve=100)  # fmt: skip
         self.stores: list[SequenceStore] = []
 
         def store_for(peer: str) -> SequenceStore:
@@ -395,6 +396,28 @@ def test_numbers_survive_a_restart(tmp_path: Path, clock: Clock, view: WorldView
     assert types(out) == [b"A"]
     assert seqs(out) == [4]
     assert again.session.expected_in_seq == 5
+
+
+def test_a_crash_resumes_above_every_number_sent(
+    tmp_path: Path, clock: Clock, view: WorldView
+) -> None:
+    """No clean end (the process died): our number comes from the reservation, the peer's
+    was saved as it moved; many messages cost one save of ours, not one per flush."""
+    first = Rig(tmp_path, clock, view)
+    first.logon()  # our 1
+    first.subscribe(symbols=("BTCUSDT",))  # our 2
+    saved = (tmp_path / f"{PEER}.seq").read_bytes()
+    for i in range(30):  # 30 incrementals, our 3..32, one flush each
+        quote(view, "v1", "BTCUSDT", 100.0 + i, 200.0)
+        first.dist.flush()
+        first.out()
+    assert (tmp_path / f"{PEER}.seq").read_bytes() == saved  # not saved per flush
+    assert first.session.next_out_seq == 33
+    again = Rig(tmp_path, clock, view)  # first never saw disconnected()
+    out = again.logon(seq=3)
+    assert types(out) == [b"A"]
+    assert seqs(out) == [2 + 100]  # reserved 100 ahead at our 1: above the 32 sent
+    assert again.session.expected_in_seq == 4  # the peer's number was exact
 
 
 def test_reconnect_below_the_kept_number_refused(

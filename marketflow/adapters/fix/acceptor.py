@@ -3,9 +3,13 @@
 Sans-IO, like the initiator (session.py) and sharing its parts: the framer, ``Outbound`` (our
 numbering and what we send, GapFill answers to ResendRequests included), the gap bookkeeping
 (recovery.py) and the header and PossDup helpers. Bytes go in with ``feed()``, time passes
-with ``poll()``, and what to write comes out of ``take_output()``, which first saves both
-sequence numbers (one save per batch of messages, not per message: a cadence flush writes many
-incrementals): the peer never sees a number that a restart could hand out again.
+with ``poll()``, and what to write comes out of ``take_output()``, which first makes the
+sequence store safe for it: our number is reserved ``seq_reserve`` ahead (one fsync per that
+many messages, not one per cadence flush of incrementals), the peer's is saved when it moved
+(the consumer sends little: heartbeats, requests). A crash therefore never hands a number out
+twice: the restart resumes above the last one sent and the consumer's ResendRequest gets a
+GapFill. A session that ends (Logout, disconnect, daemon stop) saves both numbers exactly,
+so a clean restart goes on with no gap at all.
 
 Logon: only configured CompIDs (others get a Logout with the reason, then the link closes),
 a HeartBtInt within bounds, ``admit`` (the server's cap, one session per CompID); why a Logon
@@ -87,6 +91,7 @@ class AcceptorPolicy:
         logon_timeout_s: float = 10.0,
         logout_timeout_s: float = 2.0,
         resend_timeout_s: float = 10.0,
+        seq_reserve: int = 1000,
     ) -> None:
         self.comp_id = comp_id
         self.allowed = frozenset(allowed)
@@ -95,6 +100,7 @@ class AcceptorPolicy:
         self.logon_timeout_s = logon_timeout_s
         self.logout_timeout_s = logout_timeout_s
         self.resend_timeout_s = resend_timeout_s
+        self.seq_reserve = seq_reserve  # our numbers saved this far ahead while a session runs
 
 
 def _no_request(req: MdRequest) -> None:
@@ -138,6 +144,8 @@ class AcceptorSession:
         self._buf: list[bytes] = []
         self._store: SequenceStore | None = None
         self._out: Outbound | None = None
+        self._reserved = 0  # the store holds a next_out at least this high (this session)
+        self._saved_in = 0
         self._in_seq = 1
         self._started = self._last_received = monotonic()
         self._logout_at = 0.0
@@ -169,9 +177,14 @@ class AcceptorSession:
         self._buf.append(data)
 
     def take_output(self) -> bytes:
-        """What to write now; both numbers are saved first (when they moved)."""
-        if self._store is not None and self._out is not None:
-            self._store.save(self._out.seq, self._in_seq)
+        """What to write now; the store first covers every number in it (see the module)."""
+        store, outbound = self._store, self._out
+        if store is not None and outbound is not None:
+            if outbound.seq > self._reserved or self._in_seq != self._saved_in:
+                if outbound.seq > self._reserved:
+                    self._reserved = outbound.seq + self.policy.seq_reserve
+                store.save(self._reserved, self._in_seq)
+                self._saved_in = self._in_seq
         out = b"".join(self._buf)
         self._buf.clear()
         return out
@@ -197,9 +210,11 @@ class AcceptorSession:
             self.close_reason = text
 
     def disconnected(self) -> None:
-        """The link is gone: save the numbers (``take_output`` does) and close."""
+        """The link is gone: close, and save both numbers exactly (nothing more is sent)."""
         self._close(self.close_reason or "disconnected")
-        self.take_output()
+        self._buf.clear()
+        if self._store is not None and self._out is not None:
+            self._store.save(self._out.seq, self._in_seq)
 
     def poll(self) -> None:
         """Timers: logon timeout, heartbeats, TestRequest, dead peer, unanswered resend."""
