@@ -179,15 +179,17 @@ class AcceptorSession:
     def take_output(self) -> bytes:
         """What to write now; the store first covers every number in it (see the module)."""
         store, outbound = self._store, self._out
-        if store is not None and outbound is not None:
-            if outbound.seq > self._reserved or self._in_seq != self._saved_in:
-                if outbound.seq > self._reserved:
-                    self._reserved = outbound.seq + self.policy.seq_reserve
-                store.save(self._reserved, self._in_seq)
-                self._saved_in = self._in_seq
+        if store is not None and outbound is not None and self._store_behind(outbound.seq):
+            if outbound.seq > self._reserved:
+                self._reserved = outbound.seq + self.policy.seq_reserve
+            store.save(self._reserved, self._in_seq)
+            self._saved_in = self._in_seq
         out = b"".join(self._buf)
         self._buf.clear()
         return out
+
+    def _store_behind(self, next_out: int) -> bool:
+        return next_out > self._reserved or self._in_seq != self._saved_in
 
     def feed(self, data: bytes) -> None:
         for frame in self._framer.feed(data):
