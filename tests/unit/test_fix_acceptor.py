@@ -365,7 +365,9 @@ def test_logout_handshake_from_the_peer(rig: Rig) -> None:
     assert rig.session.closed
 
 
-def test_our_logout_waits_for_the_answer_then_closes(rig: Rig, clock: Clock) -> None:
+def test_our_logout_waits_for_the_answer_then_closes(
+    rig: Rig, clock: Clock, view: WorldView, tmp_path: Path
+) -> None:
     rig.logon()
     rig.session.logout("daemon stopping")
     out = rig.out()
@@ -374,7 +376,7 @@ def test_our_logout_waits_for_the_answer_then_closes(rig: Rig, clock: Clock) -> 
     assert not rig.session.closed
     assert rig.send("5") == []  # the answer: nothing more to say
     assert rig.session.closed
-    other = Rig(rig.stores[0].path.parent, clock, rig.dist._view)
+    other = Rig(tmp_path, clock, view)
     other.logon()
     other.session.logout("daemon stopping")
     clock.now += 2.0
