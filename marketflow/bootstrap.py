@@ -33,7 +33,9 @@ from marketflow.adapters.feeds.generator import build_generator_source
 from marketflow.adapters.feeds.replay import build_file_source
 from marketflow.adapters.feeds.tcp_json import build_json_source
 from marketflow.adapters.feeds.websocket import build_websocket_source
+from marketflow.adapters.fix.acceptor import AcceptorPolicy, AcceptorSession, Refusal
 from marketflow.adapters.fix.dictionary import FixDictionary
+from marketflow.adapters.fix.seq_store import SequenceStore
 from marketflow.adapters.postgres.archive_source import ArchiveSource
 from marketflow.adapters.postgres.database import Database, open_database
 from marketflow.adapters.postgres.minute_store import PostgresMinuteStore
@@ -42,6 +44,7 @@ from marketflow.adapters.sqlite.minute_store import open_sqlite
 from marketflow.app.aggregator import Aggregator
 from marketflow.app.archive import Archiver, DayResult, exit_code
 from marketflow.app.capture import CaptureService
+from marketflow.app.fix_distribution import Distribution
 from marketflow.app.health import HealthReport
 from marketflow.app.ingest import RunningSource
 from marketflow.app.loop_health import LoopHealth
@@ -58,6 +61,7 @@ from marketflow.domain.errors import ConfigError, StoreUnavailable
 from marketflow.domain.feeds import Source
 from marketflow.domain.ports import MinuteStore, PriceCache
 from marketflow.domain.ticks import TickBatch
+from marketflow.entrypoints.fix_server import FixServer
 from marketflow.entrypoints.http_api import build_app
 from marketflow.entrypoints.http_common import ControlGuard, JsonErrorsRunner, rfc3339
 from marketflow.entrypoints.http_messages import add_message_routes
@@ -119,6 +123,7 @@ class Daemon:
         self.capture_listener: CaptureListener | None = None
         self.world_view: WorldView
         self._capture_store: CaptureStore | None = None
+        self.fix_server: FixServer | None = None
         self.died = asyncio.Event()  # set when a core task fails: the daemon must stop
         # Latency histograms shared by the writer and the aggregator (/metrics, /health).
         self.metrics = PipelineMetrics()
@@ -223,6 +228,8 @@ class Daemon:
             if s.capture.enabled:
                 await self._start_capture()
             await self._start_http(store_embedded, cache_embedded)
+            if s.fix_server.enabled:
+                await self._start_fix_server()
         log.info(
             "started mode=%s storage=%s%s cache=%s%s http=%s:%s",
             self.modes.mode,
@@ -276,6 +283,9 @@ class Daemon:
     def _stream_health(self) -> dict[str, Any]:
         return {} if self.stream is None else {"stream": self.stream.stats()}
 
+    def _fix_server_health(self) -> dict[str, Any]:
+        return {} if self.fix_server is None else {"fix_server": self.fix_server.stats()}
+
     def _capture_health(self) -> dict[str, Any]:
         if self.capture is None or self.capture_listener is None:
             return {}
@@ -305,6 +315,7 @@ class Daemon:
                 "http": guard.stats(),
                 **self._stream_health(),
                 **self._archive_health(),
+                **self._fix_server_health(),
             },
             loop=loop,
         )
@@ -375,6 +386,38 @@ class Daemon:
                 "days": len(results),
                 "at_ms": wall_clock_ms(),
             }
+
+    # -- FIX market-data server (issue 13): the world view to downstream FIX initiators ------
+    async def _start_fix_server(self) -> None:
+        """Closed first on stop (last pushed): every session gets its Logout while the
+        pipeline still runs."""
+        s = self.settings
+        fs = s.fix_server
+        distribution = Distribution(self.world_view, s.pairs, s.world_view.max_depth)
+        self.world_view.subscribe(distribution.mark)
+        policy = AcceptorPolicy(
+            fs.comp_id, fs.allowed_comp_ids, heartbeat_min_s=fs.heartbeat_min_s,
+            heartbeat_max_s=fs.heartbeat_max_s, logon_timeout_s=fs.logon_timeout_s,
+            logout_timeout_s=fs.logout_timeout_s,
+        )  # fmt: skip
+        seq_dir = s.embedded.data_dir / "fix_server"
+
+        def store_for(peer: str) -> SequenceStore:
+            return SequenceStore(seq_dir / f"{peer}.seq", fs.comp_id, peer)
+
+        def new_session(admit: Callable[[str], Refusal | None]) -> AcceptorSession:
+            return AcceptorSession(
+                policy, store_for, admit, monotonic=time.monotonic, wall_ms=wall_clock_ms
+            )
+
+        self.fix_server = FixServer(fs, distribution, new_session)
+        try:
+            await self.fix_server.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen for FIX on {fs.host}:{fs.port}: {exc.strerror or exc}"
+            ) from exc
+        self._exit.push_async_callback(self.fix_server.aclose)
 
     @property
     def http_port(self) -> int:

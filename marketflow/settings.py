@@ -211,6 +211,39 @@ class WorldViewSettings(_Frozen):
     max_depth: int = Field(10, ge=1, le=100)  # levels kept per venue and side; GET /book's cap
 
 
+class FixServerSettings(_Frozen):
+    """The FIX market-data server for downstream consumers (FIX 4.4 acceptor): the world
+    view's best bid/offer and merged book as 35=W / 35=X. Loopback by default; only the
+    SenderCompIDs in ``allowed_comp_ids`` may log on. Off by default (a fixed port)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(9878, ge=0, le=65535)
+    comp_id: str = Field("MARKETFLOW", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    allowed_comp_ids: tuple[str, ...] = ()
+    max_sessions: int = Field(16, ge=1, le=10_000)
+    heartbeat_min_s: int = Field(1, ge=1, le=3600)  # a Logon's HeartBtInt (108) must be within
+    heartbeat_max_s: int = Field(300, ge=1, le=3600)
+    cadence_ms: int = Field(100, ge=1, le=10_000)  # coalesced updates: one flush per cadence
+    logon_timeout_s: float = Field(10.0, gt=0)  # a connection without a Logon is closed
+    logout_timeout_s: float = Field(2.0, gt=0)  # our Logout unanswered this long: close
+    max_buffer_bytes: int = Field(4 * 1024 * 1024, ge=65536)  # a consumer this far behind: cut
+
+    @field_validator("allowed_comp_ids")
+    @classmethod
+    def _comp_ids(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not v or "\x01" in v or "/" in v or v.startswith(".") for v in value):
+            msg = "allowed_comp_ids must be non-empty CompIDs (no SOH, '/', leading '.')"
+            raise ValueError(msg)
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> FixServerSettings:
+        if self.heartbeat_min_s > self.heartbeat_max_s:
+            raise ValueError("fix_server.heartbeat_min_s is above heartbeat_max_s")
+        return self
+
+
 class TestModeSettings(_Frozen):
     """The synthetic generator used in test mode."""
 
@@ -334,6 +367,7 @@ class Settings(BaseSettings):
     test_mode: TestModeSettings = TestModeSettings()
     capture: CaptureSettings = CaptureSettings()
     world_view: WorldViewSettings = WorldViewSettings()
+    fix_server: FixServerSettings = FixServerSettings()
     stream: StreamSettings = StreamSettings()
     node: NodeSettings = NodeSettings()
     kafka: KafkaSettings = KafkaSettings()

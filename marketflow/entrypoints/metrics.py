@@ -129,6 +129,9 @@ class DaemonCollector(Collector):
                 "Control requests refused for a missing or wrong bearer token",
                 value=http.get("control_unauthorized", 0),
             )
+        fix_server = doc.get("fix_server")
+        if fix_server:
+            yield from _fix_server_metrics(fix_server)
         yield from self._pipeline_metrics(doc)
 
     # -- latency histograms, book updates, prices (pipeline_metrics.py, http_metrics.py) ----
@@ -200,6 +203,34 @@ class DaemonCollector(Collector):
                 "route",
                 self._http.by_route,
             )
+
+
+def _fix_server_metrics(fs: Mapping[str, Any]) -> Iterator[Metric]:
+    """The FIX market-data server (issue 13): sessions, logons refused by reason (a fixed
+    set of kinds), what was sent. No label per CompID or symbol."""
+    yield GaugeMetricFamily(
+        "marketflow_fix_server_sessions", "FIX market-data sessions logged on", value=fs["sessions"]
+    )
+    yield CounterMetricFamily(
+        "marketflow_fix_server_logons", "FIX market-data logons accepted", value=fs["logons"]
+    )
+    refused = CounterMetricFamily(
+        "marketflow_fix_server_refused_logons",
+        "FIX market-data connections refused at logon, by reason",
+        labels=["reason"],
+    )
+    for reason, n in fs["refused"].items():
+        refused.add_metric([reason], n)
+    yield refused
+    for key, help_text in (
+        ("messages_sent", "FIX messages sent to market-data subscribers"),
+        ("snapshots_sent", "35=W snapshots sent"),
+        ("incrementals_sent", "35=X incremental refreshes sent"),
+        ("request_rejects", "35=Y market-data request rejects sent"),
+        ("garbled", "Unreadable frames received from subscribers (ignored or dropped)"),
+        ("slow_closed", "Subscribers disconnected for a send buffer past the bound"),
+    ):
+        yield CounterMetricFamily(f"marketflow_fix_server_{key}", help_text, value=fs[key])
 
 
 def _histogram(name: str, help_text: str, h: Histogram) -> HistogramMetricFamily:
