@@ -270,6 +270,9 @@ class Daemon:
         await self.diagnostics.start()
         self._exit.push_async_callback(self.diagnostics.aclose)
 
+    def _diagnostics_health(self) -> dict[str, Any]:
+        return {} if self.diagnostics is None else {"diagnostics": self.diagnostics.status()}
+
     def _queue_depths(self) -> dict[str, int]:
         return {"fanin": self.fanin.qsize(), **{r.name: r.queue.qsize() for r in
                                                 self.modes.running()}}  # fmt: skip
@@ -316,7 +319,12 @@ class Daemon:
             cache_embedded,
             self.fanin.qsize,
             wall_clock_ms,
-            lambda: {**self._capture_health(), "http": guard.stats(), **self._stream_health()},
+            lambda: {
+                **self._capture_health(),
+                "http": guard.stats(),
+                **self._stream_health(),
+                **self._diagnostics_health(),
+            },
             loop=loop,
         )
         queries = PriceQueries(
@@ -328,7 +336,9 @@ class Daemon:
             wall_clock_ms,
         )
         http_metrics = HttpMetrics()  # request duration per route pattern
-        metrics_text = metrics_renderer(report, s.pairs, http_metrics, self._bbo_spread)
+        metrics_text = metrics_renderer(
+            report, s.pairs, http_metrics, self._bbo_spread, stream=self.stream
+        )
         stream = None if self.stream is None else (self.stream, s.stream)
         app = build_app(
             queries, self.modes, report, metrics_text, guard, self.world_view, stream=stream

@@ -131,6 +131,8 @@ async def test_the_daemon_on_postgres_writes_its_node_row_and_serves_it(
             url = f"http://127.0.0.1:{daemon.http_port}/diagnostics?node=node-x"
             async with http.get(url) as resp:
                 status, body = resp.status, await resp.json()
+            async with http.get(f"http://127.0.0.1:{daemon.http_port}/health") as resp:
+                health = (await resp.json())["diagnostics"]
     finally:
         await daemon.stop()
 
@@ -140,3 +142,5 @@ async def test_the_daemon_on_postgres_writes_its_node_row_and_serves_it(
     assert row["ticks_in"] > 0
     assert row["ticks_out"] > 0
     assert "fanin" in row["queue_depths"]
+    assert health == {"node": "node-x", "role": "all", "rows_written": 1, "rows_pending": 0,
+                      "rows_dropped": 0, "last_error": None}  # fmt: skip
