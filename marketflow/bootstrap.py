@@ -39,11 +39,13 @@ from marketflow.adapters.fix.seq_store import SequenceStore
 from marketflow.adapters.postgres.archive_source import ArchiveSource
 from marketflow.adapters.postgres.database import Database, open_database
 from marketflow.adapters.postgres.minute_store import PostgresMinuteStore
+from marketflow.adapters.postgres.pipeline_stats import PostgresPipelineStats
 from marketflow.adapters.spill_file import JsonlSpillFile
 from marketflow.adapters.sqlite.minute_store import open_sqlite
 from marketflow.app.aggregator import Aggregator
 from marketflow.app.archive import Archiver, DayResult, exit_code
 from marketflow.app.capture import CaptureService
+from marketflow.app.diagnostics import DiagnosticsWriter, node_name, read_totals
 from marketflow.app.fix_distribution import Distribution
 from marketflow.app.health import HealthReport
 from marketflow.app.ingest import RunningSource
@@ -64,6 +66,7 @@ from marketflow.domain.ticks import TickBatch
 from marketflow.entrypoints.fix_server import FixServer
 from marketflow.entrypoints.http_api import build_app
 from marketflow.entrypoints.http_common import ControlGuard, JsonErrorsRunner, rfc3339
+from marketflow.entrypoints.http_diagnostics import add_diagnostics_routes
 from marketflow.entrypoints.http_messages import add_message_routes
 from marketflow.entrypoints.http_metrics import HttpMetrics
 from marketflow.entrypoints.metrics import metrics_renderer
@@ -130,6 +133,7 @@ class Daemon:
         # -- streaming (issue 13): bbo/book channels and venue status from the world view
         self.stream: StreamHub | None = None  # with HTTP only: /stream and /stream/sse
         self._archive_last_run: dict[str, Any] | None = None  # -- archive (issue 14)
+        self.diagnostics: DiagnosticsWriter | None = None  # with HTTP and PostgreSQL only
 
     def _live_sources(self) -> Sequence[Source[Any]]:
         agg = self.aggregator
@@ -225,6 +229,7 @@ class Daemon:
         self._exit.push_async_callback(self._drain_sources)
         await self.modes.switch(mode or s.mode)
         if self._serve_http:
+            await self._start_diagnostics()
             if s.capture.enabled:
                 await self._start_capture()
             await self._start_http(store_embedded, cache_embedded)
@@ -264,6 +269,32 @@ class Daemon:
                 f"cannot listen for FIX capture on {s.capture.host}:{s.capture.port}: "
                 f"{exc.strerror or exc}"
             ) from exc
+
+    # -- pipeline diagnostics (issue 14): a pipeline_stats row per minute, GET /diagnostics
+    async def _start_diagnostics(self) -> None:
+        """On PostgreSQL only: the embedded (SQLite) storage keeps no diagnostics rows."""
+        if self._db is None:
+            log.info("diagnostics_not_kept reason=embedded_storage")
+            return
+        s = self.settings
+        self.diagnostics = DiagnosticsWriter(
+            PostgresPipelineStats(self._db),
+            node_name(s.node.id),
+            s.node.role,
+            lambda: read_totals(self.modes.statuses.values(), self.aggregator.ticks_folded),
+            self._queue_depths,
+            self.metrics.take_minute_writes,
+            wall_clock_ms,
+        )
+        await self.diagnostics.start()
+        self._exit.push_async_callback(self.diagnostics.aclose)
+
+    def _diagnostics_health(self) -> dict[str, Any]:
+        return {} if self.diagnostics is None else {"diagnostics": self.diagnostics.status()}
+
+    def _queue_depths(self) -> dict[str, int]:
+        return {"fanin": self.fanin.qsize(), **{r.name: r.queue.qsize() for r in
+                                                self.modes.running()}}  # fmt: skip
 
     def _bbo_spread(self, pair: str) -> float | None:
         doc = self.world_view.bbo(pair)
@@ -316,6 +347,7 @@ class Daemon:
                 **self._stream_health(),
                 **self._archive_health(),
                 **self._fix_server_health(),
+                **self._diagnostics_health(),
             },
             loop=loop,
         )
@@ -328,7 +360,9 @@ class Daemon:
             wall_clock_ms,
         )
         http_metrics = HttpMetrics()  # request duration per route pattern
-        metrics_text = metrics_renderer(report, s.pairs, http_metrics, self._bbo_spread)
+        metrics_text = metrics_renderer(
+            report, s.pairs, http_metrics, self._bbo_spread, stream=self.stream
+        )
         stream = None if self.stream is None else (self.stream, s.stream)
         app = build_app(
             queries, self.modes, report, metrics_text, guard, self.world_view, stream=stream
@@ -336,6 +370,7 @@ class Daemon:
         http_metrics.install(app)
         if self.capture is not None:
             add_message_routes(app, self.capture)
+        add_diagnostics_routes(app, self.diagnostics.store if self.diagnostics else None)
         self._runner = JsonErrorsRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         self._exit.push_async_callback(self._runner.cleanup)

@@ -271,7 +271,7 @@ class MinuteWriter:
         says more about the timeout than about the store)."""
         started = self._timer()
         await self.store.upsert_minutes(rows, marks)
-        self.metrics.minute_write.observe(self._timer() - started)
+        self.metrics.minute_written(self._timer() - started)
 
     async def _drain_spill(self) -> None:
         """Write the spill file in order, in chunks of ``max_in_memory`` rows, then delete it."""

@@ -6,7 +6,8 @@ batch, never per tick (a tick's budget is about a microsecond).
   of the flush waited before a reader could see it in the cache (a tick received later
   waited less). The aggregator keeps that oldest receipt per source per batch (one compare);
   while the cache is down it is kept, so the write after the outage observes the outage.
-- ``minute_write``: the duration of one successful minute-row write batch (``MinuteWriter``).
+- ``minute_write``: the duration of one successful minute-row write batch (``MinuteWriter``);
+  the diagnostics row (app/diagnostics.py) takes the minute's durations for its p50/p99.
 - ``book_updates``: top-of-book updates folded, per venue (``TickBatch.books`` per batch).
 
 ``/metrics`` exports the histograms (``entrypoints/metrics.py``); ``/health`` shows p50/p99 of
@@ -74,6 +75,20 @@ class PipelineMetrics:
         self.recent_tick_to_cache = RecentSummary()
         self.minute_write = Histogram(MINUTE_WRITE_BUCKETS_S)
         self.book_updates: dict[str, int] = {}  # venue -> updates folded
+        # Minute-write durations since the diagnostics row last took them (app/diagnostics.py):
+        # one float per write batch, bounded should nobody take them.
+        self.minute_writes_unread: deque[float] = deque(maxlen=4096)
+
+    def minute_written(self, seconds: float) -> None:
+        """One successful minute-row write batch took ``seconds``."""
+        self.minute_write.observe(seconds)
+        self.minute_writes_unread.append(seconds)
+
+    def take_minute_writes(self) -> list[float]:
+        """The write durations observed since the last call (the diagnostics row's)."""
+        taken = list(self.minute_writes_unread)
+        self.minute_writes_unread.clear()
+        return taken
 
     def cache_written(self, oldest_received: Mapping[str, int], written_ms: int) -> None:
         """A cache write acknowledged at ``written_ms`` (wall clock) carried the ticks of each

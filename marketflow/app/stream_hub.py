@@ -210,6 +210,9 @@ class StreamHub:
         self.subscriptions_refused = 0
         self.bad_messages = 0
         self.rounds = 0
+        # /metrics per channel ("control": subscribed, unsubscribed and error frames)
+        self.frames_by_channel: dict[str, int] = dict.fromkeys((*CHANNELS, "control"), 0)
+        self.conflated_by_channel: dict[str, int] = dict.fromkeys(CHANNELS, 0)
         if view is not None:
             view.subscribe(self.view_changed)
             view.subscribe_status(self.publish_status)
@@ -471,6 +474,7 @@ class StreamHub:
         if not sub.outbox and not sub.sending and sub.sink.try_send(frame):
             sub.frames_sent += 1
             self.frames_sent += 1
+            self.frames_by_channel[frame.channel or "control"] += 1
             self.bytes_sent += len(frame.body)
             return
         sub.outbox.append(frame)
@@ -490,6 +494,7 @@ class StreamHub:
                 sub.sending = False
                 sub.frames_sent += 1
                 self.frames_sent += 1
+                self.frames_by_channel[frame.channel or "control"] += 1
                 self.bytes_sent += len(frame.body)
         except ConnectionError:
             self.disconnect(sub)
@@ -570,6 +575,7 @@ class StreamHub:
                 if key in held:  # an update it will never see: the newer one wins
                     sub.conflated += 1
                     self.conflated += 1
+                    self.conflated_by_channel[channel] += 1
                 held[key] = body
                 sub.behind += len(body)
         if caught_up and sub.pending:

@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 from marketflow.app.health import HealthReport
 from marketflow.app.loop_health import Histogram, LoopHealth
 from marketflow.app.pipeline_metrics import PipelineMetrics
+from marketflow.app.stream_hub import StreamHub
 from marketflow.entrypoints.http_metrics import HttpMetrics
 
 # The per-source families: (kind, name, help, value from the source's /health entry or None).
@@ -50,11 +51,13 @@ class DaemonCollector(Collector):
         pairs: Sequence[str] = (),
         http: HttpMetrics | None = None,
         spread: Callable[[str], float | None] | None = None,
+        stream: StreamHub | None = None,
     ) -> None:
         self._report = report
         self._pairs = tuple(pairs)
         self._http = http
         self._spread = spread
+        self._stream = stream
 
     def collect(self) -> Iterator[Metric]:
         doc = self._report.build()
@@ -112,6 +115,10 @@ class DaemonCollector(Collector):
             "1 when the price cache accepts writes",
             value=1.0 if doc["redis"]["state"] != "down" else 0.0,
         )
+        yield from self._optional_metrics(doc)
+
+    def _optional_metrics(self, doc: Mapping[str, Any]) -> Iterator[Metric]:
+        """The families of parts that may be off: capture, loop, HTTP, FIX server, stream."""
         cap = doc.get("capture")
         if cap:
             for key in ("accepted", "rejected_total", "filtered", "stored", "bytes"):
@@ -133,6 +140,13 @@ class DaemonCollector(Collector):
         if fix_server:
             yield from _fix_server_metrics(fix_server)
         yield from self._pipeline_metrics(doc)
+        yield CounterMetricFamily(
+            "marketflow_ticks_folded",
+            "Ticks folded into the windows (ticks out of ingest: pipeline_stats ticks_out)",
+            value=doc["ticks"],
+        )
+        if self._stream is not None:
+            yield from stream_metrics(self._stream)
 
     # -- latency histograms, book updates, prices (pipeline_metrics.py, http_metrics.py) ----
 
@@ -270,15 +284,51 @@ def _loop_metrics(loop: LoopHealth) -> Iterator[Metric]:
     yield gens
 
 
+# -- the stream hub (GET /stream, /stream/sse): labels per channel only, never per client
+def stream_metrics(hub: StreamHub) -> Iterator[Metric]:
+    """The hub's figures of /health ``stream``, per channel where they have one."""
+    stats = hub.stats()
+    yield GaugeMetricFamily(
+        "marketflow_stream_connections", "Open stream connections (WebSocket and SSE)",
+        value=stats["connections"],
+    )  # fmt: skip
+    subscribers = GaugeMetricFamily(
+        "marketflow_stream_subscribers", "Stream clients subscribed per channel",
+        labels=["channel"],
+    )  # fmt: skip
+    for channel, n in stats["subscribers"].items():
+        subscribers.add_metric([channel], n)
+    yield subscribers
+    for name, help_text, by_channel in (
+        ("marketflow_stream_frames_sent", "Stream frames sent per channel (control: "
+         "subscribed, unsubscribed, error)", hub.frames_by_channel),
+        ("marketflow_stream_conflated", "Stream updates a behind client never saw (a newer "
+         "one replaced them), per channel", hub.conflated_by_channel),
+    ):  # fmt: skip
+        family = CounterMetricFamily(name, help_text, labels=["channel"])
+        for channel, n in by_channel.items():
+            family.add_metric([channel], n)
+        yield family
+    for key, help_text in (
+        ("bytes_sent", "Stream bytes sent (frame bodies)"),
+        ("slow_closed", "Stream clients closed with 1008 (too far behind)"),
+        ("connections_refused", "Stream connections refused (stream.max_connections, 503)"),
+        ("subscriptions_refused", "Stream subscriptions refused (stream.max_subscriptions)"),
+    ):
+        yield CounterMetricFamily(f"marketflow_stream_{key}", help_text, value=stats[key])
+
+
 def metrics_renderer(
     report: HealthReport,
     pairs: Sequence[str] = (),
     http: HttpMetrics | None = None,
     spread: Callable[[str], float | None] | None = None,
+    stream: StreamHub | None = None,
 ) -> Callable[[], bytes]:
     """The /metrics body, collected from ``report`` at every scrape; ``pairs`` (the configured
     ones) bound ``marketflow_latest_price`` and ``marketflow_bbo_spread``; ``http`` adds the
-    request-duration histogram; ``spread`` (pair -> the world view's spread) the BBO spread."""
+    request-duration histogram; ``spread`` (pair -> the world view's spread) the BBO spread;
+    ``stream`` the stream hub's families."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(report, pairs, http, spread))
+    registry.register(DaemonCollector(report, pairs, http, spread, stream))
     return lambda: generate_latest(registry)

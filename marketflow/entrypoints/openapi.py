@@ -380,6 +380,48 @@ def _dashboard_paths() -> dict[str, Any]:
     }  # fmt: skip
 
 
+# -- pipeline diagnostics (issue 14): GET /diagnostics (http_diagnostics.py)
+def _diagnostics_paths() -> dict[str, Any]:
+    params = [
+        _query("node", "one node's rows (its node.id); omitted: every node",
+               {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,128}$"}),
+        _query("since", "minutes from this one on: RFC 3339 with a zone, or Unix ms",
+               {"type": "string"}),
+        _query("limit", "1..1440 (default 60)", {"type": "integer", "minimum": 1,
+                                                 "maximum": 1440}),
+    ]  # fmt: skip
+    return {"/diagnostics": {"get": {
+        "summary": "pipeline_stats: one row per node and minute, newest first",
+        "parameters": params,
+        "responses": {"200": _ok("the rows", "#/components/schemas/Diagnostics"),
+                      "400": _BAD_REQUEST, "503": _UNAVAILABLE},
+    }}}  # fmt: skip
+
+
+def _diagnostics_schemas() -> dict[str, Any]:
+    counts = {"type": "object", "additionalProperties": {"type": "integer"}}
+    row = {
+        "type": "object",
+        "required": ["node", "role", "minute", "ticks_in", "ticks_out", "rejects", "reconnects",
+                     "lag_by_partition", "queue_depths", "write_latency_ms", "written_at"],
+        "properties": {
+            "node": {"type": "string"}, "role": {"type": "string"}, "minute": _TIMESTAMP,
+            "ticks_in": {"type": "integer"}, "ticks_out": {"type": "integer"},
+            "rejects": counts, "reconnects": {"type": "integer"},
+            "lag_by_partition": counts, "queue_depths": counts,
+            "write_latency_ms": {"type": "object", "required": ["n", "p50", "p99"],
+                                 "properties": {"n": {"type": "integer"},
+                                                "p50": {"type": "number"},
+                                                "p99": {"type": "number"}}},
+            "written_at": _TIMESTAMP,
+        },
+    }  # fmt: skip
+    return {"Diagnostics": {"type": "object", "required": ["rows", "stored"], "properties": {
+        "rows": {"type": "array", "items": row},
+        "stored": {"type": "boolean", "description": "false: embedded storage keeps none"},
+    }}}  # fmt: skip
+
+
 def document() -> dict[str, Any]:
     """Every operation of every route module (a fresh copy: callers may change it)."""
     return {
@@ -399,9 +441,15 @@ def document() -> dict[str, Any]:
             **_worldview_paths(),
             **_stream_paths(),
             **_dashboard_paths(),
+            **_diagnostics_paths(),
         },
         "components": {
-            "schemas": {**_price_schemas(), **_other_schemas(), **_worldview_schemas()},
+            "schemas": {
+                **_price_schemas(),
+                **_other_schemas(),
+                **_worldview_schemas(),
+                **_diagnostics_schemas(),
+            },
             "securitySchemes": {"controlToken": {"type": "http", "scheme": "bearer"}},
         },
     }

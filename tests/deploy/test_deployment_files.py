@@ -27,6 +27,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from marketflow.devstack import SIMULATORS
 from marketflow.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -236,7 +237,7 @@ def test_every_command_runs_an_existing_module_with_accepted_flags(
 
     assert parsed["marketflow"][0] == "marketflow"
     assert str(parsed["systemd ExecStart"][1].config) == IMAGE_CONFIG
-    for name in ("exchange1", "exchange2", "exchange3", "fixvenue"):
+    for name in ("exchange1", "exchange2", "exchange3", "fixvenue", "fixvenue2", "wsvenue"):
         assert parsed[name][0] == "marketflow.simulator"
     with pytest.raises(pytest.fail.Exception, match="rejected"):
         parsed_args(monkeypatch, ["python", "-m", "marketflow", "--bogus-flag"])
@@ -274,6 +275,22 @@ def test_ports_and_hosts_match_what_the_daemon_and_simulators_use(
     for name, service in services.items():
         for dep in service.get("depends_on", {}):
             assert dep in services, f"{name} depends on unknown service {dep}"
+
+
+def test_compose_runs_every_venue_make_run_starts_with_the_same_options(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    by_port = {}
+    for name, service in _marketflow_services(compose()):
+        if "command" in service and service["command"][2] == "marketflow.simulator":
+            by_port[parsed_args(monkeypatch, service["command"])[1].port] = name
+    for protocol, port, extra in SIMULATORS:
+        assert port in by_port, f"make run starts a {protocol} venue on {port}; compose does not"
+        argv = ["python", "-m", "marketflow.simulator", "--protocol", protocol,
+                "--port", str(port), *extra]  # fmt: skip
+        made = vars(parsed_args(monkeypatch, argv)[1])
+        command = compose()["services"][by_port[port]]["command"]
+        assert {**made, "host": "0.0.0.0"} == vars(parsed_args(monkeypatch, command)[1])
 
 
 # -- the systemd unit --------------------------------------------------------------------------

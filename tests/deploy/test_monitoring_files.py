@@ -147,7 +147,10 @@ def test_dashboard_has_the_required_panels_on_the_provisioned_datasource() -> No
                    "marketflow_http_request_duration_seconds_bucket",
                    "marketflow_minute_write_duration_seconds_bucket", "marketflow_latest_price",
                    "marketflow_bbo_spread", "marketflow_reconnects_total",
-                   "marketflow_queue_depth", "marketflow_book_updates_total"):  # fmt: skip
+                   "marketflow_queue_depth", "marketflow_book_updates_total",
+                   "marketflow_stream_subscribers", "marketflow_stream_frames_sent_total",
+                   "marketflow_stream_conflated_total", "marketflow_stream_slow_closed_total",
+                   "marketflow_ticks_folded_total"):  # fmt: skip
         assert needle in exprs, needle
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
 

@@ -14,6 +14,7 @@ import math
 import re
 import shutil
 import socket
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,17 +27,17 @@ import pytest
 import yaml
 
 from tests.deploy.monitoring import ALERTS, PanelQuery, documented_families, panel_queries
-from tests.e2e.conftest import daemon_config
+from tests.e2e.conftest import PAIRS, daemon_config
 from tests.e2e.procs import Daemon, Proc, Simulator, poll
 from tests.e2e.scripted import ScriptedFeed, tick, wall_ms
 from tests.harness.services import PostgresServer, RedisServer, free_port
 
 pytestmark = pytest.mark.e2e
 
-# Panel queries of features on other branches, not merged yet: the world view's BBO spread and
-# the stream hub's families. Their queries must be valid and may return nothing here. The lead
-# removes each entry when the branch that exports it is merged (then its panel must have data).
-AWAITING_FEATURES = frozenset({"marketflow_stream_"})
+# Panel queries of features on other branches, not merged yet (none now). Their queries must
+# be valid and may return nothing here. The lead removes each entry when the branch that
+# exports it is merged (then its panel must have data).
+AWAITING_FEATURES: frozenset[str] = frozenset()
 
 SCRIPTED = "scripted"
 FIXVENUE = "fixvenue"
@@ -134,6 +135,10 @@ def prom_stack(
     # that collections (marketflow_gc_*) happen at this test's modest tick rate.
     config["pipeline"] = {**pipeline, "stale_after_s": 600.0, "gc_gen0_threshold": 700}
     config["http"] = {**cast(dict[str, object], config["http"]), "control_token": TOKEN}
+    # Small stream caps, so that the stream families' rare events happen (StreamClients).
+    config["stream"] = {"max_connections": STREAM_MAX_CONNECTIONS,
+                        "max_subscriptions": STREAM_MAX_SUBSCRIPTIONS,
+                        "max_buffered_bytes": 8192}  # fmt: skip
     capture = cast(dict[str, Any], config["capture"])
     config["exchanges"] = [
         *cast(list[dict[str, object]], config["exchanges"]),
@@ -171,6 +176,81 @@ def fix_message(msg_type: str, seq: int, *, checksum_delta: int = 0) -> bytes:
     return head + body + f"10={checksum:03d}\x01".encode()
 
 
+STREAM_MAX_CONNECTIONS = 3
+STREAM_MAX_SUBSCRIPTIONS = 8
+SLOW_CLIENT_S = 8.0  # a client that never reads is replaced by a new one after this long
+
+
+class StreamClients:
+    """Stream clients on raw sockets (SSE): one that reads its snapshot and leaves (frames
+    sent), one that never reads (conflated, then closed 1008), and the requests refused past
+    the subscription and connection caps."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.slow: list[tuple[float, socket.socket]] = []
+
+    def request(self, query: str, rcvbuf: int = 0) -> socket.socket:
+        s = socket.socket()
+        if rcvbuf:  # before connect: the window the client offers stays this small
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        s.settimeout(5)
+        s.connect(("127.0.0.1", self.port))
+        s.sendall(f"GET /stream/sse?{query} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        return s
+
+    @staticmethod
+    def read_until(s: socket.socket, marker: bytes) -> bytes:
+        got = b""
+        while marker not in got:
+            chunk = s.recv(65536)
+            assert chunk, f"closed before {marker!r}: {got[:300]!r}"
+            got += chunk
+        return got
+
+    def status(self, s: socket.socket) -> int:
+        return int(self.read_until(s, b"\r\n").split(b" ", 2)[1])
+
+    def answer(self, query: str) -> int:
+        with self.request(query) as s:
+            return self.status(s)
+
+    def read_snapshot(self) -> bool:
+        with self.request("channels=ticks,status") as reader:
+            if self.status(reader) != 200:
+                return False
+            self.read_until(reader, b"event: ticks")  # subscribed, then the snapshots
+            return True
+
+    def poke(self) -> None:
+        # (503 while the daemon has not yet seen that the last poke's clients went away)
+        poll(self.read_snapshot, bool, 10, "a stream client reads its snapshot")
+        assert 2 * len(PAIRS) > STREAM_MAX_SUBSCRIPTIONS
+        poll(lambda: self.answer(f"channels=ticks,bbo&symbols={','.join(PAIRS)}"),
+             lambda status: status == 400, 10, "a subscription over the cap refused")  # fmt: skip
+        now = time.monotonic()
+        if not self.slow or now - self.slow[-1][0] > SLOW_CLIENT_S:
+            for _, old in self.slow:
+                old.close()
+            slow = self.request("channels=ticks,bbo,book,aggregates,status", rcvbuf=1024)
+            self.slow = [(now, slow)] if self.status(slow) == 200 else []
+        held: list[socket.socket] = []
+        try:  # the slow client holds one connection (or has been closed): one more is refused
+            for _ in range(STREAM_MAX_CONNECTIONS + 1):
+                held.append(self.request("channels=ticks"))  # a closed one is seen at once
+                if self.status(held[-1]) == 503:
+                    break
+            else:
+                raise AssertionError("no stream connection was refused")
+        finally:
+            for c in held:
+                c.close()
+
+    def close(self) -> None:
+        for _, s in self.slow:
+            s.close()
+
+
 class Events:
     """Makes the rare events happen, again on every call, so their counters move."""
 
@@ -178,6 +258,7 @@ class Events:
         self.stack = stack
         self.seq = 0
         self.reconnects_asked = 0
+        self.stream = StreamClients(stack.daemon.port)
 
     def poke(self) -> None:
         s, now = self.stack, wall_ms()
@@ -194,6 +275,7 @@ class Events:
         self.seq += 3
         status, _ = s.daemon.request("POST", "/mode/live")  # no bearer token: 401, counted
         assert status == 401
+        self.stream.poke()
 
     def reconnect(self) -> None:
         """Close the scripted feed's connection: the daemon reconnects."""
@@ -228,6 +310,15 @@ def test_prometheus_scrapes_every_documented_family_moving_and_every_panel_has_d
 ) -> None:
     d, prom = prom_stack.daemon, prom_stack.prometheus
     events = Events(prom_stack)
+    try:
+        _scrapes_every_family_moving_and_every_panel_has_data(d, prom, events)
+    finally:
+        events.stream.close()
+
+
+def _scrapes_every_family_moving_and_every_panel_has_data(
+    d: Daemon, prom: Prometheus, events: Events
+) -> None:
     wait_target_up(prom, d)
     families = documented_families()
     assert families, "README 'Monitoring' has no metric table"

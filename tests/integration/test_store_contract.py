@@ -240,7 +240,7 @@ async def test_postgres_schema_is_versioned_and_reopening_migrates_nothing(pg_ds
         )
     finally:
         await conn.close()
-    assert [v[0] for v in versions] == [1, 2, 3, 4, 5]
+    assert [v[0] for v in versions] == [1, 2, 3, 4, 5, 6]
     assert ts_type == "timestamp with time zone"
 
 

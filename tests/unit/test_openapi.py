@@ -30,8 +30,10 @@ from schemathesis.specs.openapi.checks import (
 from marketflow.adapters.fix.dictionary import FixDictionary
 from marketflow.app.stream_hub import StreamHub
 from marketflow.domain.capture import EnrichedField, MessageQuery, StoredMessage, StoredReject
+from marketflow.domain.diagnostics import PipelineStatsRow
 from marketflow.domain.ticks import BookUpdate, TickBatch
 from marketflow.entrypoints.http_common import ControlGuard, JsonErrorsRunner
+from marketflow.entrypoints.http_diagnostics import add_diagnostics_routes
 from marketflow.entrypoints.http_messages import add_message_routes
 from marketflow.entrypoints.http_stream import add_stream_routes
 from marketflow.entrypoints.openapi import document, documented_operations, routed_operations
@@ -64,6 +66,22 @@ class Messages:
         return FixDictionary().enrich(fields)
 
 
+class Stats:
+    """A pipeline_stats store with one row."""
+
+    kind = "fake"
+    row = PipelineStatsRow("node-a", "all", T0 // 60_000 * 60_000, 10, 9, 1, {"bad_json": 1},
+                           {}, {"fanin": 0}, 2, 1.5, 3.0, T0)  # fmt: skip
+
+    async def write_stats(self, rows: Sequence[PipelineStatsRow]) -> None:
+        raise AssertionError("the API only reads")
+
+    async def read_stats(
+        self, node: str | None, since_ms: int | None, limit: int
+    ) -> list[PipelineStatsRow]:
+        return [self.row][:limit]
+
+
 def full_app() -> web.Application:
     """Every route of the daemon (capture on), on fakes, with some prices folded."""
     parts = build_test_app(ControlGuard(None))
@@ -76,6 +94,7 @@ def full_app() -> web.Application:
              BookUpdate("exchange2", "BTCUSDT", 100.5, None, T0)]  # fmt: skip
     parts.agg.fold(TickBatch("exchange1", {}, T0, 0, books=books))
     add_message_routes(parts.app, Messages())
+    add_diagnostics_routes(parts.app, Stats())
     add_stream_routes(parts.app, StreamHub(StreamSettings(), DEFAULT_PAIRS, parts.clock),
                       StreamSettings())  # fmt: skip
 

@@ -4,7 +4,8 @@ runner under one advisory lock (two daemons starting together do not race).
 Append-only: a released migration is never edited. A database made by an older version
 upgrades in place: versions 1-2 are the minute table as first released, 3 adds coverage,
 per-second parts and marks, 4 adopts the FIX audit trail tables, which older versions created
-outside the numbering (``IF NOT EXISTS``: existing tables and rows are kept).
+outside the numbering (``IF NOT EXISTS``: existing tables and rows are kept), 5 adds the
+pipeline diagnostics.
 """
 
 from __future__ import annotations
@@ -111,6 +112,30 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             horizon_ms bigint NOT NULL
         );
         INSERT INTO archive_horizon (horizon_ms) VALUES (0);
+        """,
+    ),
+    # -- pipeline diagnostics (issue 14): one row per node and minute (pipeline_stats.py)
+    (
+        6,
+        """
+        CREATE TABLE pipeline_stats (
+            node_id text NOT NULL,
+            minute timestamptz NOT NULL,
+            role text NOT NULL,
+            ticks_in bigint NOT NULL,
+            ticks_out bigint NOT NULL,
+            rejects jsonb NOT NULL,
+            reconnects bigint NOT NULL,
+            lag_by_partition jsonb NOT NULL,
+            queue_depths jsonb NOT NULL,
+            write_count integer NOT NULL,
+            write_p50_ms double precision NOT NULL,
+            write_p99_ms double precision NOT NULL,
+            written_at timestamptz NOT NULL,
+            PRIMARY KEY (node_id, minute)
+        );
+        -- GET /diagnostics without a node: the newest rows of every node.
+        CREATE INDEX pipeline_stats_minute_idx ON pipeline_stats (minute);
         """,
     ),
 )
