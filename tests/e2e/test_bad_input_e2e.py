@@ -289,8 +289,7 @@ def _request(d: Daemon, method: str, path: str) -> tuple[int, str]:
         conn.close()
 
 
-BAD_GETS = [
-    "/",
+BAD_GETS = [  # "/" is the dashboard (tests/e2e/test_dashboard_e2e.py)
     "/prices",
     "/prices/latest/",
     "/prices/latest//",
