@@ -16,17 +16,17 @@ import pytest
 import redis.asyncio as aioredis
 from hypothesis import settings
 
-# Hypothesis's per-example deadline is a timed assertion: on a machine shared with other jobs
-# an example that takes 270 ms instead of 200 fails a test that found nothing wrong.
-settings.register_profile("marketflow", deadline=None)
-settings.load_profile("marketflow")
-
 from tests.harness.services import (
     KafkaServer,
     PostgresServer,
     RedisServer,
     ServerBinaryMissing,
 )
+
+# Hypothesis's per-example deadline is a timed assertion: on a machine shared with other jobs
+# an example that takes 270 ms instead of 200 fails a test that found nothing wrong.
+settings.register_profile("marketflow", deadline=None)
+settings.load_profile("marketflow")
 
 
 def _postgres() -> PostgresServer:
