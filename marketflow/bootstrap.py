@@ -32,6 +32,7 @@ from marketflow.adapters.feeds.replay import build_file_source
 from marketflow.adapters.feeds.tcp_json import build_json_source
 from marketflow.adapters.feeds.websocket import build_websocket_source
 from marketflow.adapters.fix.dictionary import FixDictionary
+from marketflow.adapters.kafka.tick_consumer import KafkaTickConsumer
 from marketflow.adapters.postgres.database import Database
 from marketflow.adapters.postgres.minute_store import PostgresMinuteStore
 from marketflow.adapters.spill_file import JsonlSpillFile
@@ -43,6 +44,7 @@ from marketflow.app.ingest import RunningSource
 from marketflow.app.loop_health import LoopHealth
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.app.modes import Mode, ModeController
+from marketflow.app.partitions import PartitionOwner
 from marketflow.app.pipeline_metrics import PipelineMetrics
 from marketflow.app.queries import PriceQueries
 from marketflow.app.stream_hub import StreamHub
@@ -118,8 +120,12 @@ class Daemon:
         self.metrics = PipelineMetrics()
         # -- streaming (issue 13): bbo/book channels and venue status from the world view
         self.stream: StreamHub | None = None  # with HTTP only: /stream and /stream/sse
+        # -- the aggregate role (issue 14): ticks from Kafka instead of feeds
+        self.kafka_ticks: KafkaTickConsumer | None = None
 
     def _live_sources(self) -> Sequence[Source[Any]]:
+        if self.settings.node.role == "aggregate":
+            return []  # the ingest nodes read the feeds
         agg = self.aggregator
         return [
             live_source(ex, self.settings, functools.partial(agg.position, ex.name))
@@ -128,6 +134,8 @@ class Daemon:
 
     def _test_sources(self) -> Sequence[Source[Any]]:
         s = self.settings
+        if s.node.role == "aggregate":
+            return []
         return [
             build_generator_source(name, s.pairs, s.test_mode, i, wall_clock_ms)
             for i, name in enumerate(s.test_source_names())
@@ -150,6 +158,11 @@ class Daemon:
         self._exit.push_async_callback(self.store.aclose)
         self.cache, cache_embedded = await open_cache(s)
         self._exit.push_async_callback(self.cache.aclose)
+        if s.node.role == "aggregate" and (store_embedded or cache_embedded):
+            raise ConfigError(
+                "node.role 'aggregate' refuses the embedded stores: PostgreSQL and Redis must "
+                'be reachable (set unreachable_at_start = "wait" to wait for them)'
+            )
         spill_dir = s.embedded.data_dir / "spill"
         # -- world view: books of each folded batch, feed link states read at each flush
         self.world_view = WorldView(
@@ -197,7 +210,7 @@ class Daemon:
         )
         self.aggregator.on_books = self.world_view.on_books
         self.aggregator.on_flush = self.world_view.poll
-        if self._resume:
+        if self._resume and s.node.role != "aggregate":  # there: per partition taken over
             await self.aggregator.resume(self.store)
         if self.stream is not None:  # what the windows hold already is the ticks snapshot
             agg = self.aggregator
@@ -206,6 +219,8 @@ class Daemon:
         self._spawn(self.aggregator.run_flusher(), "flusher")
         self._exit.push_async_callback(self._finish_pipeline)
         self._exit.push_async_callback(self._drain_sources)
+        if s.node.role == "aggregate":
+            await self._start_aggregate_role()
         await self.modes.switch(mode or s.mode)
         if self._serve_http:
             if s.capture.enabled:
@@ -261,6 +276,29 @@ class Daemon:
             view=self.world_view,
         )
 
+    async def _start_aggregate_role(self) -> None:
+        """Consume the ticks topic in the aggregate group; stopped before the pipeline
+        drains, handing every partition back flushed."""
+        s = self.settings
+        owner = PartitionOwner(self.aggregator, self.store, self.writer, self.fanin)
+        consumer = KafkaTickConsumer(
+            s.kafka,
+            s.node.id or socket.gethostname(),
+            self.fanin,
+            owner,
+            symbols=frozenset(s.pairs),
+            max_price=s.pipeline.max_price,
+            clock=wall_clock_ms,
+        )
+        self.aggregator.on_flushed = consumer.flushed
+        self.metrics.bad_records = consumer.rejects.counts
+        await consumer.start()
+        self._exit.push_async_callback(consumer.aclose)
+        self.kafka_ticks = consumer
+
+    def _kafka_health(self) -> dict[str, Any]:
+        return {} if self.kafka_ticks is None else {"kafka": self.kafka_ticks.status()}
+
     def _stream_health(self) -> dict[str, Any]:
         return {} if self.stream is None else {"stream": self.stream.stats()}
 
@@ -288,7 +326,12 @@ class Daemon:
             cache_embedded,
             self.fanin.qsize,
             wall_clock_ms,
-            lambda: {**self._capture_health(), "http": guard.stats(), **self._stream_health()},
+            lambda: {
+                **self._capture_health(),
+                "http": guard.stats(),
+                **self._stream_health(),
+                **self._kafka_health(),
+            },
             loop=loop,
         )
         queries = PriceQueries(

@@ -74,6 +74,8 @@ class PipelineMetrics:
         self.recent_tick_to_cache = RecentSummary()
         self.minute_write = Histogram(MINUTE_WRITE_BUCKETS_S)
         self.book_updates: dict[str, int] = {}  # venue -> updates folded
+        # The aggregate role: bad tick records per reason (the Kafka consumer's counts, shared)
+        self.bad_records: dict[str, int] | None = None
 
     def cache_written(self, oldest_received: Mapping[str, int], written_ms: int) -> None:
         """A cache write acknowledged at ``written_ms`` (wall clock) carried the ticks of each
