@@ -11,8 +11,8 @@ stored marks. Kafka's committed offsets follow the marks after every cache write
 are informational (monitoring, tools), never where this node resumes.
 
 A fetch is handed on per partition and exchange (one queue item for many records), the mark
-on the last item of the partition's fetch. A fetch made before an assignment changed is
-dropped whole (``_epoch``): its positions predate the seeks. A record that fails to decode
+on the last item of the partition's fetch. A fetch begun before an assignment's seeks were
+done is dropped whole (``_epoch``): its records may predate the seeks. A record that fails to decode
 or validate is counted by reason, logged (sampled: the 1st, 2nd, 4th ... of a reason),
 copied to the dead-letter topic with its origin in headers, and skipped: the mark moves
 past it.
@@ -209,13 +209,16 @@ class KafkaTickConsumer:
                 await self._owner.take(sources, self._owns(new))
             for p in sorted(parts):
                 tp = TopicPartition(self._topic, p)
-                pos = self._owner.position(mark_source(self._topic, p))
-                if pos is None:
-                    await consumer.seek_to_beginning(tp)
-                else:
-                    consumer.seek(tp, pos)
-                self._next[p] = pos or 0
+                pos = self._owner.position(mark_source(self._topic, p)) or 0
+                # Offset 0 of a log whose head was deleted is out of range: the consumer
+                # resets it to the earliest offset (auto_offset_reset). seek_to_beginning()
+                # would wait here for a reset the rebalance in progress holds up.
+                consumer.seek(tp, pos)
+                self._next[p] = pos
             self._owned = parts
+            # Again after the seeks: a fetch begun while they were awaited may hold records
+            # of the positions before them.
+            self._epoch += 1
         log.info(
             "kafka_assigned node=%s partitions=%s positions=%s",
             self._node,
