@@ -32,6 +32,7 @@ from marketflow.adapters.feeds.replay import build_file_source
 from marketflow.adapters.feeds.tcp_json import build_json_source
 from marketflow.adapters.feeds.websocket import build_websocket_source
 from marketflow.adapters.fix.dictionary import FixDictionary
+from marketflow.adapters.kafka.dead_letters import replay_dead_letters
 from marketflow.adapters.kafka.tick_consumer import KafkaTickConsumer
 from marketflow.adapters.postgres.database import Database
 from marketflow.adapters.postgres.minute_store import PostgresMinuteStore
@@ -441,3 +442,11 @@ async def run_replay(settings: Settings, path: Path, speed: float) -> int:
     st = daemon.modes.statuses["replay"]
     log.info("replayed path=%s ticks=%d rejected=%d", path, st.ticks, st.rejects.total())
     return 0
+
+
+async def run_dead_letter_replay(
+    settings: Settings, from_offset: int, *, dry_run: bool = False
+) -> dict[str, object]:
+    """Dead letters that decode now back to the ticks topic (adapters/kafka/dead_letters.py)."""
+    summary = await replay_dead_letters(settings, from_offset, dry_run=dry_run)
+    return summary.as_dict()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -26,6 +27,7 @@ USAGE = """\
 Usage:
   marketflow [--port <N>] [--config <path>] [--role all|ingest|aggregate]
   marketflow replay <file> [--speed <X> | --max] [--config <path>]
+  marketflow dead-letters replay [--from-offset <N>] [--dry-run] [--config <path>]
   marketflow --help
 
 Options:
@@ -50,6 +52,21 @@ Options:
   --max          As fast as possible (same as --speed 0)
   --config PATH  TOML configuration (default: ./config.toml when present)
   --help         Show this screen
+"""
+
+DEAD_LETTERS_USAGE = """\
+Usage:
+  marketflow dead-letters replay [--from-offset <N>] [--dry-run] [--config <path>]
+
+Re-publishes the records of kafka.dead_letter_topic at or after offset N that decode now
+(a pair added, a newer version) to kafka.ticks_topic, key and value unchanged; prints a JSON
+summary (read, replayed, still_invalid by reason, next_offset per partition).
+
+Options:
+  --from-offset N  First dead-letter offset to read, each partition (default: 0)
+  --dry-run        Count what would be replayed; publish nothing
+  --config PATH    TOML configuration (default: ./config.toml when present)
+  --help           Show this screen
 """
 
 DEFAULT_CONFIG = Path("config.toml")
@@ -104,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     pace.add_argument("--max", action="store_true")
     # SUPPRESS: a --config given before ``replay`` is not reset by the subcommand's default.
     replay.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    # -- the aggregate role (issue 14): dead letters back to the ticks topic
+    letters = commands.add_parser("dead-letters", screen=DEAD_LETTERS_USAGE)
+    letters.add_argument("action", choices=("replay",))
+    letters.add_argument("--from-offset", type=int, default=0)
+    letters.add_argument("--dry-run", action="store_true")
+    letters.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     return parser
 
 
@@ -136,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "replay":
         speed = 0.0 if args.max else float(args.speed)
         return _run(_replay(settings, args.file, speed), prog)
+    if args.command == "dead-letters":
+        return _run(_dead_letters(settings, args.from_offset, args.dry_run), prog)
     return _run(_serve(settings), prog)
 
 
@@ -168,3 +193,14 @@ async def _replay(settings: Settings, path: Path, speed: float) -> int:
     from marketflow.bootstrap import run_replay
 
     return await run_replay(settings, path, speed)
+
+
+async def _dead_letters(settings: Settings, from_offset: int, dry_run: bool) -> int:
+    """``marketflow dead-letters replay``: the summary as one JSON line on stdout."""
+    from marketflow.bootstrap import run_dead_letter_replay
+
+    if not settings.kafka.enabled:
+        raise ConfigError("dead-letters replay needs kafka.bootstrap_servers")
+    summary = await run_dead_letter_replay(settings, from_offset, dry_run=dry_run)
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0

@@ -14,7 +14,10 @@ row is a failure too.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -162,11 +165,12 @@ def test_poison_records_are_counted_dead_lettered_and_skipped(
     create_topics(topics)
     base = _base_ms()
     node = AggregateNode(tmp_path, "p", topics, pg_dsn, redis_url)
+    # Records before the node starts: it catches up from the beginning of the log.
+    produce(topics.bootstrap, topics.ticks, make_records(rng, base, base + 20_000))
+    poison = [(b"BTCUSDT", b"\x93not msgpack at all"), (b"BTCUSDT", _bool_price_record())]
+    produce_raw(topics.bootstrap, topics.ticks, poison)
     node.start()
     try:
-        produce(topics.bootstrap, topics.ticks, make_records(rng, base, base + 20_000))
-        poison = [(b"BTCUSDT", b"\x93not msgpack at all"), (b"BTCUSDT", _bool_price_record())]
-        produce_raw(topics.bootstrap, topics.ticks, poison)
         produce(topics.bootstrap, topics.ticks, make_records(rng, base + 20_000, base + 80_000))
         wait_caught_up([node], topics.partitions)
         doc = poll(node.kafka, lambda d: d["dead_lettered"] == 2, 30, "two dead letters")
@@ -188,6 +192,22 @@ def test_poison_records_are_counted_dead_lettered_and_skipped(
         assert status == 200
         assert "marketflow_kafka_bad_records_total{reason=" in text
         # Every tick after the poison is aggregated: the rows equal the valid records.
+        _rows_equal_topic(pg_dsn, topics)
+
+        # A letter that is valid now (here: one put there by hand) goes back to the ticks topic
+        # with the CLI; the two poison records stay.
+        fixed = make_records(rng, base + 80_000, base + 81_000)[:1]
+        produce(topics.bootstrap, topics.dead_letter, fixed)
+        replay = subprocess.run(
+            [sys.executable, "-m", "marketflow", "dead-letters", "replay", "--config",
+             str(node.config_path)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert replay.returncode == 0, replay.stderr
+        summary = json.loads(replay.stdout.strip().splitlines()[-1])
+        assert summary["read"] == 3, summary
+        assert summary["replayed"] == 1, summary
+        assert sum(summary["still_invalid"].values()) == 2, summary
         _rows_equal_topic(pg_dsn, topics)
     finally:
         node.stop()

@@ -11,8 +11,9 @@ stored marks. Kafka's committed offsets follow the marks after every cache write
 are informational (monitoring, tools), never where this node resumes.
 
 A fetch is handed on per partition and exchange (one queue item for many records), the mark
-on the last item of the partition's fetch. A fetch begun before an assignment's seeks were
-done is dropped whole (``_epoch``): its records may predate the seeks. A record that fails to decode
+on the last item of the partition's fetch. A fetch that spans an assignment is dropped whole
+(``_epoch``) and its partitions sought back to where this node is: its records may predate
+the assignment's seeks. A record that fails to decode
 or validate is counted by reason, logged (sampled: the 1st, 2nd, 4th ... of a reason),
 copied to the dead-letter topic with its origin in headers, and skipped: the mark moves
 past it.
@@ -268,10 +269,26 @@ class KafkaTickConsumer:
                 continue
             async with self._lock:
                 if epoch != self._epoch:
-                    continue  # fetched before the seeks of a new assignment
+                    self._refetch(got)
+                    continue
                 for tp, records in got.items():
-                    if tp.partition in self._owned and records:
+                    if tp.partition not in self._owned or not records:
+                        continue
+                    nxt = self._next.get(tp.partition, 0)
+                    if records[0].offset < nxt:  # never hand on twice (belt and braces)
+                        records = [r for r in records if r.offset >= nxt]
+                    if records:
                         await self._hand_on(tp, records)
+
+    def _refetch(self, got: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        """A fetch that spanned an assignment: its records may predate the seeks, or be the
+        first after them. Dropped, and each owned partition is sought back to where this node
+        is, so whatever was dropped is fetched again."""
+        consumer = self._consumer
+        assert consumer is not None
+        for tp in got:
+            if tp.partition in self._owned:
+                consumer.seek(tp, self._next.get(tp.partition, 0))
 
     async def _hand_on(self, tp: TopicPartition, records: list[ConsumerRecord[Any, Any]]) -> None:
         batches: dict[str, TickBatch] = {}
