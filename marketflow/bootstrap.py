@@ -33,6 +33,7 @@ from marketflow.adapters.feeds.tcp_json import build_json_source
 from marketflow.adapters.feeds.websocket import build_websocket_source
 from marketflow.adapters.fix.dictionary import FixDictionary
 from marketflow.adapters.kafka.dead_letters import replay_dead_letters
+from marketflow.adapters.kafka.feed_status import FeedStatusReader
 from marketflow.adapters.kafka.tick_consumer import KafkaTickConsumer
 from marketflow.adapters.postgres.database import Database
 from marketflow.adapters.postgres.minute_store import PostgresMinuteStore
@@ -52,7 +53,7 @@ from marketflow.app.stream_hub import StreamHub
 from marketflow.app.world_view import WorldView
 from marketflow.domain.capture import CaptureStore
 from marketflow.domain.errors import ConfigError
-from marketflow.domain.feeds import Source
+from marketflow.domain.feeds import FeedStatus, Source
 from marketflow.domain.ports import MinuteStore, PriceCache
 from marketflow.domain.ticks import TickBatch
 from marketflow.entrypoints.http_api import build_app
@@ -123,6 +124,7 @@ class Daemon:
         self.stream: StreamHub | None = None  # with HTTP only: /stream and /stream/sse
         # -- the aggregate role (issue 14): ticks from Kafka instead of feeds
         self.kafka_ticks: KafkaTickConsumer | None = None
+        self.feed_status: FeedStatusReader | None = None  # feeds read by ingest nodes
 
     def _live_sources(self) -> Sequence[Source[Any]]:
         if self.settings.node.role == "aggregate":
@@ -169,7 +171,7 @@ class Daemon:
         self.world_view = WorldView(
             s.world_view,
             wall_clock_ms,
-            lambda: [r.source.status for r in self.modes.running()],
+            self._feed_statuses,
             stamp=rfc3339,
         )
         if self._serve_http:
@@ -205,7 +207,7 @@ class Daemon:
             self.writer,
             s.pipeline,
             wall_clock_ms,
-            healthy_sources=self.modes.healthy_sources,
+            healthy_sources=self._healthy_sources,
             metrics=self.metrics,
             on_latest=self.stream.publish_latest if self.stream is not None else None,
         )
@@ -292,13 +294,35 @@ class Daemon:
             clock=wall_clock_ms,
         )
         self.aggregator.on_flushed = consumer.flushed
+        status = FeedStatusReader(s.kafka, [e.name for e in s.exchanges], wall_clock_ms)
+        await status.start()
+        self._exit.push_async_callback(status.aclose)
+        self.feed_status = status
         self.metrics.bad_records = consumer.rejects.counts
         await consumer.start()
         self._exit.push_async_callback(consumer.aclose)
         self.kafka_ticks = consumer
 
+    def _feed_statuses(self) -> list[FeedStatus]:
+        """The feeds' link states: this node's own, or in the aggregate role the ingest
+        nodes' (the status topic)."""
+        if self.feed_status is not None:
+            return self.feed_status.statuses()
+        return [r.source.status for r in self.modes.running()]
+
+    def _healthy_sources(self) -> list[str]:
+        if self.feed_status is not None:
+            return self.feed_status.healthy()
+        return self.modes.healthy_sources()
+
     def _kafka_health(self) -> dict[str, Any]:
-        return {} if self.kafka_ticks is None else {"kafka": self.kafka_ticks.status()}
+        if self.kafka_ticks is None:
+            return {}
+        feeds = {
+            st.name: "stale" if st.stale else ("connected" if st.connected else "disconnected")
+            for st in self._feed_statuses()
+        }
+        return {"kafka": {**self.kafka_ticks.status(), "feeds": feeds}}
 
     def _stream_health(self) -> dict[str, Any]:
         return {} if self.stream is None else {"stream": self.stream.stats()}

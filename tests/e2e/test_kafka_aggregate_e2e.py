@@ -194,6 +194,15 @@ def test_poison_records_are_counted_dead_lettered_and_skipped(
         # Every tick after the poison is aggregated: the rows equal the valid records.
         _rows_equal_topic(pg_dsn, topics)
 
+        # Feed status from the ingest side: connected while heartbeats come, then (none
+        # within kafka.session_timeout_ms) disconnected; a venue never heard of is down.
+        beat = {"v": 1, "exchange": "ex1", "state": "connected", "node": "i1"}
+        heartbeat = [(b"ex1", json.dumps({**beat, "at_ms": int(time.time() * 1000)}).encode())]
+        produce_raw(topics.bootstrap, topics.status, heartbeat)
+        feeds = poll(lambda: node.kafka()["feeds"], lambda f: f["ex1"] == "connected", 30, "up")
+        assert feeds["ex2"] == "disconnected", feeds
+        poll(lambda: node.kafka()["feeds"], lambda f: f["ex1"] == "disconnected", 30, "timed out")
+
         # A letter that is valid now (here: one put there by hand) goes back to the ticks topic
         # with the CLI; the two poison records stay.
         fixed = make_records(rng, base + 80_000, base + 81_000)[:1]
