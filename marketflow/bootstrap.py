@@ -47,6 +47,7 @@ from marketflow.app.loop_health import LoopHealth
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.app.modes import Mode, ModeController
 from marketflow.app.partitions import PartitionOwner
+from marketflow.app.peer_windows import PeerWindows
 from marketflow.app.pipeline_metrics import PipelineMetrics
 from marketflow.app.queries import PriceQueries
 from marketflow.app.stream_hub import StreamHub
@@ -125,6 +126,7 @@ class Daemon:
         # -- the aggregate role (issue 14): ticks from Kafka instead of feeds
         self.kafka_ticks: KafkaTickConsumer | None = None
         self.feed_status: FeedStatusReader | None = None  # feeds read by ingest nodes
+        self.peers: PeerWindows | None = None  # other aggregate nodes' pairs, from Redis
 
     def _live_sources(self) -> Sequence[Source[Any]]:
         if self.settings.node.role == "aggregate":
@@ -298,6 +300,11 @@ class Daemon:
         await status.start()
         self._exit.push_async_callback(status.aclose)
         self.feed_status = status
+        agg = self.aggregator
+        self.peers = PeerWindows(
+            self.cache, lambda ex, sym: agg.window(ex, sym) is not None, wall_clock_ms
+        )
+        self._spawn(self.peers.run(), "peer-windows")
         self.metrics.bad_records = consumer.rejects.counts
         await consumer.start()
         self._exit.push_async_callback(consumer.aclose)
@@ -366,6 +373,7 @@ class Daemon:
             self.modes.known_exchanges,
             s.pairs,
             wall_clock_ms,
+            peers=self.peers,
         )
         http_metrics = HttpMetrics()  # request duration per route pattern
         metrics_text = metrics_renderer(report, s.pairs, http_metrics, self._bbo_spread)

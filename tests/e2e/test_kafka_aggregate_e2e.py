@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import subprocess
 import sys
@@ -28,6 +29,8 @@ import redis
 from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.e2e.kafka_nodes import (
+    EXCHANGES,
+    SYMBOLS,
     AggregateNode,
     Topics,
     create_topics,
@@ -145,9 +148,31 @@ def test_two_nodes_kills_and_a_broker_restart_leave_rows_equal_to_the_topic(
         assert all(shares), shares
 
         _rows_equal_topic(pg_dsn, topics)
+        _every_node_answers_for_every_pair(list(nodes.values()), topics)
     finally:
         for n in nodes.values():
             n.stop()
+
+
+def _every_node_answers_for_every_pair(nodes: list[AggregateNode], topics: Topics) -> None:
+    """Each node answers for the pairs the other one holds too (Redis and PostgreSQL), and
+    the all-history answers equal the topic's records."""
+    want = oracle(read_topic(topics.bootstrap, topics.ticks))
+    for ex in EXCHANGES:
+        for sym in SYMBOLS:
+            minutes = [a for (e, p, _), a in want.items() if (e, p) == (ex, sym)]
+            count = sum(a.count for a in minutes)
+            total = math.fsum(x for a in minutes for x in a.parts)
+            latest = []
+            for n in nodes:
+                status, avg = n.get(f"/prices/average/{ex}/{sym}")
+                assert status == 200, (n.name, ex, sym, avg)
+                assert avg["count"] == count, (n.name, ex, sym, avg, count)
+                assert math.isclose(avg["price"], total / count, rel_tol=1e-9), (n.name, avg)
+                status, high = n.get(f"/prices/highest/{ex}/{sym}")
+                assert high["price"] == max(a.high for a in minutes), (n.name, ex, sym, high)
+                latest.append(n.get(f"/prices/latest/{ex}/{sym}"))
+            assert all(got == latest[0] and got[0] == 200 for got in latest), latest
 
 
 def _bool_price_record() -> bytes:
