@@ -308,6 +308,8 @@ class Daemon:
         self.metrics.bad_records = consumer.rejects.counts
         await consumer.start()
         self._exit.push_async_callback(consumer.aclose)
+        for task in consumer.tasks:  # a consumer task that dies (a bug) stops the daemon
+            task.add_done_callback(self._task_done)
         self.kafka_ticks = consumer
 
     def _feed_statuses(self) -> list[FeedStatus]:

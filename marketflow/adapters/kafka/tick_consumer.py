@@ -172,6 +172,11 @@ class KafkaTickConsumer:
             asyncio.create_task(self._probe(), name="kafka-probe"),
         ]
 
+    @property
+    def tasks(self) -> list[asyncio.Task[None]]:
+        """The fetch, commit and probe tasks (the daemon stops when one of them dies)."""
+        return list(self._tasks)
+
     async def aclose(self) -> None:
         """Stop fetching, hand every partition back (flushed, offsets committed), leave the
         group; safe to call twice."""
