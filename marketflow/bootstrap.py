@@ -36,6 +36,9 @@ from marketflow.adapters.feeds.websocket import build_websocket_source
 from marketflow.adapters.fix.acceptor import AcceptorPolicy, AcceptorSession, Refusal
 from marketflow.adapters.fix.dictionary import FixDictionary
 from marketflow.adapters.fix.seq_store import SequenceStore
+from marketflow.adapters.kafka.dead_letters import replay_dead_letters
+from marketflow.adapters.kafka.feed_status import FeedStatusReader
+from marketflow.adapters.kafka.tick_consumer import KafkaTickConsumer
 from marketflow.adapters.postgres.archive_source import ArchiveSource
 from marketflow.adapters.postgres.database import Database, open_database
 from marketflow.adapters.postgres.minute_store import PostgresMinuteStore
@@ -52,6 +55,8 @@ from marketflow.app.ingest import RunningSource
 from marketflow.app.loop_health import LoopHealth
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.app.modes import Mode, ModeController
+from marketflow.app.partitions import PartitionOwner
+from marketflow.app.peer_windows import PeerWindows
 from marketflow.app.pipeline_metrics import PipelineMetrics
 from marketflow.app.queries import PriceQueries
 from marketflow.app.stream_hub import StreamHub
@@ -60,7 +65,7 @@ from marketflow.domain.archive import TABLES as ARCHIVE_TABLES
 from marketflow.domain.archive import ArchiveFileError, parse_duration
 from marketflow.domain.capture import CaptureStore
 from marketflow.domain.errors import ConfigError, StoreUnavailable
-from marketflow.domain.feeds import Source
+from marketflow.domain.feeds import FeedStatus, Source
 from marketflow.domain.ports import MinuteStore, PriceCache
 from marketflow.domain.ticks import TickBatch
 from marketflow.entrypoints.fix_server import FixServer
@@ -134,8 +139,14 @@ class Daemon:
         self.stream: StreamHub | None = None  # with HTTP only: /stream and /stream/sse
         self._archive_last_run: dict[str, Any] | None = None  # -- archive (issue 14)
         self.diagnostics: DiagnosticsWriter | None = None  # with HTTP and PostgreSQL only
+        # -- the aggregate role (issue 14): ticks from Kafka instead of feeds
+        self.kafka_ticks: KafkaTickConsumer | None = None
+        self.feed_status: FeedStatusReader | None = None  # feeds read by ingest nodes
+        self.peers: PeerWindows | None = None  # other aggregate nodes' pairs, from Redis
 
     def _live_sources(self) -> Sequence[Source[Any]]:
+        if self.settings.node.role == "aggregate":
+            return []  # the ingest nodes read the feeds
         agg = self.aggregator
         return [
             live_source(ex, self.settings, functools.partial(agg.position, ex.name))
@@ -144,6 +155,8 @@ class Daemon:
 
     def _test_sources(self) -> Sequence[Source[Any]]:
         s = self.settings
+        if s.node.role == "aggregate":
+            return []
         return [
             build_generator_source(name, s.pairs, s.test_mode, i, wall_clock_ms)
             for i, name in enumerate(s.test_source_names())
@@ -153,28 +166,13 @@ class Daemon:
         s = self.settings
         if self._serve_http:
             self._sock = reserve_port(s.http.host, s.http.port)
-        # One database for every store: the minute rows and the audit trail fall back together.
-        self._db = await open_storage(s)
-        store_embedded = self._db is None
-        if self._db is not None:
-            self._exit.push_async_callback(self._db.aclose)
-            # -- archive (issue 14): history queries also read the archived days
-            self.store = ArchivedMinuteStore(
-                PostgresMinuteStore(self._db), ArchiveReader(s.archive.dir)
-            )
-        else:
-            path = s.embedded.data_dir / "marketflow.sqlite3"
-            log.warning("storage_embedded kind=sqlite path=%s", path)
-            self.store = await open_sqlite(path)
-        self._exit.push_async_callback(self.store.aclose)
-        self.cache, cache_embedded = await open_cache(s)
-        self._exit.push_async_callback(self.cache.aclose)
+        store_embedded, cache_embedded = await self._open_stores()
         spill_dir = s.embedded.data_dir / "spill"
         # -- world view: books of each folded batch, feed link states read at each flush
         self.world_view = WorldView(
             s.world_view,
             wall_clock_ms,
-            lambda: [r.source.status for r in self.modes.running()],
+            self._feed_statuses,
             stamp=rfc3339,
         )
         if self._serve_http:
@@ -210,13 +208,13 @@ class Daemon:
             self.writer,
             s.pipeline,
             wall_clock_ms,
-            healthy_sources=self.modes.healthy_sources,
+            healthy_sources=self._healthy_sources,
             metrics=self.metrics,
             on_latest=self.stream.publish_latest if self.stream is not None else None,
         )
         self.aggregator.on_books = self.world_view.on_books
         self.aggregator.on_flush = self.world_view.poll
-        if self._resume:
+        if self._resume and s.node.role != "aggregate":  # there: per partition taken over
             await self.aggregator.resume(self.store)
         if self.stream is not None:  # what the windows hold already is the ticks snapshot
             agg = self.aggregator
@@ -227,14 +225,11 @@ class Daemon:
             self._spawn(self._archive_every(self._db), "archive")
         self._exit.push_async_callback(self._finish_pipeline)
         self._exit.push_async_callback(self._drain_sources)
+        if s.node.role == "aggregate":
+            await self._start_aggregate_role()
         await self.modes.switch(mode or s.mode)
         if self._serve_http:
-            await self._start_diagnostics()
-            if s.capture.enabled:
-                await self._start_capture()
-            await self._start_http(store_embedded, cache_embedded)
-            if s.fix_server.enabled:
-                await self._start_fix_server()
+            await self._start_served(store_embedded, cache_embedded)
         log.info(
             "started mode=%s storage=%s%s cache=%s%s http=%s:%s",
             self.modes.mode,
@@ -245,6 +240,42 @@ class Daemon:
             s.http.host,
             self.http_port,
         )
+
+    async def _open_stores(self) -> tuple[bool, bool]:
+        """The minute store and the price cache; (store embedded, cache embedded).
+        One database for every store: the minute rows and the audit trail fall back together."""
+        s = self.settings
+        self._db = await open_storage(s)
+        store_embedded = self._db is None
+        if self._db is not None:
+            self._exit.push_async_callback(self._db.aclose)
+            # -- archive (issue 14): history queries also read the archived days
+            self.store = ArchivedMinuteStore(
+                PostgresMinuteStore(self._db), ArchiveReader(s.archive.dir)
+            )
+        else:
+            path = s.embedded.data_dir / "marketflow.sqlite3"
+            log.warning("storage_embedded kind=sqlite path=%s", path)
+            self.store = await open_sqlite(path)
+        self._exit.push_async_callback(self.store.aclose)
+        self.cache, cache_embedded = await open_cache(s)
+        self._exit.push_async_callback(self.cache.aclose)
+        if s.node.role == "aggregate" and (store_embedded or cache_embedded):
+            raise ConfigError(
+                "node.role 'aggregate' refuses the embedded stores: PostgreSQL and Redis must "
+                'be reachable (set unreachable_at_start = "wait" to wait for them)'
+            )
+        return store_embedded, cache_embedded
+
+    async def _start_served(self, store_embedded: bool, cache_embedded: bool) -> None:
+        """What a served daemon adds: diagnostics, capture, the HTTP API, the FIX server."""
+        s = self.settings
+        await self._start_diagnostics()
+        if s.capture.enabled:
+            await self._start_capture()
+        await self._start_http(store_embedded, cache_embedded)
+        if s.fix_server.enabled:
+            await self._start_fix_server()
 
     async def _start_capture(self) -> None:
         """The FIX audit trail, on the same database as the minute rows."""
@@ -286,6 +317,8 @@ class Daemon:
             self.metrics.take_minute_writes,
             wall_clock_ms,
         )
+        if self.kafka_ticks is not None:
+            self.diagnostics.lag_by_partition = self.kafka_ticks.lag_by_partition
         await self.diagnostics.start()
         self._exit.push_async_callback(self.diagnostics.aclose)
 
@@ -310,6 +343,58 @@ class Daemon:
             wall_clock_ms,
             view=self.world_view,
         )
+
+    async def _start_aggregate_role(self) -> None:
+        """Consume the ticks topic in the aggregate group; stopped before the pipeline
+        drains, handing every partition back flushed."""
+        s = self.settings
+        owner = PartitionOwner(self.aggregator, self.store, self.writer, self.fanin)
+        consumer = KafkaTickConsumer(
+            s.kafka,
+            s.node.id or socket.gethostname(),
+            self.fanin,
+            owner,
+            symbols=frozenset(s.pairs),
+            max_price=s.pipeline.max_price,
+            clock=wall_clock_ms,
+        )
+        self.aggregator.on_flushed = consumer.flushed
+        status = FeedStatusReader(s.kafka, [e.name for e in s.exchanges], wall_clock_ms)
+        await status.start()
+        self._exit.push_async_callback(status.aclose)
+        self.feed_status = status
+        agg = self.aggregator
+        self.peers = PeerWindows(
+            self.cache, lambda ex, sym: agg.window(ex, sym) is not None, wall_clock_ms
+        )
+        self._spawn(self.peers.run(), "peer-windows")
+        self.metrics.bad_records = consumer.rejects.counts
+        await consumer.start()
+        self._exit.push_async_callback(consumer.aclose)
+        for task in consumer.tasks:  # a consumer task that dies (a bug) stops the daemon
+            task.add_done_callback(self._task_done)
+        self.kafka_ticks = consumer
+
+    def _feed_statuses(self) -> list[FeedStatus]:
+        """The feeds' link states: this node's own, or in the aggregate role the ingest
+        nodes' (the status topic)."""
+        if self.feed_status is not None:
+            return self.feed_status.statuses()
+        return [r.source.status for r in self.modes.running()]
+
+    def _healthy_sources(self) -> list[str]:
+        if self.feed_status is not None:
+            return self.feed_status.healthy()
+        return self.modes.healthy_sources()
+
+    def _kafka_health(self) -> dict[str, Any]:
+        if self.kafka_ticks is None:
+            return {}
+        feeds = {
+            st.name: "stale" if st.stale else ("connected" if st.connected else "disconnected")
+            for st in self._feed_statuses()
+        }
+        return {"kafka": {**self.kafka_ticks.status(), "feeds": feeds}}
 
     def _stream_health(self) -> dict[str, Any]:
         return {} if self.stream is None else {"stream": self.stream.stats()}
@@ -348,6 +433,7 @@ class Daemon:
                 **self._archive_health(),
                 **self._fix_server_health(),
                 **self._diagnostics_health(),
+                **self._kafka_health(),
             },
             loop=loop,
         )
@@ -358,6 +444,7 @@ class Daemon:
             self.modes.known_exchanges,
             s.pairs,
             wall_clock_ms,
+            peers=self.peers,
         )
         http_metrics = HttpMetrics()  # request duration per route pattern
         metrics_text = metrics_renderer(
@@ -582,3 +669,11 @@ async def run_archive(
             }
         )
     return exit_code(results)
+
+
+async def run_dead_letter_replay(
+    settings: Settings, from_offset: int, *, dry_run: bool = False
+) -> dict[str, object]:
+    """Dead letters that decode now back to the ticks topic (adapters/kafka/dead_letters.py)."""
+    summary = await replay_dead_letters(settings, from_offset, dry_run=dry_run)
+    return summary.as_dict()

@@ -314,6 +314,10 @@ class KafkaSettings(_Frozen):
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+    # -- the aggregate role (issue 14)
+    # Tests only: "exit_after_flush_before_commit" makes an aggregate node exit right after a
+    # flush wrote its marks to Redis, before Kafka's offsets are committed (a crash there).
+    test_fault: Literal["none", "exit_after_flush_before_commit"] = "none"
 
     @model_validator(mode="after")
     def _timings(self) -> KafkaSettings:
@@ -399,6 +403,15 @@ class Settings(BaseSettings):
     def _role_needs_kafka(self) -> Settings:
         if self.node.role != "all" and not self.kafka.enabled:
             msg = f"node.role {self.node.role!r} needs kafka.bootstrap_servers"
+            raise ValueError(msg)
+        return self
+
+    @model_validator(mode="after")
+    def _aggregate_needs_stores(self) -> Settings:
+        # An aggregate node shares its state with the others through PostgreSQL and Redis:
+        # an embedded store would be a private copy nobody else reads.
+        if self.node.role == "aggregate" and not (self.postgres.dsn and self.redis.url):
+            msg = "node.role 'aggregate' needs postgres.dsn and redis.url (no embedded stores)"
             raise ValueError(msg)
         return self
 

@@ -112,6 +112,10 @@ class Aggregator:
         # source -> receipt of the oldest tick batch folded since the last cache write
         self._first_received: dict[str, int] = {}
         self._on_latest = on_latest
+        # Told the marks each acknowledged cache write carried (the Kafka consumer commits
+        # the partitions' offsets after them); must not block or raise.
+        self.on_flushed: Callable[[Mapping[str, Mark]], None] | None = None
+        self._flush_lock = asyncio.Lock()
 
     @property
     def cache_kind(self) -> str:
@@ -120,6 +124,23 @@ class Aggregator:
     # -- folding ---------------------------------------------------------------------------
 
     def fold(self, batch: TickBatch) -> None:
+        if batch.by_symbol or batch.folded:
+            self._fold_ticks(batch)
+        if batch.books:
+            self._fold_books(batch)
+        if batch.mark is not None:
+            self._positions[batch.mark_source or batch.exchange] = batch.mark
+        self.ticks_folded += batch.count
+        if batch.count:  # per batch: the flush observes tick -> cache from it
+            first = self._first_received.get(batch.exchange)
+            if first is None or batch.received_ms < first:
+                self._first_received[batch.exchange] = batch.received_ms
+        delay = self._clock() - batch.received_ms
+        self.queue_delay_ms = delay
+        if delay > self._delay_peak_ms:
+            self._delay_peak_ms = delay
+
+    def _fold_ticks(self, batch: TickBatch) -> None:
         pairs = self.windows.get(batch.exchange)
         if pairs is None:
             pairs = self.windows[batch.exchange] = {}
@@ -136,19 +157,6 @@ class Aggregator:
                 w = pairs[symbol] = PairWindow(batch.exchange, symbol, self.floor_second)
             w.add_second(second, f, batch.received_ms)
             changed.add(w)
-        if batch.books:
-            self._fold_books(batch)
-        if batch.mark is not None:
-            self._positions[batch.exchange] = batch.mark
-        self.ticks_folded += batch.count
-        if batch.count:  # per batch: the flush observes tick -> cache from it
-            first = self._first_received.get(batch.exchange)
-            if first is None or batch.received_ms < first:
-                self._first_received[batch.exchange] = batch.received_ms
-        delay = self._clock() - batch.received_ms
-        self.queue_delay_ms = delay
-        if delay > self._delay_peak_ms:
-            self._delay_peak_ms = delay
 
     def _fold_books(self, batch: TickBatch) -> None:
         """A batch's top-of-book updates: kept, counted per venue, handed to the world view."""
@@ -222,9 +230,38 @@ class Aggregator:
     def restore_position(self, source: str, mark: Mark) -> None:
         self.marks[source] = mark
 
-    async def resume(self, store: MinuteStore) -> None:
-        """Rebuild the windows from the cache and the store after a restart (restore.py)."""
-        await restore(self, self._cache, store, self._pipeline.window_retention_s)
+    async def resume(
+        self,
+        store: MinuteStore,
+        owns: Callable[[str], bool] | None = None,
+        sources: Callable[[str], bool] | None = None,
+    ) -> None:
+        """Rebuild the windows from the cache and the store after a restart (restore.py);
+        ``owns``/``sources``: only those symbols and marks (a Kafka node taking partitions
+        over)."""
+        retention = self._pipeline.window_retention_s
+        await restore(self, self._cache, store, retention, owns=owns, sources=sources)
+
+    def drop(self, owns: Callable[[str], bool], sources: Iterable[str]) -> int:
+        """Forget the windows and books of the symbols ``owns`` accepts and the marks of
+        ``sources`` (partitions another node takes over: flushed first, see
+        app/partitions.py). Nothing of them is written by this node afterwards. Returns the
+        windows dropped."""
+        dropped: set[PairWindow] = set()
+        for pairs in self.windows.values():
+            for symbol in [s for s in pairs if owns(s)]:
+                dropped.add(pairs.pop(symbol))
+        self._changed -= dropped
+        for minute, ws in list(self._due.items()):
+            ws -= dropped
+            if not ws:
+                del self._due[minute]
+        for key in [k for k in self.books if owns(k[1])]:
+            del self.books[key]
+        for source in sources:
+            self.marks.pop(source, None)
+            self._positions.pop(source, None)
+        return len(dropped)
 
     # -- coverage ----------------------------------------------------------------------------
 
@@ -294,7 +331,13 @@ class Aggregator:
 
     async def flush(self, *, final: bool = False, sweep: bool = True) -> None:
         """Push changes to the cache and, with ``sweep``, closed (or, when final, all) minutes
-        to the writer."""
+        to the writer. One at a time: a flush asked for by a partition handover
+        (app/partitions.py) must not race the flusher's (two writes of one second could land
+        in the wrong order)."""
+        async with self._flush_lock:
+            await self._flush(final=final, sweep=sweep)
+
+    async def _flush(self, *, final: bool, sweep: bool) -> None:
         started = time.perf_counter()
         now = self._clock()
         if self.on_flush is not None:
@@ -328,11 +371,15 @@ class Aggregator:
         changed = {source: (pos, now) for source, pos in self._positions.items()}
         self.marks.update(changed)
         self._positions.clear()
-        if rows or final:
-            self._rows.submit(rows, dict(self.marks))
         self.flush_build_s = time.perf_counter() - started
-        if await self._write_cache(latest, seconds, changed, now, force=final):
-            self.metrics.cache_written(received, self._clock())
+        written = await self._write_cache(latest, seconds, changed, now, force=final)
+        if rows or final:
+            # After the cache write: a mark reaches the store only once the cache holds the
+            # open minutes' seconds it covers (a crash between the two writes would otherwise
+            # resume past ticks of the open minute that only this process held).
+            self._rows.submit(rows, dict(self.marks))
+        if written:
+            self._written(received, changed)
         else:  # not written (cache down): those ticks wait on, counted from their receipt
             for source, ms in received.items():
                 if ms < self._first_received.get(source, ms + 1):
@@ -340,6 +387,12 @@ class Aggregator:
         self.queue_delay_peak_ms, self._delay_peak_ms = self._delay_peak_ms, 0
         self.flush_duration_ms = self._clock() - now
         self.flushes += 1
+
+    def _written(self, received: dict[str, int], marks: dict[str, Mark]) -> None:
+        """The cache acknowledged a flush: latency observed, marks' listener told."""
+        self.metrics.cache_written(received, self._clock())
+        if self.on_flushed is not None and marks:
+            self.on_flushed(marks)
 
     def _sweep(self, now: int, final: bool) -> list[MinuteRow]:
         """Closed minutes (all pending ones when final) and eviction.

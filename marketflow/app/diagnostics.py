@@ -129,8 +129,9 @@ class DiagnosticsWriter:
         self._write_durations = write_durations
         self._clock = clock
         self._sleep = sleep
-        # Consumer lag per "topic:partition", set by a Kafka consumer (issue 14); empty here.
-        self.lag_by_partition: Mapping[str, int] = {}
+        # Consumer lag per partition, read when a row is made: the aggregate role's Kafka
+        # consumer sets it (bootstrap); empty in the single-process role.
+        self.lag_by_partition: Callable[[], Mapping[str, int]] = dict
         self._pending: deque[PipelineStatsRow] = deque(maxlen=max_pending)
         self._before = Totals()
         self._minute = -1
@@ -162,7 +163,7 @@ class DiagnosticsWriter:
             self._before,
             write_durations_s=self._write_durations(),
             queue_depths=self._queue_depths(),
-            lag_by_partition=self.lag_by_partition,
+            lag_by_partition=self.lag_by_partition(),
             written_ms=now,
         )
         self._before = totals

@@ -89,6 +89,8 @@ class PipelineMetrics:
         taken = list(self.minute_writes_unread)
         self.minute_writes_unread.clear()
         return taken
+        # The aggregate role: bad tick records per reason (the Kafka consumer's counts, shared)
+        self.bad_records: dict[str, int] | None = None
 
     def cache_written(self, oldest_received: Mapping[str, int], written_ms: int) -> None:
         """A cache write acknowledged at ``written_ms`` (wall clock) carried the ticks of each

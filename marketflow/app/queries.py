@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from marketflow.app.aggregator import Aggregator
+from marketflow.app.peer_windows import PeerWindows
 from marketflow.domain.aggregates import Aggregate, LatestPrice
 from marketflow.domain.errors import NotFound, StoreUnavailable
 from marketflow.domain.ports import MinuteStore
+from marketflow.domain.window import PairWindow
 
 Stat = Literal["highest", "lowest", "average"]
 Clock = Callable[[], int]
@@ -54,13 +56,17 @@ class PriceQueries:
         known_exchanges: Callable[[], Sequence[str]],
         pairs: Sequence[str],
         clock: Clock,
+        *,
+        peers: PeerWindows | None = None,
     ) -> None:
+        """``peers``: the windows of pairs other aggregate nodes hold (peer_windows.py)."""
         self._agg = aggregator
         self._store = store
         self._exchanges = exchanges  # those of the mode in force: "all" means these
         self._known = known_exchanges
         self._pairs = frozenset(pairs)
         self._clock = clock
+        self._peers = peers
 
     def _scope(self, symbol: str, exchange: str | None) -> list[str]:
         if symbol not in self._pairs:
@@ -75,7 +81,7 @@ class PriceQueries:
         """The newest tick, and the exchange label to answer with ("all" across exchanges)."""
         best: LatestPrice | None = None
         for ex in self._scope(symbol, exchange):
-            w = self._agg.window(ex, symbol)
+            w = self._window(ex, symbol)
             lp = w.latest() if w is not None else None
             if lp is not None and (best is None or lp.timestamp_ms > best.timestamp_ms):
                 best = lp
@@ -93,8 +99,9 @@ class PriceQueries:
         parts: list[Aggregate] = []
         bounds: dict[str, int] = {}
         incomplete = 0
+        await self.prepare(symbol, exchange)
         for ex in scope:
-            w = self._agg.window(ex, symbol)
+            w = self._window(ex, symbol)
             if w is None:
                 bounds[ex] = now + 1
                 continue
@@ -128,6 +135,24 @@ class PriceQueries:
             price, ts = agg.average, now
         ex_label = exchange or "all"
         return StatAnswer(symbol, ex_label, stat, price, ts, label, agg.count, partial, incomplete)
+
+    def _window(self, exchange: str, symbol: str) -> PairWindow | None:
+        w = self._agg.window(exchange, symbol)
+        if w is None and self._peers is not None:
+            return self._peers.window(exchange, symbol)
+        return w
+
+    async def prepare(self, symbol: str, exchange: str | None) -> None:
+        """Before answering about a pair held by another aggregate node: its windows are
+        fresh from the cache (a no-op for this node's own pairs and outside that role)."""
+        if self._peers is None or symbol not in self._pairs:
+            return
+        if exchange is None:
+            exchanges = list(self._exchanges())
+        else:
+            exchanges = [exchange] if exchange in self._known() else []
+        if any(self._agg.window(ex, symbol) is None for ex in exchanges):
+            await self._peers.ready()
 
     def _incomplete(self, minutes: set[int], exchange: str, from_s: int | None, now: int) -> int:
         """Closed minutes of the window in the answer that were not covered whole."""

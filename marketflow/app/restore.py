@@ -17,10 +17,10 @@ was written with.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from marketflow.domain.aggregates import Mark, MinuteRow, SecondBucket
+from marketflow.domain.aggregates import LatestPrice, Mark, MinuteRow, SecondBucket
 from marketflow.domain.errors import CacheUnavailable, StoreUnavailable
 from marketflow.domain.ports import MinuteStore, PriceCache
 from marketflow.domain.window import PairWindow
@@ -47,7 +47,13 @@ async def restore(
     cache: PriceCache,
     store: MinuteStore,
     retention_s: int,
+    *,
+    owns: Callable[[str], bool] | None = None,
+    sources: Callable[[str], bool] | None = None,
 ) -> None:
+    """``owns``: restore only the symbols it accepts, and ``sources``: only the marks of
+    the sources it accepts (a Kafka aggregate node taking partitions over: the other
+    nodes' symbols and marks are theirs to write); the floor of other windows stays."""
     # The retention runs on exchange time (a replay or a feed behind our clock keeps its
     # window), so the range to restore ends at the newest second either copy holds.
     try:
@@ -63,6 +69,11 @@ async def restore(
         store_marks = await store.load_marks()
     except StoreUnavailable as exc:
         log.warning("restore_store_unavailable error=%s", exc)
+    if owns is not None:
+        latest = [lp for lp in latest if owns(lp.symbol)]
+        seconds = [s for s in seconds if owns(s.symbol)]
+    if sources is not None:
+        cache_marks, store_marks = _only(sources, cache_marks), _only(sources, store_marks)
     newest_s = max(
         [s.second for s in seconds]
         + [lp.timestamp_ms // 1000 for lp in latest]
@@ -76,6 +87,7 @@ async def restore(
         log.info("restored nothing: no cached seconds, no stored rows")
         return
     since_s = (newest_s - retention_s) // 60 * 60  # whole minutes only
+    floor_before = agg.floor_second
     agg.floor_second = since_s
     seconds = [s for s in seconds if s.second >= since_s]
     rows: list[MinuteRow] = []
@@ -83,14 +95,12 @@ async def restore(
         rows = await store.minutes_since(since_s * 1000)
     except StoreUnavailable as exc:
         log.warning("restore_store_unavailable error=%s", exc)
+    if owns is not None:
+        rows = [r for r in rows if owns(r.symbol)]
     rewrite = _seed(agg, seconds, rows)
-    for lp in latest:
-        w = agg.window_for(lp.exchange, lp.symbol)
-        if lp.timestamp_ms > w.latest_ts:
-            w.latest_ts = lp.timestamp_ms
-            w.latest_price = lp.price
-            w.latest_received_ms = lp.received_ms
-            w.newest_second = max(w.newest_second, lp.timestamp_ms // 1000)
+    _seed_latest(agg, latest)
+    if owns is not None:  # the windows just made have the floor; later ones start open
+        agg.floor_second = floor_before
     for w in agg.all_windows():
         w.evict(retention_s)
     log.info(
@@ -102,6 +112,20 @@ async def restore(
         len(latest),
         {k: v[0] for k, v in agg.marks.items()},
     )
+
+
+def _seed_latest(agg: Restorable, latest: list[LatestPrice]) -> None:
+    for lp in latest:
+        w = agg.window_for(lp.exchange, lp.symbol)
+        if lp.timestamp_ms > w.latest_ts:
+            w.latest_ts = lp.timestamp_ms
+            w.latest_price = lp.price
+            w.latest_received_ms = lp.received_ms
+            w.newest_second = max(w.newest_second, lp.timestamp_ms // 1000)
+
+
+def _only(sources: Callable[[str], bool], marks: dict[str, Mark]) -> dict[str, Mark]:
+    return {k: v for k, v in marks.items() if sources(k)}
 
 
 def _seed(agg: Restorable, seconds: list[SecondBucket], rows: list[MinuteRow]) -> int:

@@ -77,6 +77,9 @@ class TickBatch:
     # inbound MsgSeqNum (every lower one is in this batch or an earlier one). None: no mark.
     # Made durable with the ticks, so a restart asks for exactly what was not.
     mark: int | None = None
+    # Whose position ``mark`` is (None: the exchange's own). A Kafka partition carries many
+    # exchanges: its batches record the partition's next offset as "kafka:<topic>:<n>".
+    mark_source: str | None = None
 
     def ticks(self) -> list[Tick]:
         """The ticks of ``by_symbol`` (a folded batch no longer has single ticks)."""

@@ -29,6 +29,7 @@ Usage:
   marketflow [--port <N>] [--config <path>] [--role all|ingest|aggregate]
   marketflow replay <file> [--speed <X> | --max] [--config <path>]
   marketflow archive [--older-than <duration>] [--out <dir>] [--config <path>]
+  marketflow dead-letters replay [--from-offset <N>] [--dry-run] [--config <path>]
   marketflow --help
 
 Options:
@@ -72,6 +73,21 @@ Options:
 
 Exit status: 0 done, 1 database unreachable, 2 usage, 3 rows changed since the export
 (nothing deleted), 4 a file failed its read-back (nothing deleted).
+"""
+
+DEAD_LETTERS_USAGE = """\
+Usage:
+  marketflow dead-letters replay [--from-offset <N>] [--dry-run] [--config <path>]
+
+Re-publishes the records of kafka.dead_letter_topic at or after offset N that decode now
+(a pair added, a newer version) to kafka.ticks_topic, key and value unchanged; prints a JSON
+summary (read, replayed, still_invalid by reason, next_offset per partition).
+
+Options:
+  --from-offset N  First dead-letter offset to read, each partition (default: 0)
+  --dry-run        Count what would be replayed; publish nothing
+  --config PATH    TOML configuration (default: ./config.toml when present)
+  --help           Show this screen
 """
 
 DEFAULT_CONFIG = Path("config.toml")
@@ -137,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     archive.add_argument("--older-than", type=_duration, dest="older_than_s")
     archive.add_argument("--out", type=Path)
     archive.add_argument("--config", type=Path, default=argparse.SUPPRESS)
+    # -- the aggregate role (issue 14): dead letters back to the ticks topic
+    letters = commands.add_parser("dead-letters", screen=DEAD_LETTERS_USAGE)
+    letters.add_argument("action", choices=("replay",))
+    letters.add_argument("--from-offset", type=int, default=0)
+    letters.add_argument("--dry-run", action="store_true")
+    letters.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     return parser
 
 
@@ -172,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "archive":
         older = args.older_than_s or parse_duration(settings.archive.older_than)
         return _run(_archive(settings, args.out or settings.archive.dir, older, prog), prog)
+    if args.command == "dead-letters":
+        return _run(_dead_letters(settings, args.from_offset, args.dry_run), prog)
     return _run(_serve(settings), prog)
 
 
@@ -222,3 +246,14 @@ async def _archive(settings: Settings, out: Path, older_than_s: int, prog: str) 
     except StoreUnavailable as exc:
         sys.stderr.write(f"{prog}: {exc}\n")
         return 1
+
+
+async def _dead_letters(settings: Settings, from_offset: int, dry_run: bool) -> int:
+    """``marketflow dead-letters replay``: the summary as one JSON line on stdout."""
+    from marketflow.bootstrap import run_dead_letter_replay
+
+    if not settings.kafka.enabled:
+        raise ConfigError("dead-letters replay needs kafka.bootstrap_servers")
+    summary = await run_dead_letter_replay(settings, from_offset, dry_run=dry_run)
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0

@@ -73,6 +73,7 @@ class LatestAnswers:
 async def latest(request: web.Request) -> web.Response:
     symbol = request.match_info["symbol"].upper()  # btcusdt means BTCUSDT
     exchange = request.match_info.get("exchange")
+    await request.app[QUERIES].prepare(symbol, exchange)  # other nodes' pairs (Kafka roles)
     lp, label = request.app[QUERIES].latest(symbol, exchange)
     return web.Response(body=request.app[LATEST].body(lp, label), content_type="application/json")
 

@@ -170,6 +170,16 @@ class DaemonCollector(Collector):
         for venue, n in pm.book_updates.items():
             books.add_metric([venue], n)
         yield books
+        # -- the aggregate role (issue 14): bad tick records, counted by reason only
+        if pm.bad_records is not None:
+            bad = CounterMetricFamily(
+                "marketflow_kafka_bad_records",
+                "Tick records that failed to decode or validate (dead-lettered, skipped)",
+                labels=["reason"],
+            )
+            for reason, n in pm.bad_records.items():
+                bad.add_metric([reason], n)
+            yield bad
         yield CounterMetricFamily("marketflow_flushes", "Aggregator flushes", value=agg.flushes)
         yield CounterMetricFamily(
             "marketflow_minute_rows_written",

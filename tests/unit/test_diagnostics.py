@@ -134,7 +134,7 @@ async def test_kafka_lag_hook_goes_into_the_row() -> None:
     p, store = Pipeline(), FakeStats()
     w = p.writer(store)
     w.begin()
-    w.lag_by_partition = {"marketflow.ticks:3": 12}
+    w.lag_by_partition = lambda: {"marketflow.ticks:3": 12}
     p.now = M0 + 60_000
 
     await w.write_due()
