@@ -78,6 +78,8 @@ class PipelineMetrics:
         # Minute-write durations since the diagnostics row last took them (app/diagnostics.py):
         # one float per write batch, bounded should nobody take them.
         self.minute_writes_unread: deque[float] = deque(maxlen=4096)
+        # The aggregate role: bad tick records per reason (the Kafka consumer's counts, shared)
+        self.bad_records: dict[str, int] | None = None
 
     def minute_written(self, seconds: float) -> None:
         """One successful minute-row write batch took ``seconds``."""
@@ -89,8 +91,6 @@ class PipelineMetrics:
         taken = list(self.minute_writes_unread)
         self.minute_writes_unread.clear()
         return taken
-        # The aggregate role: bad tick records per reason (the Kafka consumer's counts, shared)
-        self.bad_records: dict[str, int] | None = None
 
     def cache_written(self, oldest_received: Mapping[str, int], written_ms: int) -> None:
         """A cache write acknowledged at ``written_ms`` (wall clock) carried the ticks of each
