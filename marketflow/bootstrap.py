@@ -57,6 +57,7 @@ from marketflow.entrypoints.http_common import ControlGuard, JsonErrorsRunner, r
 from marketflow.entrypoints.http_messages import add_message_routes
 from marketflow.entrypoints.http_metrics import HttpMetrics
 from marketflow.entrypoints.metrics import metrics_renderer
+from marketflow.roles.ingest import IngestNode
 from marketflow.settings import ExchangeSettings, Settings
 from marketflow.startup import adopt_spill, open_cache, open_storage, reserve_port, tune_gc
 
@@ -118,6 +119,7 @@ class Daemon:
         self.metrics = PipelineMetrics()
         # -- streaming (issue 13): bbo/book channels and venue status from the world view
         self.stream: StreamHub | None = None  # with HTTP only: /stream and /stream/sse
+        self.ingest_node: IngestNode | None = None  # role ingest (issue 14)
 
     def _live_sources(self) -> Sequence[Source[Any]]:
         agg = self.aggregator
@@ -137,6 +139,9 @@ class Daemon:
         s = self.settings
         if self._serve_http:
             self._sock = reserve_port(s.http.host, s.http.port)
+        if s.node.role == "ingest":  # -- Kafka ingest role (issue 14): roles/ingest.py
+            await self._start_ingest_role()
+            return
         # One database for every store: the minute rows and the audit trail fall back together.
         self._db = await open_storage(s)
         store_embedded = self._db is None
@@ -221,6 +226,19 @@ class Daemon:
             s.http.host,
             self.http_port,
         )
+
+    async def _start_ingest_role(self) -> None:
+        """Feeds this node owns -> Kafka; no stores, /health and /metrics only."""
+        node = IngestNode(
+            self.settings,
+            self.fanin,
+            self._sock,
+            self.died,
+            lambda ex, mark: live_source(ex, self.settings, mark),
+        )
+        self.ingest_node = node
+        self._exit.push_async_callback(node.aclose)
+        await node.start()
 
     async def _start_capture(self) -> None:
         """The FIX audit trail, on the same database as the minute rows."""

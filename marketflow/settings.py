@@ -280,6 +280,11 @@ class KafkaSettings(_Frozen):
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
+    # -- ingest role (issue 14): spill beyond the hold-back, status heartbeats, FIX resume
+    spill_max_records: int = Field(5_000_000, ge=0)  # on disk; beyond it the feeds wait
+    status_interval_ms: int = Field(1_000, ge=100, le=60_000)  # feed status heartbeat
+    mark_interval_ms: int = Field(1_000, ge=50, le=60_000)  # resume marks to the feeds topic
+    fix_out_seq_margin: int = Field(1_000, ge=0)  # a FIX feed moved: skip ahead our MsgSeqNum
 
     @model_validator(mode="after")
     def _timings(self) -> KafkaSettings:
