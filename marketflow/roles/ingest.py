@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 
 from marketflow.adapters.fix.seq_store import SequenceStore
 from marketflow.adapters.kafka.client import (
@@ -58,6 +58,11 @@ def feed_state(source: Source[Any]) -> str:
     return "stale" if st.stale else "connected"
 
 
+def _status_sent(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("feed_status_unsent error=%r", future.exception())
+
+
 class IngestNode:
     """An ingest node: ``start()`` then ``aclose()``; ``died`` is set when a core task fails."""
 
@@ -87,7 +92,7 @@ class IngestNode:
         self._exit = contextlib.AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
         self._feed_lock = asyncio.Lock()
-        self.producer: AIOKafkaProducer
+        self.sender: KafkaSender
         self.publisher: HoldBackPublisher
         self.group: FeedGroup
 
@@ -104,12 +109,14 @@ class IngestNode:
             exact=[k.feeds_topic],
         )
         self._ends = await self._ticks_ends()
-        self.producer = build_producer(k, self.client_id)
-        await self.producer.start()
-        self._exit.push_async_callback(self.producer.stop)
+        self.sender = KafkaSender(
+            lambda: build_producer(k, self.client_id), k.request_timeout_ms / 1000
+        )
+        await self.sender.start()
+        self._exit.push_async_callback(self.sender.aclose)
         spill = RecordSpillFile(s.embedded.data_dir / "spill" / f"kafka-{self.node}.bin")
         self.publisher = HoldBackPublisher(
-            KafkaSender(self.producer),
+            self.sender,
             spill,
             max_held=k.hold_back_max_records,
             max_spilled=k.spill_max_records,
@@ -289,7 +296,7 @@ class IngestNode:
         session = getattr(r.source.producer, "session", None) if r is not None else None
         next_out = session.next_out_seq if session is not None else None
         value = mark_value(name, mark, next_out, self.node, dict(self._ends))
-        await self.producer.send_and_wait(
+        await self.sender.producer.send_and_wait(
             self.k.feeds_topic, value, key=name.encode(), partition=self._index[name]
         )
         self._written_mark[name] = mark
@@ -316,7 +323,10 @@ class IngestNode:
         )  # fmt: skip
         try:
             async with asyncio.timeout(0.5):
-                await self.producer.send(self.k.status_topic, value, key=name.encode())
+                sent = await self.sender.producer.send(
+                    self.k.status_topic, value, key=name.encode()
+                )
+            sent.add_done_callback(_status_sent)
         except Exception as exc:  # noqa: BLE001 - a heartbeat: the next one follows in 1 s
             log.debug("feed_status_unsent feed=%s error=%r", name, exc)
 
@@ -335,7 +345,11 @@ class IngestNode:
     def health(self) -> dict[str, Any]:
         now = wall_clock_ms()
         exchanges = {n: r.source.status.snapshot(now) for n, r in self.running.items()}
-        kafka = {**self.publisher.stats(), "published_ticks": self.published_ticks}
+        kafka = {
+            **self.publisher.stats(),
+            "published_ticks": self.published_ticks,
+            "producer_replaced": self.sender.replaced,
+        }
         ok = kafka["state"] == "up" and all(
             e["connected"] and not e["stale"] for e in exchanges.values()
         )

@@ -137,3 +137,28 @@ def owner_runs(records: list[TopicRecord], exchange: str) -> list[str]:
         if not runs or runs[-1] != r.node:
             runs.append(r.node)
     return runs
+
+
+async def _read_values(bootstrap: str, topic: str) -> list[bytes]:
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await reader.start()
+    out: list[bytes] = []
+    try:
+        tps = await partitions_of(reader, topic)
+        reader.assign(tps)
+        await reader.seek_to_beginning(*tps)
+        ends = await reader.end_offsets(tps)
+        todo = {tp for tp in tps if ends[tp] > 0}
+        while todo:
+            got = await reader.getmany(*todo, timeout_ms=1000)
+            for tp, records in got.items():
+                out += [r.value for r in records if r.value is not None]
+                if await reader.position(tp) >= ends[tp]:
+                    todo.discard(tp)
+    finally:
+        await reader.stop()
+    return out
+
+
+def read_values(bootstrap: str, topic: str) -> list[bytes]:
+    return asyncio.run(_read_values(bootstrap, topic))

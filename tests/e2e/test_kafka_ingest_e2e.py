@@ -21,6 +21,7 @@ from tests.e2e.kafka_ingest_kit import (
     node_config,
     owner_runs,
     read_topic,
+    read_values,
     tick_counter,
 )
 from tests.e2e.procs import Simulator, poll
@@ -142,3 +143,84 @@ def test_two_nodes_split_the_feeds_and_a_killed_nodes_feeds_move_without_loss_or
     finally:
         for n in nodes:
             n.stop()
+
+
+def read_status(bootstrap: str, topic: str) -> list[dict[str, Any]]:
+    return [orjson.loads(v) for v in read_values(bootstrap, topic)]
+
+
+@pytest.mark.timeout(170)
+def test_broker_down_for_30_s_holds_back_and_spills_then_publishes_everything(
+    tmp_path: Path, private_kafka: KafkaServer, venues: tuple[Simulator, Path, list[Simulator]]
+) -> None:
+    fix, log, sims = venues
+    # A session longer than the outage: the node keeps its feeds (no other node could take
+    # them: the coordinator is the broker that is away) and keeps reading.
+    kafka = kafka_config(
+        private_kafka.bootstrap, new_tag(), session_timeout_ms=45_000,
+        heartbeat_interval_ms=3_000, hold_back_max_records=50,
+    )  # fmt: skip
+    exchanges = [fix_exchange(fix), json_exchange(sims[0])]
+    node = IngestProc(tmp_path, "n1", node_config(tmp_path, "n1", kafka, exchanges))
+    node.start()
+    try:
+        node.wait_for(
+            "/health",
+            lambda s, b: (
+                s == 200
+                and all(e["ticks"] > 20 for e in b["exchanges"].values())
+                and len(b["exchanges"]) == 2
+            ),
+            timeout=30,
+        )
+        private_kafka.stop()
+        down_at = time.monotonic()
+        health = node.wait_for(
+            "/health",
+            lambda s, b: b["kafka"]["state"] == "down" and b["kafka"]["spilled"] > 0,
+            timeout=25,
+        )
+        assert health["kafka"]["held_back"] == 50  # the memory bound, then the file
+        assert health["status"] == "degraded"
+        assert sorted(health["feeds"]["owned"]) == sorted(e["name"] for e in exchanges)
+        time.sleep(max(0.0, 30 - (time.monotonic() - down_at)))
+        spilled = node.get("/health")[1]["kafka"]["spilled"]
+        assert spilled > health["kafka"]["spilled"]  # still reading, still spilling
+        private_kafka.start()
+        node.wait_for(
+            "/health",
+            lambda s, b: (
+                b["kafka"]["state"] == "up"
+                and b["kafka"]["held_back"] == 0
+                and b["kafka"]["spilled"] == 0
+            ),
+            timeout=60,
+        )
+        fix.stop()  # the oracle is complete
+        sims[0].stop()
+        want = trade_log(log)
+
+        def topic() -> list[Any]:
+            return read_topic(private_kafka.bootstrap, kafka["ticks_topic"])
+
+        records = poll(
+            topic, lambda rs: tick_counter(rs, FIX).total() >= want.total(), 30, "FIX ticks"
+        )
+        got = tick_counter(records, FIX)
+        assert got == want, (got.total(), want.total(), (want - got).total())
+        # The JSON feed: every tick the node read is in the topic, once.
+        read = node.get("/health")[1]["exchanges"][sims[0].name]["ticks"]
+        published = sum(r.count for r in records if r.exchange == sims[0].name)
+        assert published == read
+        # Feed status: connected heartbeats from this node for both feeds.
+        status = read_status(private_kafka.bootstrap, kafka["status_topic"])
+        for e in exchanges:
+            mine = [d for d in status if d["exchange"] == e["name"]]
+            assert {d["node"] for d in mine} == {"n1"}
+            connected = [d for d in mine if d["state"] == "connected"]
+            assert len(connected) >= 3
+            # Heartbeats repeat the state's since_ms: one link period, several records.
+            assert len({d["since_ms"] for d in connected}) < len(connected)
+            assert all(d["v"] == 1 and d["since_ms"] <= d["at_ms"] for d in mine)
+    finally:
+        node.stop()

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -111,12 +111,46 @@ def build_producer(k: KafkaSettings, client_id: str) -> AIOKafkaProducer:
 
 class KafkaSender:
     """``Sender`` over one producer: every record enqueued without waiting, then all their
-    acknowledgements awaited together (one round trip per batch of batches, not per record)."""
+    acknowledgements awaited together (one round trip per batch of batches, not per record).
 
-    def __init__(self, producer: AIOKafkaProducer) -> None:
-        self.producer = producer
+    After a failed send the producer is replaced before the next one: an idempotent producer
+    whose batches expired has a broken sequence (the broker answers OutOfOrderSequenceNumber
+    to everything after), a new one starts a new producer id."""
+
+    def __init__(self, factory: Callable[[], AIOKafkaProducer], close_timeout_s: float) -> None:
+        self._factory = factory
+        self._close_timeout_s = close_timeout_s
+        self.producer = factory()
+        self._broken = False
+        self.replaced = 0
+
+    async def start(self) -> None:
+        await self.producer.start()
+
+    async def aclose(self) -> None:
+        await self._close(self.producer)
+
+    async def _close(self, producer: AIOKafkaProducer) -> None:
+        try:
+            async with asyncio.timeout(self._close_timeout_s):
+                await producer.stop()
+        except (TimeoutError, KafkaError) as exc:
+            log.warning("kafka_producer_close_failed error=%r", exc)
+
+    async def _renew(self) -> None:
+        old, self.producer = self.producer, self._factory()
+        await self._close(old)
+        await self.producer.start()  # KafkaError while the broker is away: tried again
+        self._broken = False
+        self.replaced += 1
+        log.info("kafka_producer_replaced count=%d", self.replaced)
 
     async def send_all(self, records: Sequence[OutRecord]) -> list[Ack | BaseException]:
+        if self._broken:
+            try:
+                await self._renew()
+            except KafkaError as exc:
+                return [exc] * len(records)
         futures: list[asyncio.Future[Any]] = []
         error: BaseException | None = None
         for r in records:
@@ -129,13 +163,15 @@ class KafkaSender:
                 break
         results: list[Ack | BaseException] = []
         for res in await asyncio.gather(*futures, return_exceptions=True):
+            if isinstance(res, asyncio.CancelledError):
+                raise res
             if isinstance(res, BaseException):
-                if isinstance(res, asyncio.CancelledError):
-                    raise res
+                error = error or res
                 results.append(res)
             else:
                 results.append((res.partition, res.offset))
-        assert error is not None or len(results) == len(records)
+        if error is not None:
+            self._broken = True
         results += [error] * (len(records) - len(results))  # type: ignore[list-item]
         return results
 

@@ -245,14 +245,16 @@ class HoldBackPublisher:
                 self.held.extend(pending[:room])
                 pending = pending[room:]
                 continue
-            room = self.max_spilled - self.spilled
-            if room > 0:
-                part, pending = pending[:room], pending[room:]
+            if self.spilled < self.max_spilled:
                 async with self._file_lock:
+                    if not self.spilled and len(self.held) < self.max_held:
+                        continue  # the file drained meanwhile: memory comes first again
+                    room = self.max_spilled - self.spilled
+                    part, pending = pending[:room], pending[room:]
                     await asyncio.to_thread(self._spill.append, part)
-                if not self.spilled:
-                    log.warning("kafka_spilling path=%s", self._spill.path)
-                self.spilled += len(part)
+                    if not self.spilled:
+                        log.warning("kafka_spilling path=%s", self._spill.path)
+                    self.spilled += len(part)
                 continue
             # Both bounds full: wait for the resender to make room (the feeds wait with us).
             self._wake.set()
@@ -290,12 +292,13 @@ class HoldBackPublisher:
             records, self._read_at = await asyncio.to_thread(
                 self._spill.read, self._read_at, self._chunk
             )
+            # In memory before the count drops: the backlog is never seen empty meanwhile.
+            self.held.extend(records)
             self.spilled -= len(records)
             if not records or self.spilled <= 0:
                 self.spilled = 0
                 self._read_at = 0
                 await asyncio.to_thread(self._spill.remove)
-        self.held.extend(records)
 
     async def close(self, timeout_s: float) -> None:
         """Try to publish the backlog for ``timeout_s`` (the resender has stopped), then keep
