@@ -25,14 +25,14 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer
 
 from marketflow.adapters.fix.seq_store import SequenceStore
-from marketflow.adapters.kafka.client import (
+from marketflow.adapters.kafka.feed_group import FeedGroup, ResumePoint, mark_value, scan_marks
+from marketflow.adapters.kafka.producer import (
     KafkaSender,
     build_producer,
     partitions_of,
     wait_for_topics,
 )
-from marketflow.adapters.kafka.client import connection_options as kafka_options
-from marketflow.adapters.kafka.feed_group import FeedGroup, ResumePoint, mark_value, scan_marks
+from marketflow.adapters.kafka.producer import connection_options as kafka_options
 from marketflow.adapters.kafka.publisher import Ack, HoldBackPublisher, OutRecord, RecordSpillFile
 from marketflow.adapters.kafka.records import encode_batch
 from marketflow.app.ingest import RunningSource

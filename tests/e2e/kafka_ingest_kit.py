@@ -13,7 +13,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 
-from marketflow.adapters.kafka.client import partitions_of
+from marketflow.adapters.kafka.producer import partitions_of
 from marketflow.adapters.kafka.records import decode_record
 from tests.e2e.procs import Daemon, Proc, to_toml
 from tests.harness.services import free_port

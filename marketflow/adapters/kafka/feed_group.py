@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
-from marketflow.adapters.kafka.client import connection_options, partitions_of
+from marketflow.adapters.kafka.producer import connection_options, partitions_of
 from marketflow.settings import KafkaSettings
 
 log = logging.getLogger("marketflow.kafka.feeds")

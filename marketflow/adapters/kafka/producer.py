@@ -1,4 +1,4 @@
-"""aiokafka clients built from ``KafkaSettings``: connection and security options in one place,
+"""The ingest role's aiokafka side: connection and security options from ``KafkaSettings``,
 topics created when missing, and the producer the ingest role sends through."""
 
 from __future__ import annotations
