@@ -85,6 +85,11 @@ class IngestNode:
         self._index = {ex.name: i for i, ex in enumerate(settings.exchanges)}
         self.running: dict[str, RunningSource] = {}
         self._ends: dict[int, int] = {}  # ticks topic: acknowledged end offset per partition
+        # Below these offsets lies nothing sent since the publisher was last up and idle: where
+        # a search for records written despite a failed send starts.
+        self._floor: dict[int, int] = {}
+        self._rid_prefix = f"{self.node}:{time.time_ns() // 1_000_000}:".encode()
+        self._rid_next = 0
         self._acked_mark: dict[str, int] = {}
         self._written_mark: dict[str, int] = {}
         self._status_sent: dict[str, tuple[str, int, int]] = {}  # state, since_ms, sent_ms
@@ -109,6 +114,7 @@ class IngestNode:
             exact=[k.feeds_topic],
         )
         self._ends = await self._ticks_ends()
+        self._floor = dict(self._ends)
         self.sender = KafkaSender(
             lambda: build_producer(k, self.client_id), k.request_timeout_ms / 1000
         )
@@ -121,6 +127,7 @@ class IngestNode:
             max_held=k.hold_back_max_records,
             max_spilled=k.spill_max_records,
             on_acked=self._acked,
+            reconcile=self._already_written,
         )
         await self.publisher.recover()
         self._exit.push_async_callback(self.publisher.close, k.request_timeout_ms / 1000)
@@ -179,11 +186,16 @@ class IngestNode:
                 if b.mark is not None:
                     headers.append(("mark", str(b.mark).encode()))
                 for i, (key, value) in enumerate(encoded):
+                    rid = self._rid_prefix + str(self._rid_next).encode()
+                    self._rid_next += 1
                     records.append(
                         OutRecord(
-                            topic, key, value, headers, b.exchange, b.mark, b.count if i == 0 else 0
+                            topic, key, value, [*headers, ("rid", rid)], b.exchange, b.mark,
+                            b.count if i == 0 else 0, rid,
                         )
-                    )
+                    )  # fmt: skip
+            if self.publisher.state == "up" and not self.publisher.backlog:
+                self._floor = dict(self._ends)
             try:
                 await self.publisher.publish(records)
             finally:
@@ -200,6 +212,42 @@ class IngestNode:
             self.published_ticks += r.ticks
             if r.mark is not None and r.mark > marks.get(r.feed, 0):
                 marks[r.feed] = r.mark
+
+    async def _already_written(self, records: Sequence[OutRecord]) -> dict[bytes, Ack]:
+        """The records among ``records`` the ticks topic holds (a send that failed after the
+        broker had written it), by their ``rid`` header, read from the floor offsets on."""
+        wanted = {r.rid for r in records if r.rid}
+        found: dict[bytes, Ack] = {}
+        reader = AIOKafkaConsumer(
+            **kafka_options(self.k, f"{self.client_id}-reconcile"), enable_auto_commit=False
+        )
+        await reader.start()
+        try:
+            tps = await partitions_of(reader, self.k.ticks_topic)
+            reader.assign(tps)
+            ends = await reader.end_offsets(tps)
+            todo = {}
+            for tp in tps:
+                start = self._floor.get(tp.partition, 0)
+                if start < ends[tp]:
+                    reader.seek(tp, start)
+                    todo[tp] = ends[tp]
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.k.request_timeout_ms / 1000 * 4
+            while todo:
+                if loop.time() > deadline:  # the resender asks again in a second
+                    raise TimeoutError(f"reconcile: partitions {sorted(todo)} not read")
+                got = await reader.getmany(*todo, timeout_ms=1_000, max_records=10_000)
+                for tp, recs in got.items():
+                    for rec in recs:
+                        rid = dict(rec.headers).get("rid")
+                        if rid in wanted:
+                            found[rid] = (tp.partition, rec.offset)
+                    if await reader.position(tp) >= todo[tp]:
+                        del todo[tp]
+        finally:
+            await reader.stop()
+        return found
 
     async def _ticks_ends(self) -> dict[int, int]:
         reader = AIOKafkaConsumer(**kafka_options(self.k, f"{self.client_id}-ends"))

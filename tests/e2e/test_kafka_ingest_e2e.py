@@ -154,11 +154,12 @@ def test_broker_down_for_30_s_holds_back_and_spills_then_publishes_everything(
     tmp_path: Path, private_kafka: KafkaServer, venues: tuple[Simulator, Path, list[Simulator]]
 ) -> None:
     fix, log, sims = venues
-    # A session longer than the outage: the node keeps its feeds (no other node could take
-    # them: the coordinator is the broker that is away) and keeps reading.
+    # A session longer than the outage (30 s, plus the broker's own restart: 10 s and more on
+    # this loaded machine): the node keeps its feeds (no other node could take them: the
+    # coordinator is the broker that is away) and keeps reading.
     kafka = kafka_config(
-        private_kafka.bootstrap, new_tag(), session_timeout_ms=45_000,
-        heartbeat_interval_ms=3_000, hold_back_max_records=50,
+        private_kafka.bootstrap, new_tag(), session_timeout_ms=90_000,
+        heartbeat_interval_ms=5_000, hold_back_max_records=50,
     )  # fmt: skip
     exchanges = [fix_exchange(fix), json_exchange(sims[0])]
     node = IngestProc(tmp_path, "n1", node_config(tmp_path, "n1", kafka, exchanges))

@@ -42,9 +42,12 @@ class FakeSender:
 
 def recs(start: int, n: int, feed: str = "fx") -> list[OutRecord]:
     return [
-        OutRecord("ticks", b"BTCUSDT", f"v{i}".encode(), [("node", b"a")], feed, i + 1, 1)
+        OutRecord(
+            "ticks", b"BTCUSDT", f"v{i}".encode(), [("node", b"a")], feed, i + 1, 1,
+            f"r{i}".encode(),
+        )
         for i in range(start, start + n)
-    ]
+    ]  # fmt: skip
 
 
 def values(start: int, n: int) -> list[bytes]:
@@ -179,3 +182,43 @@ def test_a_torn_last_record_in_the_spill_file_ends_the_read(tmp_path: Path) -> N
     assert [r.value for r in got] == values(0, 3)
     assert got[2].mark == 3
     assert got[2].headers == [("node", b"a")]
+
+
+async def test_records_written_despite_a_failed_send_are_not_sent_again(tmp_path: Path) -> None:
+    """The broker wrote v1 and v2 but the answers were lost: reconcile finds them by rid."""
+    sender = FakeSender()
+    log_has: dict[bytes, tuple[int, int]] = {}
+    asked: list[list[bytes]] = []
+
+    async def reconcile(records: Sequence[OutRecord]) -> dict[bytes, tuple[int, int]]:
+        asked.append([r.rid for r in records])
+        if sender.down:
+            raise ConnectionError("still away")
+        return {r.rid: log_has[r.rid] for r in records if r.rid in log_has}
+
+    acked: list[bytes] = []
+    pub = HoldBackPublisher(
+        sender, RecordSpillFile(tmp_path / "k.bin"), max_held=10, max_spilled=10,
+        on_acked=lambda rs, _a: acked.extend(r.value for r in rs), retry_s=0.005,
+        reconcile=reconcile,
+    )  # fmt: skip
+    task = asyncio.create_task(pub.run())
+    try:
+        sender.refuse = {b"v1", b"v2"}
+        await pub.publish(recs(0, 4))  # v0, v3 acknowledged; v1, v2 "failed"
+        log_has.update({b"r1": (0, 7), b"r2": (0, 8)})  # ... but are in the log
+        sender.down = True
+        sender.refuse = set()
+        await pub.publish(recs(4, 2))
+        for _ in range(20):
+            await asyncio.sleep(0.005)
+        assert pub.backlog == 4  # reconcile cannot answer while the broker is away
+        sender.down = False
+        await until(lambda: pub.backlog == 0, "backlog published")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert sender.delivered == [b"v0", b"v3", b"v4", b"v5"]  # v1, v2 never sent twice
+    assert sorted(acked) == sorted(values(0, 6))
+    assert pub.stats()["found_written"] == 2
+    assert asked[-1] == [b"r1", b"r2", b"r4", b"r5"]

@@ -22,7 +22,7 @@ import collections
 import logging
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -46,6 +46,11 @@ class OutRecord:
     feed: str = ""
     mark: int | None = None
     ticks: int = 0
+    rid: bytes = b""  # unique per record (header ``rid``): found again after a failed send
+
+
+Reconcile = Callable[[Sequence["OutRecord"]], Awaitable[dict[bytes, Ack]]]
+"""Which of these records the topic already holds (by ``rid``), with where."""
 
 
 class Sender(Protocol):
@@ -62,6 +67,7 @@ class _Spilled(msgspec.Struct, array_like=True):
     feed: str
     mark: int | None
     ticks: int
+    rid: bytes = b""
 
 
 _LEN = struct.Struct(">I")
@@ -84,7 +90,7 @@ class RecordSpillFile:
         parts: list[bytes] = []
         for r in records:
             body = _enc.encode(
-                _Spilled(r.topic, r.key, r.value, r.headers, r.feed, r.mark, r.ticks)
+                _Spilled(r.topic, r.key, r.value, r.headers, r.feed, r.mark, r.ticks, r.rid)
             )
             parts += (_LEN.pack(len(body)), body)
         with self.path.open("ab") as f:
@@ -112,7 +118,9 @@ class RecordSpillFile:
                     break
                 s = _dec.decode(body)
                 out.append(
-                    OutRecord(s.topic, s.key, s.value, list(s.headers), s.feed, s.mark, s.ticks)
+                    OutRecord(
+                        s.topic, s.key, s.value, list(s.headers), s.feed, s.mark, s.ticks, s.rid
+                    )
                 )
                 offset = f.tell()
             return out, offset
@@ -143,6 +151,7 @@ class HoldBackPublisher:
         on_acked: Callable[[Sequence[OutRecord], Sequence[Ack]], None] | None = None,
         retry_s: float = 1.0,
         chunk: int = 5_000,
+        reconcile: Reconcile | None = None,
     ) -> None:
         self._sender = sender
         self._spill = spill
@@ -163,6 +172,11 @@ class HoldBackPublisher:
         self.last_error = ""
         self.published = 0
         self.failures = 0
+        # After a failed send, some "failed" records may be in the log all the same (written,
+        # the answer lost): ``reconcile`` finds them before anything is sent again.
+        self._reconcile = reconcile
+        self._suspect = False
+        self.reconciled = 0
 
     # -- what /health shows -----------------------------------------------------------------
     def stats(self) -> dict[str, object]:
@@ -172,6 +186,7 @@ class HoldBackPublisher:
             "spilled": self.spilled,
             "published_records": self.published,
             "send_failures": self.failures,
+            "found_written": self.reconciled,
             "last_error": self.last_error or None,
         }
 
@@ -222,6 +237,7 @@ class HoldBackPublisher:
         if acked and self._on_acked is not None:
             self._on_acked(acked, acks)
         if error is not None:
+            self._suspect = True
             self.failures += 1
             self.last_error = f"{type(error).__name__}: {error}"
             if self.state == "up":
@@ -274,6 +290,9 @@ class HoldBackPublisher:
 
     async def _resend_once(self) -> bool:
         """Send the oldest chunk; False when some of it failed (it keeps its place)."""
+        suspect = self._suspect and self._reconcile is not None and self.held
+        if suspect and not await self._drop_written():
+            return False
         if not self.held:
             await self._load_spilled()
         chunk = [self.held[i] for i in range(min(self._chunk, len(self.held)))]
@@ -286,6 +305,34 @@ class HoldBackPublisher:
         if not self.backlog:
             self._idle.set()
         return not failed
+
+    async def _drop_written(self) -> bool:
+        """Take the held records the topic already has out of the backlog (acknowledged after
+        all); False while the broker cannot say. Only memory is checked: a record is spilled
+        only after the memory bound, behind the ones whose send failed first."""
+        assert self._reconcile is not None
+        held = list(self.held)
+        try:
+            found = await self._reconcile(held)
+        except Exception as exc:  # noqa: BLE001 - the broker still away: try again later
+            log.info("kafka_reconcile_deferred error=%r", exc)
+            return False
+        self._suspect = False
+        if not found:
+            return True
+        keep = [r for r in held if r.rid not in found]
+        written = [r for r in held if r.rid in found]
+        self.held.clear()
+        self.held.extend(keep)
+        self.reconciled += len(written)
+        self.published += len(written)
+        if self._on_acked is not None:
+            self._on_acked(written, [found[r.rid] for r in written])
+        log.warning("kafka_reconciled already_written=%d not_sent_again", len(written))
+        self._room.set()
+        if not self.backlog:
+            self._idle.set()
+        return True
 
     async def _load_spilled(self) -> None:
         async with self._file_lock:
