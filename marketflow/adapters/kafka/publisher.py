@@ -9,10 +9,10 @@ caller stops taking from the fan-in queue and TCP flow control pushes back on th
 resender task retries the oldest records first (memory, then the file) once a second and turns
 the publisher ``up`` when a send goes through.
 
-Exactness: every record reaches the broker at least once. A record is sent again only after
-its own send failed; with the idempotent producer the producer's internal retries are never
-doubled, but a request that timed out after the broker had written it comes back as a second
-copy (the broker was slower than kafka.request_timeout_ms and then answered).
+Exactness: every record reaches the broker, once. A record is sent again only after its own
+send failed; the idempotent producer's internal retries are never doubled, and a failed send
+the broker had written all the same (the answer lost) is found by ``reconcile`` (the records'
+``rid`` looked up in the topic) before the held records are sent again.
 """
 
 from __future__ import annotations
