@@ -32,6 +32,7 @@ from marketflow.adapters.feeds.replay import build_file_source
 from marketflow.adapters.feeds.tcp_json import build_json_source
 from marketflow.adapters.feeds.websocket import build_websocket_source
 from marketflow.adapters.fix.dictionary import FixDictionary
+from marketflow.adapters.kafka.capture import KafkaCaptureSource, KafkaCaptureTee
 from marketflow.adapters.postgres.database import Database
 from marketflow.adapters.postgres.minute_store import PostgresMinuteStore
 from marketflow.adapters.spill_file import JsonlSpillFile
@@ -120,6 +121,7 @@ class Daemon:
         # -- streaming (issue 13): bbo/book channels and venue status from the world view
         self.stream: StreamHub | None = None  # with HTTP only: /stream and /stream/sse
         self.ingest_node: IngestNode | None = None  # role ingest (issue 14)
+        self.capture_kafka: list[KafkaCaptureTee | KafkaCaptureSource] = []  # issue 14
 
     def _live_sources(self) -> Sequence[Source[Any]]:
         agg = self.aggregator
@@ -254,7 +256,8 @@ class Daemon:
         self.capture = CaptureService(store, s.capture, FixCaptureDecoder(), FixDictionary())
         await self.capture.start()
         self._exit.push_async_callback(self.capture.aclose)
-        self.capture_listener = CaptureListener(self.capture, s.capture)
+        sink = await self._capture_kafka(self.capture)  # -- issue 14: capture over Kafka
+        self.capture_listener = CaptureListener(sink, s.capture)
         self._exit.push_async_callback(self.capture_listener.aclose)
         try:
             await self.capture_listener.start()
@@ -263,6 +266,24 @@ class Daemon:
                 f"cannot listen for FIX capture on {s.capture.host}:{s.capture.port}: "
                 f"{exc.strerror or exc}"
             ) from exc
+
+    async def _capture_kafka(self, capture: CaptureService) -> Any:
+        """With Kafka configured: the listener's frames also go to kafka.capture_topic, and
+        capture.kafka_source_topic (when set) is read into the audit trail."""
+        s = self.settings
+        if not s.kafka.enabled:
+            return capture
+        node = s.node.id or socket.gethostname()
+        tee = KafkaCaptureTee(capture, s.kafka, node)
+        await tee.start()
+        self._exit.push_async_callback(tee.aclose)
+        self.capture_kafka = [tee]
+        if s.capture.kafka_source_topic:
+            source = KafkaCaptureSource(capture, s.kafka, s.capture.kafka_source_topic, node)
+            await source.start()
+            self._exit.push_async_callback(source.aclose)
+            self.capture_kafka.append(source)
+        return tee
 
     def _bbo_spread(self, pair: str) -> float | None:
         doc = self.world_view.bbo(pair)
@@ -285,10 +306,14 @@ class Daemon:
     def _capture_health(self) -> dict[str, Any]:
         if self.capture is None or self.capture_listener is None:
             return {}
+        kafka: dict[str, int] = {}
+        for part in self.capture_kafka:  # -- issue 14: the Kafka copy and source, if any
+            kafka.update(part.stats())
         return {
             "capture": {
                 **self.capture.stats(),
                 "listener": {"port": self.capture_listener.port, **self.capture_listener.stats()},
+                **kafka,
             }
         }
 

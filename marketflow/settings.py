@@ -172,6 +172,8 @@ class CaptureSettings(_Frozen):
     max_connections: int = Field(256, ge=1, le=100_000)
     # A peer silent this long is disconnected (counted as idle_closed).
     idle_timeout_s: float = Field(300.0, gt=0)
+    # -- Kafka (issue 14): raw FIX read from this topic into the audit trail ("": none)
+    kafka_source_topic: str = ""
 
 
 class PipelineSettings(_Frozen):
