@@ -105,3 +105,20 @@ async def test_no_heartbeat_for_most_of_the_session_fences_the_feeds() -> None:
     finally:
         watch.cancel()
         await asyncio.gather(watch, return_exceptions=True)
+
+
+async def test_a_feed_that_fails_to_start_is_tried_again_before_the_next_one() -> None:
+    feeds, clock = Feeds(), Clock()
+    g = group(feeds, clock)
+    failures = [RuntimeError("broker not ready")]
+    start = feeds.start
+
+    async def flaky(name: str, point: ResumePoint) -> None:
+        if failures:
+            raise failures.pop()
+        await start(name, point)
+
+    g._start = flaky
+    await g.assigned([0, 1])
+    assert [n for n, _ in feeds.started] == ["fx", "j1"]
+    assert g.owned == ["fx", "j1"]

@@ -187,9 +187,26 @@ class FeedGroup:
         names = [self.feeds[p] for p in partitions if p < len(self.feeds)]
         log.info("feeds_assigned node=%s feeds=%s", self._node, ",".join(names))
         for p, name in zip(partitions, names, strict=False):
-            point = await self.last_mark(p, name)
-            await self._start(name, point)
-            self.owned.append(name)
+            await self._start_one(p, name)
+
+    async def _start_one(self, partition: int, name: str) -> None:
+        """Start one assigned feed, retried for a while (a broker that answers the group but
+        not yet a read or a write); a feed that cannot start stays unread and is logged."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(30.0, self._k.session_timeout_ms / 1000)
+        while True:
+            try:
+                point = await self.last_mark(partition, name)
+                await self._start(name, point)
+            except Exception as exc:
+                if loop.time() > deadline:
+                    log.exception("feed_start_failed node=%s feed=%s", self._node, name)
+                    return
+                log.warning("feed_start_retry node=%s feed=%s error=%r", self._node, name, exc)
+                await asyncio.sleep(1.0)
+            else:
+                self.owned.append(name)
+                return
 
     async def last_mark(self, partition: int, feed: str) -> ResumePoint:
         """The newest resume mark record on ``feed``'s partition (empty when none)."""
