@@ -165,15 +165,20 @@ def test_broker_down_for_30_s_holds_back_and_spills_then_publishes_everything(
     node = IngestProc(tmp_path, "n1", node_config(tmp_path, "n1", kafka, exchanges))
     node.start()
     try:
-        node.wait_for(
-            "/health",
-            lambda s, b: (
-                s == 200
-                and all(e["ticks"] > 20 for e in b["exchanges"].values())
-                and len(b["exchanges"]) == 2
-            ),
-            timeout=30,
-        )
+        try:
+            node.wait_for(
+                "/health",
+                lambda s, b: (
+                    s == 200
+                    and all(e["ticks"] > 20 for e in b["exchanges"].values())
+                    and len(b["exchanges"]) == 2
+                ),
+                timeout=30,
+            )
+        except AssertionError as exc:  # say whether the broker itself went away meanwhile
+            state = "running" if private_kafka.running else "exited"
+            tail = private_kafka.log_path.read_text(errors="replace").splitlines()[-40:]
+            raise AssertionError(f"broker {state}; its log:\n" + "\n".join(tail)) from exc
         private_kafka.stop()
         down_at = time.monotonic()
         health = node.wait_for(
