@@ -36,6 +36,7 @@ from marketflow.adapters.feeds.websocket import build_websocket_source
 from marketflow.adapters.fix.acceptor import AcceptorPolicy, AcceptorSession, Refusal
 from marketflow.adapters.fix.dictionary import FixDictionary
 from marketflow.adapters.fix.seq_store import SequenceStore
+from marketflow.adapters.kafka.capture import KafkaCaptureSource, KafkaCaptureTee
 from marketflow.adapters.kafka.dead_letters import replay_dead_letters
 from marketflow.adapters.kafka.feed_status import FeedStatusReader
 from marketflow.adapters.kafka.tick_consumer import KafkaTickConsumer
@@ -75,6 +76,7 @@ from marketflow.entrypoints.http_diagnostics import add_diagnostics_routes
 from marketflow.entrypoints.http_messages import add_message_routes
 from marketflow.entrypoints.http_metrics import HttpMetrics
 from marketflow.entrypoints.metrics import metrics_renderer
+from marketflow.roles.ingest import IngestNode
 from marketflow.settings import ExchangeSettings, Settings
 from marketflow.startup import adopt_spill, open_cache, open_storage, reserve_port, tune_gc
 
@@ -143,6 +145,8 @@ class Daemon:
         self.kafka_ticks: KafkaTickConsumer | None = None
         self.feed_status: FeedStatusReader | None = None  # feeds read by ingest nodes
         self.peers: PeerWindows | None = None  # other aggregate nodes' pairs, from Redis
+        self.ingest_node: IngestNode | None = None  # role ingest (issue 14)
+        self.capture_kafka: list[KafkaCaptureTee | KafkaCaptureSource] = []  # issue 14
 
     def _live_sources(self) -> Sequence[Source[Any]]:
         if self.settings.node.role == "aggregate":
@@ -166,6 +170,9 @@ class Daemon:
         s = self.settings
         if self._serve_http:
             self._sock = reserve_port(s.http.host, s.http.port)
+        if s.node.role == "ingest":  # -- Kafka ingest role (issue 14): roles/ingest.py
+            await self._start_ingest_role()
+            return
         store_embedded, cache_embedded = await self._open_stores()
         spill_dir = s.embedded.data_dir / "spill"
         # -- world view: books of each folded batch, feed link states read at each flush
@@ -277,6 +284,19 @@ class Daemon:
         if s.fix_server.enabled:
             await self._start_fix_server()
 
+    async def _start_ingest_role(self) -> None:
+        """Feeds this node owns -> Kafka; no stores, /health and /metrics only."""
+        node = IngestNode(
+            self.settings,
+            self.fanin,
+            self._sock,
+            self.died,
+            lambda ex, mark: live_source(ex, self.settings, mark),
+        )
+        self.ingest_node = node
+        self._exit.push_async_callback(node.aclose)
+        await node.start()
+
     async def _start_capture(self) -> None:
         """The FIX audit trail, on the same database as the minute rows."""
         s = self.settings
@@ -291,7 +311,8 @@ class Daemon:
         self.capture = CaptureService(store, s.capture, FixCaptureDecoder(), FixDictionary())
         await self.capture.start()
         self._exit.push_async_callback(self.capture.aclose)
-        self.capture_listener = CaptureListener(self.capture, s.capture)
+        sink = await self._capture_kafka(self.capture)  # -- issue 14: capture over Kafka
+        self.capture_listener = CaptureListener(sink, s.capture)
         self._exit.push_async_callback(self.capture_listener.aclose)
         try:
             await self.capture_listener.start()
@@ -328,6 +349,24 @@ class Daemon:
     def _queue_depths(self) -> dict[str, int]:
         return {"fanin": self.fanin.qsize(), **{r.name: r.queue.qsize() for r in
                                                 self.modes.running()}}  # fmt: skip
+
+    async def _capture_kafka(self, capture: CaptureService) -> Any:
+        """With Kafka configured: the listener's frames also go to kafka.capture_topic, and
+        capture.kafka_source_topic (when set) is read into the audit trail."""
+        s = self.settings
+        if not s.kafka.enabled:
+            return capture
+        node = s.node.id or socket.gethostname()
+        tee = KafkaCaptureTee(capture, s.kafka, node)
+        await tee.start()
+        self._exit.push_async_callback(tee.aclose)
+        self.capture_kafka = [tee]
+        if s.capture.kafka_source_topic:
+            source = KafkaCaptureSource(capture, s.kafka, s.capture.kafka_source_topic, node)
+            await source.start()
+            self._exit.push_async_callback(source.aclose)
+            self.capture_kafka.append(source)
+        return tee
 
     def _bbo_spread(self, pair: str) -> float | None:
         doc = self.world_view.bbo(pair)
@@ -405,10 +444,14 @@ class Daemon:
     def _capture_health(self) -> dict[str, Any]:
         if self.capture is None or self.capture_listener is None:
             return {}
+        kafka: dict[str, int] = {}
+        for part in self.capture_kafka:  # -- issue 14: the Kafka copy and source, if any
+            kafka.update(part.stats())
         return {
             "capture": {
                 **self.capture.stats(),
                 "listener": {"port": self.capture_listener.port, **self.capture_listener.stats()},
+                **kafka,
             }
         }
 

@@ -173,6 +173,8 @@ class CaptureSettings(_Frozen):
     max_connections: int = Field(256, ge=1, le=100_000)
     # A peer silent this long is disconnected (counted as idle_closed).
     idle_timeout_s: float = Field(300.0, gt=0)
+    # -- Kafka (issue 14): raw FIX read from this topic into the audit trail ("": none)
+    kafka_source_topic: str = ""
 
 
 class PipelineSettings(_Frozen):
@@ -318,6 +320,11 @@ class KafkaSettings(_Frozen):
     # Tests only: "exit_after_flush_before_commit" makes an aggregate node exit right after a
     # flush wrote its marks to Redis, before Kafka's offsets are committed (a crash there).
     test_fault: Literal["none", "exit_after_flush_before_commit"] = "none"
+    # -- ingest role (issue 14): spill beyond the hold-back, status heartbeats, FIX resume
+    spill_max_records: int = Field(5_000_000, ge=0)  # on disk; beyond it the feeds wait
+    status_interval_ms: int = Field(1_000, ge=100, le=60_000)  # feed status heartbeat
+    mark_interval_ms: int = Field(1_000, ge=50, le=60_000)  # resume marks to the feeds topic
+    fix_out_seq_margin: int = Field(1_000, ge=0)  # a FIX feed moved: skip ahead our MsgSeqNum
 
     @model_validator(mode="after")
     def _timings(self) -> KafkaSettings:

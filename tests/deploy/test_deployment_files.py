@@ -257,8 +257,9 @@ def test_ports_and_hosts_match_what_the_daemon_and_simulators_use(
     doc = compose()
     services = doc["services"]
     settings = daemon_settings(monkeypatch)  # also: refused if the token were missing
-    listen = {name: parsed_args(monkeypatch, s["command"])[1] for name, s in
+    parsed = {name: parsed_args(monkeypatch, s["command"]) for name, s in
               _marketflow_services(doc) if "command" in s}  # fmt: skip
+    listen = {name: ns for name, (module, ns) in parsed.items() if module == "marketflow.simulator"}
 
     assert _published(services["marketflow"]) == {settings.http.port, settings.capture.port}
     assert settings.http.control_token is not None
@@ -291,6 +292,76 @@ def test_compose_runs_every_venue_make_run_starts_with_the_same_options(
         made = vars(parsed_args(monkeypatch, argv)[1])
         command = compose()["services"][by_port[port]]["command"]
         assert {**made, "host": "0.0.0.0"} == vars(parsed_args(monkeypatch, command)[1])
+
+
+# -- the Kafka profile (issue 14): a KRaft broker, two ingest and two aggregate nodes -------------
+
+
+def node_settings(monkeypatch: pytest.MonkeyPatch, service: str) -> Settings:
+    """A Kafka-profile node's settings: config.toml under the Dockerfile's ENV under the
+    service's environment, with the role its command gives (the command itself is checked
+    by test_every_command_runs_an_existing_module_with_accepted_flags)."""
+    doc = compose()["services"][service]
+    command = list(doc["command"])
+    for key in [k for k in os.environ if k.startswith("MARKETFLOW_")]:
+        monkeypatch.delenv(key)
+    for key, value in {**_dockerfile_env(), **_env_of(doc)}.items():
+        monkeypatch.setenv(key, value)
+    return load_settings(ROOT / "config.toml", node={"role": command[command.index("--role") + 1]})
+
+
+def test_kafka_profile_runs_two_ingest_and_two_aggregate_nodes_on_a_kraft_broker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    services = compose()["services"]
+    kafka = services["kafka"]
+    assert kafka["image"].startswith("apache/kafka:")
+    env = _env_of(kafka)
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}  # KRaft
+    advertised = env["KAFKA_ADVERTISED_LISTENERS"].removeprefix("PLAINTEXT://")
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"{env['KAFKA_NODE_ID']}@kafka:9093"
+    roles: dict[str, list[str]] = {}
+    ids = set()
+    single = daemon_settings(monkeypatch)
+    for name in ("ingest1", "ingest2", "aggregate1", "aggregate2"):
+        service = services[name]
+        assert service["profiles"] == ["kafka"], name
+        assert "kafka" in service["depends_on"], name
+        settings = node_settings(monkeypatch, name)
+        roles.setdefault(settings.node.role, []).append(name)
+        ids.add(settings.node.id)
+        assert settings.kafka.bootstrap_servers == advertised, name
+        assert settings.kafka.security_protocol == "PLAINTEXT"  # KAFKA_SECURITY_PROTOCOL unset
+        # The same venues as the single process (one partition of the feeds topic each).
+        assert settings.exchanges == single.exchanges, name
+        if settings.node.role == "aggregate":
+            assert urlsplit(settings.postgres.dsn).hostname in services
+            assert urlsplit(settings.redis.url).hostname in services
+    assert roles == {"ingest": ["ingest1", "ingest2"], "aggregate": ["aggregate1", "aggregate2"]}
+    assert len(ids) == 4  # distinct node ids: group members and record headers tell them apart
+    published = [p for s in services.values() for p in s.get("ports", [])]
+    assert len(published) == len(set(published))  # no host port twice
+    assert "kafka" not in _env_of(services["marketflow"]).get(
+        "MARKETFLOW_KAFKA__BOOTSTRAP_SERVERS", ""
+    )  # the default stack stays the single process
+
+
+def test_kafka_profile_passes_sasl_settings_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = {**TEST_ENV, "KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_SASL_USERNAME": "mf",
+           "KAFKA_SASL_PASSWORD": "s3cret", "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512"}  # fmt: skip
+    service = compose(env)["services"]["ingest2"]
+    for key in [k for k in os.environ if k.startswith("MARKETFLOW_")]:
+        monkeypatch.delenv(key)
+    for key, value in {**_dockerfile_env(), **_env_of(service)}.items():
+        monkeypatch.setenv(key, value)
+    k = load_settings(ROOT / "config.toml", node={"role": "ingest"}).kafka
+    assert (k.security_protocol, k.sasl_mechanism, k.sasl_username) == (
+        "SASL_SSL", "SCRAM-SHA-512", "mf",
+    )  # fmt: skip
+    assert k.sasl_password is not None
+    assert k.sasl_password.get_secret_value() == "s3cret"
 
 
 # -- the systemd unit --------------------------------------------------------------------------

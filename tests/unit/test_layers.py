@@ -29,7 +29,9 @@ ALLOWED: dict[str, set[str]] = {
     "entrypoints": {"domain", "app", "bootstrap"} | SHARED,
     "simulator": {"domain", "adapters"} | SHARED,
     "startup": {"domain", "adapters"} | SHARED,  # what bootstrap opens first
-    "bootstrap": {"domain", "app", "adapters", "entrypoints", "startup"} | SHARED,
+    "bootstrap": {"domain", "app", "adapters", "entrypoints", "startup", "roles"} | SHARED,
+    # The Kafka roles (issue 14): composed like bootstrap, one module per role.
+    "roles": {"domain", "app", "adapters", "entrypoints", "startup"} | SHARED,
     "__main__": {"entrypoints"},
     "devstack": {"domain", "settings", "simulator", "entrypoints", "logs"},
 }
