@@ -1,6 +1,6 @@
 """A bench-only JSON-lines exchange that can outrun the daemon: pre-rendered lines, restamped.
 
-    python -m bench.firehose --port P [--pairs 5] [--rate 0] [--fill-s 0] [--prefix SYM]
+    python -m bench.firehose --port P [--pairs 5] [--rate 0] [--fill-s 0] [--quotes]
 
 The simulator (``marketflow.simulator``) walks prices in Python, about 1 us a line: on a
 2-core machine it cannot feed a daemon that takes less. This sender renders 300,000
@@ -33,16 +33,23 @@ def pair_names(pairs: int, prefix: str = "P") -> list[str]:
     return [*defaults, *(f"{prefix}{i:04d}USDT" for i in range(pairs - len(defaults)))]
 
 
-def render(pairs: list[str], rounds: int, rng: random.Random) -> list[bytes]:
-    """``rounds`` rounds (one line per pair each), each round one bytes with the placeholder."""
+def render(pairs: list[str], rounds: int, rng: random.Random, quotes: bool = False) -> list[bytes]:
+    """``rounds`` rounds (one line per pair each), each round one bytes with the placeholder;
+    ``quotes``: each line also carries a best bid and ask around the price (the world view's
+    input, for ``bench.stream --channel bbo``)."""
     prices = {p: rng.uniform(1, 100_000) for p in pairs}
     out = []
     for _ in range(rounds):
         lines = []
         for p in pairs:
             prices[p] *= 1 + rng.uniform(-0.001, 0.001)
-            lines.append(b'{"symbol":"%s","price":%r,"timestamp":%s}\n' % (
-                p.encode(), prices[p], PLACEHOLDER))  # fmt: skip
+            price = prices[p]
+            quote = b""
+            if quotes:
+                half = price * rng.uniform(0.00001, 0.0002)
+                quote = b',"bid":%r,"ask":%r' % (price - half, price + half)
+            lines.append(b'{"symbol":"%s","price":%r,"timestamp":%s%s}\n' % (
+                p.encode(), price, PLACEHOLDER, quote))  # fmt: skip
         out.append(b"".join(lines))
     return out
 
@@ -92,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=0.0, help="lines/s; 0: as fast as read")
     ap.add_argument("--fill-s", type=int, default=0)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--quotes", action="store_true", help="lines carry a bid and an ask too")
     args = ap.parse_args(argv)
-    rounds = render(pair_names(args.pairs), max(64, LINES // args.pairs), random.Random(args.seed))
+    pairs = pair_names(args.pairs)
+    rounds = render(pairs, max(64, LINES // args.pairs), random.Random(args.seed), args.quotes)
     with socket.create_server(("127.0.0.1", args.port)) as server:
         print(f"listening {args.port}", flush=True)
         while True:

@@ -79,11 +79,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Firehose:
-    def __init__(self, pairs: int, rate: float, fill_s: int, port: int | None = None) -> None:
+    def __init__(
+        self, pairs: int, rate: float, fill_s: int, port: int | None = None, quotes: bool = False
+    ) -> None:
         self.port = port or free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.firehose", "--port", str(self.port),
-             "--pairs", str(pairs), "--rate", str(rate), "--fill-s", str(fill_s)],
+             "--pairs", str(pairs), "--rate", str(rate), "--fill-s", str(fill_s),
+             *(["--quotes"] if quotes else [])],
             stdout=subprocess.PIPE,
         )  # fmt: skip
         assert self.proc.stdout is not None

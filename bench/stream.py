@@ -18,10 +18,10 @@ process to read 1,000 of them); one more client subscribes and never reads (a ra
 with a small receive buffer): the stuck client. ``stream.max_buffered_bytes`` is set to
 ``--max-buffered`` so that it is closed (1008) within the run.
 
-``--channel bbo`` needs the world view (issue 13 point 1); until it is wired there is
-nothing on ``bbo`` and the bench says so: by default it drives ``ticks``, which carries the
-same shape of traffic (every pair changes at every cadence). The last line is one JSON
-object.
+``--channel bbo``: the senders' lines carry a best bid and ask too (``bench.firehose
+--quotes``), so every pair's cross-venue view changes at every cadence; a probe's change time
+is the newer of the best bid's and offer's quote times. ``ticks`` (the default) carries the
+same shape of traffic from the ticks themselves. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import socket
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -135,12 +136,26 @@ class Probe:
                     continue
                 self.frames += 1
                 for symbol, payload in doc["data"].items():
-                    for ex, p in payload.get("prices", {}).items():
-                        ts, prev = p["timestamp_ms"], self._seen.get((symbol, ex))
+                    for ex, ts in _stamps(payload):
+                        prev = self._seen.get((symbol, ex))
                         self._seen[symbol, ex] = ts
                         if self.recording and prev is not None and ts > prev:
                             lo = max(prev + 1, ts - 1000)
                             self.latencies.extend(now - s for s in range(ts, lo - 1, -STEP_MS))
+
+
+def _stamps(payload: dict[str, Any]) -> list[tuple[str, int]]:
+    """(key, exchange ms) of one symbol's payload: per exchange on ``ticks``; on ``bbo`` the
+    newer of the best bid's and offer's quote times (the view changed by then)."""
+    if "prices" in payload:
+        return [(ex, p["timestamp_ms"]) for ex, p in payload["prices"].items()]
+    sides = [payload.get("bid"), payload.get("ask")]
+    stamps = [_ms(side["timestamp"]) for side in sides if side]
+    return [("bbo", max(stamps))] if stamps else []
+
+
+def _ms(stamp: str) -> int:
+    return int(datetime.fromisoformat(stamp).timestamp() * 1000 + 0.5)
 
 
 class Crowd:
@@ -208,7 +223,7 @@ async def run(daemon: Daemon, args: argparse.Namespace, hoses: list[Firehose]) -
         out["stream_paced"] = (await asyncio.to_thread(daemon.get, "/health"))[1].get("stream")
     for h in hoses:  # the same ports: the daemon reconnects to the saturating senders
         h.stop()
-    hoses[:] = [Firehose(args.pairs, 0, 0, h.port) for h in hoses]
+    hoses[:] = [Firehose(args.pairs, 0, 0, h.port, quotes=args.channel == "bbo") for h in hoses]
     await asyncio.sleep(args.warmup)
     out["without_1"] = await rate(daemon, args.seconds)
     async with Crowd(daemon.port, args):
@@ -239,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     pairs = pair_names(args.pairs)
     with tempfile.TemporaryDirectory() as tmp_dir, PostgresServer() as pg, RedisServer() as rd:
         tmp = Path(tmp_dir)
-        hoses = [Firehose(args.pairs, args.paced_rate / args.sources, 0)
+        quotes = args.channel == "bbo"
+        hoses = [Firehose(args.pairs, args.paced_rate / args.sources, 0, quotes=quotes)
                  for _ in range(args.sources)]  # fmt: skip
         config: dict[str, Any] = {
             "http": {"host": "127.0.0.1", "port": 0},

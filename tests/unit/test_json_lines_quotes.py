@@ -77,3 +77,37 @@ def test_a_quote_of_an_unknown_symbol_is_rejected_as_the_tick_is() -> None:
 
     assert batch.books == []
     assert p.rejects.counts == {"unknown_symbol": 1}
+
+
+def _slow(p: JsonLinesParser, chunk: bytes) -> object:
+    """The per-line path's answer for ``chunk`` (what the fast path must equal)."""
+    batch = p._validate(p._decode_lines(chunk), TS)
+    return batch.seconds(), batch.books, batch.count
+
+
+def test_quoted_chunks_take_the_fast_path_with_the_per_line_answer() -> None:
+    chunk = (
+        line(',"bid":100.0,"ask":101.0')
+        + line(',"ask":101.5', price="101", ts=TS + 1)  # the last quote of BTCUSDT
+        + line(',"bid":3000,"ask":3001,"bid_size":2', symbol="ETHUSDT", price="3000.5")
+        + line(price="102", ts=TS + 2)  # no quote: BTCUSDT's book stays the one before
+        + line(',"bid":5.0', symbol="NOPEUSDT")  # unknown symbol: neither tick nor book
+        + line(',"bid":9.0', ts=TS + 999_999)  # ahead of the clock: refused, quote too
+    )
+    p = parser()
+    batch = p.parse(chunk, TS)
+    assert batch.folded  # the typed path, not the per-line one
+    assert batch.books == [
+        BookUpdate("exchange1", "BTCUSDT", None, 101.5, TS + 1),
+        BookUpdate("exchange1", "ETHUSDT", 3000.0, 3001.0, TS, 2.0, None),
+    ]
+    assert (batch.seconds(), batch.books, batch.count) == _slow(parser(), chunk)
+    assert p.rejects.counts == {"unknown_symbol": 1, "timestamp_in_future": 1}
+
+
+@pytest.mark.parametrize("extra", [',"bid":-1', ',"ask":true', ',"bid":"1"', ',"bid_size":0'])
+def test_a_bad_quote_in_a_chunk_costs_only_its_line(extra: str) -> None:
+    chunk = line(',"bid":100.0') + line(extra, ts=TS + 1) + line(',"ask":101.0', ts=TS + 2)
+    batch = parser().parse(chunk, TS)
+    assert batch.count == 2
+    assert (batch.seconds(), batch.books, batch.count) == _slow(parser(), chunk)

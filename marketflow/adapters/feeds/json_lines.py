@@ -73,6 +73,28 @@ def _decoder(max_price: float) -> msgspec.json.Decoder[list[object]]:
     return msgspec.json.Decoder(list[tick | int])  # type: ignore[valid-type]
 
 
+def _quoted_decoder(max_price: float) -> msgspec.json.Decoder[list[object]]:
+    """The fast path for lines that carry a quote too (``bid``/``ask``/sizes, each optional):
+    the same rules as the per-line path (each a positive finite number within range; a bool
+    or a string refused), so a chunk of quoted lines costs no more than a chunk of ticks."""
+    price = Annotated[float, msgspec.Meta(gt=0.0, le=max_price)]
+    tick = msgspec.defstruct(
+        "QuotedTick",
+        [
+            ("symbol", str),
+            ("price", price),
+            ("timestamp", _Timestamp),
+            ("bid", price | None, None),
+            ("ask", price | None, None),
+            ("bid_size", price | None, None),
+            ("ask_size", price | None, None),
+        ],
+        gc=False,
+        forbid_unknown_fields=True,
+    )
+    return msgspec.json.Decoder(list[tick | int])  # type: ignore[valid-type]
+
+
 @dataclass(slots=True, eq=False)
 class JsonLinesParser:
     """Validates ``{"symbol","price","timestamp"}`` objects of one exchange; counts rejects."""
@@ -83,9 +105,11 @@ class JsonLinesParser:
     max_ahead_ms: int = MAX_AHEAD_MS
     max_price: float = MAX_PRICE
     _typed: msgspec.json.Decoder[list[object]] = field(init=False, repr=False)
+    _quoted: msgspec.json.Decoder[list[object]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._typed = _decoder(self.max_price)
+        self._quoted = _quoted_decoder(self.max_price)
 
     def parse(self, chunk: bytes, received_ms: int) -> TickBatch:
         """Parse complete lines (the last one may lack its newline)."""
@@ -123,13 +147,39 @@ class JsonLinesParser:
         No array can decode into the typed values at all (a tick has no array field and
         unknown fields are refused), so unlike the orjson path no separator can hide inside
         one: ``[`` and ``]`` need no scan here."""
+        quoted = False
         try:
             typed = self._typed.decode(joined)
         except msgspec.DecodeError:  # ValidationError is one: a rule broken, or not JSON
-            return None
+            if b'"bid"' not in joined and b'"ask"' not in joined:
+                return None
+            try:  # a quoting venue: its first line failed the plain decoder at once
+                typed = self._quoted.decode(joined)
+            except msgspec.DecodeError:
+                return None
+            quoted = True
         if len(typed) != 2 * lines + 1:
             return None
-        return self._fold(typed, lines, received_ms)
+        batch = self._fold(typed, lines, received_ms)
+        if batch is not None and quoted:
+            self._fold_quotes(batch, typed, received_ms)
+        return batch
+
+    def _fold_quotes(self, batch: TickBatch, typed: list[object], received_ms: int) -> None:
+        """The last quote per symbol of the chunk, of the lines the fold accepted (a known
+        symbol, a timestamp not ahead): the batch's book updates."""
+        last: dict[str, object] = {}
+        max_ts = min(MAX_TS_MS, received_ms + self.max_ahead_ms)
+        symbols = self.symbols
+        for t in typed[0:-1:2]:
+            if t.bid is not None or t.ask is not None:  # type: ignore[attr-defined]
+                sym = t.symbol  # type: ignore[attr-defined]
+                if sym in symbols and t.timestamp <= max_ts:  # type: ignore[attr-defined]
+                    last[sym] = t
+        batch.books = [
+            BookUpdate(self.exchange, sym, t.bid, t.ask, t.timestamp, t.bid_size, t.ask_size)  # type: ignore[attr-defined]
+            for sym, t in last.items()
+        ]
 
     def _fold(self, typed: list[object], lines: int, received_ms: int) -> TickBatch | None:
         """Fold the typed ticks (the even indices but the last) into their seconds; None when
