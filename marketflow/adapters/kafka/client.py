@@ -9,34 +9,18 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
-from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import murmur2
 
+from marketflow.adapters.kafka.producer import connection_options
 from marketflow.settings import KafkaSettings
 
 log = logging.getLogger("marketflow.kafka")
 
 
 def client_options(settings: KafkaSettings) -> dict[str, Any]:
-    """Bootstrap servers, client id, timeouts and security, for any aiokafka client."""
-    opts: dict[str, Any] = {
-        "bootstrap_servers": settings.bootstrap_servers,
-        "client_id": settings.client_id,
-        "request_timeout_ms": settings.request_timeout_ms,
-        "security_protocol": settings.security_protocol,
-    }
-    if settings.security_protocol.startswith("SASL"):
-        opts["sasl_mechanism"] = settings.sasl_mechanism
-        opts["sasl_plain_username"] = settings.sasl_username
-        if settings.sasl_password is not None:
-            opts["sasl_plain_password"] = settings.sasl_password.get_secret_value()
-    if settings.security_protocol.endswith("SSL"):
-        opts["ssl_context"] = create_ssl_context(
-            cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None,
-            certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
-            keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
-        )
-    return opts
+    """Bootstrap servers, client id, timeouts and security, for any aiokafka client (one
+    definition for both roles: producer.connection_options)."""
+    return connection_options(settings, settings.client_id)
 
 
 def partition_of(symbol: str, partitions: int) -> int:
