@@ -249,8 +249,19 @@ class ScriptedFeed:
         threading.Thread(target=serve, daemon=True).start()
 
     def send(self, data: bytes) -> None:
-        poll(lambda: len(self.conns), lambda n: n > 0, 30, "the daemon connects to the feed")
-        self.conns[-1].sendall(data)
+        """Send on the newest open connection; after a closed one (a reconnect asked for),
+        wait for the daemon's next."""
+
+        def sent() -> bool:
+            if not self.conns or self.conns[-1].fileno() == -1:
+                return False
+            try:
+                self.conns[-1].sendall(data)
+            except OSError:  # closed under us: the daemon reconnects
+                return False
+            return True
+
+        poll(sent, bool, 30, "the daemon connects to the feed")
 
     def stop(self) -> None:
         self._stop.set()
