@@ -76,6 +76,7 @@ from marketflow.entrypoints.http_diagnostics import add_diagnostics_routes
 from marketflow.entrypoints.http_messages import add_message_routes
 from marketflow.entrypoints.http_metrics import HttpMetrics
 from marketflow.entrypoints.metrics import metrics_renderer
+from marketflow.lifecycle import CoreTasks
 from marketflow.roles.ingest import IngestNode
 from marketflow.settings import ExchangeSettings, Settings
 from marketflow.startup import adopt_spill, open_cache, open_storage, reserve_port, tune_gc
@@ -117,7 +118,6 @@ class Daemon:
         self._resume = resume
         p = settings.pipeline
         self.fanin: asyncio.Queue[TickBatch] = asyncio.Queue(p.fanin_queue_batches)
-        self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self._db: Database | None = None
         # What start() opened, closed in reverse order by stop(); one failing close does
@@ -135,6 +135,7 @@ class Daemon:
         self._capture_store: CaptureStore | None = None
         self.fix_server: FixServer | None = None
         self.died = asyncio.Event()  # set when a core task fails: the daemon must stop
+        self._core = CoreTasks(self.died)
         # Latency histograms shared by the writer and the aggregator (/metrics, /health).
         self.metrics = PipelineMetrics()
         # -- streaming (issue 13): bbo/book channels and venue status from the world view
@@ -226,10 +227,10 @@ class Daemon:
         if self.stream is not None:  # what the windows hold already is the ticks snapshot
             agg = self.aggregator
             self.stream.publish_latest(lp for w in agg.all_windows() if (lp := w.latest()))
-        self._spawn(self.aggregator.consume(), "aggregator")
-        self._spawn(self.aggregator.run_flusher(), "flusher")
+        self._core.spawn(self.aggregator.consume(), "aggregator")
+        self._core.spawn(self.aggregator.run_flusher(), "flusher")
         if s.archive.enabled and self._db is not None:  # -- archive (issue 14)
-            self._spawn(self._archive_every(self._db), "archive")
+            self._core.spawn(self._archive_every(self._db), "archive")
         self._exit.push_async_callback(self._finish_pipeline)
         self._exit.push_async_callback(self._drain_sources)
         if s.node.role == "aggregate":
@@ -406,12 +407,12 @@ class Daemon:
         self.peers = PeerWindows(
             self.cache, lambda ex, sym: agg.window(ex, sym) is not None, wall_clock_ms
         )
-        self._spawn(self.peers.run(), "peer-windows")
+        self._core.spawn(self.peers.run(), "peer-windows")
         self.metrics.bad_records = consumer.rejects.counts
         await consumer.start()
         self._exit.push_async_callback(consumer.aclose)
         for task in consumer.tasks:  # a consumer task that dies (a bug) stops the daemon
-            task.add_done_callback(self._task_done)
+            self._core.watch(task)
         self.kafka_ticks = consumer
 
     def _feed_statuses(self) -> list[FeedStatus]:
@@ -588,25 +589,13 @@ class Daemon:
     def http_port(self) -> int:
         return self._sock.getsockname()[1] if self._sock is not None else 0
 
-    def _spawn(self, coro: Any, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
-        task.add_done_callback(self._task_done)
-        self._tasks.append(task)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception()
-        log.error("task_died task=%s error=%r", task.get_name(), exc, exc_info=exc)
-        self.died.set()
-
     async def _keep_consuming(self) -> None:
-        consumer = next(t for t in self._tasks if t.get_name() == "aggregator")
+        consumer = next(t for t in self._core.tasks if t.get_name() == "aggregator")
         while True:
             await asyncio.gather(consumer, return_exceptions=True)
             log.error("aggregator_restarted reason=consumer_died action=drain_for_shutdown")
             consumer = asyncio.create_task(self.aggregator.consume(), name="aggregator")
-            self._tasks.append(consumer)
+            self._core.tasks.append(consumer)
 
     async def _drain_sources(self) -> None:
         """Stop reading and fold everything already read."""
@@ -622,9 +611,7 @@ class Daemon:
 
     async def _finish_pipeline(self) -> None:
         """Stop the aggregator's tasks and hand the partial minutes to the writer."""
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._core.cancel()
         await self.aggregator.flush(final=True)
         log.info("stopped ticks=%d", self.aggregator.ticks_folded)
 

@@ -40,6 +40,7 @@ from marketflow.domain.feeds import Source
 from marketflow.domain.ticks import TickBatch
 from marketflow.entrypoints.http_common import JsonErrorsRunner
 from marketflow.entrypoints.http_ingest import build_ingest_app
+from marketflow.lifecycle import CoreTasks
 from marketflow.settings import ExchangeSettings, Settings
 
 log = logging.getLogger("marketflow.ingest_role")
@@ -95,7 +96,7 @@ class IngestNode:
         self._status_sent: dict[str, tuple[str, int, int]] = {}  # state, since_ms, sent_ms
         self.published_ticks = 0
         self._exit = contextlib.AsyncExitStack()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._core = CoreTasks(died)
         self._feed_lock = asyncio.Lock()
         self.sender: KafkaSender
         self.publisher: HoldBackPublisher
@@ -131,17 +132,17 @@ class IngestNode:
         )
         await self.publisher.recover()
         self._exit.push_async_callback(self.publisher.close, k.request_timeout_ms / 1000)
-        self._spawn(self.publisher.run(), "kafka-resender")
-        self._spawn(self._sink(), "kafka-sink")
-        self._exit.push_async_callback(self._cancel_tasks)
+        self._core.spawn(self.publisher.run(), "kafka-resender")
+        self._core.spawn(self._sink(), "kafka-sink")
+        self._exit.push_async_callback(self._core.cancel)
         self.group = FeedGroup(k, self.node, list(self._exchanges), self._start_feed, self._stop)
         # Closed in reverse: feeds stopped and published first, then the group is left (so
         # no other node starts them while this one still reads), then the tasks end.
         self._exit.push_async_callback(self.group.aclose)
         self._exit.push_async_callback(self._stop_all)
         await self.group.start()
-        self._spawn(self._status_loop(), "feed-status")
-        self._spawn(self._mark_loop(), "feed-marks")
+        self._core.spawn(self._status_loop(), "feed-status")
+        self._core.spawn(self._mark_loop(), "feed-marks")
         if self._sock is not None:
             await self._start_http()
         log.info(
@@ -153,22 +154,6 @@ class IngestNode:
         await self._exit.aclose()
 
     # -- tasks ------------------------------------------------------------------------------
-    def _spawn(self, coro: Any, name: str) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
-        task.add_done_callback(self._task_done)
-        self._tasks.append(task)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception()
-        log.error("task_died task=%s error=%r", task.get_name(), exc, exc_info=exc)
-        self.died.set()
-
-    async def _cancel_tasks(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- the sink: fan-in queue -> records -> publisher -------------------------------------
     async def _sink(self) -> None:

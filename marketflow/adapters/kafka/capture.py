@@ -24,20 +24,15 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from marketflow.adapters.capture.listener import FrameSink
 from marketflow.adapters.kafka.producer import connection_options
 from marketflow.settings import KafkaSettings
 
 log = logging.getLogger("marketflow.kafka.capture")
 
 
-class CaptureSink(Protocol):
-    async def submit(
-        self,
-        peer: str,
-        received_ms: int,
-        frames: Sequence[bytes],
-        rejects: Sequence[tuple[str, bytes]] = (),
-    ) -> None: ...
+class CaptureSink(FrameSink, Protocol):
+    """The audit trail (app.capture.CaptureService): the listener's sink, flushable."""
 
     async def flush(self) -> None: ...
 
