@@ -12,7 +12,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
 from marketflow.adapters.kafka.publisher import Ack, OutRecord
 from marketflow.domain.errors import ConfigError
@@ -115,11 +115,22 @@ class KafkaSender:
 
     After a failed send the producer is replaced before the next one: an idempotent producer
     whose batches expired has a broken sequence (the broker answers OutOfOrderSequenceNumber
-    to everything after), a new one starts a new producer id."""
+    to everything after), a new one starts a new producer id.
 
-    def __init__(self, factory: Callable[[], AIOKafkaProducer], close_timeout_s: float) -> None:
+    An acknowledgement not come within ``ack_timeout_s`` counts as failed, whatever the
+    client still waits for: a broker gone mid-request must turn into "down" (held back,
+    spilled, and reconciled by record id before a resend), never into a send that hangs
+    with the feeds behind it."""
+
+    def __init__(
+        self,
+        factory: Callable[[], AIOKafkaProducer],
+        close_timeout_s: float,
+        ack_timeout_s: float | None = None,
+    ) -> None:
         self._factory = factory
         self._close_timeout_s = close_timeout_s
+        self._ack_timeout_s = ack_timeout_s if ack_timeout_s is not None else 3 * close_timeout_s
         self.producer = factory()
         self._broken = False
         self.replaced = 0
@@ -162,9 +173,15 @@ class KafkaSender:
                 error = exc
                 break
         results: list[Ack | BaseException] = []
-        for res in await asyncio.gather(*futures, return_exceptions=True):
-            if isinstance(res, asyncio.CancelledError):
-                raise res
+        if futures:
+            await asyncio.wait(futures, timeout=self._ack_timeout_s)
+        for fut in futures:
+            if not fut.done():
+                res: Any = KafkaTimeoutError(f"no acknowledgement in {self._ack_timeout_s} s")
+            elif fut.cancelled():
+                raise asyncio.CancelledError
+            else:
+                res = fut.exception() or fut.result()
             if isinstance(res, BaseException):
                 error = error or res
                 results.append(res)
