@@ -52,7 +52,7 @@ from marketflow.app.capture import CaptureService
 from marketflow.app.diagnostics import DiagnosticsWriter, node_name, read_totals
 from marketflow.app.fix_distribution import Distribution
 from marketflow.app.health import HealthReport
-from marketflow.app.ingest import RunningSource
+from marketflow.app.ingest import ParseGate, RunningSource
 from marketflow.app.loop_health import LoopHealth
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.app.modes import Mode, ModeController
@@ -208,6 +208,7 @@ class Daemon:
                 fanin=self.fanin,
                 workers=s.pipeline.workers_per_source,
                 queue_size=s.pipeline.source_queue_chunks,
+                gate=ParseGate(s.pipeline.parse_pass_budget_ms / 1000),
             ),
         )
         self.aggregator = Aggregator(

@@ -181,6 +181,11 @@ class PipelineSettings(_Frozen):
     """Queue sizes, worker pools and timings of the ingest pipeline."""
 
     workers_per_source: int = Field(5, ge=1, le=64)
+    # Parsing per event-loop pass, across every source's workers: once this much time has
+    # gone since a pass's first parse, the next worker waits for a later pass (a 64 KiB chunk
+    # takes ~1 ms). The loop reaches sockets, HTTP requests and the flusher between passes,
+    # so a burst backlog cannot hold it for workers x sources chunks. 0: no bound.
+    parse_pass_budget_ms: float = Field(1.0, ge=0, le=1000)
     source_queue_chunks: int = Field(64, ge=1)  # 64 KiB chunks per source: backpressure point
     fanin_queue_batches: int = Field(1024, ge=1)
     read_chunk_bytes: int = Field(65536, ge=1024)

@@ -5,13 +5,17 @@ reconnecting by itself) and a parser (a pure function of one item into one TickB
 workers per source parse items concurrently with the producer's reads; the fan-in queue
 carries whole batches to the aggregator. Both queues are bounded: when the aggregator falls
 behind, workers block, the source queue fills, the producer stops reading and TCP flow
-control pushes back on the exchange. Nothing is dropped.
+control pushes back on the exchange. Nothing is dropped. A ``ParseGate`` shared by every
+source bounds the parsing per event-loop pass, so the loop's other work (HTTP requests,
+socket reads, cache flushes) waits about one chunk's parse, not one per ready worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from typing import TypeVar
 
 from marketflow.domain.feeds import Source
@@ -42,6 +46,64 @@ class SourceQueue(asyncio.Queue[tuple[ItemT, int]]):
             raise
 
 
+class ParseGate:
+    """A time budget for parsing per event-loop pass, shared by every source's workers.
+
+    A pass is one round of the loop's ready callbacks; the selector is polled between two.
+    The first worker in a pass always parses; later ones are admitted while less than
+    ``budget_s`` has gone since that first admission, then wait: a released waiter is woken
+    by a callback scheduled for the next pass (first come, first served), so a backlog is
+    parsed a budget per pass with sockets, HTTP requests and flushes served in between.
+    ``budget_s = 0``: no bound.
+    """
+
+    def __init__(self, budget_s: float) -> None:
+        self._budget_s = budget_s
+        self._pass_start = 0.0
+        self._open = False  # this pass has admitted a parse (cleared by the next pass)
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._next_pass_scheduled = False
+
+    async def admit(self) -> None:
+        """Return when this pass may run one more parse."""
+        if self._budget_s <= 0:
+            return
+        if not self._waiters:
+            if not self._open:
+                self._open = True
+                self._pass_start = time.perf_counter()
+                self._schedule_next_pass()
+                return
+            if time.perf_counter() - self._pass_start < self._budget_s:
+                return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._schedule_next_pass()
+        await fut  # cancelled: the future is done, _next_pass skips it
+
+    def _schedule_next_pass(self) -> None:
+        if not self._next_pass_scheduled:
+            self._next_pass_scheduled = True
+            asyncio.get_running_loop().call_soon(self._next_pass)
+
+    def _next_pass(self) -> None:
+        """Runs in the pass after one that parsed: admit the first waiter for the next."""
+        self._next_pass_scheduled = False
+        self._open = False
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # its worker runs in the next pass, as its first parse
+                self._open = True
+                self._pass_start = time.perf_counter()
+                break
+        if self._open or self._waiters:
+            self._schedule_next_pass()
+
+
+UNBOUNDED = ParseGate(0)
+
+
 class RunningSource:
     """A started source: its producer task, its queue and its workers."""
 
@@ -51,8 +113,10 @@ class RunningSource:
         fanin: asyncio.Queue[TickBatch],
         workers: int,
         queue_size: int,
+        gate: ParseGate = UNBOUNDED,
     ) -> None:
         self.source = source
+        self._gate = gate
         self.queue: SourceQueue[object] = SourceQueue(queue_size)
         self._fanin = fanin
         name = source.status.name
@@ -71,9 +135,12 @@ class RunningSource:
         parse = self.source.parser.parse
         status = self.source.status
         queue = self.queue
+        gate = self._gate
         while True:
             item, received_ms = await queue.get()
             try:
+                # stop() cancels workers only once the queue is joined: no item waits here.
+                await gate.admit()
                 batch = parse(item, received_ms)
                 if batch.count:
                     status.ticks += batch.count

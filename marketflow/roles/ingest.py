@@ -35,7 +35,7 @@ from marketflow.adapters.kafka.producer import (
 from marketflow.adapters.kafka.producer import connection_options as kafka_options
 from marketflow.adapters.kafka.publisher import Ack, HoldBackPublisher, OutRecord, RecordSpillFile
 from marketflow.adapters.kafka.records import encode_batch
-from marketflow.app.ingest import RunningSource
+from marketflow.app.ingest import ParseGate, RunningSource
 from marketflow.domain.feeds import Source
 from marketflow.domain.ticks import TickBatch
 from marketflow.entrypoints.http_common import JsonErrorsRunner
@@ -79,6 +79,7 @@ class IngestNode:
         self.k = settings.kafka
         self.node = settings.node.id or socket.gethostname()
         self.fanin = fanin
+        self._parse_gate = ParseGate(settings.pipeline.parse_pass_budget_ms / 1000)
         self._sock = sock
         self.died = died
         self._build_source = build_source  # (ExchangeSettings, resume_mark) -> Source
@@ -264,6 +265,7 @@ class IngestNode:
                 self.fanin,
                 self.settings.pipeline.workers_per_source,
                 self.settings.pipeline.source_queue_chunks,
+                self._parse_gate,
             )
             log.info("feed_started node=%s feed=%s resume_mark=%s", self.node, name, mark)
 
