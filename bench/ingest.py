@@ -172,6 +172,17 @@ def settle(daemon: Daemon, timeout: float = 120, quiet_s: float = 3.0) -> int:
     return last
 
 
+def pipeline_overrides(items: list[str]) -> dict[str, float]:
+    """``KEY=VALUE`` pairs of numeric [pipeline] settings."""
+    out: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--pipeline {item!r}: expected KEY=VALUE")
+        out[key] = float(value) if "." in value else int(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ingest")
     ap.add_argument("--sources", type=int, default=2, help="exchanges (one firehose each)")
@@ -185,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-seconds", type=float, default=10.0)
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--fill", action="store_true", help="fill the 600 s retention first")
+    ap.add_argument(
+        "--pipeline",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [pipeline] setting for the daemon (repeatable), e.g. parse_pass_budget_ms=0",
+    )
     ap.add_argument("--profile", type=Path, help="py-spy raw profile of the daemon to FILE")
     args = ap.parse_args(argv)
 
@@ -207,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             "postgres": {"dsn": pg.dsn},
             "redis": {"url": rd.url},
             "embedded": {"data_dir": str(tmp / "var")},
-            "pipeline": {"window_retention_s": RETENTION_S},
+            "pipeline": {"window_retention_s": RETENTION_S} | pipeline_overrides(args.pipeline),
             "capture": {"enabled": False, "port": free_port()},
             "log_level": "WARNING",
             "pairs": pairs,

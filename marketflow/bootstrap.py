@@ -200,6 +200,7 @@ class Daemon:
             )
         await self.writer.start()
         self._exit.push_async_callback(self.writer.aclose)
+        parse_gate = ParseGate(s.pipeline.parse_pass_budget_ms / 1000)
         self.modes = ModeController(
             {"live": self._live_sources, "test": self._test_sources},
             {"live": [e.name for e in s.exchanges], "test": list(s.test_source_names())},
@@ -208,7 +209,7 @@ class Daemon:
                 fanin=self.fanin,
                 workers=s.pipeline.workers_per_source,
                 queue_size=s.pipeline.source_queue_chunks,
-                gate=ParseGate(s.pipeline.parse_pass_budget_ms / 1000),
+                gate=parse_gate,
             ),
         )
         self.aggregator = Aggregator(
@@ -222,6 +223,7 @@ class Daemon:
             on_latest=self.stream.publish_latest if self.stream is not None else None,
         )
         self.aggregator.on_books = self.world_view.on_books
+        self.aggregator.parse_backlog = parse_gate.backlog
         self.aggregator.on_flush = self.world_view.poll
         if self._resume and s.node.role != "aggregate":  # there: per partition taken over
             await self.aggregator.resume(self.store)

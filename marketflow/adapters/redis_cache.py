@@ -59,41 +59,37 @@ SCAN_COUNT = 1000
 
 # One script is one write: atomic like MULTI/EXEC (the marks never become visible without
 # the seconds they cover), and one command for redis-py to pack instead of two per minute key
-# (redis-py spends ~30 us a command: a 25-command MULTI took ~1 ms, most of a flush).
-# KEYS: latest, alive, marks, then the minute keys. ARGV: the number of latest prices, then
-# (field, timestamp, json) triples; per minute key its field count, its TTL (0: keep the one
-# it has) and its (field, value) pairs; the number of marks, then (field, value) pairs.
+# (redis-py spends ~30 us a command: a 25-command MULTI took ~1 ms, most of a flush). Its
+# arguments are one JSON document (orjson builds it in one call; redis-py packing a few
+# hundred arguments one by one was most of a flush's CPU at 500 flushes/s).
+# KEYS: latest, alive, marks, then the minute keys. ARGV[1]: ``[latest, minutes, marks]``
+# with latest a list of [field, timestamp, json], minutes one [ttl, field, value, ...] per
+# minute key (ttl 0: keep the one it has), marks a flat [field, value, ...] list.
 # A latest value that is not ours (unparsable) is replaced rather than blocking updates.
 WRITE_SCRIPT = """
 local missing = redis.call('SET', KEYS[2], '1', 'NX')
-local i = 1
-local n = tonumber(ARGV[i]); i = i + 1
-for _ = 1, n do
-  local current = redis.call('HGET', KEYS[1], ARGV[i])
+local doc = cjson.decode(ARGV[1])
+for _, p in ipairs(doc[1]) do
+  local current = redis.call('HGET', KEYS[1], p[1])
   local newer = true
   if current then
-    local ok, doc = pcall(cjson.decode, current)
-    if ok and type(doc) == 'table' and tonumber(doc['timestamp']) then
-      newer = tonumber(doc['timestamp']) <= tonumber(ARGV[i + 1])
+    local ok, held = pcall(cjson.decode, current)
+    if ok and type(held) == 'table' and tonumber(held['timestamp']) then
+      newer = tonumber(held['timestamp']) <= p[2]
     end
   end
   if newer then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+    redis.call('HSET', KEYS[1], p[1], p[3])
   end
-  i = i + 3
 end
-for k = 4, #KEYS do
-  local fields = tonumber(ARGV[i])
-  local ttl = tonumber(ARGV[i + 1])
-  redis.call('HSET', KEYS[k], unpack(ARGV, i + 2, i + 1 + 2 * fields))
-  if ttl > 0 then
-    redis.call('EXPIRE', KEYS[k], ttl)
+for k, m in ipairs(doc[2]) do
+  redis.call('HSET', KEYS[k + 3], unpack(m, 2))
+  if m[1] > 0 then
+    redis.call('EXPIRE', KEYS[k + 3], m[1])
   end
-  i = i + 2 + 2 * fields
 end
-local marks = tonumber(ARGV[i])
-if marks > 0 then
-  redis.call('HSET', KEYS[3], unpack(ARGV, i + 1, i + 2 * marks))
+if #doc[3] > 0 then
+  redis.call('HSET', KEYS[3], unpack(doc[3]))
 end
 if missing then
   return 1
@@ -116,12 +112,18 @@ def window_key(exchange: str, symbol: str, minute_start_s: int) -> str:
     return f"{WINDOW_PREFIX}{exchange}:{symbol}:{minute_start_s}"
 
 
-def _latest_args(latest: Sequence[LatestPrice]) -> list[str | int]:
-    args: list[str | int] = []
-    for p in latest:
-        doc = {"price": p.price, "timestamp": p.timestamp_ms, "received": p.received_ms}
-        args += [f"{p.exchange}:{p.symbol}", p.timestamp_ms, orjson.dumps(doc).decode()]
-    return args
+def _latest_args(latest: Sequence[LatestPrice]) -> list[tuple[str, int, str]]:
+    dumps = orjson.dumps
+    return [
+        (
+            f"{p.exchange}:{p.symbol}",
+            p.timestamp_ms,
+            dumps(
+                {"price": p.price, "timestamp": p.timestamp_ms, "received": p.received_ms}
+            ).decode(),
+        )
+        for p in latest
+    ]
 
 
 def _by_key(seconds: Sequence[SecondBucket]) -> dict[str, dict[str, str]]:
@@ -165,7 +167,6 @@ class RedisPriceCache(Closing):
         if not latest and not seconds and not marks:
             return False
         self._check_open()
-        args = _latest_args(latest)
         by_key = _by_key(seconds)
         lost = False
         now = time.monotonic()
@@ -173,19 +174,21 @@ class RedisPriceCache(Closing):
         expired_at = self._expired_at
         fresh: list[str] = []
         keys: list[str] = [LATEST_KEY, ALIVE_KEY, MARKS_KEY]
-        argv: list[str | int] = [len(latest), *args]
+        minutes: list[list[str | int]] = []
         for key, fields in by_key.items():
             keys.append(key)
             ttl = 0
             if expired_at.get(key, -1.0) < refresh_before:
                 ttl = self._ttl
                 fresh.append(key)
-            argv += [len(fields), ttl]
+            minute: list[str | int] = [ttl]
             for field, value in fields.items():
-                argv += [field, value]
-        argv.append(len(marks or {}))
+                minute += (field, value)
+            minutes.append(minute)
+        flat_marks: list[str] = []
         for src, (pos, made) in (marks or {}).items():
-            argv += [src, f"{pos},{made}"]
+            flat_marks += (src, f"{pos},{made}")
+        argv = (orjson.dumps((_latest_args(latest), minutes, flat_marks)),)
         try:
             try:
                 missing = await self._client.evalsha(self._sha, len(keys), *keys, *argv)

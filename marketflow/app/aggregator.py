@@ -47,6 +47,10 @@ class RowSink(Protocol):
     ) -> None: ...
 
 
+def _no_backlog() -> bool:
+    return False
+
+
 def _no_sources() -> Iterable[str]:
     return ()
 
@@ -101,6 +105,9 @@ class Aggregator:
         self._next_full_sweep = 0
         self.flush_build_s = 0.0  # the last flush's CPU before it awaited the cache
         self._folded = asyncio.Event()  # set when the consumer has emptied the fan-in queue
+        # True while chunks wait to be parsed (the ingest's parse gate): not idle then, so the
+        # flusher coalesces up to its ceiling instead of flushing after every parse.
+        self.parse_backlog: Callable[[], bool] = _no_backlog
         self._next_sweep = 0  # the flusher's next minute sweep (clock ms)
         self._sleep = sleep
         # The world view's inputs (app/world_view.py): each batch's book updates, and each
@@ -188,7 +195,8 @@ class Aggregator:
                 if clock() > until:
                     await asyncio.sleep(0)
                     until = clock() + FOLD_SLICE_S
-            self._folded.set()  # idle: the flusher may write what was folded
+            if not self.parse_backlog():
+                self._folded.set()  # idle: the flusher may write what was folded
 
     def drain(self) -> int:
         """Fold what is queued without waiting (the consumer task is gone); returns batches."""

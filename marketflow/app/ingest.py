@@ -64,6 +64,10 @@ class ParseGate:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._next_pass_scheduled = False
 
+    def backlog(self) -> bool:
+        """Workers wait for a later pass: chunks are read but not yet parsed."""
+        return bool(self._waiters)
+
     async def admit(self) -> None:
         """Return when this pass may run one more parse."""
         if self._budget_s <= 0:
