@@ -37,8 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.api_load import WRK_PATH, cpu_pressure, cpu_s, poll, profiled, redis_ticks, wrk
-from bench.ingest import pin
+from bench.api_load import WRK_PATH, cpu_pressure, poll, profiled, redis_ticks, wrk
+from bench.ingest import cpu_s, pin
 from tests.e2e.procs import Daemon, Simulator
 from tests.harness.services import PostgresServer, RedisServer, free_port
 

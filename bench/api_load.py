@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import re
 import signal
 import subprocess
@@ -156,12 +155,6 @@ def profiled(daemon: Daemon, out_dir: Path | None, name: str) -> Iterator[None]:
     finally:
         spy.send_signal(signal.SIGINT)
         spy.wait(30)
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_pressure() -> float | None:

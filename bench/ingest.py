@@ -172,6 +172,12 @@ def settle(daemon: Daemon, timeout: float = 120, quiet_s: float = 3.0) -> int:
     return last
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pipeline_overrides(items: list[str]) -> dict[str, float]:
     """``KEY=VALUE`` pairs of numeric [pipeline] settings."""
     out: dict[str, float] = {}
@@ -238,10 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         fields = [f"ex{i + 1}:{pairs[0]}" for i in range(args.sources)]
         profiler = None
         paced: list[float] = []
+        paced_cpu = 0.0
         try:
             time.sleep(args.warmup + (5 if args.fill else 0))
             if args.latency_rate:
+                p0, pc0 = time.time(), cpu_s(daemon.proc.pid)
                 paced = asyncio.run(sample_latency(rd.url, fields, args.latency_seconds))
+                paced_cpu = (cpu_s(daemon.proc.pid) - pc0) / (time.time() - p0)
                 paced_rss = rss_mb(daemon.proc.pid)
                 paced_health = daemon.get("/health")[1]
                 for h in hoses:  # the same ports: the daemon reconnects to the saturating ones
@@ -255,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                      "-r", "200", "-f", "raw", "-o", str(args.profile), "--nonblocking"],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )  # fmt: skip
-            t0, n0 = time.time(), ticks(daemon)
+            t0, n0, c0 = time.time(), ticks(daemon), cpu_s(daemon.proc.pid)
             latencies = asyncio.run(sample_latency(rd.url, fields, args.seconds))
-            t1, n1 = time.time(), ticks(daemon)
+            t1, n1, c1 = time.time(), ticks(daemon), cpu_s(daemon.proc.pid)
             rss = rss_mb(daemon.proc.pid)
             for h in hoses:
                 h.stop()
@@ -282,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             "paced_max_ms": round(max(paced), 2),
             "paced_samples": len(paced),
             "paced_rss_mb": round(paced_rss, 1),
+            "paced_daemon_cpu": round(paced_cpu, 3),
             "paced_pipeline": paced_health.get("pipeline"),
             "paced_loop_lag": paced_health.get("loop_lag"),
         }
@@ -291,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "limit_lines_per_s": round(limit),
         "ratio": round(stored_rate / limit, 3),
         "health_ticks_per_s": round((n1 - n0) / (t1 - t0)),
+        "daemon_cpu": round((c1 - c0) / (t1 - t0), 3),
         "p50_ms": round(percentile(latencies, 0.50), 2),
         "p99_ms": round(percentile(latencies, 0.99), 2),
         "max_ms": round(max(latencies), 2) if latencies else None,
@@ -311,11 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"at {args.latency_rate:,.0f} ticks/s: tick->Redis p50 {paced_stats['paced_p50_ms']}"
             f" ms p99 {paced_stats['paced_p99_ms']} ms max {paced_stats['paced_max_ms']} ms"
-            f" ({len(paced):,} samples); rss {paced_rss:.0f} MB"
+            f" ({len(paced):,} samples); rss {paced_rss:.0f} MB; daemon CPU {paced_cpu:.0%}"
         )
     print(
         f"daemon: {stored_rate:,.0f} ticks/s counted back from PostgreSQL over {s1 - s0} s "
-        f"= {stored_rate / limit:.2f} of the limit loop ({args.sources} x {args.pairs} pairs)"
+        f"= {stored_rate / limit:.2f} of the limit loop ({args.sources} x {args.pairs} pairs;"
+        f" daemon CPU {result['daemon_cpu']:.0%})"
     )
     print(
         f"saturated (queueing in socket buffers): tick->Redis p50 {result['p50_ms']} ms "

@@ -161,8 +161,10 @@ class RunningSource:
                 # Only after the batch is on the fan-in queue: stop() joins on this.
                 queue.task_done()
             # get() and put() do not yield while there are items and room: without this one
-            # worker would parse a whole backlog of chunks (~1 ms each) in one step.
-            await asyncio.sleep(0)
+            # worker would parse a whole backlog of chunks (~1 ms each) in one step. With
+            # nothing queued, get() yields by itself (no extra task step per chunk).
+            if queue.qsize():
+                await asyncio.sleep(0)
 
     async def finished(self) -> None:
         """Wait until the producer ends by itself (a file source reaching its end)."""

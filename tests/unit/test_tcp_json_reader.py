@@ -241,6 +241,28 @@ async def test_silent_connection_is_marked_stale_and_reconnected(
     assert reader.status.connected
 
 
+async def test_waiting_for_room_in_the_queue_is_not_silence(
+    server: FeedServer, reader_factory: Callable[..., Reader]
+) -> None:
+    """Back-pressure from our own queue for longer than stale_after_s (0.3 s) is not the
+    exchange going silent: no stale mark, no reconnect; a silence after it still is one."""
+    reader = reader_factory(server.port, maxsize=1)
+    w = await server.connection()
+    await send(w, line(1.0), reader.status)  # fills the queue
+    await send(w, line(2.0), reader.status)  # read; the producer waits to put it
+    await asyncio.sleep(1.0)  # three stale timeouts with the producer parked on put()
+    assert not reader.status.stale
+    assert reader.status.reconnects == 0
+    assert await reader.chunk() == line(1.0)
+    assert await reader.chunk() == line(2.0)
+    await send(w, line(3.0), reader.status)
+    assert await reader.chunk() == line(3.0)
+    assert reader.status.reconnects == 0
+    await server.connection(within_s=3.0)  # now silent while reading: stale, reconnected
+    assert reader.status.stale
+    assert reader.status.reconnects == 1
+
+
 async def test_full_queue_stops_reading_so_tcp_pushes_back(
     server: FeedServer, reader_factory: Callable[..., Reader]
 ) -> None:
