@@ -44,7 +44,7 @@ import aiohttp
 import orjson
 
 from bench.firehose import pair_names
-from bench.ingest import Firehose, percentile, pin, settle, ticks
+from bench.ingest import Firehose, cpu_s, percentile, pin, settle, ticks
 from tests.e2e.procs import Daemon
 from tests.harness.services import PostgresServer, RedisServer, free_port
 
@@ -199,10 +199,18 @@ class Crowd:
         return sum(c.bytes for c in self.counters)
 
 
-async def rate(daemon: Daemon, seconds: float) -> float:
-    t0, n0 = time.time(), await asyncio.to_thread(ticks, daemon)
+CPU_SHARES: dict[str, float] = {}  # phase -> the daemon's CPU share over it
+
+
+async def rate(daemon: Daemon, seconds: float, phase: str) -> float:
+    """Ticks/s over ``seconds``; the daemon's CPU share is kept in CPU_SHARES: below ~1.0
+    the senders (sharing their core with the subscribers) did not saturate it."""
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    t0, n0, c0 = time.time(), await asyncio.to_thread(ticks, daemon), cpu_s(pid)
     await asyncio.sleep(seconds)
-    t1, n1 = time.time(), await asyncio.to_thread(ticks, daemon)
+    t1, n1, c1 = time.time(), await asyncio.to_thread(ticks, daemon), cpu_s(pid)
+    CPU_SHARES[phase] = (c1 - c0) / (t1 - t0)
     return (n1 - n0) / (t1 - t0)
 
 
@@ -225,13 +233,19 @@ async def run(daemon: Daemon, args: argparse.Namespace, hoses: list[Firehose]) -
         h.stop()
     hoses[:] = [Firehose(args.pairs, 0, 0, h.port, quotes=args.channel == "bbo") for h in hoses]
     await asyncio.sleep(args.warmup)
-    out["without_1"] = await rate(daemon, args.seconds)
+    out["without_1"] = await rate(daemon, args.seconds, "without_1")
     async with Crowd(daemon.port, args):
         await asyncio.sleep(args.warmup)
-        out["with"] = await rate(daemon, args.seconds)
+        before = (await asyncio.to_thread(daemon.get, "/health"))[1].get("stream") or {}
+        t0 = time.time()
+        out["with"] = await rate(daemon, args.seconds, "with")
         out["stream"] = (await asyncio.to_thread(daemon.get, "/health"))[1].get("stream")
+        spent_ms = (out["stream"] or {}).get("deliver_ms_total", 0) - before.get(
+            "deliver_ms_total", 0
+        )
+        out["deliver_share"] = spent_ms / 1000 / (time.time() - t0)
     await asyncio.sleep(args.warmup)
-    out["without_2"] = await rate(daemon, args.seconds)
+    out["without_2"] = await rate(daemon, args.seconds, "without_2")
     return out
 
 
@@ -306,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         "stream_paced": m["stream_paced"],
         "stream": stream,
         "daemon_cpus": sorted(daemon_cpus),
+        "daemon_cpu_share": {k: round(v, 3) for k, v in CPU_SHARES.items()},
+        "deliver_share_of_core": round(m["deliver_share"], 3),
     }
     if args.channel == "bbo" and not any(m["probe_frames"]):
         print("bbo: no update reached a subscriber: the world view is not wired yet (use ticks)")
@@ -316,6 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         f"without subscribers (before, after), {with_rate:,.0f} with {args.subscribers:,} "
         "+ 1 stuck "
         f"(ratio {result['ratio']}; CPU {sorted(daemon_cpus)} for the daemon)"
+    )
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in CPU_SHARES.items())
+    print(f"daemon CPU share per phase: {shares} (below ~100%: the senders did not saturate it)")
+    print(
+        f"stream delivery rounds took {m['deliver_share']:.1%} of the daemon's core with "
+        f"subscribers (the hub's own clock: what ingest gives up, without the run-to-run noise "
+        f"of the rates above; plus the senders of clients that fell behind)"
     )
     print(
         f"change -> client at {args.paced_rate:,.0f} ticks/s: p50 {result['latency_p50_ms']} ms "

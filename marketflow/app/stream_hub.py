@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -85,6 +86,11 @@ class Sink(Protocol):
         when it cannot (the frame then goes through ``send``)."""
         ...
 
+    def try_send_many(self, frames: Sequence[Frame]) -> bool:
+        """Write ``frames`` now in one write, without waiting, when the transport holds
+        nothing; False when it cannot (nothing is written then)."""
+        ...
+
     def buffered(self) -> int:
         """Bytes written to the transport that the kernel has not taken yet."""
         ...
@@ -114,6 +120,7 @@ class Subscriber:
         "ident",
         "outbox",
         "pending",
+        "plan",
         "sending",
         "sink",
         "subs",
@@ -125,6 +132,9 @@ class Subscriber:
         self.ident = ident
         self.sink = sink
         self.subs: dict[str, set[str] | None] = {}  # channel -> symbols, None: all of them
+        # The channels, in CHANNELS order, when every one is on all symbols: such a client
+        # takes the round's shared frames as they are (deliver's fast path); else None.
+        self.plan: tuple[str, ...] | None = None
         self.outbox: deque[Frame] = deque()
         self.pending: dict[str, dict[str, bytes]] = {}  # conflated updates while behind
         self.behind = 0  # bytes queued since the client last caught up
@@ -135,6 +145,13 @@ class Subscriber:
         self.wake = asyncio.Event()
         self.done = asyncio.Event()  # set once the hub has let the client go
         self.task: asyncio.Task[None] | None = None
+
+    def replan(self) -> None:
+        subs = self.subs
+        if subs and all(v is None for v in subs.values()):
+            self.plan = tuple(c for c in CHANNELS if c in subs)
+        else:
+            self.plan = None
 
     def subscriptions(self) -> int:
         return sum(1 if s is None else len(s) for s in self.subs.values())
@@ -197,6 +214,7 @@ class StreamHub:
         self._payloads: dict[str, dict[str, bytes]] = {c: {} for c in CHANNELS}
         self._keys: dict[str, bytes] = {}
         self._clients: dict[int, Subscriber] = {}
+        self._subscribed: set[str] | None = None  # channels anyone is on; None: recompute
         self._next_ident = 0
         self._task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
@@ -210,6 +228,8 @@ class StreamHub:
         self.subscriptions_refused = 0
         self.bad_messages = 0
         self.rounds = 0
+        self.deliver_s = 0.0  # time spent in deliver() (the cost on the ingest's loop)
+        self.deliver_max_s = 0.0
         # /metrics per channel ("control": subscribed, unsubscribed and error frames)
         self.frames_by_channel: dict[str, int] = dict.fromkeys((*CHANNELS, "control"), 0)
         self.conflated_by_channel: dict[str, int] = dict.fromkeys(CHANNELS, 0)
@@ -333,6 +353,7 @@ class StreamHub:
         if self._clients.pop(sub.ident, None) is None and sub.closed:
             return
         sub.closed = True
+        self._subscribed = None
         sub.outbox.clear()
         sub.pending.clear()
         # Woken, the sender ends; one stuck in a send is not cancelled (aiohttp's drain
@@ -375,6 +396,8 @@ class StreamHub:
         """Add (channels x symbols) to ``sub`` and queue one snapshot per channel of what it
         added, before any update. Past ``max_subscriptions`` nothing is added."""
         sub.subs = self.plan(sub, channels, symbols)
+        sub.replan()
+        self._subscribed = None
         self._queue(sub, self._control(
             "subscribed", {"channels": list(channels), "symbols": symbols}))  # fmt: skip
         for c in channels:
@@ -430,6 +453,8 @@ class StreamHub:
                 sub.subs[c] = held
             else:
                 sub.subs.pop(c, None)
+        sub.replan()
+        self._subscribed = None
         self._queue(sub, self._control(
             "unsubscribed", {"channels": list(channels), "symbols": symbols}))  # fmt: skip
 
@@ -512,17 +537,47 @@ class StreamHub:
         self.rounds += 1
         changes = self._changes()
         shared: dict[str, Frame] = {}
+        bundles: dict[tuple[str, ...], tuple[list[Frame], int]] = {}
         bound = self._settings.max_buffered_bytes
         for sub in list(self._clients.values()):
             if sub.closed or not sub.subs:
                 continue
+            plan = sub.plan
+            if plan is not None and not sub.outbox and not sub.sending and not sub.pending:
+                # Fast path: on all symbols of each channel and nothing waiting for it, the
+                # client takes this round's shared frames in one write.
+                bundle = bundles.get(plan)
+                if bundle is None:
+                    frames = [self._shared(c, changes[c], shared) for c in plan if c in changes]
+                    bundle = bundles[plan] = (frames, sum(len(f.body) for f in frames))
+                frames, size = bundle
+                if frames and sub.sink.try_send_many(frames):
+                    sub.behind = size  # what _queue counts: bytes sent since caught up
+                    sub.frames_sent += len(frames)
+                    for f in frames:
+                        self.frames_by_channel[f.channel] += 1
+                    self.frames_sent += len(frames)
+                    self.bytes_sent += size
+                    if 2 * size > bound and sub.sink.buffered() + size > bound:
+                        self._close_slow(sub)
+                    continue
             self._offer(sub, changes, shared)
             if sub.sink.buffered() + sub.behind > bound:
                 self._close_slow(sub)
 
+    def _shared(self, channel: str, changed: dict[str, bytes], shared: dict[str, Frame]) -> Frame:
+        """This round's update frame of ``channel`` for every client on all its symbols."""
+        frame = shared.get(channel)
+        if frame is None:
+            parts = [(self._key(k), v) for k, v in changed.items()]
+            frame = shared[channel] = _frame("update", channel, self._seq, parts)
+        return frame
+
     def _changes(self) -> dict[str, dict[str, bytes]]:
         """channel -> key -> payload of what changed since the last round (built once)."""
-        subscribed = {c for sub in self._clients.values() for c in sub.subs}
+        subscribed = self._subscribed
+        if subscribed is None:
+            subscribed = self._subscribed = {c for sub in self._clients.values() for c in sub.subs}
         changes: dict[str, dict[str, bytes]] = {}
         for channel in CHANNELS:
             dirty = self._dirty[channel]
@@ -558,11 +613,7 @@ class StreamHub:
             wanted = sub.subs[channel]
             if caught_up and not sub.pending:
                 if wanted is None:  # every client on all symbols shares one frame
-                    frame = shared.get(channel)
-                    if frame is None:
-                        parts = [(self._key(k), v) for k, v in changed.items()]
-                        frame = shared[channel] = _frame("update", channel, seq, parts)
-                    self._queue(sub, frame)
+                    self._queue(sub, self._shared(channel, changed, shared))
                 else:
                     parts = [(self._key(k), v) for k, v in changed.items() if k in wanted]
                     if parts:
@@ -622,10 +673,14 @@ class StreamHub:
                 next_at = loop.time()
                 delay = 0
             await asyncio.sleep(delay)
+            started = time.perf_counter()
             try:
                 self.deliver()
             except Exception:  # a bug in one round must not end streaming; it is logged
                 log.exception("stream_delivery_failed")
+            took = time.perf_counter() - started
+            self.deliver_s += took
+            self.deliver_max_s = max(self.deliver_max_s, took)
 
     async def close_clients(self) -> None:
         """Close every client with 1001 (going away), e.g. before the HTTP server stops."""
@@ -661,6 +716,9 @@ class StreamHub:
             "subscriptions_refused": self.subscriptions_refused,
             "bad_messages": self.bad_messages,
             "cadence_hz": self._settings.cadence_hz,
+            "rounds": self.rounds,
+            "deliver_ms_total": round(self.deliver_s * 1000, 1),
+            "deliver_ms_max": round(self.deliver_max_s * 1000, 2),
         }
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
@@ -86,6 +87,12 @@ class WebSocketSink:
     def __init__(self, ws: web.WebSocketResponse, request: web.Request) -> None:
         self._ws = ws
         self._request = request
+        # The connection's transport, kept: request.transport is a property chain, and once
+        # the connection is gone the kept one says so (is_closing, nothing buffered).
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("client gone before the upgrade")
+        self._transport = transport
 
     async def send(self, frame: Frame) -> None:
         if self._ws.closed:
@@ -93,22 +100,23 @@ class WebSocketSink:
         await self._ws.send_frame(frame.body, WSMsgType.TEXT)
 
     def try_send(self, frame: Frame) -> bool:
-        transport = self._request.transport
-        if (
-            transport is None
-            or self._ws.closed
-            or transport.is_closing()
-            or transport.get_write_buffer_size()
-        ):
+        return self.try_send_many((frame,))
+
+    def try_send_many(self, frames: Sequence[Frame]) -> bool:
+        transport = self._transport
+        if self._ws.closed or transport.is_closing() or transport.get_write_buffer_size():
             return False
-        wire = frame.wire.get("ws")
-        if wire is None:
-            wire = frame.wire["ws"] = ws_text_frame(frame.body)
-        transport.write(wire)
+        wires = []
+        for frame in frames:
+            wire = frame.wire.get("ws")
+            if wire is None:
+                wire = frame.wire["ws"] = ws_text_frame(frame.body)
+            wires.append(wire)
+        transport.write(wires[0] if len(wires) == 1 else b"".join(wires))
         return True
 
     def buffered(self) -> int:
-        return _transport_buffered(self._request)
+        return self._transport.get_write_buffer_size()
 
     async def close(self, code: int, reason: str) -> None:
         transport = self._request.transport
@@ -141,6 +149,9 @@ class SseSink:
 
     def try_send(self, frame: Frame) -> bool:
         return False  # the response's chunked encoding is aiohttp's: its writer only
+
+    def try_send_many(self, frames: Sequence[Frame]) -> bool:
+        return False
 
     async def comment(self, text: bytes) -> None:
         await self._write(b": " + text + b"\n\n")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import orjson
 
@@ -59,6 +59,7 @@ class FakeSink:
 
     def __init__(self) -> None:
         self.frames: list[Frame] = []
+        self.writes = 0  # calls that wrote: one per frame through try_send, one per bundle
         self.held = 0
         self.closed_with: tuple[int, str] | None = None
 
@@ -69,6 +70,14 @@ class FakeSink:
         if self.held:
             return False
         self.frames.append(frame)
+        self.writes += 1
+        return True
+
+    def try_send_many(self, frames: Sequence[Frame]) -> bool:
+        if self.held:
+            return False
+        self.frames.extend(frames)
+        self.writes += 1
         return True
 
     def buffered(self) -> int:

@@ -309,6 +309,42 @@ async def test_clients_on_all_symbols_share_one_frame() -> None:
     assert bodies[0] is bodies[1] is bodies[2]  # built once, the same bytes for everyone
 
 
+async def test_a_client_on_all_symbols_of_two_channels_gets_one_write_per_round() -> None:
+    view = FakeView(SYMBOLS)
+    hub = make_hub(view)
+    both, both_sink = join(hub, {"op": "subscribe", "channels": ["book", "bbo"]})
+    some, some_sink = join(hub, {"op": "subscribe", "channels": ["bbo", "book"],
+                                 "symbols": ["ETHUSDT"]})  # fmt: skip
+    for sub in (both, some):
+        await sent(sub)
+    writes, frames = both_sink.writes, len(both_sink.frames)
+
+    view.change("BTCUSDT")
+    view.change("ETHUSDT")
+    hub.deliver()
+    await sent(both)
+    await sent(some)
+
+    assert both_sink.writes == writes + 1  # both channels' frames in a single write
+    assert [f.channel for f in both_sink.frames[frames:]] == ["bbo", "book"]  # CHANNELS order
+    for f in both_sink.frames[frames:]:
+        assert set(orjson.loads(f.body)["data"]) == {"BTCUSDT", "ETHUSDT"}
+    tail = [orjson.loads(f.body) for f in some_sink.frames[-2:]]
+    assert [(d["channel"], set(d["data"])) for d in tail] == [
+        ("bbo", {"ETHUSDT"}),
+        ("book", {"ETHUSDT"}),
+    ]
+    assert hub.frames_by_channel["bbo"] >= 2
+    assert hub.frames_by_channel["book"] >= 2
+
+    # Behind (its transport holds bytes): no bundle, the update waits, conflated.
+    both_sink.held = 1
+    view.change("BTCUSDT")
+    hub.deliver()
+    assert both_sink.writes == writes + 1
+    assert set(both.pending) == {"bbo", "book"}
+
+
 async def test_aclose_closes_every_client_with_1001() -> None:
     hub = make_hub()
     _, sink = join(hub, {"op": "subscribe", "channels": ["ticks"]})
