@@ -9,6 +9,7 @@ import uuid
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from tests.harness.services import KafkaServer
 
@@ -60,6 +61,24 @@ async def _committed(bootstrap: str, group: str) -> int:
         await admin.close()
 
 
+async def _committed_once_loaded(bootstrap: str, group: str, want: int) -> int:
+    """The group's committed total, asked until it reads ``want`` or 30 s pass: right after a
+    restart the coordinator may still be loading the offsets topic and answer with none (or an
+    error) for a while; offsets really lost never come back, and the last answer is returned."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    got = -1
+    while loop.time() < deadline:
+        try:
+            got = await _committed(bootstrap, group)
+        except KafkaError:
+            got = -1
+        if got == want:
+            break
+        await asyncio.sleep(0.5)
+    return got
+
+
 async def test_records_and_offsets_survive_a_crash_and_a_restart(
     private_kafka: KafkaServer,
 ) -> None:
@@ -70,7 +89,7 @@ async def test_records_and_offsets_survive_a_crash_and_a_restart(
 
     private_kafka.kill()
     private_kafka.start()
-    assert await _committed(private_kafka.bootstrap, group) == 50
+    assert await _committed_once_loaded(private_kafka.bootstrap, group, 50) == 50
 
     second = [f"b{i}".encode() for i in range(20)]
     await _produce(private_kafka.bootstrap, topic, second)
