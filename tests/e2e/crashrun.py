@@ -125,7 +125,7 @@ class CrashRun:
 
     def pause_feed(self, paused: bool) -> None:
         for ex in self.exchanges:
-            ex.paused = paused
+            ex.pause(paused)
 
     def close(self) -> None:
         try:

@@ -105,6 +105,9 @@ class ScriptedExchange:
             s: START_PRICES.get(s, 100.0) * self._rng.uniform(0.9, 1.1) for s in self.symbols
         }
         self._lock = threading.Lock()
+        # Held from the paused check to the ticks' record: pause() waits on it, so no send
+        # that began before a pause lands in the daemon after the oracle has read the ticks.
+        self._send_lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._current: tuple[socket.socket, Conn] | None = None
         self._late: list[_Late] = []
@@ -195,30 +198,40 @@ class ScriptedExchange:
             delay = next_at - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+            with self._send_lock:
+                self._send_round()
+
+    def _send_round(self) -> None:
+        with self._lock:
+            current = self._current
+            if current is None or self.paused:
+                return
+            ts = self.clock.now_ms()
+            if self.clock.in_gap(ts):
+                return
+            late, self._late = self._late, []
+        sock, conn = current
+        batch = self._round(ts, late)
+        data = b"".join(
+            orjson.dumps({"symbol": s, "price": p, "timestamp": t}) + b"\n" for s, p, t, _ in batch
+        )
+        try:
+            sock.sendall(data)
+        except OSError:
             with self._lock:
-                current = self._current
-                if current is None or self.paused:
-                    continue
-                ts = self.clock.now_ms()
-                if self.clock.in_gap(ts):
-                    continue
-                late, self._late = self._late, []
-            sock, conn = current
-            batch = self._round(ts, late)
-            data = b"".join(
-                orjson.dumps({"symbol": s, "price": p, "timestamp": t}) + b"\n"
-                for s, p, t, _ in batch
-            )
-            try:
-                sock.sendall(data)
-            except OSError:
-                with self._lock:
-                    if self._current is current:
-                        self._end_current()
-            sent_at = time.time()
-            self.ticks.extend(
-                Tick(self.name, s, p, t, sent_at, conn.number, opt) for s, p, t, opt in batch
-            )
+                if self._current is current:
+                    self._end_current()
+        sent_at = time.time()
+        self.ticks.extend(
+            Tick(self.name, s, p, t, sent_at, conn.number, opt) for s, p, t, opt in batch
+        )
+
+    def pause(self, paused: bool) -> None:
+        """Stop (or resume) sending; once a pause returns, every tick sent is in ``ticks``."""
+        self.paused = paused
+        if paused:
+            with self._send_lock:  # a round that began before the pause has recorded its ticks
+                pass
 
 
 @dataclass
