@@ -72,7 +72,7 @@ def lowest_count(downtime_s: float) -> int:
 
 
 def wait_whole_minute(
-    dsn: str, names: list[str], minute_s: int, downtime_s: float
+    d: Daemon, dsn: str, names: list[str], minute_s: int, downtime_s: float
 ) -> dict[Key, asyncpg.Record]:
     """Poll PostgreSQL until the minute's row of every exchange x pair holds at least the
     ticks the daemon saw (it closes a little after its end); the rows then."""
@@ -82,7 +82,14 @@ def wait_whole_minute(
     def complete(rows: dict[Key, asyncpg.Record]) -> bool:
         return all(k in rows and rows[k]["tick_count"] >= lowest for k in keys)
 
-    return poll(lambda: rows_by_key(dsn), complete, minute_s + 90 - time.time(), "whole minute")
+    try:
+        return poll(lambda: rows_by_key(dsn), complete, minute_s + 90 - time.time(), "whole minute")
+    except AssertionError as exc:  # say what the daemon saw: lost ticks or a slow feed
+        short = {k: r["tick_count"] for k, r in rows_by_key(dsn).items() if k[2] == minute_s * 1000}
+        raise AssertionError(
+            f"{exc}\nminute {minute_s}: counts {short}, lowest {lowest}\n"
+            f"--- daemon log tail ---\n{d.log()[-4000:]}"
+        ) from None
 
 
 def assert_whole_minute(
@@ -112,7 +119,7 @@ def test_sigkill_then_sigterm_mid_minute_restart_rewrites_each_minute_whole_neve
     assert d.stop(signal.SIGKILL) == -signal.SIGKILL
     downtime = restart_and_measure_downtime(d, names, killed_at)
     assert downtime < 15, downtime  # else the minute below is not "mid-minute" any more
-    rows = wait_whole_minute(stack.postgres.dsn, names, first, downtime)
+    rows = wait_whole_minute(d, stack.postgres.dsn, names, first, downtime)
     assert_whole_minute(rows, names, first, downtime)
 
     # (b) SIGTERM mid-minute: the partial minute is written at shutdown, then rewritten
@@ -130,7 +137,7 @@ def test_sigkill_then_sigterm_mid_minute_restart_rewrites_each_minute_whole_neve
             assert 140 <= r["tick_count"] <= most, (dict(r), most)
     downtime = restart_and_measure_downtime(d, names, stopped_at)
     assert downtime < 15, downtime
-    rows = wait_whole_minute(stack.postgres.dsn, names, second, downtime)
+    rows = wait_whole_minute(d, stack.postgres.dsn, names, second, downtime)
     assert_whole_minute(rows, names, second, downtime)
     for key in [k for k in partial if k[2] == first * 1000]:  # the earlier minute is untouched
         assert rows[key]["tick_count"] == partial[key]["tick_count"]
