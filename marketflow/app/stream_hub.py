@@ -497,13 +497,17 @@ class StreamHub:
             return
         sub.behind += len(frame.body)
         if not sub.outbox and not sub.sending and sub.sink.try_send(frame):
-            sub.frames_sent += 1
-            self.frames_sent += 1
-            self.frames_by_channel[frame.channel or "control"] += 1
-            self.bytes_sent += len(frame.body)
+            self._sent(sub, frame)
             return
         sub.outbox.append(frame)
         sub.wake.set()
+
+    def _sent(self, sub: Subscriber, frame: Frame) -> None:
+        """Count one frame written to ``sub``."""
+        sub.frames_sent += 1
+        self.frames_sent += 1
+        self.frames_by_channel[frame.channel or "control"] += 1
+        self.bytes_sent += len(frame.body)
 
     async def _send_loop(self, sub: Subscriber) -> None:
         """The only place that awaits this client's socket."""
@@ -517,10 +521,7 @@ class StreamHub:
                 sub.sending = True
                 await sub.sink.send(frame)
                 sub.sending = False
-                sub.frames_sent += 1
-                self.frames_sent += 1
-                self.frames_by_channel[frame.channel or "control"] += 1
-                self.bytes_sent += len(frame.body)
+                self._sent(sub, frame)
         except ConnectionError:
             self.disconnect(sub)
 
@@ -537,33 +538,41 @@ class StreamHub:
         self.rounds += 1
         changes = self._changes()
         shared: dict[str, Frame] = {}
-        bundles: dict[tuple[str, ...], tuple[list[Frame], int]] = {}
+        bundles: dict[tuple[str, ...], list[Frame]] = {}
         bound = self._settings.max_buffered_bytes
         for sub in list(self._clients.values()):
             if sub.closed or not sub.subs:
                 continue
-            plan = sub.plan
-            if plan is not None and not sub.outbox and not sub.sending and not sub.pending:
-                # Fast path: on all symbols of each channel and nothing waiting for it, the
-                # client takes this round's shared frames in one write.
-                bundle = bundles.get(plan)
-                if bundle is None:
-                    frames = [self._shared(c, changes[c], shared) for c in plan if c in changes]
-                    bundle = bundles[plan] = (frames, sum(len(f.body) for f in frames))
-                frames, size = bundle
-                if frames and sub.sink.try_send_many(frames):
-                    sub.behind = size  # what _queue counts: bytes sent since caught up
-                    sub.frames_sent += len(frames)
-                    for f in frames:
-                        self.frames_by_channel[f.channel] += 1
-                    self.frames_sent += len(frames)
-                    self.bytes_sent += size
-                    if 2 * size > bound and sub.sink.buffered() + size > bound:
-                        self._close_slow(sub)
-                    continue
-            self._offer(sub, changes, shared)
+            if not self._send_bundle(sub, changes, shared, bundles):
+                self._offer(sub, changes, shared)
             if sub.sink.buffered() + sub.behind > bound:
                 self._close_slow(sub)
+
+    def _send_bundle(
+        self,
+        sub: Subscriber,
+        changes: dict[str, dict[str, bytes]],
+        shared: dict[str, Frame],
+        bundles: dict[tuple[str, ...], list[Frame]],
+    ) -> bool:
+        """The fast path: a client on all symbols of each of its channels with nothing
+        waiting for it takes this round's shared frames in one write; False when it cannot
+        (``_offer`` then handles it)."""
+        plan = sub.plan
+        if plan is None or sub.outbox or sub.sending or sub.pending:
+            return False
+        frames = bundles.get(plan)
+        if frames is None:
+            frames = bundles[plan] = [
+                self._shared(c, changes[c], shared) for c in plan if c in changes
+            ]
+        if not frames or not sub.sink.try_send_many(frames):
+            return False
+        sub.behind = 0  # caught up before this round, like _offer
+        for f in frames:
+            sub.behind += len(f.body)  # as _queue counts: bytes since it caught up
+            self._sent(sub, f)
+        return True
 
     def _shared(self, channel: str, changed: dict[str, bytes], shared: dict[str, Frame]) -> Frame:
         """This round's update frame of ``channel`` for every client on all its symbols."""
