@@ -74,6 +74,20 @@ class Frame(NamedTuple):
     wire: dict[str, bytes]
 
 
+class Bundle:
+    """One round's shared update frames for every client of one plan (the same channels,
+    each on all symbols): built once, encoded once per kind of sink (``wires``), written
+    to each such client in one write, and counted once for all of them (``sent``)."""
+
+    __slots__ = ("frames", "nbytes", "sent", "wires")
+
+    def __init__(self, frames: list[Frame]) -> None:
+        self.frames = frames
+        self.nbytes = sum(len(f.body) for f in frames)
+        self.sent = 0  # clients it was written to
+        self.wires: dict[str, bytes] = {}
+
+
 class Sink(Protocol):
     """Where one client's frames go: the entrypoints adapt a WebSocket or an SSE response."""
 
@@ -86,9 +100,9 @@ class Sink(Protocol):
         when it cannot (the frame then goes through ``send``)."""
         ...
 
-    def try_send_many(self, frames: Sequence[Frame]) -> bool:
-        """Write ``frames`` now in one write, without waiting, when the transport holds
-        nothing; False when it cannot (nothing is written then)."""
+    def try_send_bundle(self, bundle: Bundle) -> bool:
+        """Write ``bundle``'s frames now in one write, without waiting, when the transport
+        holds nothing; False when it cannot (nothing is written then)."""
         ...
 
     def buffered(self) -> int:
@@ -530,7 +544,11 @@ class StreamHub:
     def deliver(self) -> None:
         """One cadence: build each changed payload once, hand every client what changed of
         what it subscribed to (or conflate it while the client is behind), close clients too
-        far behind. Synchronous: nothing here waits for a client."""
+        far behind. Synchronous: nothing here waits for a client.
+
+        The fast path, inline here because it runs for every client every round: a client
+        on all symbols of each of its channels with nothing waiting for it takes its plan's
+        ``Bundle`` in one write; ``_offer`` handles every other case."""
         if self._status_poll is not None:
             for venue, state in self._status_poll().items():
                 self.publish_status(venue, state)
@@ -538,41 +556,40 @@ class StreamHub:
         self.rounds += 1
         changes = self._changes()
         shared: dict[str, Frame] = {}
-        bundles: dict[tuple[str, ...], list[Frame]] = {}
+        bundles: dict[tuple[str, ...], Bundle] = {}
         bound = self._settings.max_buffered_bytes
         for sub in list(self._clients.values()):
             if sub.closed or not sub.subs:
                 continue
-            if not self._send_bundle(sub, changes, shared, bundles):
+            plan = sub.plan
+            if plan is not None and not (sub.outbox or sub.sending or sub.pending):
+                bundle = bundles.get(plan)
+                if bundle is None:
+                    bundle = bundles[plan] = Bundle(
+                        [self._shared(c, changes[c], shared) for c in plan if c in changes]
+                    )
+                if bundle.frames and sub.sink.try_send_bundle(bundle):
+                    sub.behind = bundle.nbytes  # as _queue counts: bytes since it caught up
+                    sub.frames_sent += len(bundle.frames)
+                    bundle.sent += 1
+                else:
+                    self._offer(sub, changes, shared)
+            else:
                 self._offer(sub, changes, shared)
             if sub.sink.buffered() + sub.behind > bound:
                 self._close_slow(sub)
+        for bundle in bundles.values():
+            self._sent_bundle(bundle)
 
-    def _send_bundle(
-        self,
-        sub: Subscriber,
-        changes: dict[str, dict[str, bytes]],
-        shared: dict[str, Frame],
-        bundles: dict[tuple[str, ...], list[Frame]],
-    ) -> bool:
-        """The fast path: a client on all symbols of each of its channels with nothing
-        waiting for it takes this round's shared frames in one write; False when it cannot
-        (``_offer`` then handles it)."""
-        plan = sub.plan
-        if plan is None or sub.outbox or sub.sending or sub.pending:
-            return False
-        frames = bundles.get(plan)
-        if frames is None:
-            frames = bundles[plan] = [
-                self._shared(c, changes[c], shared) for c in plan if c in changes
-            ]
-        if not frames or not sub.sink.try_send_many(frames):
-            return False
-        sub.behind = 0  # caught up before this round, like _offer
-        for f in frames:
-            sub.behind += len(f.body)  # as _queue counts: bytes since it caught up
-            self._sent(sub, f)
-        return True
+    def _sent_bundle(self, bundle: Bundle) -> None:
+        """Count ``bundle`` written to ``bundle.sent`` clients, as ``_sent`` counts a frame."""
+        n = bundle.sent
+        if not n:
+            return
+        for frame in bundle.frames:
+            self.frames_by_channel[frame.channel] += n
+        self.frames_sent += n * len(bundle.frames)
+        self.bytes_sent += n * bundle.nbytes
 
     def _shared(self, channel: str, changed: dict[str, bytes], shared: dict[str, Frame]) -> Frame:
         """This round's update frame of ``channel`` for every client on all its symbols."""

@@ -22,12 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from aiohttp import WSMsgType, web
 
-from marketflow.app.stream_hub import Frame, Refused, StreamHub, SubscribeError
+from marketflow.app.stream_hub import Bundle, Frame, Refused, StreamHub, SubscribeError
 from marketflow.domain.errors import BadRequest
 from marketflow.entrypoints.http_common import ApiError, follow_convention
 from marketflow.settings import StreamSettings
@@ -100,20 +99,28 @@ class WebSocketSink:
         await self._ws.send_frame(frame.body, WSMsgType.TEXT)
 
     def try_send(self, frame: Frame) -> bool:
-        return self.try_send_many((frame,))
-
-    def try_send_many(self, frames: Sequence[Frame]) -> bool:
         transport = self._transport
-        if self._ws.closed or transport.is_closing() or transport.get_write_buffer_size():
+        if transport.get_write_buffer_size() or transport.is_closing() or self._ws.closed:
             return False
-        wires = []
-        for frame in frames:
-            wire = frame.wire.get("ws")
-            if wire is None:
-                wire = frame.wire["ws"] = ws_text_frame(frame.body)
-            wires.append(wire)
-        transport.write(wires[0] if len(wires) == 1 else b"".join(wires))
+        transport.write(self._wire(frame))
         return True
+
+    def try_send_bundle(self, bundle: Bundle) -> bool:
+        transport = self._transport
+        if transport.get_write_buffer_size() or transport.is_closing() or self._ws.closed:
+            return False
+        wire = bundle.wires.get("ws")
+        if wire is None:
+            wire = bundle.wires["ws"] = b"".join(self._wire(f) for f in bundle.frames)
+        transport.write(wire)
+        return True
+
+    @staticmethod
+    def _wire(frame: Frame) -> bytes:
+        wire = frame.wire.get("ws")
+        if wire is None:
+            wire = frame.wire["ws"] = ws_text_frame(frame.body)
+        return wire
 
     def buffered(self) -> int:
         return self._transport.get_write_buffer_size()
@@ -150,7 +157,7 @@ class SseSink:
     def try_send(self, frame: Frame) -> bool:
         return False  # the response's chunked encoding is aiohttp's: its writer only
 
-    def try_send_many(self, frames: Sequence[Frame]) -> bool:
+    def try_send_bundle(self, bundle: Bundle) -> bool:
         return False
 
     async def comment(self, text: bytes) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import orjson
 
-from marketflow.app.stream_hub import Frame
+from marketflow.app.stream_hub import Bundle, Frame
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
 
@@ -73,10 +73,10 @@ class FakeSink:
         self.writes += 1
         return True
 
-    def try_send_many(self, frames: Sequence[Frame]) -> bool:
+    def try_send_bundle(self, bundle: Bundle) -> bool:
         if self.held:
             return False
-        self.frames.extend(frames)
+        self.frames.extend(bundle.frames)
         self.writes += 1
         return True
 
