@@ -202,6 +202,19 @@ def test_broker_down_for_30_s_holds_back_and_spills_then_publishes_everything(
             ),
             timeout=60,
         )
+
+        def heartbeats(status: list[dict[str, Any]]) -> bool:
+            return all(
+                sum(d["exchange"] == e["name"] and d["state"] == "connected" for d in status) >= 3
+                for e in exchanges
+            )
+
+        # Heartbeats resume once the broker is back (those sent while it was away are lost,
+        # by design: a status is news, not data); wait for them while the feeds still run.
+        poll(
+            lambda: read_status(private_kafka.bootstrap, kafka["status_topic"]),
+            heartbeats, 20, "connected heartbeats for both feeds",
+        )  # fmt: skip
         fix.stop()  # the oracle is complete
         sims[0].stop()
         want = trade_log(log)
