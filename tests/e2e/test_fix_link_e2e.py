@@ -99,8 +99,11 @@ def test_fix_backoff_dead_link_reconnect_and_logout_on_sigterm(link: Link) -> No
     types = silent.types()
     assert types[:2] == [b"A", b"V"], types  # Logon, then the MarketDataRequest
     assert b"1" in types, types  # the TestRequest probe before giving up
-    dead = [ln for ln in disconnects(d) if ln[0].startswith("LinkDead")]
-    assert dead, disconnects(d)
+    # The daemon logs the disconnect after it has closed the socket: wait for the line.
+    dead = poll(
+        lambda: [ln for ln in disconnects(d) if ln[0].startswith("LinkDead")],
+        bool, 10, f"a LinkDead disconnect in the log (all: {disconnects(d)})",
+    )  # fmt: skip
     assert dead[0][2] == 1  # a session that logged on resets the backoff
     assert 0.5 * INITIAL_S <= dead[0][1] <= INITIAL_S
 
