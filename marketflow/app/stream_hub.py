@@ -519,9 +519,13 @@ class StreamHub:
     def _sent(self, sub: Subscriber, frame: Frame) -> None:
         """Count one frame written to ``sub``."""
         sub.frames_sent += 1
-        self.frames_sent += 1
-        self.frames_by_channel[frame.channel or "control"] += 1
-        self.bytes_sent += len(frame.body)
+        self._count(frame, 1)
+
+    def _count(self, frame: Frame, clients: int) -> None:
+        """Count ``frame`` written to ``clients`` clients (the hub's figures)."""
+        self.frames_sent += clients
+        self.frames_by_channel[frame.channel or "control"] += clients
+        self.bytes_sent += clients * len(frame.body)
 
     async def _send_loop(self, sub: Subscriber) -> None:
         """The only place that awaits this client's socket."""
@@ -562,34 +566,24 @@ class StreamHub:
             if sub.closed or not sub.subs:
                 continue
             plan = sub.plan
+            bundle = None
             if plan is not None and not (sub.outbox or sub.sending or sub.pending):
                 bundle = bundles.get(plan)
                 if bundle is None:
                     bundle = bundles[plan] = Bundle(
                         [self._shared(c, changes[c], shared) for c in plan if c in changes]
                     )
-                if bundle.frames and sub.sink.try_send_bundle(bundle):
-                    sub.behind = bundle.nbytes  # as _queue counts: bytes since it caught up
-                    sub.frames_sent += len(bundle.frames)
-                    bundle.sent += 1
-                else:
-                    self._offer(sub, changes, shared)
+            if bundle is not None and bundle.frames and sub.sink.try_send_bundle(bundle):
+                sub.behind = bundle.nbytes  # as _queue counts: bytes since it caught up
+                sub.frames_sent += len(bundle.frames)
+                bundle.sent += 1
             else:
                 self._offer(sub, changes, shared)
             if sub.sink.buffered() + sub.behind > bound:
                 self._close_slow(sub)
         for bundle in bundles.values():
-            self._sent_bundle(bundle)
-
-    def _sent_bundle(self, bundle: Bundle) -> None:
-        """Count ``bundle`` written to ``bundle.sent`` clients, as ``_sent`` counts a frame."""
-        n = bundle.sent
-        if not n:
-            return
-        for frame in bundle.frames:
-            self.frames_by_channel[frame.channel] += n
-        self.frames_sent += n * len(bundle.frames)
-        self.bytes_sent += n * bundle.nbytes
+            for frame in bundle.frames:
+                self._count(frame, bundle.sent)
 
     def _shared(self, channel: str, changed: dict[str, bytes], shared: dict[str, Frame]) -> Frame:
         """This round's update frame of ``channel`` for every client on all its symbols."""

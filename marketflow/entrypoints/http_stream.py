@@ -99,21 +99,24 @@ class WebSocketSink:
         await self._ws.send_frame(frame.body, WSMsgType.TEXT)
 
     def try_send(self, frame: Frame) -> bool:
-        transport = self._transport
-        if transport.get_write_buffer_size() or transport.is_closing() or self._ws.closed:
+        if not self._writable():
             return False
-        transport.write(self._wire(frame))
+        self._transport.write(self._wire(frame))
         return True
 
     def try_send_bundle(self, bundle: Bundle) -> bool:
-        transport = self._transport
-        if transport.get_write_buffer_size() or transport.is_closing() or self._ws.closed:
+        if not self._writable():
             return False
         wire = bundle.wires.get("ws")
         if wire is None:
             wire = bundle.wires["ws"] = b"".join(self._wire(f) for f in bundle.frames)
-        transport.write(wire)
+        self._transport.write(wire)
         return True
+
+    def _writable(self) -> bool:
+        """Open, and nothing of ours waiting in the transport: a write now goes out whole."""
+        transport = self._transport
+        return not (transport.get_write_buffer_size() or transport.is_closing() or self._ws.closed)
 
     @staticmethod
     def _wire(frame: Frame) -> bytes:
@@ -126,13 +129,12 @@ class WebSocketSink:
         return self._transport.get_write_buffer_size()
 
     async def close(self, code: int, reason: str) -> None:
-        transport = self._request.transport
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await self._ws.close(code=code, message=reason.encode())
         except (TimeoutError, ConnectionError):
             pass
-        _abort_later(transport)
+        _abort_later(self._transport)
 
 
 class SseSink:
