@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.api_load import WRK_PATH, cpu_pressure, poll, profiled, redis_ticks, wrk
-from bench.ingest import cpu_s, pin
+from bench.ingest import cpu_s, pin, pipeline_overrides
 from tests.e2e.procs import Daemon, Simulator
 from tests.harness.services import PostgresServer, RedisServer, free_port
 
@@ -64,7 +64,9 @@ class Stack:
         pin(sim.proc.pid, self.other_cpus)
         os.setpriority(os.PRIO_PROCESS, sim.proc.pid, niceness)
 
-    def start_daemon(self, gc_gen0: int, read_chunk_bytes: int = 65536) -> Daemon:
+    def start_daemon(
+        self, gc_gen0: int, read_chunk_bytes: int = 65536, pipeline: dict[str, float] | None = None
+    ) -> Daemon:
         if not self.slow[0].proc:
             for s in self.slow:
                 s.start()
@@ -81,7 +83,8 @@ class Stack:
                 "reconnect_max_s": 0.5,  # a firehose started later is read within 0.5 s
                 "gc_gen0_threshold": gc_gen0,
                 "read_chunk_bytes": read_chunk_bytes,
-            },
+            }
+            | (pipeline or {}),
             "capture": {"enabled": False, "port": free_port()},
             "log_level": "WARNING",
             "exchanges": exchanges,
@@ -176,8 +179,10 @@ def saturated(stack: Stack, daemon: Daemon, args: argparse.Namespace) -> dict[st
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
     pin(0, set(cpus[1:]) or set(cpus))
+    overrides = pipeline_overrides(args.pipeline)
     res: dict[str, Any] = {
         "cpus": len(cpus),
+        "pipeline": overrides,
         "cpu_pressure_before": cpu_pressure(),
         "read_chunk_bytes": args.read_chunk_bytes,
     }
@@ -185,7 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stack = Stack(Path(tmp_dir), pg, rd, cpus)
         try:
             args.gc_now = args.gc_gen0
-            d = stack.start_daemon(args.gc_gen0, args.read_chunk_bytes)
+            d = stack.start_daemon(args.gc_gen0, args.read_chunk_bytes, overrides)
             wait_connected(d, SLOW)
             time.sleep(args.warmup)
             with profiled(d, args.profile, "idle-poll"):
@@ -237,7 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stack.stop_daemon()
             if args.compare_default_gc:
                 args.gc_now = 0
-                d = stack.start_daemon(0, args.read_chunk_bytes)
+                d = stack.start_daemon(0, args.read_chunk_bytes, overrides)
                 wait_connected(d, SLOW)
                 res["saturated_default_gc"] = saturated(stack, d, args)
         finally:
@@ -256,6 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--saturate-rate", type=int, default=400_000, help="lines/s per firehose")
     ap.add_argument("--gc-gen0", type=int, default=50_000, help="pipeline.gc_gen0_threshold")
     ap.add_argument("--read-chunk-bytes", type=int, default=65536, help="pipeline.read_chunk_bytes")
+    ap.add_argument(
+        "--pipeline",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [pipeline] setting for the daemon (repeatable), e.g. flush_min_interval_ms=2",
+    )
     ap.add_argument(
         "--no-default-gc",
         dest="compare_default_gc",

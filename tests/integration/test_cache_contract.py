@@ -106,6 +106,17 @@ async def test_float_values_round_trip_exactly(cache: Cache) -> None:
     assert await cache.load(S0) == ([p], [b])
 
 
+async def test_floats_of_any_magnitude_round_trip_exactly(cache: Cache) -> None:
+    # The seconds' values are encoded by orjson (1e+16, 0.00001), not by repr (1e16, 1e-05).
+    values = [(1e-5, 2.5e-7, 1e16 + 2.0), (123456789.12345679, 9e15, 5e-324 + 1e-300)]
+    seconds = [
+        SecondBucket("exchange1", "ETHUSDT", S0 + i, low, high, total, i + 1)
+        for i, (low, high, total) in enumerate(values)
+    ]
+    await cache.write([], seconds)
+    assert (await cache.load(S0))[1] == seconds
+
+
 async def test_closed_cache_raises_cache_unavailable_and_closes_twice(cache: Cache) -> None:
     await cache.aclose()
     await cache.aclose()
@@ -154,7 +165,7 @@ async def test_a_window_key_gets_its_ttl_once_and_again_after_redis_lost_it(
 async def test_redis_write_is_one_round_trip(
     redis_cache: RedisPriceCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await redis_cache.ping()  # connection established beforehand
+    await redis_cache.write([latest(0.5, 0)], [])  # the write link connects beforehand
     sends: list[int] = []
     original = Connection.send_packed_command
 
@@ -168,6 +179,20 @@ async def test_redis_write_is_one_round_trip(
         [second(S0), second(S0 + 61), second(S0 + 1)],
     )
     assert len(sends) == 1
+
+
+async def test_redis_write_reconnects_when_redis_drops_its_connection(
+    redis_cache: RedisPriceCache, redis_url: str
+) -> None:
+    await redis_cache.write([latest(1.0, 1)], [])
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await client.client_kill_filter(_type="normal", skipme=True) >= 1
+        assert await redis_cache.write([latest(2.0, 2)], [second(S0)]) is False
+        stored = orjson.loads(await client.hget("marketflow:latest", "exchange1:BTCUSDT"))
+        assert stored["price"] == 2.0
+    finally:
+        await client.aclose()
 
 
 async def test_memory_cache_forgets_seconds_after_retention() -> None:
