@@ -193,7 +193,7 @@ class PipelineSettings(_Frozen):
     # Cache flushes: as soon as the loop is idle, at most one per flush_min_interval_ms, and
     # at least one per flush_interval_ms (the ceiling of the crash-loss bound).
     flush_interval_ms: int = Field(20, ge=5, le=10_000)
-    flush_min_interval_ms: int = Field(2, ge=0, le=1_000)
+    flush_min_interval_ms: int = Field(1, ge=0, le=1_000)
     minute_grace_ms: int = Field(2000, ge=0, le=60_000)
     window_retention_s: int = Field(600, ge=300, le=86_400)  # >= 5 minutes of seconds
     stale_after_s: float = Field(5.0, gt=0)  # connected but silent this long: reconnect
