@@ -451,6 +451,41 @@ def test_reset_seq_num_flag_restarts_both_at_one(
     assert again.session.expected_in_seq == 2
 
 
+def test_reset_seq_num_flag_in_session_restarts_both_at_one_and_keeps_the_feed(
+    tmp_path: Path, rig: Rig, view: WorldView
+) -> None:
+    rig.logon()
+    rig.subscribe(symbols=("BTCUSDT",))
+    for _ in range(3):
+        rig.send("0")
+    assert rig.session.next_out_seq > 2
+    assert rig.session.expected_in_seq == 6
+    out = rig.logon(seq=1, reset=True)  # a daily reset without a new connection
+    assert types(out) == [b"A"]
+    assert seqs(out) == [1]
+    assert out[0][141] == b"Y"
+    assert rig.session.logged_on
+    assert rig.session.expected_in_seq == 2
+    quote(view, "v1", "BTCUSDT", 100.0, 101.0)
+    rig.dist.flush()
+    assert types(rig.out()) == [b"X"]  # the subscription carries on, numbered 2
+    assert rig.session.next_out_seq == 3
+    rig.session.take_output()
+    saved = SequenceStore(tmp_path / f"{PEER}.seq", ME, PEER).load()
+    assert saved is not None
+    assert saved.next_in == 2
+    assert saved.next_out <= 3 + 100
+    assert types(rig.send("0", seq=2)) == []  # 2 is what comes next now: no reject
+
+
+def test_reset_seq_num_flag_in_session_not_numbered_one_logs_out(rig: Rig) -> None:
+    rig.logon()
+    rig.send("0")
+    out = rig.logon(seq=5, reset=True)
+    assert types(out) == [b"5"]
+    assert out[0][58] == b"MsgSeqNum must be 1 with ResetSeqNumFlag, received 5"
+
+
 def test_logon_above_the_kept_number_asks_for_the_gap(
     tmp_path: Path, clock: Clock, view: WorldView
 ) -> None:

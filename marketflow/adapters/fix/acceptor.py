@@ -19,8 +19,9 @@ Garbled input (bad checksum or length, garbage) is ignored once logged on, as th
 says (the number is not consumed; a resend covers it), and ends the link before a Logon; both
 are counted (``garbled``). A message whose MsgSeqNum cannot be read ends the session. The numbers
 come from the CompID's sequence store (QuickFIX initiators keep theirs across restarts);
-141=Y restarts both at 1; a Logon above the expected number makes us ask for a resend; below
-it without PossDup ends the session. After logon: TestRequest answered with its 112, our own
+141=Y restarts both at 1, at logon or later in the session (a Logon with 141=Y numbered 1);
+a Logon above the expected number makes us ask for a resend; below it without PossDup ends
+the session. After logon: TestRequest answered with its 112, our own
 TestRequest when the peer is silent past 1.2 x HeartBtInt, the link dropped at 2 x; a
 ResendRequest is answered with one SequenceReset-GapFill over the range (market data is not
 re-sent: it is stale) and ``on_gap_filled`` lets the server send fresh snapshots instead.
@@ -296,8 +297,32 @@ class AcceptorSession:
             self._reject(seq, msg_type, *COMP_ID_PROBLEM, None)
             self.logout("CompID problem")
             return
+        if msg_type == b"A" and fields.get(141) == b"Y" and self.state is State.ACTIVE:
+            self._reset_in_session(seq)
+            return
         self._next(msg_type, seq, frame, pairs, queued=False)
         self._drain()
+
+    def _reset_in_session(self, seq: int) -> None:
+        """A Logon with ResetSeqNumFlag=Y while logged on: FIX 4.4 lets either side restart
+        the numbers this way (a 24-hour session's daily reset), the Logon numbered 1; QuickFIX
+        answers it the same way.
+        Both sides restart at 1, the answer is a Logon with 141=Y numbered 1, nothing held for
+        a resend is kept, and subscriptions carry on under the new numbers. Any other
+        number is a protocol error: Logout."""
+        if seq != 1:
+            text = f"MsgSeqNum must be 1 with ResetSeqNumFlag, received {seq}"
+            self.logout(text)
+            return
+        assert self._out is not None
+        self._recovery.clear()
+        self._in_seq = 2
+        self._out.seq = 1
+        self._reserved = 0  # the store is saved at once with the new numbers (take_output)
+        self.reset_on_logon = True
+        self.stats.venue_resets += 1
+        self._send("A", [(98, 0), (108, self.heartbeat_s), (141, "Y")])
+        log.warning("fix_server_seq_reset peer=%s", self.peer)
 
     def _logon(self, msg_type: bytes, seq: int, fields: dict[int, bytes]) -> None:
         if msg_type != b"A":  # the first message must be a Logon: drop the link, say nothing
