@@ -11,7 +11,10 @@ the load phases (the daemon reconnects to them), so one daemon sees every phase:
 1. idle: 50 req/s polling (open loop: a request every 20 ms, whatever the answers do) across
    /prices/latest, /prices/average, /prices/highest, /prices/lowest (with ?period=) and
    /health: p50/p99/max; then ``wrk`` against /prices/latest/BTCUSDT: idle req/s.
-2. saturated: the firehoses as fast as the daemon takes them; the same polling.
+2. saturated: ``bench.firehose`` senders (pre-rendered lines, tens of ns a line) as fast as
+   the daemon reads (``--saturate-rate 0``, the default; the simulators' Python price walk
+   tops out near 400,000 lines/s each, below what the daemon takes on a fast machine); the
+   same polling, and the daemon's CPU share (~100%: saturated).
 3. ~``--target-rate`` ticks/s from the firehoses: ``wrk`` again, and the ingest rate achieved
    meanwhile (the daemon's /health ``ticks`` delta, and the ticks Redis holds for those
    seconds of exchange time), against the rate without wrk.
@@ -38,11 +41,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.api_load import WRK_PATH, cpu_pressure, poll, profiled, redis_ticks, wrk
-from bench.ingest import cpu_s, pin, pipeline_overrides
+from bench.firehose import pair_names
+from bench.ingest import Firehose, cpu_s, pin, pipeline_overrides
 from tests.e2e.procs import Daemon, Simulator
 from tests.harness.services import PostgresServer, RedisServer, free_port
 
 SLOW = ("slow1", "slow2")
+DEFAULT_PAIRS = pair_names(5)  # the daemon's configured pairs (none set: its five defaults)
 FIRE = ("fire1", "fire2")
 
 
@@ -55,10 +60,10 @@ class Stack:
         self.other_cpus = set(cpus[1:]) or set(cpus)
         self.fire_ports = {name: free_port() for name in FIRE}
         self.slow = [Simulator(tmp, name, "json", "--rate", "50") for name in SLOW]
-        self.fire: list[Simulator] = []
+        self.fire: list[Simulator | Firehose] = []
         self.daemon: Daemon | None = None
 
-    def _nice(self, sim: Simulator, niceness: int = 15) -> None:
+    def _nice(self, sim: Simulator | Firehose, niceness: int = 15) -> None:
         """Off the daemon's CPU, behind the measuring clients and the servers there."""
         assert sim.proc is not None
         pin(sim.proc.pid, self.other_cpus)
@@ -107,8 +112,12 @@ class Stack:
         self.stop_fire()
         for name, port in self.fire_ports.items():
             # On the port the daemon is configured with (it reconnects to it).
-            sim = Simulator(self.tmp, name, "json", "--rate", str(rate_per_sim), port=port)
-            sim.start()
+            sim: Simulator | Firehose
+            if rate_per_sim <= 0:  # as fast as the daemon reads: the default five pairs
+                sim = Firehose(len(DEFAULT_PAIRS), 0, 0, port)
+            else:
+                sim = Simulator(self.tmp, name, "json", "--rate", str(rate_per_sim), port=port)
+                sim.start()
             self._nice(sim, niceness)
             self.fire.append(sim)
 
@@ -258,7 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=8, help="wrk connections")
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--target-rate", type=int, default=100_000, help="ticks/s offered with wrk")
-    ap.add_argument("--saturate-rate", type=int, default=400_000, help="lines/s per firehose")
+    ap.add_argument(
+        "--saturate-rate", type=int, default=0,
+        help="lines/s per sender while saturated; 0: bench.firehose as fast as read",
+    )  # fmt: skip
     ap.add_argument("--gc-gen0", type=int, default=50_000, help="pipeline.gc_gen0_threshold")
     ap.add_argument("--read-chunk-bytes", type=int, default=65536, help="pipeline.read_chunk_bytes")
     ap.add_argument(
@@ -311,7 +323,8 @@ def report(res: dict[str, Any]) -> None:
           f"(p50 {idle['wrk'].get('p50_ms')} ms, p99 {idle['wrk'].get('p99_ms')} ms; "
           f"daemon CPU {idle['daemon_cpu']:.0%}, {idle['cpu_us_per_request']} us "
           "per request)")  # fmt: skip
-    print(f"saturated ingest {sat['ingest_ticks_per_s']:,} ticks/s, 50 req/s polling: "
+    print(f"saturated ingest {sat['ingest_ticks_per_s']:,} ticks/s (daemon CPU "
+          f"{sat['daemon_cpu']:.0%}), 50 req/s polling: "
           f"{lat(sat['poll'])}")  # fmt: skip
     print(f"  {gcs(sat)}")
     print(f"ingesting {ing['ingest_ticks_per_s_without_wrk']:,} ticks/s (daemon CPU "
@@ -326,7 +339,8 @@ def report(res: dict[str, Any]) -> None:
           f"{ing['daemon_cpu_during_wrk']:.0%})")  # fmt: skip
     if "saturated_default_gc" in res:
         dg = res["saturated_default_gc"]
-        print(f"saturated with CPython's default GC: {dg['ingest_ticks_per_s']:,} ticks/s, "
+        print(f"saturated with CPython's default GC: {dg['ingest_ticks_per_s']:,} ticks/s "
+              f"(daemon CPU {dg['daemon_cpu']:.0%}), "
               f"polling {lat(dg['poll'])}")  # fmt: skip
         print(f"  {gcs(dg)}")
 
