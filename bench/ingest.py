@@ -26,7 +26,9 @@ from what was stored.
   counts, not only the freshest. Stamps are whole milliseconds (up to 1 ms added) and polls
   0.5 ms apart: both bias it upward.
 - ``--fill`` first sends one round per second of exchange time over the whole retention
-  (600 s), so the RSS printed is with every retained (exchange, pair, second) present.
+  (600 s), so the RSS printed is with every retained (exchange, pair, second) present; the
+  measured phase starts once the daemon has caught up with that backfill (each sender's
+  first pair readable in Redis within 5 s of the wall clock).
 The last line printed is one JSON object.
 """
 
@@ -120,6 +122,22 @@ async def sample_latency(url: str, fields: list[str], seconds: float) -> list[fl
     finally:
         await client.aclose()
     return out
+
+
+async def caught_up(url: str, fields: list[str], deadline: float, lag_ms: int = 5000) -> None:
+    """Wait until each field of ``marketflow:latest`` is within ``lag_ms`` of the wall clock
+    (the retention backfill is over) or ``deadline`` (monotonic) passes."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        while time.monotonic() < deadline:
+            values = await client.hmget("marketflow:latest", fields)
+            now_ms = time.time() * 1000
+            if all(v is not None and now_ms - orjson.loads(v)["timestamp"] < lag_ms
+                   for v in values):  # fmt: skip
+                return
+            await asyncio.sleep(1.0)
+    finally:
+        await client.aclose()
 
 
 async def counted_back(dsn: str, url: str, s0: int, s1: int) -> dict[str, int]:
@@ -247,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         paced_cpu = 0.0
         try:
             time.sleep(args.warmup + (5 if args.fill else 0))
+            if args.fill:  # measure past the backfill: every sender's first pair is current
+                asyncio.run(caught_up(rd.url, fields, time.monotonic() + 900))
             if args.latency_rate:
                 p0, pc0 = time.time(), cpu_s(daemon.proc.pid)
                 paced = asyncio.run(sample_latency(rd.url, fields, args.latency_seconds))
