@@ -189,8 +189,9 @@ async def test_redis_write_reconnects_when_redis_drops_its_connection(
     try:
         assert await client.client_kill_filter(_type="normal", skipme=True) >= 1
         assert await redis_cache.write([latest(2.0, 2)], [second(S0)]) is False
-        stored = orjson.loads(await client.hget("marketflow:latest", "exchange1:BTCUSDT"))
-        assert stored["price"] == 2.0
+        raw = await client.hget("marketflow:latest", "exchange1:BTCUSDT")
+        assert raw is not None
+        assert orjson.loads(raw)["price"] == 2.0
     finally:
         await client.aclose()
 
