@@ -155,6 +155,26 @@ async def test_partial_lines_across_reads_are_put_only_when_complete(
     assert reader.status.chunks == 4
 
 
+async def test_reads_grow_while_behind_and_shrink_back_once_caught_up(
+    server: FeedServer, reader_factory: Callable[..., Reader]
+) -> None:
+    pipeline = PIPELINE.model_copy(update={"read_chunk_max_bytes": 8192, "stale_after_s": 30.0})
+    reader = reader_factory(server.port, pipeline, maxsize=1)
+    w = await server.connection()
+    burst = b"".join(line(1.0 + i / 1000) for i in range(3000))  # ~180 KB queued at once
+    w.write(burst)
+    await w.drain()
+    await settle()  # the queue holds one chunk: the rest waits in the socket, read behind
+    chunks = await reader.collect(len(burst))
+    assert b"".join(chunks) == burst  # every line whole, in order
+    assert max(map(len, chunks)) > 4096  # reads grew past read_chunk_bytes (1024) ...
+    assert max(map(len, chunks)) <= 8192 + 256  # ... to read_chunk_max_bytes (+ a partial line)
+    assert reader.status.chunks < len(burst) // 1024  # fewer reads than at the base size
+    one = line(2.0)
+    await send(w, one, reader.status)  # caught up: a small read, back to the base size
+    assert await reader.chunk() == one
+
+
 async def test_crlf_blank_and_garbage_lines_reach_the_parser_which_skips_them(
     server: FeedServer,
 ) -> None:

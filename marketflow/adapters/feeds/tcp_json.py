@@ -123,7 +123,7 @@ class TcpJsonProducer:
         p = self.pipeline
         async with asyncio.timeout(self.connect_timeout_s):
             reader, writer = await asyncio.open_connection(
-                self.host, self.port, limit=p.read_chunk_bytes
+                self.host, self.port, limit=max(p.read_chunk_bytes, p.read_chunk_max_bytes)
             )
         status.connected = True
         log.info("feed_connected exchange=%s address=%s", status.name, status.address)
@@ -139,7 +139,8 @@ class TcpJsonProducer:
         status: FeedStatus,
     ) -> bool:
         p = self.pipeline
-        chunk_bytes = p.read_chunk_bytes
+        base = chunk_bytes = p.read_chunk_bytes
+        most = max(base, p.read_chunk_max_bytes)
         max_line = p.max_line_bytes
         stale_s = p.stale_after_s
         rejects = status.rejects
@@ -161,6 +162,8 @@ class TcpJsonProducer:
                 if not data:
                     self._drop_partial(rest, status)
                     return got_data
+                # Behind (the read filled): twice as much next time, up to ``most``.
+                chunk_bytes = min(2 * chunk_bytes, most) if len(data) >= chunk_bytes else base
                 if not got_data:
                     got_data = True
                     status.stale = False
