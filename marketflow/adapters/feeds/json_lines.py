@@ -185,11 +185,14 @@ class JsonLinesParser:
         """Fold the typed ticks (the even indices but the last) into their seconds; None when
         one of them is a plain number (a line ``0``): the chunk is then validated per tick.
 
-        A (symbol, second) that is new, unknown, or in the second where the future starts
-        (``max_ts``) is handled after the loop, tick by tick in arrival order: the hot loop
-        never compares a timestamp with ``max_ts`` and never looks a symbol up."""
-        folded: dict[FoldKey, SecondFold] = {}
-        get = folded.get
+        A tick of an unknown symbol, or of a new second where the future starts (``max_ts``),
+        is handled after the loop, tick by tick in arrival order: the hot loop compares a
+        timestamp with ``max_ts`` only for a new second, and checks a symbol once a chunk."""
+        # Per symbol, then per second: two lookups of a str and an int are cheaper than
+        # building and hashing a (symbol, second) tuple per tick; flattened once at the end.
+        by_symbol: dict[str, dict[int, SecondFold]] = {}
+        get_seconds = by_symbol.get
+        symbols = self.symbols
         max_ts = min(MAX_TS_MS, received_ms + self.max_ahead_ms)
         max_sec = max_ts // 1000
         careful: list[object] = []
@@ -197,13 +200,19 @@ class JsonLinesParser:
             for t in typed[0:-1:2]:
                 ts = t.timestamp  # type: ignore[attr-defined]
                 price = t.price  # type: ignore[attr-defined]
-                key = (t.symbol, ts // 1000)  # type: ignore[attr-defined]
-                f = get(key)
+                seconds = get_seconds(t.symbol)  # type: ignore[attr-defined]
+                if seconds is None:
+                    if t.symbol not in symbols:  # type: ignore[attr-defined]
+                        careful.append(t)
+                        continue
+                    seconds = by_symbol[t.symbol] = {}  # type: ignore[attr-defined]
+                second = ts // 1000
+                f = seconds.get(second)
                 if f is None:
-                    if key[1] >= max_sec or key[0] not in self.symbols:
+                    if second >= max_sec:
                         careful.append(t)
                     else:
-                        folded[key] = [price, price, price, 1, ts, price]
+                        seconds[second] = [price, price, price, 1, ts, price]
                     continue
                 if price < f[0]:
                     f[0] = price
@@ -216,6 +225,9 @@ class JsonLinesParser:
                     f[5] = price
         except AttributeError:
             return None
+        folded: dict[FoldKey, SecondFold] = {
+            (symbol, second): f for symbol, secs in by_symbol.items() for second, f in secs.items()
+        }
         refused = 0
         for t in careful:
             ts, price = t.timestamp, t.price  # type: ignore[attr-defined]
