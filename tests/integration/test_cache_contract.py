@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from pydantic import SecretStr
 from redis.asyncio.connection import Connection
 
 from marketflow.adapters.memory_cache import MemoryPriceCache
@@ -15,7 +17,7 @@ from marketflow.adapters.redis_cache import RedisPriceCache, open_redis
 from marketflow.domain.aggregates import LatestPrice, SecondBucket
 from marketflow.domain.errors import CacheUnavailable
 from marketflow.settings import RedisSettings
-from tests.harness.services import free_port
+from tests.harness.services import RedisServer, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -194,6 +196,28 @@ async def test_redis_write_reconnects_when_redis_drops_its_connection(
         assert orjson.loads(raw)["price"] == 2.0
     finally:
         await client.aclose()
+
+
+async def test_redis_write_link_authenticates_and_selects_the_urls_database() -> None:
+    # The flusher's own connection is made from the client's settings: password and db too.
+    secret = secrets.token_hex(8)
+    with RedisServer() as server:
+        admin = aioredis.Redis.from_url(server.url)
+        await admin.config_set("requirepass", secret)
+        await admin.aclose()
+        db3 = f"redis://127.0.0.1:{server.port}/3"
+        settings = RedisSettings(url=db3, password=SecretStr(secret))
+        async with await open_redis(settings, RETENTION_S) as cache:
+            assert await cache.write([latest(1.0, 1)], [second(S0)]) is True
+            assert await cache.load(S0) == ([latest(1.0, 1)], [second(S0)])
+        in_db3 = aioredis.Redis.from_url(db3, password=secret)
+        in_db0 = aioredis.Redis.from_url(server.url, password=secret)
+        try:
+            assert await in_db3.hexists("marketflow:latest", "exchange1:BTCUSDT")
+            assert not await in_db0.exists("marketflow:latest")
+        finally:
+            await in_db3.aclose()
+            await in_db0.aclose()
 
 
 async def test_memory_cache_forgets_seconds_after_retention() -> None:
