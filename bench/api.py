@@ -41,13 +41,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.api_load import WRK_PATH, cpu_pressure, poll, profiled, redis_ticks, wrk
-from bench.firehose import pair_names
 from bench.ingest import Firehose, cpu_s, pin, pipeline_overrides
 from tests.e2e.procs import Daemon, Simulator
 from tests.harness.services import PostgresServer, RedisServer, free_port
 
 SLOW = ("slow1", "slow2")
-DEFAULT_PAIRS = pair_names(5)  # the daemon's configured pairs (none set: its five defaults)
+FIRE_PAIRS = 5  # bench.firehose's pairs: the daemon's five defaults (no pairs configured)
 FIRE = ("fire1", "fire2")
 
 
@@ -113,8 +112,8 @@ class Stack:
         for name, port in self.fire_ports.items():
             # On the port the daemon is configured with (it reconnects to it).
             sim: Simulator | Firehose
-            if rate_per_sim <= 0:  # as fast as the daemon reads: the default five pairs
-                sim = Firehose(len(DEFAULT_PAIRS), 0, 0, port)
+            if rate_per_sim <= 0:  # as fast as the daemon reads
+                sim = Firehose(FIRE_PAIRS, 0, 0, port)
             else:
                 sim = Simulator(self.tmp, name, "json", "--rate", str(rate_per_sim), port=port)
                 sim.start()

@@ -171,7 +171,7 @@ async def test_reads_grow_while_behind_and_shrink_back_once_caught_up(
     assert max(map(len, chunks)) <= 8192 + 256  # ... to read_chunk_max_bytes (+ a partial line)
     assert reader.status.chunks < len(burst) // 1024  # fewer reads than at the base size
     one = line(2.0)
-    await send(w, one, reader.status)  # caught up: a small read, back to the base size
+    await send(w, one, reader.status)  # caught up: the next small write arrives alone
     assert await reader.chunk() == one
 
 

@@ -319,7 +319,6 @@ class AcceptorSession:
         self._in_seq = 2
         self._out.seq = 1
         self._reserved = 0  # the store is saved at once with the new numbers (take_output)
-        self.reset_on_logon = True
         self.stats.venue_resets += 1
         self._send("A", [(98, 0), (108, self.heartbeat_s), (141, "Y")])
         log.warning("fix_server_seq_reset peer=%s", self.peer)
