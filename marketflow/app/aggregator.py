@@ -101,7 +101,9 @@ class Aggregator:
         self._refill = False
         self.flushes = 0
         self._changed: set[PairWindow] = set()  # windows folded into since the last flush
-        self._due: dict[int, set[PairWindow]] = {}  # minute_ms -> windows it became pending in
+        # clock ms -> windows to visit then: a minute's close after it became pending, or a
+        # rewrite a window put off (PairWindow.closed_minutes, revisit_ms)
+        self._due: dict[int, set[PairWindow]] = {}
         self._next_full_sweep = 0
         self.flush_build_s = 0.0  # the last flush's CPU before it awaited the cache
         self._folded = asyncio.Event()  # set when the consumer has emptied the fan-in queue
@@ -356,19 +358,21 @@ class Aggregator:
         due = self._due
         newly: list[int] = []
         retention = self._pipeline.window_retention_s
+        close_after = 60_000 + self._pipeline.minute_grace_ms
         changed_windows = list(self._changed)
         self._changed.clear()
         received, self._first_received = self._first_received, {}
         for w in changed_windows:
+            w.active_ms = now
             if w.dirty_seconds:
                 lp = w.latest()
                 if lp is not None:
                     latest.append(lp)
                 seconds.extend(w.take_dirty_seconds(newly))
                 for minute in newly:
-                    got = due.get(minute)
+                    got = due.get(minute + close_after)
                     if got is None:
-                        due[minute] = {w}
+                        due[minute + close_after] = {w}
                     else:
                         got.add(w)
                 newly.clear()
@@ -405,14 +409,14 @@ class Aggregator:
     def _sweep(self, now: int, final: bool) -> list[MinuteRow]:
         """Closed minutes (all pending ones when final) and eviction.
 
-        Only windows with a pending minute that has closed are visited (``_due``: windows
-        by the minute they gained pending), so a sweep costs what closes, not one visit of
-        every window; every ``FULL_SWEEP_MS`` all windows are visited, for minutes made
-        pending by a restore, exchange clocks ahead of ours, and windows gone quiet."""
+        Only windows with a pending minute that has closed, or a rewrite put off until now,
+        are visited (``_due``), so a sweep costs what closes, not one visit of every window;
+        every ``FULL_SWEEP_MS`` all windows are visited, for minutes made pending by a
+        restore, exchange clocks ahead of ours, and windows gone quiet."""
         p = self._pipeline
         grace = p.minute_grace_ms
         full = final or now >= self._next_full_sweep
-        closed = [m for m in self._due if m + 60_000 + grace <= now]
+        closed = [t for t in self._due if t <= now]
         visit: Iterable[PairWindow]
         if full:
             self._next_full_sweep = now + FULL_SWEEP_MS
@@ -426,9 +430,15 @@ class Aggregator:
                 picked.update(self._due.pop(m))
             visit = picked
         rows: list[MinuteRow] = []
+        due = self._due
         for w in visit:
             covered = self.coverage.get(w.exchange, {})
-            rows.extend(w.open_minutes(covered) if final else w.closed_minutes(now, grace, covered))
+            if final:
+                rows.extend(w.open_minutes(covered))
+            else:
+                rows.extend(w.closed_minutes(now, grace, covered))
+                if w.revisit_ms:
+                    due.setdefault(w.revisit_ms, set()).add(w)
             w.evict(p.window_retention_s)
         return rows
 

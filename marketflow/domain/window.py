@@ -21,6 +21,10 @@ from marketflow.domain.ticks import PricePoint, SecondFold
 Bucket = list[float]
 """[low, high, total, count]: a list, because the hot loop updates it in place."""
 
+CATCHUP_REWRITE_MS = 1000
+"""How often, at most, a closed minute is rewritten while its feed still sends it (see
+``PairWindow.closed_minutes``)."""
+
 
 class PairWindow:
     """Seconds of one (exchange, symbol) kept for ``retention_s``, plus its latest tick.
@@ -32,7 +36,9 @@ class PairWindow:
     """
 
     __slots__ = (
+        "active_ms",
         "bases",
+        "closed_upto",
         "dirty_seconds",
         "exchange",
         "floor_second",
@@ -44,6 +50,8 @@ class PairWindow:
         "newest_second",
         "packed",
         "pending_minutes",
+        "revisit_ms",
+        "rewrite_at",
         "seconds",
         "symbol",
     )
@@ -66,6 +74,12 @@ class PairWindow:
         self.latest_ts = -1
         self.latest_received_ms = 0
         self.newest_second = -1  # newest second held, seeded ones included
+        # Our clock when the aggregator last folded into this window: a feed whose batches
+        # wait in queues longer than the grace is still a feed sending (see _feed_inside).
+        self.active_ms = 0
+        self.closed_upto = -1  # the newest minute emitted closed: emitting one again rewrites
+        self.rewrite_at = 0  # a rewrite while the feed is inside its minute waits till then
+        self.revisit_ms = 0  # set by closed_minutes: call again then (a rewrite waits)
 
     def add(self, points: Iterable[PricePoint], received_ms: int) -> None:
         """Fold ticks of this pair into their seconds (the per-tick hot path)."""
@@ -175,7 +189,7 @@ class PairWindow:
         a minute's work per tick."""
         return (
             self.newest_second < (minute_ms + 120_000) // 1000
-            and self.latest_received_ms + grace_ms > clock
+            and max(self.latest_received_ms, self.active_ms) + grace_ms > clock
         )
 
     def latest(self) -> LatestPrice | None:
@@ -314,13 +328,32 @@ class PairWindow:
     def closed_minutes(
         self, clock_ms: int, grace_ms: int, covered: dict[int, int] | None = None
     ) -> list[MinuteRow]:
-        """Pending minutes that have closed by ``clock_ms``; they stop being pending."""
+        """Pending minutes that have closed by ``clock_ms``; they stop being pending.
+
+        A minute closed by our clock but not yet by the feed's (its newest tick is not
+        ``grace_ms`` past the minute's end: a backlog, a replay, a clock behind ours) still
+        gains ticks at every flush. It is written at its close and at the first change
+        after, then at most every ``CATCHUP_REWRITE_MS`` until the feed passes it
+        (``revisit_ms`` says when to call again), not at every sweep: a feed catching up
+        with thousands of pairs rewrote every pair's row 50 times a second and never caught
+        up. Its seconds are in the cache meanwhile, as an open minute's are: durable with
+        the marks (restore.py). A late tick once the feed has passed is written at once."""
         clock = max(clock_ms, self.latest_ts)
         rows = []
         packed_before = len(self.packed)
+        self.revisit_ms = 0
+        rewrote = False
         for minute in sorted(self.pending_minutes):
-            if minute + 60_000 + grace_ms > clock:
+            end = minute + 60_000 + grace_ms
+            if end > clock:
                 continue
+            if end > self.latest_ts and minute <= self.closed_upto:  # a rewrite, feed inside
+                if clock_ms < self.rewrite_at:
+                    self.revisit_ms = self.rewrite_at
+                    continue
+                rewrote = True
+            if minute > self.closed_upto:
+                self.closed_upto = minute
             self.pending_minutes.discard(minute)
             row = self.minute_row(minute, _covered(covered, minute))
             if row is not None:
@@ -331,6 +364,8 @@ class PairWindow:
                     self.loose = True  # packed by a later sweep, once the feed moved on
                 else:
                     self._pack(minute)
+        if rewrote:
+            self.rewrite_at = clock_ms + CATCHUP_REWRITE_MS
         if self.loose:
             self._pack_loose(clock, grace_ms)
         if len(self.packed) != packed_before:
