@@ -52,7 +52,7 @@ from marketflow.app.capture import CaptureService
 from marketflow.app.diagnostics import DiagnosticsWriter, node_name, read_totals
 from marketflow.app.fix_distribution import Distribution
 from marketflow.app.health import HealthReport
-from marketflow.app.ingest import ParseGate, RunningSource
+from marketflow.app.ingest import FaninQueue, ParseGate, RunningSource
 from marketflow.app.loop_health import LoopHealth
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.app.modes import Mode, ModeController
@@ -117,7 +117,7 @@ class Daemon:
         self._serve_http = serve_http
         self._resume = resume
         p = settings.pipeline
-        self.fanin: asyncio.Queue[TickBatch] = asyncio.Queue(p.fanin_queue_batches)
+        self.fanin: asyncio.Queue[TickBatch] = FaninQueue(p.fanin_queue_batches)
         self._runner: web.AppRunner | None = None
         self._db: Database | None = None
         # What start() opened, closed in reverse order by stop(); one failing close does

@@ -186,15 +186,19 @@ class PipelineSettings(_Frozen):
     # takes ~1 ms). The loop reaches sockets, HTTP requests and the flusher between passes,
     # so a burst backlog cannot hold it for workers x sources chunks. 0: no bound.
     parse_pass_budget_ms: float = Field(1.0, ge=0, le=1000)
-    source_queue_chunks: int = Field(64, ge=1)  # chunks per source: the backpressure point
+    # Chunks of read_chunk_bytes per source (a grown read takes as many as its size): the
+    # backpressure point. The fan-in holds batches of up to 1,024 ticks each (a bigger
+    # batch takes one per 1,024): what queues is bounded in bytes and ticks, not items.
+    source_queue_chunks: int = Field(64, ge=1)
     fanin_queue_batches: int = Field(1024, ge=1)
     read_chunk_bytes: int = Field(65536, ge=1024)
     # A JSON feed whose reads come back full (the daemon is behind: saturated, or catching
     # up after a reconnect) reads twice as much next time, up to this; a read that does not
     # fill returns it to read_chunk_bytes. Bigger chunks fold more ticks per (pair, second)
     # bucket in the parser: with 500 pairs x 10 exchanges 262144 catches up 25-50% faster,
-    # with a handful of pairs it gains nothing and buffers 4x more. Default: no growth.
-    read_chunk_max_bytes: int = Field(65536, ge=1024)
+    # with a handful of pairs it gains nothing and buffers 4x more. 0 (the default): 4 x
+    # read_chunk_bytes for a feed of AUTO_GROWTH_PAIRS pairs or more, else no growth.
+    read_chunk_max_bytes: int = Field(0, ge=0)
     max_line_bytes: int = Field(65536, ge=256)
     # Cache flushes: as soon as the loop is idle, at most one per flush_min_interval_ms, and
     # at least one per flush_interval_ms (the ceiling of the crash-loss bound).

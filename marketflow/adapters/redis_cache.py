@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -67,31 +66,49 @@ SCAN_COUNT = 1000
 
 # One script is one write: atomic like MULTI/EXEC (the marks never become visible without
 # the seconds they cover), and one command for redis-py to pack instead of two per minute key
-# (redis-py spends ~30 us a command: a 25-command MULTI took ~1 ms, most of a flush). Its
-# arguments are one JSON document (orjson builds it in one call; redis-py packing a few
-# hundred arguments one by one was most of a flush's CPU at 500 flushes/s).
-# KEYS: latest, alive, marks, then the minute keys. ARGV[1]: ``[latest, minutes, marks]``
-# with latest a list of [field, timestamp, json], minutes one [ttl, field, value, ...] per
-# minute key (ttl 0: keep the one it has), marks a flat [field, value, ...] list.
-# A latest value that is not ours (unparsable) is replaced rather than blocking updates.
+# (redis-py spends ~30 us a command: a 25-command MULTI took ~1 ms, most of a flush).
+# Its arguments are three documents, each built by one orjson call, and the script does the
+# per-item string work on Redis's core instead of the daemon's (with 5,000 pairs changed per
+# flush, building each value in Python was 2.4 us a pair, most of a flush):
+# KEYS: latest, alive, marks, then the minute keys.
+# ARGV[1]: ``[fields, minutes, marks]``: the latest prices' fields in order, one
+#   ``[ttl, n]`` per minute key (its next ``n`` seconds; ttl 0: keep the one it has), marks a
+#   flat [field, value, ...] list.
+# ARGV[2]: ``[[price, timestamp, received], ...]`` as orjson writes it; the script copies
+#   each number's text into the value, so a price keeps orjson's shortest round-trip form
+#   (cjson would decode it to a double and print 14 digits).
+# ARGV[3]: ``[[second, low, high, total, count], ...]`` the same way, grouped by minute key:
+#   field ``second``, value the text ``low,high,total,count``.
+# A latest value that is not ours (no numeric "timestamp") is replaced rather than blocking.
 WRITE_SCRIPT = """
 local missing = redis.call('SET', KEYS[2], '1', 'NX')
 local doc = cjson.decode(ARGV[1])
-for _, p in ipairs(doc[1]) do
-  local current = redis.call('HGET', KEYS[1], p[1])
+local fields = doc[1]
+local i = 0
+for price, ts, received in string.gmatch(ARGV[2], '%[([^,%[%]]+),([^,%[%]]+),([^,%[%]]+)%]') do
+  i = i + 1
+  local current = redis.call('HGET', KEYS[1], fields[i])
   local newer = true
   if current then
-    local ok, held = pcall(cjson.decode, current)
-    if ok and type(held) == 'table' and tonumber(held['timestamp']) then
-      newer = tonumber(held['timestamp']) <= p[2]
+    local held = tonumber(string.match(current, '"timestamp"%s*:%s*(%-?%d+)'))
+    if held then
+      newer = held <= tonumber(ts)
     end
   end
   if newer then
-    redis.call('HSET', KEYS[1], p[1], p[3])
+    redis.call('HSET', KEYS[1], fields[i],
+      '{"price":' .. price .. ',"timestamp":' .. ts .. ',"received":' .. received .. '}')
   end
 end
+local seconds = string.gmatch(ARGV[3], '%[(%d+),([^%[%]]+)%]')
 for k, m in ipairs(doc[2]) do
-  redis.call('HSET', KEYS[k + 3], unpack(m, 2))
+  local args = {}
+  for j = 1, m[2] do
+    local second, value = seconds()
+    args[2 * j - 1] = second
+    args[2 * j] = value
+  end
+  redis.call('HSET', KEYS[k + 3], unpack(args))
   if m[1] > 0 then
     redis.call('EXPIRE', KEYS[k + 3], m[1])
   end
@@ -120,40 +137,37 @@ def window_key(exchange: str, symbol: str, minute_start_s: int) -> str:
     return f"{WINDOW_PREFIX}{exchange}:{symbol}:{minute_start_s}"
 
 
-def _latest_args(latest: Sequence[LatestPrice]) -> list[tuple[str, int, str]]:
-    dumps = orjson.dumps
-    return [
-        (
-            f"{p.exchange}:{p.symbol}",
-            p.timestamp_ms,
-            dumps(
-                {"price": p.price, "timestamp": p.timestamp_ms, "received": p.received_ms}
-            ).decode(),
-        )
-        for p in latest
-    ]
-
-
-def _by_key(seconds: Sequence[SecondBucket]) -> dict[str, dict[str, str]]:
-    """Each minute key's fields: the seconds' values ``low,high,total,count``, encoded by one
-    orjson call for all of them (shortest round-trip floats, as ``repr``; a per-bucket
-    f-string was a tenth of a flush)."""
-    by_key: dict[str, dict[str, str]] = defaultdict(dict)
-    if not seconds:
-        return by_key
-    values = orjson.dumps([b[3:] for b in seconds])[2:-2].decode().split("],[")
-    for b, value in zip(seconds, values, strict=True):
-        by_key[window_key(b.exchange, b.symbol, b.second // 60 * 60)][str(b.second)] = value
-    return by_key
-
-
 def _pack(args: Sequence[str | bytes | int]) -> bytes:
-    """One command in RESP, as redis-py's ``pack_command`` makes it, in a third of its time."""
-    parts = [b"*%d\r\n" % len(args)]
+    """One command in RESP, as redis-py's ``pack_command`` makes it, in a fraction of its
+    time: the text arguments (thousands of minute keys) are framed by one f-string each and
+    encoded at once; their lengths are those of the str, so a non-ASCII one takes the exact
+    path."""
+    chunks: list[bytes] = [b"*%d\r\n" % len(args)]
+    text: list[str] = []
     for arg in args:
-        raw = arg if isinstance(arg, bytes) else str(arg).encode()
-        parts += (b"$%d\r\n" % len(raw), raw, b"\r\n")
-    return b"".join(parts)
+        if isinstance(arg, bytes):
+            if text:
+                chunks.append(_framed(text))
+                text = []
+            chunks += (b"$%d\r\n" % len(arg), arg, b"\r\n")
+        else:
+            s = arg if isinstance(arg, str) else str(arg)
+            text.append(f"${len(s)}\r\n{s}\r\n")
+    if text:
+        chunks.append(_framed(text))
+    return b"".join(chunks)
+
+
+def _framed(parts: list[str]) -> bytes:
+    joined = "".join(parts)
+    if joined.isascii():
+        return joined.encode()
+    out: list[bytes] = []  # a length in characters is not one in bytes: frame each again
+    for part in parts:
+        head, value = part[1:].split("\r\n", 1)
+        raw = value[: int(head)].encode()
+        out += (b"$%d\r\n" % len(raw), raw, b"\r\n")
+    return b"".join(out)
 
 
 class WriteLink:
@@ -217,28 +231,41 @@ class RedisPriceCache(Closing):
         if not latest and not seconds and not marks:
             return False
         self._check_open()
-        by_key = _by_key(seconds)
         lost = False
         now = time.monotonic()
         refresh_before = now - self._ttl / 2
         expired_at = self._expired_at
         fresh: list[str] = []
         keys: list[str] = [LATEST_KEY, ALIVE_KEY, MARKS_KEY]
-        minutes: list[list[str | int]] = []
-        for key, fields in by_key.items():
+        # One [ttl, n] per run of seconds of one minute key (a key may come back in a later
+        # run: written twice in one script, the same as once).
+        minutes: list[list[int]] = []
+        run = [0, 0]
+        prev = ""
+        prefix = WINDOW_PREFIX
+        for b in seconds:
+            sec = b[2]
+            key = f"{prefix}{b[0]}:{b[1]}:{sec - sec % 60}"
+            if key == prev:
+                run[1] += 1
+                continue
+            prev = key
             keys.append(key)
             ttl = 0
             if expired_at.get(key, -1.0) < refresh_before:
                 ttl = self._ttl
                 fresh.append(key)
-            minute: list[str | int] = [ttl]
-            for field, value in fields.items():
-                minute += (field, value)
-            minutes.append(minute)
+            run = [ttl, 1]
+            minutes.append(run)
         flat_marks: list[str] = []
         for src, (pos, made) in (marks or {}).items():
             flat_marks += (src, f"{pos},{made}")
-        argv = (orjson.dumps((_latest_args(latest), minutes, flat_marks)),)
+        fields = [f"{p[0]}:{p[1]}" for p in latest]
+        argv = (
+            orjson.dumps((fields, minutes, flat_marks)),
+            orjson.dumps([p[2:] for p in latest]),
+            orjson.dumps([b[2:] for b in seconds]),
+        )
         try:
             try:
                 missing = await self._link.call("EVALSHA", self._sha, len(keys), *keys, *argv)

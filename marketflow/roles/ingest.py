@@ -266,6 +266,7 @@ class IngestNode:
                 self.settings.pipeline.workers_per_source,
                 self.settings.pipeline.source_queue_chunks,
                 self._parse_gate,
+                slot_bytes=self.settings.pipeline.read_chunk_bytes,
             )
             log.info("feed_started node=%s feed=%s resume_mark=%s", self.node, name, mark)
 

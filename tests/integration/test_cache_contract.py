@@ -234,3 +234,47 @@ async def test_redis_unreachable_at_open_raises_cache_unavailable() -> None:
     settings = RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", connect_timeout_s=1.0)
     with pytest.raises(CacheUnavailable):
         await open_redis(settings, RETENTION_S)
+
+
+async def test_redis_layout_is_exact_text_and_foreign_latest_values_are_judged_by_timestamp(
+    redis_cache: RedisPriceCache, redis_url: str
+) -> None:
+    """The documented layout, byte for byte: the script builds the values from orjson's text
+    (a price keeps its shortest round-trip form), a minute key met twice in one write keeps
+    both runs' seconds, and a latest value another tool wrote is replaced only when it is
+    older or has no numeric timestamp."""
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        await client.hset(
+            "marketflow:latest",
+            mapping={
+                "exchange2:BTCUSDT": '{"price": 9.0, "timestamp": 5000000000000}',  # newer
+                "exchange3:BTCUSDT": "not json",
+            },
+        )
+        p = LatestPrice("exchange1", "BTCUSDT", 0.1 + 0.2, 1_700_000_000_123, 1_700_000_000_456)
+        await redis_cache.write(
+            [p, latest(1e-05, 7, "exchange2"), latest(2.5, 8, "exchange3")],
+            [second(S0, 0.1 + 0.2), second(S0 + 61), second(S0 + 2, 1e16, count=1)],
+        )
+        got = await client.hgetall("marketflow:latest")
+        assert got["exchange1:BTCUSDT"] == orjson.dumps(
+            {"price": p.price, "timestamp": p.timestamp_ms, "received": p.received_ms}
+        ).decode()
+        assert got["exchange1:BTCUSDT"] == (
+            '{"price":0.30000000000000004,"timestamp":1700000000123,"received":1700000000456}'
+        )
+        assert got["exchange2:BTCUSDT"] == '{"price": 9.0, "timestamp": 5000000000000}'
+        assert got["exchange3:BTCUSDT"] == '{"price":2.5,"timestamp":8,"received":13}'
+        def text(b: SecondBucket) -> str:
+            return orjson.dumps([b.low, b.high, b.total, b.count]).decode()[1:-1]
+
+        window = await client.hgetall(f"marketflow:window:exchange1:BTCUSDT:{S0}")
+        first, big = second(S0, 0.1 + 0.2), second(S0 + 2, 1e16, count=1)
+        assert window == {str(S0): text(first), str(S0 + 2): text(big)}
+        assert window[str(S0)] == "0.30000000000000004,1.8,0.8500000000000001,2"
+        assert await client.hgetall(f"marketflow:window:exchange1:BTCUSDT:{S0 + 60}") == {
+            str(S0 + 61): "1.0,2.5,2.25,2"
+        }
+    finally:
+        await client.aclose()

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from marketflow.adapters.feeds.tcp_json import TcpJsonProducer, build_json_source
+from marketflow.adapters.feeds.tcp_json import AUTO_GROWTH_PAIRS, TcpJsonProducer, build_json_source
 from marketflow.domain.feeds import FeedStatus
 from marketflow.settings import DEFAULT_PAIRS, ExchangeSettings, PipelineSettings
 from tests.harness.services import free_port
@@ -368,3 +368,18 @@ def test_source_parser_rejects_prices_above_the_configured_maximum() -> None:
 
     assert batch.ticks() == [("BTCUSDT", 10.0, TS)]
     assert source.status.rejects.counts == {"price_out_of_range": 1}
+
+
+def test_reads_grow_by_default_only_for_a_feed_of_hundreds_of_pairs() -> None:
+    p = PipelineSettings()
+    assert p.read_chunk_max_bytes == 0  # auto
+    small = TcpJsonProducer("127.0.0.1", 1, p, time.time_ns, pairs=len(DEFAULT_PAIRS))
+    many = TcpJsonProducer("127.0.0.1", 1, p, time.time_ns, pairs=AUTO_GROWTH_PAIRS)
+    assert (small.max_read_bytes(), many.max_read_bytes()) == (65536, 4 * 65536)
+    fixed = p.model_copy(update={"read_chunk_max_bytes": 131072})
+    assert TcpJsonProducer("127.0.0.1", 1, fixed, time.time_ns, pairs=5).max_read_bytes() == 131072
+    source = build_json_source(
+        ExchangeSettings(name="ex", port=1), [f"P{i}" for i in range(150)], p, time.time_ns
+    )
+    assert isinstance(source.producer, TcpJsonProducer)
+    assert source.producer.max_read_bytes() == 4 * 65536

@@ -23,6 +23,8 @@ from marketflow.settings import ExchangeSettings, PipelineSettings
 
 log = logging.getLogger("marketflow.feeds.json")
 
+AUTO_GROWTH_PAIRS = 100  # from this many pairs on, reads grow to 4 x read_chunk_bytes when behind
+
 
 class _Stale(Exception):
     """The connection was silent for ``stale_after_s``."""
@@ -76,6 +78,7 @@ class TcpJsonProducer:
     pipeline: PipelineSettings
     clock: Clock
     _: KW_ONLY
+    pairs: int = 0  # the feed's configured pairs: how far reads grow when behind
     connect_timeout_s: float = 5.0
     rng: InitVar[random.Random | None] = None
     backoff: Backoff = field(init=False)
@@ -118,12 +121,20 @@ class TcpJsonProducer:
 
         await reconnect_forever(connect, self.backoff, ended)
 
+    def max_read_bytes(self) -> int:
+        """How far reads grow while they come back full (``read_chunk_max_bytes``; 0: by
+        the pairs, since a 64 KiB chunk of hundreds of pairs holds a few ticks per pair and
+        second, and the parser's fold saves little on it)."""
+        p = self.pipeline
+        if p.read_chunk_max_bytes:
+            return max(p.read_chunk_bytes, p.read_chunk_max_bytes)
+        return p.read_chunk_bytes * (4 if self.pairs >= AUTO_GROWTH_PAIRS else 1)
+
     async def _connection(self, out: asyncio.Queue[tuple[bytes, int]], status: FeedStatus) -> bool:
         """One connection until EOF; True when it delivered any data. Raises on failures."""
-        p = self.pipeline
         async with asyncio.timeout(self.connect_timeout_s):
             reader, writer = await asyncio.open_connection(
-                self.host, self.port, limit=max(p.read_chunk_bytes, p.read_chunk_max_bytes)
+                self.host, self.port, limit=self.max_read_bytes()
             )
         status.connected = True
         log.info("feed_connected exchange=%s address=%s", status.name, status.address)
@@ -140,7 +151,7 @@ class TcpJsonProducer:
     ) -> bool:
         p = self.pipeline
         base = chunk_bytes = p.read_chunk_bytes
-        most = max(base, p.read_chunk_max_bytes)
+        most = self.max_read_bytes()
         max_line = p.max_line_bytes
         stale_s = p.stale_after_s
         rejects = status.rejects
@@ -216,5 +227,5 @@ def build_json_source(
     parser = JsonLinesParser(
         settings.name, frozenset(pairs), status.rejects, max_price=pipeline.max_price
     )
-    producer = TcpJsonProducer(settings.host, settings.port, pipeline, clock)
+    producer = TcpJsonProducer(settings.host, settings.port, pipeline, clock, pairs=len(pairs))
     return Source(status=status, producer=producer, parser=parser)
