@@ -50,6 +50,7 @@ from typing import Any
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from bench.firehose import pair_names
 from bench.limit import limit_lines_per_s
@@ -100,6 +101,21 @@ class Firehose:
         self.proc.wait(10)
 
 
+async def latest_values(client: aioredis.Redis, fields: list[str]) -> list[bytes | str | None]:
+    """``marketflow:latest`` of ``fields``; while Redis runs a long script (a refill of
+    everything after the daemon saw it fail: BUSY), the poll waits and asks again."""
+    while True:
+        try:
+            values: list[bytes | str | None] = await client.hmget("marketflow:latest", fields)
+        except ResponseError as exc:
+            if not str(exc).startswith("BUSY"):
+                raise
+            print(f"redis busy: {exc}", file=sys.stderr)
+            await asyncio.sleep(0.1)
+        else:
+            return values
+
+
 async def sample_latency(url: str, fields: list[str], seconds: float) -> list[float]:
     client = aioredis.Redis.from_url(url)
     seen: dict[str, int] = {}
@@ -107,7 +123,7 @@ async def sample_latency(url: str, fields: list[str], seconds: float) -> list[fl
     deadline = time.monotonic() + seconds
     try:
         while time.monotonic() < deadline:
-            values = await client.hmget("marketflow:latest", fields)
+            values = await latest_values(client, fields)
             now_ms = time.time() * 1000
             for field, raw in zip(fields, values, strict=True):
                 if raw is None:
@@ -133,7 +149,7 @@ async def caught_up(url: str, fields: list[str], deadline: float, since_ms: floa
     client = aioredis.Redis.from_url(url)
     try:
         while time.monotonic() < deadline:
-            values = await client.hmget("marketflow:latest", fields)
+            values = await latest_values(client, fields)
             if all(v is not None and orjson.loads(v)["timestamp"] >= since_ms for v in values):
                 return
             await asyncio.sleep(1.0)

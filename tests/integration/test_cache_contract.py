@@ -258,14 +258,18 @@ async def test_redis_layout_is_exact_text_and_foreign_latest_values_are_judged_b
             [second(S0, 0.1 + 0.2), second(S0 + 61), second(S0 + 2, 1e16, count=1)],
         )
         got = await client.hgetall("marketflow:latest")
-        assert got["exchange1:BTCUSDT"] == orjson.dumps(
-            {"price": p.price, "timestamp": p.timestamp_ms, "received": p.received_ms}
-        ).decode()
+        assert (
+            got["exchange1:BTCUSDT"]
+            == orjson.dumps(
+                {"price": p.price, "timestamp": p.timestamp_ms, "received": p.received_ms}
+            ).decode()
+        )
         assert got["exchange1:BTCUSDT"] == (
             '{"price":0.30000000000000004,"timestamp":1700000000123,"received":1700000000456}'
         )
         assert got["exchange2:BTCUSDT"] == '{"price": 9.0, "timestamp": 5000000000000}'
         assert got["exchange3:BTCUSDT"] == '{"price":2.5,"timestamp":8,"received":13}'
+
         def text(b: SecondBucket) -> str:
             return orjson.dumps([b.low, b.high, b.total, b.count]).decode()[1:-1]
 

@@ -13,7 +13,7 @@ from marketflow.app import aggregator as aggregator_module
 from marketflow.app.aggregator import FULL_SWEEP_MS, Aggregator
 from marketflow.domain.aggregates import MinuteRow
 from marketflow.domain.ticks import BookUpdate, TickBatch
-from marketflow.domain.window import PairWindow
+from marketflow.domain.window import CATCHUP_REWRITE_MS, PairWindow
 from marketflow.settings import PipelineSettings
 from tests.unit.fakes import FakeCache, FakeStore, ManualClock, RecordingSink
 
@@ -265,10 +265,10 @@ async def test_a_rewrite_put_off_while_the_feed_catches_up_is_written_when_due()
         await agg.flush()
     # The close, the first change after it; the third flush's change waits (inside its feed).
     assert [r.count for r in sink.submitted] == [1, 2]
-    clock.now_ms = T0 + 1_099
+    clock.now_ms = T0 + 100 + CATCHUP_REWRITE_MS - 1
     await agg.flush()
     assert len(sink.submitted) == 2
-    clock.now_ms = T0 + 1_100  # CATCHUP_REWRITE_MS after the rewrite: revisited, no new tick
+    clock.now_ms = T0 + 100 + CATCHUP_REWRITE_MS  # after the rewrite: revisited, no new tick
     await agg.flush()
     assert [(r.minute_ms, r.count) for r in sink.submitted] == [(old, 1), (old, 2), (old, 3)]
     await agg.flush()
