@@ -101,8 +101,7 @@ class Aggregator:
         self._refill = False
         self.flushes = 0
         self._changed: set[PairWindow] = set()  # windows folded into since the last flush
-        # clock ms -> windows to visit then: a minute's close after it became pending, or a
-        # rewrite a window put off (PairWindow.closed_minutes, revisit_ms)
+        # clock ms -> windows to visit then: a minute's close after it became pending
         self._due: dict[int, set[PairWindow]] = {}
         self._next_full_sweep = 0
         self.flush_build_s = 0.0  # the last flush's CPU before it awaited the cache
@@ -409,10 +408,10 @@ class Aggregator:
     def _sweep(self, now: int, final: bool) -> list[MinuteRow]:
         """Closed minutes (all pending ones when final) and eviction.
 
-        Only windows with a pending minute that has closed, or a rewrite put off until now,
-        are visited (``_due``), so a sweep costs what closes, not one visit of every window;
-        every ``FULL_SWEEP_MS`` all windows are visited, for minutes made pending by a
-        restore, exchange clocks ahead of ours, and windows gone quiet."""
+        Only windows with a pending minute that has closed are visited (``_due``: windows by
+        the time their minute closes), so a sweep costs what closes, not one visit of every
+        window; every ``FULL_SWEEP_MS`` all windows are visited, for minutes made pending by
+        a restore, exchange clocks ahead of ours, and windows gone quiet."""
         p = self._pipeline
         grace = p.minute_grace_ms
         full = final or now >= self._next_full_sweep
@@ -430,15 +429,12 @@ class Aggregator:
                 picked.update(self._due.pop(m))
             visit = picked
         rows: list[MinuteRow] = []
-        due = self._due
         for w in visit:
             covered = self.coverage.get(w.exchange, {})
             if final:
                 rows.extend(w.open_minutes(covered))
             else:
                 rows.extend(w.closed_minutes(now, grace, covered))
-                if w.revisit_ms:
-                    due.setdefault(w.revisit_ms, set()).add(w)
             w.evict(p.window_retention_s)
         return rows
 

@@ -21,11 +21,6 @@ from marketflow.domain.ticks import PricePoint, SecondFold
 Bucket = list[float]
 """[low, high, total, count]: a list, because the hot loop updates it in place."""
 
-CATCHUP_REWRITE_MS = 5000
-"""How often, at most, a closed minute is rewritten while its feed still sends it (see
-``PairWindow.closed_minutes``): its seconds are in the cache meanwhile, and with 5,000 pairs
-catching up a rewrite a second was a third of the daemon's core."""
-
 
 class PairWindow:
     """Seconds of one (exchange, symbol) kept for ``retention_s``, plus its latest tick.
@@ -39,7 +34,6 @@ class PairWindow:
     __slots__ = (
         "active_ms",
         "bases",
-        "closed_upto",
         "dirty_seconds",
         "exchange",
         "floor_second",
@@ -51,8 +45,6 @@ class PairWindow:
         "newest_second",
         "packed",
         "pending_minutes",
-        "revisit_ms",
-        "rewrite_at",
         "seconds",
         "symbol",
     )
@@ -78,9 +70,6 @@ class PairWindow:
         # Our clock when the aggregator last folded into this window: a feed whose batches
         # wait in queues longer than the grace is still a feed sending (see _feed_inside).
         self.active_ms = 0
-        self.closed_upto = -1  # the newest minute emitted closed: emitting one again rewrites
-        self.rewrite_at = 0  # a rewrite while the feed is inside its minute waits till then
-        self.revisit_ms = 0  # set by closed_minutes: call again then (a rewrite waits)
 
     def add(self, points: Iterable[PricePoint], received_ms: int) -> None:
         """Fold ticks of this pair into their seconds (the per-tick hot path)."""
@@ -341,30 +330,16 @@ class PairWindow:
     ) -> list[MinuteRow]:
         """Pending minutes that have closed by ``clock_ms``; they stop being pending.
 
-        A minute closed by our clock but not yet by the feed's (its newest tick is not
-        ``grace_ms`` past the minute's end: a backlog, a replay, a clock behind ours) still
-        gains ticks at every flush. It is written at its close and at the first change
-        after, then at most every ``CATCHUP_REWRITE_MS`` until the feed passes it
-        (``revisit_ms`` says when to call again), not at every sweep: a feed catching up
-        with thousands of pairs rewrote every pair's row 50 times a second and never caught
-        up. Its seconds are in the cache meanwhile, as an open minute's are: durable with
-        the marks (restore.py). A late tick once the feed has passed is written at once."""
+        A minute closed by our clock but not yet by the feed's (a backlog, a replay, a clock
+        behind ours) is written again at every sweep while its feed still sends it: only the
+        flush interval may be lost if the daemon dies with Redis emptied, so it cannot wait
+        for the feed to pass it."""
         clock = max(clock_ms, self.latest_ts)
         rows = []
         packed_before = len(self.packed)
-        self.revisit_ms = 0
-        rewrote = False
         for minute in sorted(self.pending_minutes):
-            end = minute + 60_000 + grace_ms
-            if end > clock:
+            if minute + 60_000 + grace_ms > clock:
                 continue
-            if end > self.latest_ts and minute <= self.closed_upto:  # a rewrite, feed inside
-                if clock_ms < self.rewrite_at:
-                    self.revisit_ms = self.rewrite_at
-                    continue
-                rewrote = True
-            if minute > self.closed_upto:
-                self.closed_upto = minute
             self.pending_minutes.discard(minute)
             row = self.minute_row(minute, _covered(covered, minute))
             if row is not None:
@@ -375,8 +350,6 @@ class PairWindow:
                     self.loose = True  # packed by a later sweep, once the feed moved on
                 else:
                     self._pack(minute)
-        if rewrote:
-            self.rewrite_at = clock_ms + CATCHUP_REWRITE_MS
         if self.loose:
             self._pack_loose(clock, grace_ms)
         if len(self.packed) != packed_before:

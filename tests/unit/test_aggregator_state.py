@@ -13,7 +13,7 @@ from marketflow.app import aggregator as aggregator_module
 from marketflow.app.aggregator import FULL_SWEEP_MS, Aggregator
 from marketflow.domain.aggregates import MinuteRow
 from marketflow.domain.ticks import BookUpdate, TickBatch
-from marketflow.domain.window import CATCHUP_REWRITE_MS, PairWindow
+from marketflow.domain.window import PairWindow
 from marketflow.settings import PipelineSettings
 from tests.unit.fakes import FakeCache, FakeStore, ManualClock, RecordingSink
 
@@ -255,26 +255,6 @@ async def test_a_backlog_is_folded_in_slices_that_let_the_loop_run(
     assert len(between) > 10  # the other task ran while the backlog was being folded
 
 
-async def test_a_rewrite_put_off_while_the_feed_catches_up_is_written_when_due() -> None:
-    clock = ManualClock(T0)
-    agg, _, sink = make(clock)
-    old = T0 - 600_000  # a backlog ten minutes behind, one exchange second per flush
-    for k in range(3):
-        clock.now_ms = T0 + k * 100
-        agg.fold(batch("ex", old + k * 1000, clock.now_ms))
-        await agg.flush()
-    # The close, the first change after it; the third flush's change waits (inside its feed).
-    assert [r.count for r in sink.submitted] == [1, 2]
-    clock.now_ms = T0 + 100 + CATCHUP_REWRITE_MS - 1
-    await agg.flush()
-    assert len(sink.submitted) == 2
-    clock.now_ms = T0 + 100 + CATCHUP_REWRITE_MS  # after the rewrite: revisited, no new tick
-    await agg.flush()
-    assert [(r.minute_ms, r.count) for r in sink.submitted] == [(old, 1), (old, 2), (old, 3)]
-    await agg.flush()
-    assert len(sink.submitted) == 3  # nothing pending any more
-
-
 async def test_a_feed_whose_batches_queue_past_the_grace_keeps_its_closed_minute_unpacked() -> None:
     clock = ManualClock(T0)
     agg, _, sink = make(clock)
@@ -288,4 +268,4 @@ async def test_a_feed_whose_batches_queue_past_the_grace_keeps_its_closed_minute
     # Folded into at every flush: still a feed sending that minute, so its seconds stay in
     # the dict (packing them would mean unpacking them again at the next batch).
     assert (w.packed, len(w.seconds), w.active_ms) == ({}, 3, T0 + 200)
-    assert [r.count for r in sink.submitted] == [1, 2]
+    assert [r.count for r in sink.submitted] == [1, 2, 3]  # rewritten at every sweep

@@ -1,4 +1,4 @@
-from marketflow.domain.window import CATCHUP_REWRITE_MS, PairWindow
+from marketflow.domain.window import PairWindow
 
 T0 = 1_795_482_600_000  # a minute boundary
 
@@ -80,46 +80,21 @@ def test_a_feed_catching_up_keeps_its_closed_minute_unpacked_until_it_moves_on()
     w = PairWindow("ex", "BTCUSDT")
     old = T0 - 600_000  # ten minutes behind the wall clock, arriving now
     rows = []
-    step = CATCHUP_REWRITE_MS // 10
-    for k in range(110):  # a backlog, one second of exchange time per flush, a step apart
-        w.add([(100.0 + k, old + k * 1000)], T0 + k * step)
+    for k in range(110):  # a backlog, one second per flush
+        w.add([(100.0 + k, old + k * 1000)], T0 + k)
         w.take_dirty_seconds()
-        rows += w.closed_minutes(T0 + k * step, 2000)
-    # Written at its close and at the first change after, then once per CATCHUP_REWRITE_MS
-    # (not at each of the 60 flushes) while the feed was inside it, and whole at the end.
-    assert [r.count for r in rows if r.minute_ms == old] == [1, 2, 12, 22, 32, 42, 52, 60]
-    assert [r.count for r in rows if r.minute_ms == old + 60_000][-1] < 50  # still inside
-    assert w.revisit_ms == T0 + 111 * step  # the next rewrite of minute old + 60 s waits
-    # It was packed only once the feed was a minute past it: never reopened.
+        rows += w.closed_minutes(T0 + k, 2000)
+    # Every close wrote the minute as it stood (durable as soon as flushed) ...
+    assert [r.count for r in rows if r.minute_ms == old] == list(range(1, 61))
+    # ... but it was packed only once the feed was a minute past it: never reopened.
     assert (old in w.packed, old + 60_000 in w.packed) == (False, False)
-    w.add([(1.0, old + 125_000)], T0 + 110 * step)  # the feed moves a minute past the first
+    w.add([(1.0, old + 125_000)], T0 + 111)  # the feed moves a minute past the first
     w.take_dirty_seconds()
-    rows = w.closed_minutes(T0 + 110 * step, 2000)
-    # Past it: the put-off rewrite is written at once, whole (ticks of seconds 60 .. 109).
-    assert [(r.minute_ms, r.count) for r in rows] == [(old + 60_000, 50), (old + 120_000, 1)]
-    assert w.revisit_ms == 0
+    w.closed_minutes(T0 + 111, 2000)
     assert (old in w.packed, old + 60_000 in w.packed) == (True, False)
     # Quiet for grace_ms: everything closed is packed.
-    w.closed_minutes(T0 + 110 * step + 2000, 2000)
+    w.closed_minutes(T0 + 111 + 2000, 2000)
     assert old + 60_000 in w.packed
-
-
-def test_a_late_tick_after_the_feed_passed_its_minute_is_written_at_once() -> None:
-    w = PairWindow("ex", "BTCUSDT")
-    w.add([(10.0, T0 + 1_000)], T0 + 1_000)
-    w.take_dirty_seconds()
-    assert [r.count for r in w.closed_minutes(T0 + 62_000, 2_000)] == [1]  # the close
-    for k, ts in enumerate((T0 + 2_000, T0 + 3_000)):  # the feed still inside: first change
-        w.add([(11.0, ts)], T0 + 62_100)
-        w.take_dirty_seconds()
-        got = w.closed_minutes(T0 + 62_100 + k, 2_000)
-        assert [r.count for r in got] == ([2] if k == 0 else [])  # at once; then put off
-    assert w.revisit_ms == T0 + 62_100 + CATCHUP_REWRITE_MS
-    w.add([(12.0, T0 + 62_500)], T0 + 62_600)  # the feed passes the minute's end + grace
-    w.add([(9.0, T0 + 4_000)], T0 + 62_600)  # and a late tick: no wait any more
-    w.take_dirty_seconds()
-    got = w.closed_minutes(T0 + 62_600, 2_000)
-    assert [(r.minute_ms, r.count, r.low) for r in got] == [(T0, 4, 9.0)]
 
 
 def test_pending_minute_is_not_evicted_before_it_is_emitted() -> None:
