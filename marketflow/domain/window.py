@@ -12,6 +12,7 @@ copy had. A stored row therefore never shrinks when it is rewritten.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 
 from marketflow.domain.aggregates import Aggregate, LatestPrice, MinuteRow, SecondBucket
@@ -312,6 +313,8 @@ class PairWindow:
         return Aggregate.merged(parts)
 
     def minute_row(self, minute_ms: int, covered_ms: int | None) -> MinuteRow | None:
+        if minute_ms not in self.bases:
+            return self._row_of_seconds(minute_ms, covered_ms)
         secs = self.minute_seconds(minute_ms)
         parts = [_agg(s, b) for s, b in secs]
         base = self.bases.get(minute_ms)
@@ -324,6 +327,36 @@ class PairWindow:
         if base is None:
             states = tuple((s, b[0], b[1], b[2], int(b[3])) for s, b in secs)
         return MinuteRow.of(self.exchange, self.symbol, minute_ms, agg, covered_ms, states)
+
+    def _row_of_seconds(self, minute_ms: int, covered_ms: int | None) -> MinuteRow | None:
+        """``minute_row`` of a minute held as seconds only (every minute but an older-format
+        row's): its 60 seconds looked up, no Aggregate per second. A feed catching up has
+        its rows rewritten at every sweep, thousands a second with hundreds of pairs."""
+        start = minute_ms // 1000
+        seconds = self.seconds
+        states = [
+            (s, b[0], b[1], b[2], int(b[3]))
+            for s in range(start, start + 60)
+            if (b := seconds.get(s)) is not None
+        ]
+        blob = self.packed.get(minute_ms) if self.packed else None
+        if blob is not None:
+            states = sorted([*states, *unpack(start, blob)])
+        if not states:
+            return None
+        count = sum(st[4] for st in states)
+        total = math.fsum(st[3] for st in states) if len(states) > 1 else states[0][3]
+        return MinuteRow(
+            self.exchange,
+            self.symbol,
+            minute_ms,
+            total / count,
+            min(st[1] for st in states),
+            max(st[2] for st in states),
+            count,
+            covered_ms,
+            tuple(states),
+        )
 
     def closed_minutes(
         self, clock_ms: int, grace_ms: int, covered: dict[int, int] | None = None
