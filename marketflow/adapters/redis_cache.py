@@ -242,10 +242,9 @@ class RedisPriceCache(Closing):
         minutes: list[list[int]] = []
         run = [0, 0]
         prev = ""
-        prefix = WINDOW_PREFIX
         for b in seconds:
             sec = b[2]
-            key = f"{prefix}{b[0]}:{b[1]}:{sec - sec % 60}"
+            key = window_key(b[0], b[1], sec - sec % 60)
             if key == prev:
                 run[1] += 1
                 continue

@@ -101,8 +101,7 @@ class Aggregator:
         self._refill = False
         self.flushes = 0
         self._changed: set[PairWindow] = set()  # windows folded into since the last flush
-        # clock ms -> windows to visit then: a minute's close after it became pending
-        self._due: dict[int, set[PairWindow]] = {}
+        self._due: dict[int, set[PairWindow]] = {}  # minute_ms -> windows it became pending in
         self._next_full_sweep = 0
         self.flush_build_s = 0.0  # the last flush's CPU before it awaited the cache
         self._folded = asyncio.Event()  # set when the consumer has emptied the fan-in queue
@@ -357,7 +356,6 @@ class Aggregator:
         due = self._due
         newly: list[int] = []
         retention = self._pipeline.window_retention_s
-        close_after = 60_000 + self._pipeline.minute_grace_ms
         changed_windows = list(self._changed)
         self._changed.clear()
         received, self._first_received = self._first_received, {}
@@ -369,9 +367,9 @@ class Aggregator:
                     latest.append(lp)
                 seconds.extend(w.take_dirty_seconds(newly))
                 for minute in newly:
-                    got = due.get(minute + close_after)
+                    got = due.get(minute)
                     if got is None:
-                        due[minute + close_after] = {w}
+                        due[minute] = {w}
                     else:
                         got.add(w)
                 newly.clear()
@@ -408,14 +406,14 @@ class Aggregator:
     def _sweep(self, now: int, final: bool) -> list[MinuteRow]:
         """Closed minutes (all pending ones when final) and eviction.
 
-        Only windows with a pending minute that has closed are visited (``_due``: windows by
-        the time their minute closes), so a sweep costs what closes, not one visit of every
-        window; every ``FULL_SWEEP_MS`` all windows are visited, for minutes made pending by
-        a restore, exchange clocks ahead of ours, and windows gone quiet."""
+        Only windows with a pending minute that has closed are visited (``_due``: windows
+        by the minute they gained pending), so a sweep costs what closes, not one visit of
+        every window; every ``FULL_SWEEP_MS`` all windows are visited, for minutes made
+        pending by a restore, exchange clocks ahead of ours, and windows gone quiet."""
         p = self._pipeline
         grace = p.minute_grace_ms
         full = final or now >= self._next_full_sweep
-        closed = [t for t in self._due if t <= now]
+        closed = [m for m in self._due if m + 60_000 + grace <= now]
         visit: Iterable[PairWindow]
         if full:
             self._next_full_sweep = now + FULL_SWEEP_MS
@@ -431,10 +429,7 @@ class Aggregator:
         rows: list[MinuteRow] = []
         for w in visit:
             covered = self.coverage.get(w.exchange, {})
-            if final:
-                rows.extend(w.open_minutes(covered))
-            else:
-                rows.extend(w.closed_minutes(now, grace, covered))
+            rows.extend(w.open_minutes(covered) if final else w.closed_minutes(now, grace, covered))
             w.evict(p.window_retention_s)
         return rows
 

@@ -167,11 +167,9 @@ class PairWindow:
         inside for minutes, and every sweep scanned its ~120 open seconds for nothing."""
         self.loose = False
         seconds = self.seconds
-        if seconds and max(self.latest_received_ms, self.active_ms) + grace_ms > clock:
-            first = next(iter(seconds)) // 60 * 60_000
-            if self.newest_second < (first + 120_000) // 1000:
-                self.loose = True
-                return
+        if seconds and self._feed_inside(next(iter(seconds)) // 60 * 60_000, clock, grace_ms):
+            self.loose = True
+            return
         minutes = {s // 60 * 60_000 for s in seconds}
         for m in minutes - self.pending_minutes:
             if m + 60_000 + grace_ms > clock:
