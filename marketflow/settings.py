@@ -80,7 +80,9 @@ class PostgresSettings(_Frozen):
 
     dsn: str = ""
     password: SecretStr | None = None  # kept out of the dsn so it can come from the env only
-    connect_timeout_s: float = Field(3.0, gt=0)
+    # Long enough for a server that is up but loaded (a refused connection fails at once): a
+    # stall of a few seconds must not send the daemon to the embedded store.
+    connect_timeout_s: float = Field(10.0, gt=0)
     # When PostgreSQL is configured but unreachable at start: "embedded" falls back to SQLite,
     # "wait" keeps retrying (for a service started before its database).
     unreachable_at_start: Literal["embedded", "wait"] = "embedded"
