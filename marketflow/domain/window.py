@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterable, Iterator
 
 from marketflow.domain.aggregates import Aggregate, LatestPrice, MinuteRow, SecondBucket
+from marketflow.domain.minute_parts import MinuteParts
 from marketflow.domain.seconds_pack import pack, unpack
 from marketflow.domain.ticks import PricePoint, SecondFold
 
@@ -45,6 +46,7 @@ class PairWindow:
         "loose",
         "newest_second",
         "packed",
+        "parts",
         "pending_minutes",
         "seconds",
         "symbol",
@@ -62,6 +64,8 @@ class PairWindow:
         self.bases: dict[int, Aggregate] = {}
         self.dirty_seconds: set[int] = set()
         self.pending_minutes: set[int] = set()  # minute_ms changed since last emitted
+        # minute_ms -> its last row's parts, while its feed is inside it (minute_parts.py)
+        self.parts: dict[int, MinuteParts] = {}
         self.floor_second = floor_second
         self.late = 0
         self.latest_price = 0.0
@@ -156,6 +160,7 @@ class PairWindow:
         if not secs or any(s in self.dirty_seconds for s in secs):
             return
         buckets = [(s, self.seconds.pop(s)) for s in secs]
+        self.parts.pop(minute_ms, None)
         self.packed[minute_ms] = pack(start, ((s, b[0], b[1], b[2], int(b[3])) for s, b in buckets))
 
     def _pack_loose(self, clock: int, grace_ms: int) -> None:
@@ -216,6 +221,8 @@ class PairWindow:
         if b is not None and b[3] >= count:
             return False
         self.seconds[second] = [low, high, total, count]
+        if self.parts:
+            self.parts.pop(minute_ms, None)
         self.loose = True
         if second > self.newest_second:
             self.newest_second = second
@@ -240,6 +247,7 @@ class PairWindow:
             return True
         for s in [s for s in self.seconds if start <= s < start + 60]:
             del self.seconds[s]
+        self.parts.pop(row.minute_ms, None)
         self.bases[row.minute_ms] = row.aggregate()
         if start + 59 > self.newest_second:
             self.newest_second = start + 59
@@ -261,12 +269,15 @@ class PairWindow:
         out = []
         seconds = self.seconds
         pending = self.pending_minutes
+        parts = self.parts
         for sec in self.dirty_seconds:
             b = seconds.get(sec)
             if b is None:
                 continue
             out.append(SecondBucket(self.exchange, self.symbol, sec, b[0], b[1], b[2], int(b[3])))
             minute = sec // 60 * 60_000
+            if parts and (kept := parts.get(minute)) is not None:
+                kept.changed.add(sec)
             if minute not in pending:
                 pending.add(minute)
                 if newly_pending is not None:
@@ -310,9 +321,13 @@ class PairWindow:
             parts.append(base)
         return Aggregate.merged(parts)
 
-    def minute_row(self, minute_ms: int, covered_ms: int | None) -> MinuteRow | None:
+    def minute_row(
+        self, minute_ms: int, covered_ms: int | None, *, keep: bool = False
+    ) -> MinuteRow | None:
+        """The row of ``minute_ms`` as held now. ``keep``: it will be rewritten soon (its
+        feed is inside it), so keep its parts and let the next build update only them."""
         if minute_ms not in self.bases:
-            return self._row_of_seconds(minute_ms, covered_ms)
+            return self._row_of_seconds(minute_ms, covered_ms, keep)
         secs = self.minute_seconds(minute_ms)
         parts = [_agg(s, b) for s, b in secs]
         base = self.bases.get(minute_ms)
@@ -326,12 +341,20 @@ class PairWindow:
             states = tuple((s, b[0], b[1], b[2], int(b[3])) for s, b in secs)
         return MinuteRow.of(self.exchange, self.symbol, minute_ms, agg, covered_ms, states)
 
-    def _row_of_seconds(self, minute_ms: int, covered_ms: int | None) -> MinuteRow | None:
+    def _row_of_seconds(
+        self, minute_ms: int, covered_ms: int | None, keep: bool
+    ) -> MinuteRow | None:
         """``minute_row`` of a minute held as seconds only (every minute but an older-format
-        row's): its 60 seconds looked up, no Aggregate per second. A feed catching up has
-        its rows rewritten at every sweep, thousands a second with hundreds of pairs."""
-        start = minute_ms // 1000
+        row's): its 60 seconds looked up, no Aggregate per second, or only the seconds
+        changed since its last build when its parts were kept. A feed catching up has its
+        rows rewritten at every sweep, thousands a second with hundreds of pairs."""
         seconds = self.seconds
+        kept = self.parts.pop(minute_ms, None) if self.parts else None
+        if kept is not None and not self.dirty_seconds and kept.refresh(seconds):
+            if keep:
+                self.parts[minute_ms] = kept
+            return kept.row(self.exchange, self.symbol, minute_ms, covered_ms)
+        start = minute_ms // 1000
         states = [
             (s, b[0], b[1], b[2], int(b[3]))
             for s in range(start, start + 60)
@@ -342,6 +365,8 @@ class PairWindow:
             states = sorted([*states, *unpack(start, blob)])
         if not states:
             return None
+        if keep and blob is None:
+            self.parts[minute_ms] = MinuteParts(states)
         count = sum(st[4] for st in states)
         total = math.fsum(st[3] for st in states) if len(states) > 1 else states[0][3]
         return MinuteRow(
@@ -372,12 +397,13 @@ class PairWindow:
             if minute + 60_000 + grace_ms > clock:
                 continue
             self.pending_minutes.discard(minute)
-            row = self.minute_row(minute, _covered(covered, minute))
+            inside = self._feed_inside(minute, clock_ms, grace_ms)
+            row = self.minute_row(minute, _covered(covered, minute), keep=inside)
             if row is not None:
                 rows.append(row)
                 if row.seconds is None:
                     pass
-                elif self._feed_inside(minute, clock_ms, grace_ms):
+                elif inside:
                     self.loose = True  # packed by a later sweep, once the feed moved on
                 else:
                     self._pack(minute)
@@ -420,6 +446,8 @@ class PairWindow:
             del self.bases[m]
         for m in [m for m in self.packed if m // 1000 < floor]:
             del self.packed[m]
+        for m in [m for m in self.parts if m // 1000 < floor]:
+            del self.parts[m]
 
     # -- queries ----------------------------------------------------------------------------
 
