@@ -9,10 +9,13 @@ from marketflow.domain.aggregates import SecondState
 from marketflow.domain.seconds_pack import RECORD, pack, unpack
 
 
-def encode_seconds(minute_ms: int, seconds: tuple[SecondState, ...] | None) -> bytes | None:
+def encode_seconds(
+    minute_ms: int, seconds: tuple[SecondState, ...] | None, packed: bytes | None = None
+) -> bytes | None:
+    """``packed``: the same seconds already packed (``MinuteRow.packed``), used as they are."""
     if seconds is None:
         return None
-    return pack(minute_ms // 1000, seconds)
+    return packed if packed is not None else pack(minute_ms // 1000, seconds)
 
 
 def decode_seconds(minute_ms: int, blob: bytes | None) -> tuple[SecondState, ...] | None:

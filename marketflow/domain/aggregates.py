@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 MINUTE_MS = 60_000
@@ -80,6 +80,9 @@ class MinuteRow:
     count: int
     covered_ms: int | None = None
     seconds: tuple[SecondState, ...] | None = None
+    # ``seconds`` already packed (domain/seconds_pack.py) when the window had them so: the
+    # stores write these bytes instead of packing the seconds again. Not part of equality.
+    packed: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> tuple[str, str, int]:

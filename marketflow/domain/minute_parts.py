@@ -7,7 +7,8 @@ seconds at every sweep took most of a core and kept the daemon behind. ``MinuteP
 the last row's per-second states and its count, low and high; a rewrite replaces only the
 seconds changed since (``changed``, filled as the window hands its dirty seconds to the
 cache) and sums the totals with ``math.fsum`` as the full build does, so the row is the same
-one, to the last bit.
+one, to the last bit. The seconds are also kept packed (``seconds_pack``), so the writer stores
+the row without packing its 60 seconds again.
 
 The low and high can be kept running because a second only gains ticks between two rewrites;
 whatever replaces a second otherwise (a restore's seed, an eviction, packing) drops the parts.
@@ -20,15 +21,18 @@ from bisect import bisect_left
 from collections.abc import Mapping, Sequence
 
 from marketflow.domain.aggregates import MinuteRow, SecondState
+from marketflow.domain.seconds_pack import RECORD, pack
 
 
 class MinuteParts:
     """The states of one minute's last row, in second order, and their count, low and high."""
 
-    __slots__ = ("at", "changed", "count", "high", "low", "states", "totals")
+    __slots__ = ("at", "changed", "count", "high", "low", "packed", "start", "states", "totals")
 
-    def __init__(self, states: Sequence[SecondState]) -> None:
+    def __init__(self, minute_start_s: int, states: Sequence[SecondState]) -> None:
+        self.start = minute_start_s
         self.states = list(states)
+        self.packed = bytearray(pack(minute_start_s, self.states))
         self.at = {st[0]: i for i, st in enumerate(self.states)}
         self.totals = [st[3] for st in self.states]
         self.count = sum(st[4] for st in self.states)
@@ -39,26 +43,31 @@ class MinuteParts:
     def refresh(self, seconds: Mapping[int, list[float]]) -> bool:
         """Take the changed seconds from the window's open ``seconds``; False when one is no
         longer there (then the caller builds the row in full)."""
-        states, at, totals = self.states, self.at, self.totals
+        states, at, totals, packed = self.states, self.at, self.totals, self.packed
+        size, start = RECORD.size, self.start
         for s in self.changed:
             b = seconds.get(s)
             if b is None:
                 return False
             st = (s, b[0], b[1], b[2], int(b[3]))
+            record = (s - start, b[0], b[1], b[2], st[4])
             i = at.get(s)
             if i is not None:
                 self.count += st[4] - states[i][4]
                 states[i] = st
                 totals[i] = st[3]
+                RECORD.pack_into(packed, i * size, *record)
             elif not states or s > states[-1][0]:  # the common case: the feed's next second
                 at[s] = len(states)
                 states.append(st)
                 totals.append(st[3])
+                packed += RECORD.pack(*record)
                 self.count += st[4]
             else:
                 i = bisect_left(states, (s,))
                 states.insert(i, st)
                 totals.insert(i, st[3])
+                packed[i * size : i * size] = RECORD.pack(*record)
                 self.at = at = {x[0]: k for k, x in enumerate(states)}
                 self.count += st[4]
             if st[1] < self.low:
@@ -81,4 +90,5 @@ class MinuteParts:
             self.count,
             covered_ms,
             tuple(states),
+            bytes(self.packed),
         )

@@ -366,7 +366,7 @@ class PairWindow:
         if not states:
             return None
         if keep and blob is None:
-            self.parts[minute_ms] = MinuteParts(states)
+            self.parts[minute_ms] = MinuteParts(start, states)
         count = sum(st[4] for st in states)
         total = math.fsum(st[3] for st in states) if len(states) > 1 else states[0][3]
         return MinuteRow(

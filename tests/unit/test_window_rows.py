@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+from marketflow.adapters.minute_codec import encode_seconds
 from marketflow.domain.aggregates import Aggregate, MinuteRow
 from marketflow.domain.window import PairWindow
 
@@ -71,4 +72,6 @@ def test_rows_rewritten_from_kept_parts_equal_the_general_merge() -> None:
             rewrites += len(w.parts)
             for row in w.closed_minutes(clock, 2_000):
                 assert row == general_row(w, row.minute_ms, row.covered_ms)
+                if row.packed is not None:  # what the stores write instead of packing
+                    assert row.packed == encode_seconds(row.minute_ms, row.seconds)
     assert rewrites > 1_000  # the kept parts were used, not only built

@@ -107,7 +107,7 @@ def _columns(rows: Sequence[MinuteRow]) -> tuple[list[Any], ...]:
         [r.high for r in rows],
         [r.count for r in rows],
         [r.covered_ms for r in rows],
-        [encode_seconds(r.minute_ms, r.seconds) for r in rows],
+        [encode_seconds(r.minute_ms, r.seconds, r.packed) for r in rows],
     )
 
 

@@ -102,7 +102,7 @@ def _params(row: MinuteRow) -> tuple[object, ...]:
         row.high,
         row.count,
         row.covered_ms,
-        encode_seconds(row.minute_ms, row.seconds),
+        encode_seconds(row.minute_ms, row.seconds, row.packed),
     )
 
 
