@@ -34,6 +34,7 @@ from marketflow.settings import PipelineSettings
 log = logging.getLogger("marketflow.aggregator")
 
 FOLD_SLICE_S = 0.002  # the consumer yields to the loop after this much folding
+BEHIND_FACTOR = 8  # a daemon behind its feeds spends at most ~1/9 of its loop building flushes
 FULL_SWEEP_MS = 10_000  # every window is visited at least this often (see Aggregator._sweep)
 
 Clock = Callable[[], int]
@@ -332,10 +333,17 @@ class Aggregator:
         """Seconds between a flush and the next: at least ``flush_min_interval_ms``, and
         twice the CPU the last flush took before awaiting the cache (it grows with the
         windows changed, not with the round trip, so building flushes takes at most a third
-        of the loop with many pairs), but never past the ceiling ``flush_interval_ms``."""
+        of the loop with many pairs), but never past the ceiling ``flush_interval_ms``.
+
+        Behind (batches waited in the queues longer than the ceiling), ``BEHIND_FACTOR``
+        times that CPU: a flush then costs about as much whether it carries one tick per
+        changed second or twenty, ticks wait in the queues anyway, and the CPU goes to
+        catching up. The ceiling still holds, so the crash-loss bound only grows by what the
+        queues already add."""
         p = self._pipeline
         gap = p.flush_min_interval_ms / 1000
-        return min(max(gap, 2 * self.flush_build_s), p.flush_interval_ms / 1000)
+        factor = BEHIND_FACTOR if self.queue_delay_peak_ms > p.flush_interval_ms else 2
+        return min(max(gap, factor * self.flush_build_s), p.flush_interval_ms / 1000)
 
     async def flush(self, *, final: bool = False, sweep: bool = True) -> None:
         """Push changes to the cache and, with ``sweep``, closed (or, when final, all) minutes

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from marketflow.app.aggregator import Aggregator
+from marketflow.app.aggregator import BEHIND_FACTOR, Aggregator
 from marketflow.domain.ticks import TickBatch
 from marketflow.settings import PipelineSettings
 from tests.unit.fakes import FakeCache, FakeStore, ManualClock, RecordingSink
@@ -58,6 +58,19 @@ def test_the_coalescing_wait_is_the_minimum_or_twice_the_build_capped_by_the_cei
     assert agg.coalesce_wait_s() == pytest.approx(expected)
 
 
+def test_behind_its_feeds_the_flusher_waits_longer_between_flushes_up_to_the_ceiling() -> None:
+    """Batches waited longer than the ceiling: BEHIND_FACTOR times the build, not twice."""
+    agg, _, _, _ = make(ManualClock(T0), flush_min_interval_ms=1, flush_interval_ms=100)
+    agg.flush_build_s = 0.005
+    assert agg.coalesce_wait_s() == pytest.approx(0.010)  # keeping up
+    agg.queue_delay_peak_ms = 101
+    assert agg.coalesce_wait_s() == pytest.approx(0.005 * BEHIND_FACTOR)
+    agg.flush_build_s = 0.05
+    assert agg.coalesce_wait_s() == pytest.approx(0.1)  # the ceiling still holds
+    agg.queue_delay_peak_ms = 100
+    assert agg.coalesce_wait_s() == pytest.approx(0.1)  # 2 x 50 ms: capped too
+
+
 async def test_a_turn_flushes_at_once_when_the_queue_was_drained_then_waits_the_gap() -> None:
     clock = ManualClock(T0 + 500)
     agg, cache, _, sleep = make(clock, flush_min_interval_ms=3, flush_interval_ms=10_000)
@@ -75,7 +88,7 @@ async def test_a_turn_flushes_at_once_when_the_queue_was_drained_then_waits_the_
 async def test_a_turn_without_the_idle_signal_flushes_at_the_ceiling() -> None:
     clock = ManualClock(T0 + 500)
     agg, cache, _, sleep = make(clock, flush_min_interval_ms=0, flush_interval_ms=5)
-    agg.fold(tick("ex", 2.0, T0))
+    agg.fold(tick("ex", 2.0, T0 + 500))  # received now: not behind
     async with asyncio.timeout(5):
         await agg.flush_step()  # nothing sets the signal: the 5 ms ceiling ends the wait
     assert cache.writes == 1
