@@ -24,6 +24,15 @@ Key layout (other tools read it; change it only with a new prefix):
     set once when missing; a write that finds it missing tells the daemon that Redis lost
     its data (restarted without persistence), and the daemon writes everything it holds.
 
+``marketflow:staging:{token}:window:...`` (hash, short-lived)
+    a write of more than ``STAGE_ABOVE_SECONDS`` seconds (the refill after an outage: with
+    500 pairs x 10 exchanges, 3 million) goes in scripts of ``STAGE_CHUNK_SECONDS`` to these
+    keys first, then one script renames them to their minute keys with the latest prices,
+    marks and sentinel. One script of everything ran past Redis's 5 s script limit (other
+    clients get BUSY meanwhile) and the daemon's 2 s read timeout, so the refill never
+    landed; staged, the marks still become visible only with the seconds they cover, and a
+    refill cut short leaves only staging keys, which expire after ``STAGE_TTL_S``.
+
 A ``write()`` is one round trip, one script (atomic, like MULTI/EXEC): every latest price,
 HSET (and EXPIRE once per half TTL) per minute key, the marks, and the sentinel. It goes over
 a connection of its own (``WriteLink``), not through the client's pool: redis-py 8 spends
@@ -35,6 +44,7 @@ writes a second.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -61,6 +71,10 @@ LATEST_KEY = "marketflow:latest"
 WINDOW_PREFIX = "marketflow:window:"
 MARKS_KEY = "marketflow:marks"
 ALIVE_KEY = "marketflow:alive"
+STAGING_PREFIX = "marketflow:staging:"  # outside WINDOW_PREFIX: never loaded as a window
+STAGE_ABOVE_SECONDS = 100_000  # larger writes are staged (see the module's docstring)
+STAGE_CHUNK_SECONDS = 50_000  # ~0.1 s of Redis's time per staging script
+STAGE_TTL_S = 600  # a staging key outlives any refill, and then goes
 EXPIRY_MARGIN_S = 120
 SCAN_COUNT = 1000
 
@@ -79,9 +93,30 @@ SCAN_COUNT = 1000
 #   (cjson would decode it to a double and print 14 digits).
 # ARGV[3]: ``[[second, low, high, total, count], ...]`` the same way, grouped by minute key:
 #   field ``second``, value the text ``low,high,total,count``.
+# ARGV[4] (optional): ``n`` staged keys to publish first: the last 2n KEYS are (staging,
+#   minute key) pairs, renamed, each given the TTL ARGV[5]; when one is gone (it expired,
+#   Redis restarted) nothing is written and the script returns 2. ``-1``: a staging write
+#   (its minute keys are staging keys; the sentinel is left alone).
 # A latest value that is not ours (no numeric "timestamp") is replaced rather than blocking.
 WRITE_SCRIPT = """
-local missing = redis.call('SET', KEYS[2], '1', 'NX')
+local staged = tonumber(ARGV[4] or '0')
+if staged > 0 then
+  local base = #KEYS - 2 * staged
+  for j = 1, staged do
+    if redis.call('EXISTS', KEYS[base + 2 * j - 1]) == 0 then
+      return 2
+    end
+  end
+  local ttl = tonumber(ARGV[5])
+  for j = 1, staged do
+    redis.call('RENAME', KEYS[base + 2 * j - 1], KEYS[base + 2 * j])
+    redis.call('EXPIRE', KEYS[base + 2 * j], ttl)
+  end
+end
+local missing = false
+if staged >= 0 then
+  missing = redis.call('SET', KEYS[2], '1', 'NX')
+end
 local doc = cjson.decode(ARGV[1])
 local fields = doc[1]
 local i = 0
@@ -231,6 +266,8 @@ class RedisPriceCache(Closing):
         if not latest and not seconds and not marks:
             return False
         self._check_open()
+        if len(seconds) > STAGE_ABOVE_SECONDS:
+            return await self._write_staged(latest, seconds, marks)
         lost = False
         now = time.monotonic()
         refresh_before = now - self._ttl / 2
@@ -265,6 +302,14 @@ class RedisPriceCache(Closing):
             orjson.dumps([p[2:] for p in latest]),
             orjson.dumps([b[2:] for b in seconds]),
         )
+        missing, lost = await self._run(keys, argv)
+        lost = lost or missing == 1
+        self._note_expiries(fresh, now, lost)
+        return lost
+
+    async def _run(self, keys: list[str], argv: Sequence[bytes | str]) -> tuple[Any, bool]:
+        """The write script's reply, and whether Redis had lost the script (restarted)."""
+        lost = False
         try:
             try:
                 missing = await self._link.call("EVALSHA", self._sha, len(keys), *keys, *argv)
@@ -276,8 +321,60 @@ class RedisPriceCache(Closing):
         except CACHE_ERRORS as exc:
             # Down, or e.g. WRONGTYPE: someone else's key in our namespace. Retried later.
             raise CacheUnavailable(f"redis: {_describe(exc)}") from exc
-        lost = lost or missing == 1
-        self._note_expiries(fresh, now, lost)
+        return missing, lost
+
+    async def _write_staged(
+        self,
+        latest: Sequence[LatestPrice],
+        seconds: Sequence[SecondBucket],
+        marks: Mapping[str, Mark] | None,
+    ) -> bool:
+        """A big write (the refill): the seconds to staging keys in chunks, each chunk one
+        script, then one script publishes them with the latest prices and the marks."""
+        prefix = f"{STAGING_PREFIX}{secrets.token_hex(8)}:"
+        staged: dict[str, str] = {}  # minute key -> its staging key, in order
+        lost = False
+        fixed = [LATEST_KEY, ALIVE_KEY, MARKS_KEY]
+        for start in range(0, len(seconds), STAGE_CHUNK_SECONDS):
+            chunk = seconds[start : start + STAGE_CHUNK_SECONDS]
+            keys, prev = list(fixed), ""
+            minutes: list[list[int]] = []
+            for b in chunk:
+                sec = b[2]
+                key = window_key(b[0], b[1], sec - sec % 60)
+                if key == prev:
+                    minutes[-1][1] += 1
+                    continue
+                prev = key
+                keys.append(staged.setdefault(key, prefix + key[len(WINDOW_PREFIX) :]))
+                minutes.append([STAGE_TTL_S, 1])
+            stage_argv = (
+                orjson.dumps(([], minutes, [])),
+                b"[]",
+                orjson.dumps([b[2:] for b in chunk]),
+                "-1",
+            )
+            _, reloaded = await self._run(keys, stage_argv)
+            lost = lost or reloaded
+        flat_marks: list[str] = []
+        for src, (pos, made) in (marks or {}).items():
+            flat_marks += (src, f"{pos},{made}")
+        pairs = [k for real, stage in staged.items() for k in (stage, real)]
+        argv = (
+            orjson.dumps(([f"{p[0]}:{p[1]}" for p in latest], [], flat_marks)),
+            orjson.dumps([p[2:] for p in latest]),
+            b"[]",
+            str(len(staged)),
+            str(self._ttl),
+        )
+        now = time.monotonic()
+        missing, reloaded = await self._run([*fixed, *pairs], argv)
+        if missing == 2:
+            # Redis lost staging keys meanwhile (restarted, or the refill outlived them):
+            # nothing was published; the daemon takes Redis as down and refills again.
+            raise CacheUnavailable("redis: staged refill lost its staging keys")
+        lost = lost or reloaded or missing == 1
+        self._note_expiries(list(staged), now, lost)
         return lost
 
     def _note_expiries(self, fresh: list[str], now: float, lost: bool) -> None:

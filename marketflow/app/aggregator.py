@@ -453,7 +453,8 @@ class Aggregator:
         """True when the cache acknowledged a write of (at least) ``latest``."""
         if not self.cache_up and now < self._cache_retry_at and not force:
             return False
-        if not self.cache_up or self._refill:
+        refill = not self.cache_up or self._refill
+        if refill:
             # Back after an outage, or the cache lost its data: refill everything we hold.
             latest = [lp for w in self.all_windows() if (lp := w.latest()) is not None]
             seconds = [b for w in self.all_windows() for b in w.all_seconds()]
@@ -469,9 +470,10 @@ class Aggregator:
             self.cache_error = str(exc)
             self._cache_retry_at = now + int(self._cache_backoff.fail() * 1000)
             return False
-        if not self.cache_up or self._refill:
+        if refill:
             log.info("cache_refilled kind=%s seconds=%d", self._cache.kind, len(seconds))
-        self._refill = bool(lost) and not self._refill
+        # A refill that finds the cache emptied has just put everything back: no second one.
+        self._refill = bool(lost) and not refill
         if self._refill:
             log.warning("cache_lost_data kind=%s action=refill", self._cache.kind)
         self.cache_up = True

@@ -169,6 +169,28 @@ async def test_a_cache_that_lost_its_data_is_refilled_on_the_next_flush() -> Non
     assert cache.writes == writes
 
 
+async def test_a_refill_after_an_outage_that_finds_the_cache_emptied_is_not_repeated() -> None:
+    """Back from an outage the write is already a refill of everything; that it also finds
+    the cache emptied (a Redis restarted) asks for nothing more: at 500 x 10 a refill is
+    3 million seconds."""
+    clock = ManualClock(T0 + 100)
+    agg, cache, _ = make(clock)
+    agg.fold(batch("ex1", T0, T0))
+    await agg.flush()
+    cache.down = True
+    agg.fold(batch("ex1", T0 + 1000, T0 + 1000))
+    await agg.flush()
+    assert not agg.cache_up
+    cache.down = False
+    cache.wipe()
+    await agg.flush(final=True)  # the refill (forced: no backoff), and the loss found with it
+    assert agg.cache_up
+    assert sorted(s for (_, _, s) in cache.seconds) == [T0 // 1000, T0 // 1000 + 1]
+    writes = cache.writes
+    await agg.flush()
+    assert cache.writes == writes  # no second refill
+
+
 async def test_a_sweep_visits_only_windows_whose_pending_minute_has_closed() -> None:
     visits: list[str] = []
 
