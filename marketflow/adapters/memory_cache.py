@@ -8,7 +8,7 @@ write (by the injected monotonic clock, as a Redis TTL would).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from marketflow.domain.aggregates import LatestPrice, Mark, SecondBucket
 from marketflow.domain.errors import CacheUnavailable
@@ -36,7 +36,7 @@ class MemoryPriceCache(Closing):
     async def write(
         self,
         latest: Sequence[LatestPrice],
-        seconds: Sequence[SecondBucket],
+        seconds: Collection[SecondBucket],
         marks: Mapping[str, Mark] | None = None,
     ) -> bool:
         """Newest-wins latest prices; whole seconds; refresh their minute's expiry; marks."""

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from marketflow.app.pipeline_metrics import PipelineMetrics
@@ -27,6 +27,7 @@ from marketflow.backoff import Backoff
 from marketflow.domain.aggregates import LatestPrice, Mark, MinuteRow, SecondBucket
 from marketflow.domain.errors import CacheUnavailable
 from marketflow.domain.ports import MinuteStore, PriceCache
+from marketflow.domain.seconds_snapshot import SecondsSnapshot
 from marketflow.domain.ticks import BookUpdate, TickBatch
 from marketflow.domain.window import PairWindow
 from marketflow.settings import PipelineSettings
@@ -444,7 +445,7 @@ class Aggregator:
     async def _write_cache(
         self,
         latest: list[LatestPrice],
-        seconds: list[SecondBucket],
+        seconds: Collection[SecondBucket],
         marks: dict[str, Mark],
         now: int,
         *,
@@ -457,7 +458,7 @@ class Aggregator:
         if refill:
             # Back after an outage, or the cache lost its data: refill everything we hold.
             latest = [lp for w in self.all_windows() if (lp := w.latest()) is not None]
-            seconds = [b for w in self.all_windows() for b in w.all_seconds()]
+            seconds = SecondsSnapshot(w.capture() for w in self.all_windows())
             marks = dict(self.marks)
         if not latest and not seconds and not marks:
             return False

@@ -6,7 +6,7 @@ unit tests drive the application through in-memory fakes of them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -62,7 +62,7 @@ class PriceCache(Protocol):
     async def write(
         self,
         latest: Sequence[LatestPrice],
-        seconds: Sequence[SecondBucket],
+        seconds: Collection[SecondBucket],
         marks: Mapping[str, Mark] | None = None,
     ) -> bool:
         """Write in one transaction: latest price per key (newest timestamp wins), seconds

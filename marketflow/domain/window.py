@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from marketflow.domain.aggregates import Aggregate, LatestPrice, MinuteRow, SecondBucket
 from marketflow.domain.minute_parts import MinuteParts
 from marketflow.domain.seconds_pack import pack, unpack
+from marketflow.domain.seconds_snapshot import WindowCapture
 from marketflow.domain.ticks import PricePoint, SecondFold
 
 Bucket = list[float]
@@ -284,6 +285,16 @@ class PairWindow:
                     newly_pending.append(minute)
         self.dirty_seconds.clear()
         return out
+
+    def capture(self) -> WindowCapture:
+        """Everything held, for a ``SecondsSnapshot``: the open seconds copied, the packed
+        minutes by reference (bytes never change)."""
+        return (
+            self.exchange,
+            self.symbol,
+            [(s, b[0], b[1], b[2], int(b[3])) for s, b in self.seconds.items()],
+            list(self.packed.items()),
+        )
 
     def all_seconds(self) -> list[SecondBucket]:
         return [

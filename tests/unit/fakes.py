@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from marketflow.domain.aggregates import (
@@ -102,7 +102,7 @@ class FakeCache:
     async def write(
         self,
         latest: Sequence[LatestPrice],
-        seconds: Sequence[SecondBucket],
+        seconds: Collection[SecondBucket],
         marks: Mapping[str, Mark] | None = None,
     ) -> bool:
         if self.down:

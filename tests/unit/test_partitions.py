@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import pytest
 
@@ -113,7 +113,7 @@ class _SlowCache(FakeCache):
     async def write(
         self,
         latest: Sequence[LatestPrice],
-        seconds: Sequence[SecondBucket],
+        seconds: Collection[SecondBucket],
         marks: Mapping[str, Mark] | None = None,
     ) -> bool:
         self.waiting.set()
