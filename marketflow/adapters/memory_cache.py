@@ -60,18 +60,22 @@ class MemoryPriceCache(Closing):
         self._check_open()
         return dict(self._marks)
 
-    async def load(self, since_second: int) -> tuple[list[LatestPrice], list[SecondBucket]]:
+    async def load(
+        self, since_second: int, wanted: Callable[[str, str], bool] | None = None
+    ) -> tuple[list[LatestPrice], list[SecondBucket]]:
         """Every latest price and the unexpired seconds of every minute from the one
-        holding ``since_second`` on (whole minutes, as Redis answers)."""
+        holding ``since_second`` on (whole minutes, as Redis answers); only the pairs
+        ``wanted`` accepts, when given."""
         self._check_open()
         self._evict()
         seconds = [
             b
-            for (_, _, minute), buckets in self._minutes.items()
-            if minute + 60 > since_second
+            for (ex, sym, minute), buckets in self._minutes.items()
+            if minute + 60 > since_second and (wanted is None or wanted(ex, sym))
             for b in buckets.values()
         ]
-        return list(self._latest.values()), seconds
+        latest = [p for p in self._latest.values() if wanted is None or wanted(p[0], p[1])]
+        return latest, seconds
 
     def _evict(self) -> None:
         now = self._clock()

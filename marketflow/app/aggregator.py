@@ -250,7 +250,8 @@ class Aggregator:
         ``owns``/``sources``: only those symbols and marks (a Kafka node taking partitions
         over)."""
         retention = self._pipeline.window_retention_s
-        await restore(self, self._cache, store, retention, owns=owns, sources=sources)
+        async with self._flush_lock:  # the restore yields to the loop: no flush meanwhile
+            await restore(self, self._cache, store, retention, owns=owns, sources=sources)
 
     def drop(self, owns: Callable[[str], bool], sources: Iterable[str]) -> int:
         """Forget the windows and books of the symbols ``owns`` accepts and the marks of

@@ -78,7 +78,7 @@ class PeerWindows:
 
     async def _load(self) -> None:
         try:
-            latest, seconds = await self._cache.load(0)
+            latest, seconds = await self._cache.load(0, lambda ex, sym: not self._held(ex, sym))
         except CacheUnavailable as exc:
             log.warning("peer_windows_cache_unavailable error=%s", exc)
             return

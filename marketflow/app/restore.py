@@ -16,8 +16,10 @@ was written with.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterator
+from operator import itemgetter
 from typing import Protocol
 
 from marketflow.domain.aggregates import LatestPrice, Mark, MinuteRow, SecondBucket
@@ -26,6 +28,8 @@ from marketflow.domain.ports import MinuteStore, PriceCache
 from marketflow.domain.window import PairWindow
 
 log = logging.getLogger("marketflow.restore")
+
+SEED_SLICE = 20_000  # seconds seeded between two turns of the loop (~20 ms)
 
 
 class Restorable(Protocol):
@@ -57,7 +61,9 @@ async def restore(
     # The retention runs on exchange time (a replay or a feed behind our clock keeps its
     # window), so the range to restore ends at the newest second either copy holds.
     try:
-        latest, seconds = await cache.load(0)  # all of it: its keys expire by themselves
+        # All of it (its keys expire by themselves), of the symbols taken over when some are.
+        wanted = None if owns is None else (lambda _exchange, symbol: owns(symbol))
+        latest, seconds = await cache.load(0, wanted)
         cache_marks = await cache.load_marks()
     except CacheUnavailable as exc:
         log.warning("restore_cache_unavailable error=%s", exc)
@@ -74,12 +80,7 @@ async def restore(
         seconds = [s for s in seconds if owns(s.symbol)]
     if sources is not None:
         cache_marks, store_marks = _only(sources, cache_marks), _only(sources, store_marks)
-    newest_s = max(
-        [s.second for s in seconds]
-        + [lp.timestamp_ms // 1000 for lp in latest]
-        + ([newest_row // 1000 + 59] if newest_row is not None else []),
-        default=None,
-    )
+    newest_s = _newest_second(seconds, latest, newest_row)
     for source in {*cache_marks, *store_marks}:
         candidates = [m for m in (cache_marks.get(source), store_marks.get(source)) if m]
         agg.restore_position(source, max(candidates, key=lambda m: m[1]))
@@ -89,7 +90,6 @@ async def restore(
     since_s = (newest_s - retention_s) // 60 * 60  # whole minutes only
     floor_before = agg.floor_second
     agg.floor_second = since_s
-    seconds = [s for s in seconds if s.second >= since_s]
     rows: list[MinuteRow] = []
     try:
         rows = await store.minutes_since(since_s * 1000)
@@ -97,7 +97,7 @@ async def restore(
         log.warning("restore_store_unavailable error=%s", exc)
     if owns is not None:
         rows = [r for r in rows if owns(r.symbol)]
-    rewrite = _seed(agg, seconds, rows)
+    rewrite = await _seed(agg, seconds, rows, since_s)
     _seed_latest(agg, latest)
     if owns is not None:  # the windows just made have the floor; later ones start open
         agg.floor_second = floor_before
@@ -114,6 +114,18 @@ async def restore(
     )
 
 
+def _newest_second(
+    seconds: list[SecondBucket], latest: list[LatestPrice], newest_row: int | None
+) -> int | None:
+    """The newest second either copy holds (None: nothing anywhere)."""
+    newest = [lp.timestamp_ms // 1000 for lp in latest]
+    if seconds:  # in C: millions of seconds at 500 pairs x 10 exchanges
+        newest.append(max(seconds, key=itemgetter(2)).second)
+    if newest_row is not None:
+        newest.append(newest_row // 1000 + 59)
+    return max(newest, default=None)
+
+
 def _seed_latest(agg: Restorable, latest: list[LatestPrice]) -> None:
     for lp in latest:
         w = agg.window_for(lp.exchange, lp.symbol)
@@ -128,28 +140,42 @@ def _only(sources: Callable[[str], bool], marks: dict[str, Mark]) -> dict[str, M
     return {k: v for k, v in marks.items() if sources(k)}
 
 
-def _seed(agg: Restorable, seconds: list[SecondBucket], rows: list[MinuteRow]) -> int:
-    """Merge cached seconds and stored rows into the windows; mark for rewriting every
-    minute the merge holds more of than its row. Returns how many."""
+async def _seed(
+    agg: Restorable, seconds: list[SecondBucket], rows: list[MinuteRow], since_s: int
+) -> int:
+    """Merge cached seconds (from ``since_s`` on) and stored rows into the windows; mark for
+    rewriting every minute the merge holds more of than its row. Returns how many.
+
+    Lets the loop run every ``SEED_SLICE`` seconds or rows: 500 pairs x 10 exchanges are
+    3.3 million seconds, seconds of seeding (the aggregator holds its flush lock meanwhile,
+    so no flush sees a window half restored)."""
     touched: set[tuple[str, str, int]] = set()
-    for s in seconds:
+    for n, s in enumerate(seconds, 1):
+        if s.second < since_s:
+            continue
         w = agg.window_for(s.exchange, s.symbol)
         if w.seed_second(s.second, s.low, s.high, s.total, s.count):
             touched.add((s.exchange, s.symbol, s.second // 60 * 60_000))
+        if n % SEED_SLICE == 0:
+            await asyncio.sleep(0)
     stored = {r.key: r for r in rows}
-    for row in rows:
+    for n, row in enumerate(rows, 1):
+        if n % (SEED_SLICE // 60) == 0:
+            await asyncio.sleep(0)
         if row.covered_ms:
             minutes = agg.coverage.setdefault(row.exchange, {})
             minutes[row.minute_ms] = max(minutes.get(row.minute_ms, 0), row.covered_ms)
         if agg.window_for(row.exchange, row.symbol).seed_row(row):
             touched.add(row.key)
     rewrite = 0
-    for key in touched:
+    for n, key in enumerate(touched, 1):
         exchange, symbol, minute = key
         w = agg.window_for(exchange, symbol)
-        held = w.minute_aggregate(minute)
+        held = w.minute_count(minute)
         was = stored.get(key)
-        if held is not None and (was is None or held.count > was.count):
+        if held > 0 and (was is None or held > was.count):
             w.mark_pending(minute)
             rewrite += 1
+        if n % (SEED_SLICE // 60) == 0:
+            await asyncio.sleep(0)
     return rewrite

@@ -6,7 +6,7 @@ unit tests drive the application through in-memory fakes of them.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -71,9 +71,12 @@ class PriceCache(Protocol):
         Raises CacheUnavailable."""
         ...
 
-    async def load(self, since_second: int) -> tuple[list[LatestPrice], list[SecondBucket]]:
+    async def load(
+        self, since_second: int, wanted: Callable[[str, str], bool] | None = None
+    ) -> tuple[list[LatestPrice], list[SecondBucket]]:
         """Everything cached: latest prices and the seconds of every minute starting at or
-        after ``since_second`` (whole minutes: pass a minute start)."""
+        after ``since_second`` (whole minutes: pass a minute start); with ``wanted``, only
+        the (exchange, symbol) pairs it accepts (a node taking partitions over)."""
         ...
 
     async def load_marks(self) -> dict[str, Mark]: ...

@@ -282,3 +282,29 @@ async def test_redis_layout_is_exact_text_and_foreign_latest_values_are_judged_b
         }
     finally:
         await client.aclose()
+
+
+async def test_load_reads_only_the_wanted_pairs(cache: Cache) -> None:
+    """A node taking partitions over reads its symbols' keys, not the whole cache."""
+    eth = SecondBucket("exchange2", "ETHUSDT", S0 + 5, 3.0, 4.0, 7.0, 2)
+    await cache.write(
+        [latest(1.0, 1_000), LatestPrice("exchange2", "ETHUSDT", 3.5, 2_000, 2_005)],
+        [second(S0), second(S0 + 61), eth],
+    )
+    got_latest, got_seconds = await cache.load(0, lambda ex, sym: sym == "ETHUSDT")
+    assert [(p.exchange, p.symbol) for p in got_latest] == [("exchange2", "ETHUSDT")]
+    assert got_seconds == [eth]
+    everything = await cache.load(0)
+    assert sorted(everything[1]) == sorted([second(S0), second(S0 + 61), eth])
+
+
+async def test_redis_load_in_chunks_reads_what_one_pipeline_reads(
+    redis_cache: RedisPriceCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    buckets = [second(S0 + 60 * m + k) for m in range(7) for k in range(3)]
+    await redis_cache.write([latest(1.0, 1_000)], buckets)
+    whole = await redis_cache.load(0)
+    monkeypatch.setattr("marketflow.adapters.redis_cache.LOAD_CHUNK_KEYS", 2)
+    chunked = await redis_cache.load(0)
+    assert sorted(chunked[1]) == sorted(whole[1]) == sorted(buckets)
+    assert chunked[0] == whole[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 from marketflow.domain.aggregates import (
@@ -118,9 +118,14 @@ class FakeCache:
             self.seconds[(b.exchange, b.symbol, b.second)] = b
         return lost
 
-    async def load(self, since_second: int) -> tuple[list[LatestPrice], list[SecondBucket]]:
+    async def load(
+        self, since_second: int, wanted: Callable[[str, str], bool] | None = None
+    ) -> tuple[list[LatestPrice], list[SecondBucket]]:
         start = since_second // 60 * 60
-        return list(self.latest.values()), [b for b in self.seconds.values() if b.second >= start]
+        ok = wanted or (lambda _ex, _sym: True)
+        return [p for p in self.latest.values() if ok(p.exchange, p.symbol)], [
+            b for b in self.seconds.values() if b.second >= start and ok(b.exchange, b.symbol)
+        ]
 
     async def load_marks(self) -> dict[str, Mark]:
         return dict(self.marks)

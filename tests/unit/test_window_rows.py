@@ -41,6 +41,7 @@ def test_rows_from_seconds_equal_the_general_merge_for_random_windows() -> None:
             minute = T0 + m * 60_000
             row = w.minute_row(minute, 60_000)
             assert row == general_row(w, minute, 60_000)
+            assert w.minute_count(minute) == (row.count if row is not None else 0)
             checked += row is not None
     assert checked > 500
 
@@ -75,3 +76,10 @@ def test_rows_rewritten_from_kept_parts_equal_the_general_merge() -> None:
                 if row.packed is not None:  # what the stores write instead of packing
                     assert row.packed == encode_seconds(row.minute_ms, row.seconds)
     assert rewrites > 1_000  # the kept parts were used, not only built
+
+
+def test_minute_count_counts_an_older_format_row_whole() -> None:
+    w = PairWindow("ex", "BTCUSDT")
+    w.seed_row(MinuteRow("ex", "BTCUSDT", T0, 2.0, 1.0, 3.0, 7))  # no per-second parts
+    assert w.minute_count(T0) == 7
+    assert w.minute_count(T0 + 60_000) == 0
