@@ -38,6 +38,8 @@ class MemoryPriceCache(Closing):
         latest: Sequence[LatestPrice],
         seconds: Collection[SecondBucket],
         marks: Mapping[str, Mark] | None = None,
+        *,
+        whole: bool = False,
     ) -> bool:
         """Newest-wins latest prices; whole seconds; refresh their minute's expiry; marks."""
         self._check_open()

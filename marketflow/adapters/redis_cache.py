@@ -25,13 +25,14 @@ Key layout (other tools read it; change it only with a new prefix):
     its data (restarted without persistence), and the daemon writes everything it holds.
 
 ``marketflow:staging:{token}:window:...`` (hash, short-lived)
-    a write of more than ``STAGE_ABOVE_SECONDS`` seconds (the refill after an outage: with
-    500 pairs x 10 exchanges, 3 million) goes in scripts of ``STAGE_CHUNK_SECONDS`` to these
-    keys first, then one script renames them to their minute keys with the latest prices,
-    marks and sentinel. One script of everything ran past Redis's 5 s script limit (other
-    clients get BUSY meanwhile) and the daemon's 2 s read timeout, so the refill never
-    landed; staged, the marks still become visible only with the seconds they cover, and a
-    refill cut short leaves only staging keys, which expire after ``STAGE_TTL_S``.
+    a refill of more than ``STAGE_ABOVE_SECONDS`` seconds (``write(whole=True)``, after an
+    outage: with 500 pairs x 10 exchanges, 3 million) goes in scripts of
+    ``STAGE_CHUNK_SECONDS`` to these keys first, then one script renames them to their
+    minute keys with the latest prices, marks and sentinel. One script of everything ran
+    past Redis's 5 s script limit (other clients get BUSY meanwhile) and the daemon's 2 s
+    read timeout, so the refill never landed; staged, the marks still become visible only
+    with the seconds they cover, and a refill cut short leaves only staging keys, which
+    expire after ``STAGE_TTL_S``.
 
 A ``write()`` is one round trip, one script (atomic, like MULTI/EXEC): every latest price,
 HSET (and EXPIRE once per half TTL) per minute key, the marks, and the sentinel. It goes over
@@ -260,6 +261,8 @@ class RedisPriceCache(Closing):
         latest: Sequence[LatestPrice],
         seconds: Collection[SecondBucket],
         marks: Mapping[str, Mark] | None = None,
+        *,
+        whole: bool = False,
     ) -> bool:
         """One script: newest-wins latest prices, whole seconds, key expiry, marks.
 
@@ -268,7 +271,7 @@ class RedisPriceCache(Closing):
         if not latest and not seconds and not marks:
             return False
         self._check_open()
-        if len(seconds) > STAGE_ABOVE_SECONDS:
+        if whole and len(seconds) > STAGE_ABOVE_SECONDS:
             return await self._write_staged(latest, seconds, marks)
         lost = False
         now = time.monotonic()
@@ -331,8 +334,12 @@ class RedisPriceCache(Closing):
         seconds: Collection[SecondBucket],
         marks: Mapping[str, Mark] | None,
     ) -> bool:
-        """A big write (the refill): the seconds to staging keys in chunks, each chunk one
-        script, then one script publishes them with the latest prices and the marks."""
+        """A big refill: the seconds to staging keys in chunks, each chunk one script, then
+        one script publishes them with the latest prices and the marks. Publishing renames
+        a staging key over its minute key, which is right only because a refill holds every
+        second of each minute it writes: a big write of changed seconds alone (a backlog
+        folded between two flushes) would drop the minute's other seconds, so it goes as
+        one script like any other."""
         prefix = f"{STAGING_PREFIX}{secrets.token_hex(8)}:"
         staged: dict[str, str] = {}  # minute key -> its staging key, in order
         lost = False

@@ -464,7 +464,7 @@ class Aggregator:
         if not latest and not seconds and not marks:
             return False
         try:
-            lost = await self._cache.write(latest, seconds, marks)
+            lost = await self._cache.write(latest, seconds, marks, whole=refill)
         except CacheUnavailable as exc:
             if self.cache_up:
                 log.warning("cache_down kind=%s error=%s", self._cache.kind, exc)

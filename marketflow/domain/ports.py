@@ -64,11 +64,14 @@ class PriceCache(Protocol):
         latest: Sequence[LatestPrice],
         seconds: Collection[SecondBucket],
         marks: Mapping[str, Mark] | None = None,
+        *,
+        whole: bool = False,
     ) -> bool:
         """Write in one transaction: latest price per key (newest timestamp wins), seconds
         (overwritten whole) and marks. Seconds expire after the retention. Returns True when
         the cache shows it lost earlier writes (restarted empty): the caller refills it.
-        Raises CacheUnavailable."""
+        ``whole``: ``seconds`` is every second held (a refill), so each minute it touches
+        may be replaced whole. Raises CacheUnavailable."""
         ...
 
     async def load(

@@ -70,12 +70,12 @@ async def test_a_staged_write_leaves_what_one_script_leaves_and_no_staging_key(
 ) -> None:
     latest, seconds = state()
     assert len(seconds) > 10 * 9
-    assert await cache.write(latest, seconds, MARKS)  # an empty Redis: the sentinel was missing
+    assert await cache.write(latest, seconds, MARKS, whole=True)  # the sentinel was missing
     whole = await dump(client)
     await client.flushall()
     monkeypatch.setattr(redis_cache, "STAGE_ABOVE_SECONDS", 10)
     monkeypatch.setattr(redis_cache, "STAGE_CHUNK_SECONDS", 9)
-    assert await cache.write(latest, seconds, MARKS)
+    assert await cache.write(latest, seconds, MARKS, whole=True)
     staged = await dump(client)
     assert staged == whole
     assert not [k for k in staged if k.startswith(STAGING_PREFIX)]
@@ -102,7 +102,7 @@ async def test_a_refill_cut_short_publishes_nothing_and_its_staging_keys_expire(
     monkeypatch.setattr(RedisPriceCache, "_run", dies_at_publish)
     latest, seconds = state()
     with pytest.raises(CacheUnavailable):
-        await cache.write(latest, seconds, MARKS)
+        await cache.write(latest, seconds, MARKS, whole=True)
     after = await dump(client)
     left = {k: v for k, v in after.items() if not k.startswith(STAGING_PREFIX)}
     assert left == before
@@ -130,9 +130,25 @@ async def test_a_publish_that_finds_a_staging_key_gone_writes_nothing(
     monkeypatch.setattr(RedisPriceCache, "_run", loses_one)
     latest, seconds = state()
     with pytest.raises(CacheUnavailable, match="staging"):
-        await cache.write(latest, seconds, MARKS)
+        await cache.write(latest, seconds, MARKS, whole=True)
     after = await dump(client)
     assert not [k for k in after if k.startswith("marketflow:window:")]
     assert "marketflow:marks" not in after
     assert "marketflow:latest" not in after
     assert "marketflow:alive" not in after
+
+
+async def test_a_big_write_of_changed_seconds_alone_is_not_staged_and_keeps_the_others(
+    cache: RedisPriceCache, client: aioredis.Redis, small_stages: None
+) -> None:
+    """Staging renames over a minute key: right for a refill (every second held), wrong
+    for a backlog's changed seconds, which must join the minute's other seconds."""
+    latest, seconds = state()
+    early = [b for b in seconds if b.second < S0 + 60]
+    later = [b for b in seconds if b.second >= S0 + 60]
+    await cache.write(latest, early)
+    await cache.write(latest, [b for b in later if b.second % 2 == 0])
+    await cache.write(latest, [b for b in later if b.second % 2 == 1])  # both > the threshold
+    _, loaded = await cache.load(0)
+    assert sorted(loaded) == sorted(seconds)
+    assert not [k async for k in client.scan_iter(match=f"{STAGING_PREFIX}*")]

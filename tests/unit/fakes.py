@@ -98,16 +98,20 @@ class FakeCache:
         self.down = False
         self.writes = 0
         self.lost = False  # the next write reports lost data (a Redis restarted empty)
+        self.wholes: list[bool] = []  # each write's ``whole``
 
     async def write(
         self,
         latest: Sequence[LatestPrice],
         seconds: Collection[SecondBucket],
         marks: Mapping[str, Mark] | None = None,
+        *,
+        whole: bool = False,
     ) -> bool:
         if self.down:
             raise CacheUnavailable("fake cache is down")
         self.writes += 1
+        self.wholes.append(whole)
         self.marks.update(marks or {})
         lost, self.lost = self.lost, False
         for lp in latest:

@@ -184,6 +184,7 @@ async def test_a_refill_after_an_outage_that_finds_the_cache_emptied_is_not_repe
     cache.down = False
     cache.wipe()
     await agg.flush(final=True)  # the refill (forced: no backoff), and the loss found with it
+    assert cache.wholes == [False, True]  # a refill says it holds every second
     assert agg.cache_up
     assert sorted(s for (_, _, s) in cache.seconds) == [T0 // 1000, T0 // 1000 + 1]
     writes = cache.writes

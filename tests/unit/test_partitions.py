@@ -115,10 +115,12 @@ class _SlowCache(FakeCache):
         latest: Sequence[LatestPrice],
         seconds: Collection[SecondBucket],
         marks: Mapping[str, Mark] | None = None,
+        *,
+        whole: bool = False,
     ) -> bool:
         self.waiting.set()
         await self.go.wait()
-        return await super().write(latest, seconds, marks)
+        return await super().write(latest, seconds, marks, whole=whole)
 
 
 async def test_rows_and_marks_reach_the_store_only_after_the_cache_holds_the_seconds() -> None:
