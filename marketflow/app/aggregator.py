@@ -104,6 +104,8 @@ class Aggregator:
         self.flushes = 0
         self._changed: set[PairWindow] = set()  # windows folded into since the last flush
         self._due: dict[int, set[PairWindow]] = {}  # minute_ms -> windows it became pending in
+        # clock ms -> windows with a rewrite postponed to then (window.REWRITE_GAP_MS)
+        self._retry: dict[int, set[PairWindow]] = {}
         self._next_full_sweep = 0
         self.flush_build_s = 0.0  # the last flush's CPU before it awaited the cache
         self._folded = asyncio.Event()  # set when the consumer has emptied the fan-in queue
@@ -263,10 +265,11 @@ class Aggregator:
             for symbol in [s for s in pairs if owns(s)]:
                 dropped.add(pairs.pop(symbol))
         self._changed -= dropped
-        for minute, ws in list(self._due.items()):
-            ws -= dropped
-            if not ws:
-                del self._due[minute]
+        for table in (self._due, self._retry):
+            for minute, ws in list(table.items()):
+                ws -= dropped
+                if not ws:
+                    del table[minute]
         for key in [k for k in self.books if owns(k[1])]:
             del self.books[key]
         for source in sources:
@@ -430,16 +433,26 @@ class Aggregator:
             visit = list(self.all_windows())
             for m in closed:
                 del self._due[m]
+            self._retry.clear()
             self._evict_coverage()
         else:
             picked: set[PairWindow] = set()
             for m in closed:
                 picked.update(self._due.pop(m))
+            for t in [t for t in self._retry if t <= now]:
+                picked.update(self._retry.pop(t))
             visit = picked
         rows: list[MinuteRow] = []
+        postponed: list[int] = []
         for w in visit:
             covered = self.coverage.get(w.exchange, {})
-            rows.extend(w.open_minutes(covered) if final else w.closed_minutes(now, grace, covered))
+            if final:
+                rows.extend(w.open_minutes(covered))
+            else:
+                rows.extend(w.closed_minutes(now, grace, covered, postponed))
+                if postponed:  # back once the gap has passed
+                    self._retry.setdefault(min(postponed), set()).add(w)
+                    postponed.clear()
             w.evict(p.window_retention_s)
         return rows
 

@@ -27,7 +27,18 @@ from marketflow.domain.seconds_pack import RECORD, pack
 class MinuteParts:
     """The states of one minute's last row, in second order, and their count, low and high."""
 
-    __slots__ = ("at", "changed", "count", "high", "low", "packed", "start", "states", "totals")
+    __slots__ = (
+        "at",
+        "built_ms",
+        "changed",
+        "count",
+        "high",
+        "low",
+        "packed",
+        "start",
+        "states",
+        "totals",
+    )
 
     def __init__(self, minute_start_s: int, states: Sequence[SecondState]) -> None:
         self.start = minute_start_s
@@ -39,6 +50,7 @@ class MinuteParts:
         self.low = min(st[1] for st in self.states)
         self.high = max(st[2] for st in self.states)
         self.changed: set[int] = set()  # seconds changed since the last row
+        self.built_ms = 0  # our clock when its row was last emitted (set by the window)
 
     def refresh(self, seconds: Mapping[int, list[float]]) -> bool:
         """Take the changed seconds from the window's open ``seconds``; False when one is no

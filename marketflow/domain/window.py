@@ -22,6 +22,8 @@ from marketflow.domain.seconds_snapshot import WindowCapture
 from marketflow.domain.ticks import PricePoint, SecondFold
 
 Bucket = list[float]
+
+REWRITE_GAP_MS = 200  # a minute still fed after it closed is rewritten at most this often
 """[low, high, total, count]: a list, because the hot loop updates it in place."""
 
 
@@ -404,23 +406,43 @@ class PairWindow:
         )
 
     def closed_minutes(
-        self, clock_ms: int, grace_ms: int, covered: dict[int, int] | None = None
+        self,
+        clock_ms: int,
+        grace_ms: int,
+        covered: dict[int, int] | None = None,
+        postponed: list[int] | None = None,
     ) -> list[MinuteRow]:
         """Pending minutes that have closed by ``clock_ms``; they stop being pending.
 
         A minute closed by our clock but not yet by the feed's (a backlog, a replay, a clock
-        behind ours) is written again at every sweep while its feed still sends it: only the
-        flush interval may be lost if the daemon dies with Redis emptied, so it cannot wait
-        for the feed to pass it."""
+        behind ours) is written again while its feed still sends it: if the daemon dies with
+        Redis emptied, only what came since its last write may be lost, so it cannot wait
+        for the feed to pass it. With ``postponed`` (the sweep's), it is written at most once
+        per ``REWRITE_GAP_MS``: a rewrite not yet due leaves it pending, and when it is due
+        is appended there, for the sweep to come back then. Behind its feeds at 500 pairs x 10
+        exchanges, every window has such a minute, and a rewrite at every 20 ms sweep took
+        the core the daemon needed to catch up."""
         clock = max(clock_ms, self.latest_ts)
         rows = []
         packed_before = len(self.packed)
+        waiting = False  # a rewrite was postponed: the feed is still inside a closed minute
         for minute in sorted(self.pending_minutes):
             if minute + 60_000 + grace_ms > clock:
                 continue
-            self.pending_minutes.discard(minute)
             inside = self._feed_inside(minute, clock_ms, grace_ms)
+            kept = self.parts.get(minute) if inside and self.parts else None
+            if (
+                kept is not None
+                and postponed is not None
+                and clock_ms - kept.built_ms < REWRITE_GAP_MS
+            ):
+                postponed.append(kept.built_ms + REWRITE_GAP_MS)
+                waiting = True
+                continue
+            self.pending_minutes.discard(minute)
             row = self.minute_row(minute, _covered(covered, minute), keep=inside)
+            if inside and (kept := self.parts.get(minute)) is not None:
+                kept.built_ms = clock_ms
             if row is not None:
                 rows.append(row)
                 if row.seconds is None:
@@ -429,7 +451,7 @@ class PairWindow:
                     self.loose = True  # packed by a later sweep, once the feed moved on
                 else:
                     self._pack(minute)
-        if self.loose:
+        if self.loose and not waiting:  # (waiting: packing is for a visit once it moved on)
             self._pack_loose(clock, grace_ms)
         if len(self.packed) != packed_before:
             # A dict keeps its table when keys leave: copy it down to the open seconds.

@@ -291,4 +291,29 @@ async def test_a_feed_whose_batches_queue_past_the_grace_keeps_its_closed_minute
     # Folded into at every flush: still a feed sending that minute, so its seconds stay in
     # the dict (packing them would mean unpacking them again at the next batch).
     assert (w.packed, len(w.seconds), w.active_ms) == ({}, 3, T0 + 200)
-    assert [r.count for r in sink.submitted] == [1, 2, 3]  # rewritten at every sweep
+    # rewritten at most once per REWRITE_GAP_MS (200): at +0 and +200, not at +100
+    assert [r.count for r in sink.submitted] == [1, 3]
+
+
+async def test_a_minute_still_fed_after_it_closed_is_rewritten_once_the_gap_has_passed() -> None:
+    """Postponed, it stays pending and the sweep comes back to it by itself, with no new
+    tick to make it pending again; a final flush writes it at once."""
+    clock = ManualClock(T0)
+    agg, _, sink = make(clock)
+    old = T0 - 600_000
+    agg.fold(batch("ex", old, T0 - 5_000))
+    await agg.flush()
+    assert [r.count for r in sink.submitted] == [1]
+    clock.now_ms = T0 + 100
+    agg.fold(batch("ex", old + 1000, T0 + 100 - 5_000))
+    await agg.flush()
+    clock.now_ms = T0 + 150
+    await agg.flush()
+    assert [r.count for r in sink.submitted] == [1]  # not due before +200
+    clock.now_ms = T0 + 300
+    await agg.flush()  # the retry, nothing new folded
+    assert [r.count for r in sink.submitted] == [1, 2]
+    clock.now_ms = T0 + 350
+    agg.fold(batch("ex", old + 2000, T0 + 350 - 5_000))
+    await agg.flush(final=True)
+    assert [r.count for r in sink.submitted] == [1, 2, 3]
