@@ -196,6 +196,19 @@ def _pack(args: Sequence[str | bytes | int]) -> bytes:
     return b"".join(chunks)
 
 
+def _fields(latest: Sequence[LatestPrice]) -> list[str]:
+    """The latest prices' fields in ``marketflow:latest``, in order."""
+    return [f"{p[0]}:{p[1]}" for p in latest]
+
+
+def _flat_marks(marks: Mapping[str, Mark] | None) -> list[str]:
+    """Marks as the script's flat [field, value, ...] list."""
+    flat: list[str] = []
+    for src, (pos, made) in (marks or {}).items():
+        flat += (src, f"{pos},{made}")
+    return flat
+
+
 def _framed(parts: list[str]) -> bytes:
     joined = "".join(parts)
     if joined.isascii():
@@ -298,12 +311,8 @@ class RedisPriceCache(Closing):
                 fresh.append(key)
             run = [ttl, 1]
             minutes.append(run)
-        flat_marks: list[str] = []
-        for src, (pos, made) in (marks or {}).items():
-            flat_marks += (src, f"{pos},{made}")
-        fields = [f"{p[0]}:{p[1]}" for p in latest]
         argv = (
-            orjson.dumps((fields, minutes, flat_marks)),
+            orjson.dumps((_fields(latest), minutes, _flat_marks(marks))),
             orjson.dumps([p[2:] for p in latest]),
             orjson.dumps([b[2:] for b in seconds]),
         )
@@ -367,12 +376,9 @@ class RedisPriceCache(Closing):
             )
             _, reloaded = await self._run(keys, stage_argv)
             lost = lost or reloaded
-        flat_marks: list[str] = []
-        for src, (pos, made) in (marks or {}).items():
-            flat_marks += (src, f"{pos},{made}")
         pairs = [k for real, stage in staged.items() for k in (stage, real)]
         argv = (
-            orjson.dumps(([f"{p[0]}:{p[1]}" for p in latest], [], flat_marks)),
+            orjson.dumps((_fields(latest), [], _flat_marks(marks))),
             orjson.dumps([p[2:] for p in latest]),
             b"[]",
             str(len(staged)),

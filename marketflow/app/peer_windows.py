@@ -82,20 +82,15 @@ class PeerWindows:
         except CacheUnavailable as exc:
             log.warning("peer_windows_cache_unavailable error=%s", exc)
             return
-        windows: dict[tuple[str, str], PairWindow] = {}
-        held = self._held
+        windows: dict[tuple[str, str], PairWindow] = {}  # the load read only others' pairs
         for s in seconds:
             key = (s.exchange, s.symbol)
             w = windows.get(key)
             if w is None:
-                if held(*key):
-                    continue
                 w = windows[key] = PairWindow(*key)
             w.seed_second(s.second, s.low, s.high, s.total, s.count)
         for lp in latest:
             key = (lp.exchange, lp.symbol)
-            if held(*key):
-                continue
             w = windows.get(key)
             if w is None:
                 w = windows[key] = PairWindow(*key)

@@ -75,9 +75,6 @@ async def restore(
         store_marks = await store.load_marks()
     except StoreUnavailable as exc:
         log.warning("restore_store_unavailable error=%s", exc)
-    if owns is not None:
-        latest = [lp for lp in latest if owns(lp.symbol)]
-        seconds = [s for s in seconds if owns(s.symbol)]
     if sources is not None:
         cache_marks, store_marks = _only(sources, cache_marks), _only(sources, store_marks)
     newest_s = _newest_second(seconds, latest, newest_row)
