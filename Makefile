@@ -9,18 +9,25 @@ CONFIG ?= config.toml
 # The suite mostly waits (minute boundaries, restarts): more workers than cores pay off.
 TEST_WORKERS ?= 4
 
-.PHONY: run test lint typecheck unit server-binaries kafka-jars bench-tools bench bench-fix bench-api mutation clean
+.PHONY: lock run test lint typecheck unit server-binaries kafka-jars bench-tools bench bench-fix bench-api mutation clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@$(PY) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
 	bash scripts/ensure-venv.sh $(PY) $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 ## run: three exchange simulators on 40101-40103, a FIX venue on 40111, the daemon on $(PORT)
 run: $(STAMP)
 	@$(BIN)/python -m marketflow.devstack --port $(PORT) --config $(CONFIG)
+
+## lock: constraints.txt from the newest versions pyproject.toml allows (run make test after)
+lock:
+	rm -rf .lock-venv && bash scripts/ensure-venv.sh $(PY) .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip && .lock-venv/bin/pip install --quiet -e '.[dev]'
+	{ sed -n '1,2p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .lock-venv
 
 ## server-binaries: PostgreSQL, Redis and systemd-analyze for the tests (apt-get if missing)
 server-binaries:

@@ -53,11 +53,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
