@@ -39,6 +39,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -245,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a [pipeline] setting for the daemon (repeatable), e.g. parse_pass_budget_ms=0",
     )
     ap.add_argument("--profile", type=Path, help="py-spy raw profile of the daemon to FILE")
+    ap.add_argument("--daemon-log", type=Path, help="keep the daemon's log in FILE")
     args = ap.parse_args(argv)
 
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             "embedded": {"data_dir": str(tmp / "var")},
             "pipeline": {"window_retention_s": RETENTION_S} | pipeline_overrides(args.pipeline),
             "capture": {"enabled": False, "port": free_port()},
-            "log_level": "WARNING",
+            "log_level": "INFO" if args.daemon_log else "WARNING",
             "pairs": pairs,
             "exchanges": [{"name": f"ex{i + 1}", "port": h.port} for i, h in enumerate(hoses)],
         }
@@ -314,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             if profiler is not None:
                 profiler.wait(60)
             daemon.stop()
+            if args.daemon_log:
+                shutil.copyfile(daemon.log_path, args.daemon_log)
             for h in hoses:
                 if h.proc.poll() is None:
                     h.stop()

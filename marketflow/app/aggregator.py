@@ -37,6 +37,10 @@ log = logging.getLogger("marketflow.aggregator")
 FOLD_SLICE_S = 0.002  # the consumer yields to the loop after this much folding
 BEHIND_FACTOR = 8  # a daemon behind its feeds spends at most ~1/9 of its loop building flushes
 FULL_SWEEP_MS = 10_000  # every window is visited at least this often (see Aggregator._sweep)
+# Seconds a cache that failed or is down may owe before a refill replaces the backlog (see
+# Aggregator._keep_unwritten): a refill rewrites everything held, staged, and costs ~1 s of
+# Redis per 250,000 seconds; a backlog this size is one script of ~0.1 s.
+UNWRITTEN_LIMIT = 50_000
 
 Clock = Callable[[], int]
 
@@ -101,6 +105,14 @@ class Aggregator:
         self._cache_retry_at = 0
         self._cache_backoff = Backoff(1.0, 5.0, rng or random.Random())
         self._refill = False
+        # What the cache was not given while it failed or was down, newest value per key:
+        # written with the next write that gets through (whole seconds and newest-wins latest
+        # prices: writing a superseded one again changes nothing), never by a refill.
+        self._unwritten: dict[tuple[str, str, int], SecondBucket] = {}
+        self._unwritten_latest: dict[tuple[str, str], LatestPrice] = {}
+        # False until a write got through or a restore seeded windows: before, everything
+        # held was in the write being made, and a cache found empty by it needs no refill.
+        self._held_beyond_write = False
         self.flushes = 0
         self._changed: set[PairWindow] = set()  # windows folded into since the last flush
         self._due: dict[int, set[PairWindow]] = {}  # minute_ms -> windows it became pending in
@@ -254,6 +266,8 @@ class Aggregator:
         retention = self._pipeline.window_retention_s
         async with self._flush_lock:  # the restore yields to the loop: no flush meanwhile
             await restore(self, self._cache, store, retention, owns=owns, sources=sources)
+            if self.windows:
+                self._held_beyond_write = True
 
     def drop(self, owns: Callable[[str], bool], sources: Iterable[str]) -> int:
         """Forget the windows and books of the symbols ``owns`` accepts and the marks of
@@ -272,6 +286,11 @@ class Aggregator:
                     del table[minute]
         for key in [k for k in self.books if owns(k[1])]:
             del self.books[key]
+        # Not ours to write any more: the node taking the pairs over writes them from now on.
+        for owed in [k for k in self._unwritten if owns(k[1])]:
+            del self._unwritten[owed]
+        for owed_latest in [k for k in self._unwritten_latest if owns(k[1])]:
+            del self._unwritten_latest[owed_latest]
         for source in sources:
             self.marks.pop(source, None)
             self._positions.pop(source, None)
@@ -467,12 +486,19 @@ class Aggregator:
     ) -> bool:
         """True when the cache acknowledged a write of (at least) ``latest``."""
         if not self.cache_up and now < self._cache_retry_at and not force:
+            self._keep_unwritten(latest, seconds)
             return False
-        refill = not self.cache_up or self._refill
+        refill = self._refill
         if refill:
-            # Back after an outage, or the cache lost its data: refill everything we hold.
+            # The cache lost its data (restarted, flushed) or owes too much: refill everything.
             latest = [lp for w in self.all_windows() if (lp := w.latest()) is not None]
             seconds = SecondsSnapshot(w.capture() for w in self.all_windows())
+            marks = dict(self.marks)
+        elif self._unwritten or self._unwritten_latest:
+            # Owed since a failed write: the marks they go with are among self.marks.
+            self._keep_unwritten(latest, seconds)
+            latest = list(self._unwritten_latest.values())
+            seconds = list(self._unwritten.values())
             marks = dict(self.marks)
         if not latest and not seconds and not marks:
             return False
@@ -484,17 +510,50 @@ class Aggregator:
             self.cache_up = False
             self.cache_error = str(exc)
             self._cache_retry_at = now + int(self._cache_backoff.fail() * 1000)
+            if not refill:
+                self._keep_unwritten(latest, seconds)
             return False
+        self._unwritten.clear()
+        self._unwritten_latest.clear()
         if refill:
             log.info("cache_refilled kind=%s seconds=%d", self._cache.kind, len(seconds))
-        # A refill that finds the cache emptied has just put everything back: no second one.
-        self._refill = bool(lost) and not refill
+        # A refill that finds the cache emptied has just put everything back: no second one;
+        # nor the first write of a daemon that restored nothing (an empty Redis at start).
+        self._refill = bool(lost) and not refill and self._held_beyond_write
+        self._held_beyond_write = True
         if self._refill:
             log.warning("cache_lost_data kind=%s action=refill", self._cache.kind)
         self.cache_up = True
         self.cache_error = ""
         self._cache_backoff.reset()
         return True
+
+    def _keep_unwritten(
+        self, latest: Sequence[LatestPrice], seconds: Collection[SecondBucket]
+    ) -> None:
+        """Owe the cache what a failed or skipped write carried, so that a cache that comes
+        back with its data (a timeout, a dropped connection, a restart that kept its AOF: the
+        write script's sentinel tells) gets only what it missed, not a refill of everything
+        held: at 500 pairs x 10 exchanges that is millions of seconds and seconds of Redis,
+        long enough for the next write to time out and start it all over. A cache that lost
+        its data is refilled (``_refill``), and so is one that owes more than
+        ``UNWRITTEN_LIMIT`` seconds; then nothing is owed."""
+        if self._refill:
+            return
+        owed = self._unwritten
+        if len(owed) + len(seconds) > UNWRITTEN_LIMIT:
+            self._refill = True
+            owed.clear()
+            self._unwritten_latest.clear()
+            return
+        for b in seconds:
+            owed[(b[0], b[1], b[2])] = b
+        owed_latest = self._unwritten_latest
+        for lp in latest:
+            key = (lp[0], lp[1])
+            got = owed_latest.get(key)
+            if got is None or lp[3] >= got[3]:
+                owed_latest[key] = lp
 
     def late_ticks(self) -> int:
         return sum(w.late for w in self.all_windows())

@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -184,6 +185,17 @@ class _Server:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"{self.name} on port {self.port} not ready in {START_TIMEOUT_S}s")
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The server stalled (SIGSTOP .. SIGCONT): connections stay open and unanswered, as
+        a starved or swapping server's do, and its state is kept."""
+        assert self._proc is not None, f"{self.name} is not running"
+        os.kill(self._proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self._proc.pid, signal.SIGCONT)
 
     def _stop_signal(self) -> signal.Signals:
         return signal.SIGTERM

@@ -99,6 +99,7 @@ class FakeCache:
         self.writes = 0
         self.lost = False  # the next write reports lost data (a Redis restarted empty)
         self.wholes: list[bool] = []  # each write's ``whole``
+        self.carried: list[list[tuple[str, str, int]]] = []  # each write's seconds
 
     async def write(
         self,
@@ -112,6 +113,7 @@ class FakeCache:
             raise CacheUnavailable("fake cache is down")
         self.writes += 1
         self.wholes.append(whole)
+        self.carried.append([(b.exchange, b.symbol, b.second) for b in seconds])
         self.marks.update(marks or {})
         lost, self.lost = self.lost, False
         for lp in latest:

@@ -217,14 +217,19 @@ async def test_the_log_names_a_failed_batch_and_a_refilled_cache(
     agg._fanin.put_nowait(TickBatch("ex7", {"A": None}, T0, 3))  # type: ignore[dict-item]
     agg.drain()
     assert "fold_failed exchange=ex7 ticks=3" in caplog.text
-    cache.down = True
     agg.fold(TickBatch("ex1", {"A": [(1.0, T0 + 500)]}, T0, 1))
+    await agg.flush()  # a write got through: what the cache loses now, it lacks
+    cache.down = True
+    agg.fold(TickBatch("ex1", {"A": [(1.0, T0 + 1500)]}, T0, 1))
     await agg.flush()
     cache.down = False
+    cache.lost = True  # back, emptied: the write that gets through says so
     clock.now_ms = T0 + 10_000
     await agg.flush()
+    await agg.flush()  # the refill
     assert "cache_down kind=fake error=fake cache is down" in caplog.text
-    assert "cache_refilled kind=fake seconds=1" in caplog.text
+    assert "cache_lost_data kind=fake action=refill" in caplog.text
+    assert "cache_refilled kind=fake seconds=2" in caplog.text
 
 
 async def test_within_one_slice_a_backlog_is_folded_without_yielding(

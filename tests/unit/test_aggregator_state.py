@@ -11,7 +11,7 @@ import pytest
 
 from marketflow.app import aggregator as aggregator_module
 from marketflow.app.aggregator import FULL_SWEEP_MS, Aggregator
-from marketflow.domain.aggregates import MinuteRow
+from marketflow.domain.aggregates import MinuteRow, SecondBucket
 from marketflow.domain.ticks import BookUpdate, TickBatch
 from marketflow.domain.window import PairWindow
 from marketflow.settings import PipelineSettings
@@ -128,29 +128,71 @@ async def test_drain_folds_what_is_queued_and_survives_a_bad_batch() -> None:
     assert agg.window("ex9", "BTCUSDT") is None
 
 
-async def test_cache_outage_backs_off_and_refills_everything_when_it_returns() -> None:
+async def test_cache_outage_backs_off_and_writes_only_what_it_missed_when_it_returns() -> None:
+    """A cache back with its data (a timeout, a dropped connection) gets what the failed and
+    the skipped writes carried, newest value per second, with every mark: not a refill."""
     clock = ManualClock(T0 + 100)
     agg, cache, _ = make(clock)
-    agg.fold(batch("ex1", T0, T0))
+    agg.fold(batch("ex1", T0, T0, mark=1))
     await agg.flush()
     assert cache.writes == 1
     cache.down = True
-    agg.fold(batch("ex1", T0 + 1000, T0 + 1000))
-    await agg.flush()
+    agg.fold(batch("ex1", T0 + 1000, T0 + 1000, mark=2))
+    await agg.flush()  # fails
     assert (agg.cache_up, agg.cache_error) == (False, "fake cache is down")
     retry_at = agg._cache_retry_at
     assert T0 + 100 + 500 <= retry_at <= T0 + 100 + 1000  # 1 s x jitter 0.5 .. 1.0
     cache.down = False
     clock.now_ms = retry_at - 1
-    await agg.flush()
-    assert cache.writes == 1  # not before the retry time
+    agg.fold(batch("ex1", T0 + 1500, T0 + 1500))  # the same second again
+    agg.fold(batch("ex1", T0 + 2000, T0 + 2000))
+    await agg.flush()  # skipped: not before the retry time
+    assert cache.writes == 1
     clock.now_ms = retry_at
-    cache.seconds.clear()
-    cache.latest.clear()
     await agg.flush()
     assert (agg.cache_up, agg.cache_error, cache.writes) == (True, "", 2)
-    assert sorted(s for (_, _, s) in cache.seconds) == [T0 // 1000, T0 // 1000 + 1]
-    assert cache.latest[("ex1", "BTCUSDT")].timestamp_ms == T0 + 1000
+    assert cache.wholes == [False, False]
+    sec = T0 // 1000
+    assert sorted(cache.carried[1]) == [("ex1", "BTCUSDT", sec + 1), ("ex1", "BTCUSDT", sec + 2)]
+    assert cache.seconds[("ex1", "BTCUSDT", sec + 1)].count == 2  # the newest value
+    assert cache.latest[("ex1", "BTCUSDT")].timestamp_ms == T0 + 2000
+    assert cache.marks["ex1"][0] == 2
+    writes = cache.writes
+    await agg.flush()
+    assert cache.writes == writes  # nothing owed any more
+
+
+async def test_a_cache_owing_more_than_the_limit_is_refilled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(aggregator_module, "UNWRITTEN_LIMIT", 2)
+    clock = ManualClock(T0 + 100)
+    agg, cache, _ = make(clock)
+    agg.fold(batch("ex1", T0, T0))
+    await agg.flush()
+    cache.down = True
+    for i in (1, 2, 3):
+        agg.fold(batch("ex1", T0 + 1000 * i, T0 + 1000 * i))
+        await agg.flush(final=True)  # forced: each one tried, each one fails
+    assert agg._refill
+    assert not agg._unwritten
+    cache.down = False
+    await agg.flush(final=True)
+    assert cache.wholes == [False, True]
+    assert sorted(s for (_, _, s) in cache.seconds) == [T0 // 1000 + i for i in range(4)]
+
+
+async def test_what_is_owed_for_pairs_handed_over_is_never_written() -> None:
+    clock = ManualClock(T0 + 100)
+    agg, cache, _ = make(clock)
+    cache.down = True
+    agg.fold(TickBatch("ex1", {"A": [(1.0, T0)], "B": [(2.0, T0)]}, T0, 2))
+    await agg.flush()
+    assert agg.drop(lambda sym: sym == "A", []) == 1
+    cache.down = False
+    await agg.flush(final=True)
+    assert cache.carried == [[("ex1", "B", T0 // 1000)]]
+    assert set(cache.latest) == {("ex1", "B")}
 
 
 async def test_a_cache_that_lost_its_data_is_refilled_on_the_next_flush() -> None:
@@ -169,10 +211,32 @@ async def test_a_cache_that_lost_its_data_is_refilled_on_the_next_flush() -> Non
     assert cache.writes == writes
 
 
-async def test_a_refill_after_an_outage_that_finds_the_cache_emptied_is_not_repeated() -> None:
-    """Back from an outage the write is already a refill of everything; that it also finds
-    the cache emptied (a Redis restarted) asks for nothing more: at 500 x 10 a refill is
-    3 million seconds."""
+async def test_the_first_write_to_an_empty_cache_is_a_refill_only_after_a_restore() -> None:
+    """A daemon that restored nothing holds only what its first write carries: that the
+    cache has no sentinel yet (a fresh Redis) asks for no refill. One that restored windows
+    holds what the cache may lack."""
+    for restored in (False, True):
+        clock = ManualClock(T0 + 100)
+        agg, cache, _ = make(clock)
+        if restored:
+            seeded = FakeCache()
+            seeded.seconds[("ex1", "BTCUSDT", T0 // 1000 - 5)] = SecondBucket(
+                "ex1", "BTCUSDT", T0 // 1000 - 5, 1.0, 1.0, 1.0, 1
+            )
+            agg._cache = seeded
+            await agg.resume(FakeStore())
+            agg._cache = cache
+        agg.fold(batch("ex1", T0, T0))
+        cache.lost = True
+        await agg.flush()
+        await agg.flush()
+        assert cache.wholes == ([False, True] if restored else [False])
+
+
+async def test_a_cache_back_from_an_outage_emptied_is_refilled_once() -> None:
+    """The write that gets through carries what was owed and finds the cache emptied (a
+    Redis restarted): one refill follows, and no second one (at 500 x 10 a refill is 3
+    million seconds)."""
     clock = ManualClock(T0 + 100)
     agg, cache, _ = make(clock)
     agg.fold(batch("ex1", T0, T0))
@@ -183,9 +247,11 @@ async def test_a_refill_after_an_outage_that_finds_the_cache_emptied_is_not_repe
     assert not agg.cache_up
     cache.down = False
     cache.wipe()
-    await agg.flush(final=True)  # the refill (forced: no backoff), and the loss found with it
-    assert cache.wholes == [False, True]  # a refill says it holds every second
+    cache.lost = True
+    await agg.flush(final=True)  # forced (no backoff): what was owed, and the loss found
     assert agg.cache_up
+    await agg.flush()  # the refill
+    assert cache.wholes == [False, False, True]  # a refill says it holds every second
     assert sorted(s for (_, _, s) in cache.seconds) == [T0 // 1000, T0 // 1000 + 1]
     writes = cache.writes
     await agg.flush()
