@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             latencies = asyncio.run(sample_latency(rd.url, fields, args.seconds))
             t1, n1, c1 = time.time(), ticks(daemon), cpu_s(daemon.proc.pid)
             rss = rss_mb(daemon.proc.pid)
+            # The longest the loop was held over the last 1-2 s of saturation (loop_health).
+            lag = daemon.get("/health")[1].get("loop_lag", {})
             for h in hoses:
                 h.stop()
             folded = settle(daemon)
@@ -355,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         "p99_ms": round(percentile(latencies, 0.99), 2),
         "max_ms": round(max(latencies), 2) if latencies else None,
         "rss_mb": round(rss, 1),
+        "saturated_loop_lag_max_ms": lag.get("max_ms"),
+        "saturated_loop_lag_cpu_max_ms": lag.get("cpu_max_ms"),
         "sources": args.sources,
         "pairs": args.pairs,
         "offered_rate_per_source": args.rate or "saturate",
@@ -383,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"saturated (queueing in socket buffers): tick->Redis p50 {result['p50_ms']} ms "
-        f"p99 {result['p99_ms']} ms; rss {rss:.0f} MB"
+        f"p99 {result['p99_ms']} ms; rss {rss:.0f} MB; loop held at most"
+        f" {lag.get('max_ms')} ms ({lag.get('cpu_max_ms')} ms of it on CPU) over its last 1-2 s"
     )
     print(
         f"counted back: folded {folded:,} = stored {back['stored']:,} = cached {back['cached']:,}"
