@@ -8,9 +8,11 @@ then holds exactly what the windows hold. A Redis restarted empty is refilled in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -60,49 +62,51 @@ def held(agg: Aggregator) -> dict[tuple[str, str, int], tuple[float, ...]]:
     }
 
 
+@contextlib.asynccontextmanager
+async def flushed_seconds(
+    redis: RedisServer, timeout_s: float, seconds: int
+) -> AsyncIterator[tuple[RedisPriceCache, Aggregator, int]]:
+    """A cache on ``redis``, an aggregator on it that has flushed ``seconds`` seconds of
+    ticks, and the next second to fold."""
+    cache = await open_redis(RedisSettings(url=redis.url, connect_timeout_s=timeout_s), RETENTION_S)
+    agg = aggregator(cache)
+    start = wall_ms() // 1000 - 30
+    try:
+        for s in range(start, start + seconds):
+            fold_second(agg, s)
+            await agg.flush()
+        assert agg.cache_up
+        yield cache, agg, start + seconds
+    finally:
+        await cache.aclose()
+
+
 async def test_a_stalled_redis_gets_what_it_missed_and_no_refill(
     private_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="marketflow.aggregator")
-    settings = RedisSettings(url=private_redis.url, connect_timeout_s=0.3)
-    cache = await open_redis(settings, RETENTION_S)
-    agg = aggregator(cache)
-    start = wall_ms() // 1000 - 30
-    try:
-        for s in range(start, start + 10):
-            fold_second(agg, s)
-            await agg.flush()
-        assert agg.cache_up
+    async with flushed_seconds(private_redis, 0.3, 10) as (cache, agg, nxt):
         with private_redis.paused():
-            for s in range(start + 10, start + 15):
+            for s in range(nxt, nxt + 5):
                 fold_second(agg, s)
                 fold_second(agg, s - 5)  # seconds written before change again meanwhile
                 await agg.flush()  # the first times out; the next ones wait for the backoff
             assert not agg.cache_up
-        fold_second(agg, start + 15)
+        fold_second(agg, nxt + 5)
         await agg.flush(final=True)  # forced past the backoff
         assert agg.cache_up
         assert await cached(cache) == held(agg)
         assert "cache_down" in caplog.text
         assert "cache_refilled" not in caplog.text
-    finally:
-        await cache.aclose()
 
 
 async def test_a_redis_restarted_empty_after_an_outage_is_refilled(
     private_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="marketflow.aggregator")
-    settings = RedisSettings(url=private_redis.url, connect_timeout_s=0.5)
-    cache = await open_redis(settings, RETENTION_S)
-    agg = aggregator(cache)
-    start = wall_ms() // 1000 - 30
-    try:
-        for s in range(start, start + 5):
-            fold_second(agg, s)
-            await agg.flush()
+    async with flushed_seconds(private_redis, 0.5, 5) as (cache, agg, nxt):
         await asyncio.to_thread(private_redis.stop)
-        fold_second(agg, start + 5)
+        fold_second(agg, nxt)
         await agg.flush()
         assert not agg.cache_up
         await asyncio.to_thread(private_redis.start)  # empty: no persistence, no scripts
@@ -110,5 +114,3 @@ async def test_a_redis_restarted_empty_after_an_outage_is_refilled(
         await agg.flush(final=True)  # the refill
         assert await cached(cache) == held(agg)
         assert "cache_refilled kind=redis seconds=36" in caplog.text
-    finally:
-        await cache.aclose()
