@@ -309,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
             t1, n1, c1 = time.time(), ticks(daemon), cpu_s(daemon.proc.pid)
             rss = rss_mb(daemon.proc.pid)
             # The longest the loop was held over the last 1-2 s of saturation (loop_health).
-            lag = daemon.get("/health")[1].get("loop_lag", {})
+            saturated_health = daemon.get("/health")[1]
+            lag = saturated_health.get("loop_lag", {})
+            gc_stats = saturated_health.get("gc", {})
             for h in hoses:
                 h.stop()
             folded = settle(daemon)
@@ -359,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         "rss_mb": round(rss, 1),
         "saturated_loop_lag_max_ms": lag.get("max_ms"),
         "saturated_loop_lag_cpu_max_ms": lag.get("cpu_max_ms"),
+        "gc_max_ms_by_generation": gc_stats.get("max_ms_by_generation"),
+        "gc_collections": gc_stats.get("collections"),
         "sources": args.sources,
         "pairs": args.pairs,
         "offered_rate_per_source": args.rate or "saturate",
@@ -389,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         f"saturated (queueing in socket buffers): tick->Redis p50 {result['p50_ms']} ms "
         f"p99 {result['p99_ms']} ms; rss {rss:.0f} MB; loop held at most"
         f" {lag.get('max_ms')} ms ({lag.get('cpu_max_ms')} ms of it on CPU) over its last 1-2 s"
+    )
+    print(
+        f"GC since start: collections per generation {gc_stats.get('collections')}, longest"
+        f" pause per generation {gc_stats.get('max_ms_by_generation')} ms"
     )
     print(
         f"counted back: folded {folded:,} = stored {back['stored']:,} = cached {back['cached']:,}"

@@ -462,7 +462,8 @@ class Daemon:
     async def _start_http(self, store_embedded: bool, cache_embedded: bool) -> None:
         s = self.settings
         guard = ControlGuard(s.http.control_token)
-        loop = LoopHealth()  # how late the loop runs, and GC pauses: /health, /metrics
+        # How late the loop runs, and GC pauses: /health, /metrics; what holds it: the log.
+        loop = LoopHealth(stall_log_s=s.pipeline.loop_stall_log_ms / 1000)
         loop.start()
         self._exit.push_async_callback(loop.aclose)
         report = HealthReport(

@@ -216,6 +216,8 @@ class PipelineSettings(_Frozen):
     # 10). Raised, the collector runs ~70x less often for a somewhat longer pause each
     # (README "Measured figures": bench.api measures both).
     gc_gen0_threshold: int = Field(50_000, ge=0, le=10_000_000)
+    # A loop held this long logs where it is held (loop_held, with the stack); 0: off.
+    loop_stall_log_ms: int = Field(0, ge=0, le=60_000)
     # A price above this is counted as price_out_of_range. Capped so that no sum of prices
     # (of any number of ticks a process could see) can overflow a float to inf.
     max_price: float = Field(MAX_PRICE, gt=0, le=1e18)

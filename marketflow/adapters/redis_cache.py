@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 from marketflow.domain.aggregates import LatestPrice, Mark, SecondBucket
 from marketflow.domain.errors import CacheUnavailable
 from marketflow.lifecycle import Closing
+from marketflow.loop_slices import Slices
 from marketflow.settings import RedisSettings
 
 log = logging.getLogger("marketflow.redis")
@@ -78,6 +79,7 @@ STAGE_ABOVE_SECONDS = 100_000  # larger writes are staged (see the module's docs
 STAGE_CHUNK_SECONDS = 10_000  # ~20 ms of Redis's time, and of the loop's, per staging script
 STAGE_TTL_S = 600  # a staging key outlives any refill, and then goes
 EXPIRY_MARGIN_S = 120
+ENCODE_PART_SECONDS = 2048  # seconds encoded between two looks at the loop's slice clock
 SCAN_COUNT = 1000
 LOAD_CHUNK_KEYS = 200  # minute keys read (and parsed) per round trip by load(): ~12,000 seconds
 
@@ -293,28 +295,46 @@ class RedisPriceCache(Closing):
         fresh: list[str] = []
         keys: list[str] = [LATEST_KEY, ALIVE_KEY, MARKS_KEY]
         # One [ttl, n] per run of seconds of one minute key (a key may come back in a later
-        # run: written twice in one script, the same as once).
+        # run: written twice in one script, the same as once). A flush's seconds come window
+        # by window: a run goes on while the minute and the window's name objects do.
         minutes: list[list[int]] = []
         run = [0, 0]
-        prev = ""
+        prev_ex = prev_sym = ""
+        prev_minute = -1
+        # The seconds' values, encoded a part at a time: the loop is served between parts.
+        slices = Slices()
+        parts: list[bytes] = []
+        part: list[tuple[int, float, float, float, int]] = []
         for b in seconds:
-            sec = b[2]
-            key = window_key(b[0], b[1], sec - sec % 60)
-            if key == prev:
+            ex, sym, sec = b[0], b[1], b[2]
+            minute = sec - sec % 60
+            if minute == prev_minute and sym is prev_sym and ex is prev_ex:
                 run[1] += 1
-                continue
-            prev = key
-            keys.append(key)
-            ttl = 0
-            if expired_at.get(key, -1.0) < refresh_before:
-                ttl = self._ttl
-                fresh.append(key)
-            run = [ttl, 1]
-            minutes.append(run)
+            else:
+                prev_ex, prev_sym, prev_minute = ex, sym, minute
+                key = window_key(ex, sym, minute)
+                if key == keys[-1]:  # the same minute key, under other name objects
+                    run[1] += 1
+                else:
+                    keys.append(key)
+                    ttl = 0
+                    if expired_at.get(key, -1.0) < refresh_before:
+                        ttl = self._ttl
+                        fresh.append(key)
+                    run = [ttl, 1]
+                    minutes.append(run)
+            part.append(b[2:])
+            if len(part) == ENCODE_PART_SECONDS:
+                parts.append(orjson.dumps(part)[1:-1])
+                part = []
+                if slices.spent():
+                    await slices.pause()
+        if part:
+            parts.append(orjson.dumps(part)[1:-1])
         argv = (
             orjson.dumps((_fields(latest), minutes, _flat_marks(marks))),
             orjson.dumps([p[2:] for p in latest]),
-            orjson.dumps([b[2:] for b in seconds]),
+            b"[" + b",".join(parts) + b"]",
         )
         missing, lost = await self._run(keys, argv)
         lost = lost or missing == 1

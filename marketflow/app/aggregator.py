@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from marketflow.app.pipeline_metrics import PipelineMetrics
 from marketflow.app.restore import restore
@@ -30,11 +30,13 @@ from marketflow.domain.ports import MinuteStore, PriceCache
 from marketflow.domain.seconds_snapshot import SecondsSnapshot
 from marketflow.domain.ticks import BookUpdate, TickBatch
 from marketflow.domain.window import PairWindow
+from marketflow.loop_slices import CHECK_EVERY, SLICE_S, Slices
 from marketflow.settings import PipelineSettings
 
 log = logging.getLogger("marketflow.aggregator")
 
 FOLD_SLICE_S = 0.002  # the consumer yields to the loop after this much folding
+FLUSH_SLICE_S = SLICE_S  # a flush's build yields to the loop after this much (loop_slices)
 BEHIND_FACTOR = 8  # a daemon behind its feeds spends at most ~1/9 of its loop building flushes
 FULL_SWEEP_MS = 10_000  # every window is visited at least this often (see Aggregator._sweep)
 # Seconds a cache that failed or is down may owe before a refill replaces the backlog (see
@@ -43,6 +45,17 @@ FULL_SWEEP_MS = 10_000  # every window is visited at least this often (see Aggre
 UNWRITTEN_LIMIT = 50_000
 
 Clock = Callable[[], int]
+
+
+class FlushBuild(NamedTuple):
+    """What one flush writes, taken at clock ``now``, with the fold receipts and marks."""
+
+    now: int
+    latest: list[LatestPrice]
+    seconds: list[SecondBucket]
+    received: dict[str, int]  # source -> receipt of its oldest batch folded since the last
+    rows: list[MinuteRow]
+    marks: dict[str, Mark]  # the positions this flush took (the marks it carries)
 
 
 class RowSink(Protocol):
@@ -139,6 +152,10 @@ class Aggregator:
         # the partitions' offsets after them); must not block or raise.
         self.on_flushed: Callable[[Mapping[str, Mark]], None] | None = None
         self._flush_lock = asyncio.Lock()
+        # Cleared while a flush builds what it writes in slices (yielding to the loop): the
+        # consumer folds nothing meanwhile, so the flush is one state with the marks it takes.
+        self._fold_open = asyncio.Event()
+        self._fold_open.set()
 
     @property
     def cache_kind(self) -> str:
@@ -195,14 +212,19 @@ class Aggregator:
         a thousand batches is folded in slices, not in one 100 ms step."""
         queue = self._fanin
         clock = time.perf_counter
+        open_ = self._fold_open
         while True:
             batch = await queue.get()
             try:  # a batch that fails is still done: stop() joins on this queue
+                if not open_.is_set():
+                    await open_.wait()
                 self.fold(batch)
             finally:
                 queue.task_done()
             until = clock() + FOLD_SLICE_S
             while not queue.empty():
+                if not open_.is_set():
+                    await open_.wait()
                 batch = queue.get_nowait()
                 try:
                     self.fold(batch)
@@ -378,7 +400,44 @@ class Aggregator:
             await self._flush(final=final, sweep=sweep)
 
     async def _flush(self, *, final: bool, sweep: bool) -> None:
-        started = time.perf_counter()
+        slices = Slices(FLUSH_SLICE_S, finish_on_cancel=True)
+        self._fold_open.clear()
+        try:
+            built = await self._build(final, sweep, slices)
+        finally:
+            self._fold_open.set()
+        self.flush_build_s = slices.done()
+        now, latest, seconds = built.now, built.latest, built.seconds
+        cancelled = slices.cancelled
+        written = False
+        if not cancelled:
+            try:
+                written = await self._write_cache(latest, seconds, built.marks, now, force=final)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:  # stopping: what this flush took is owed to the final flush
+            self._keep_unwritten(latest, seconds)
+        if built.rows or final:
+            # After the cache write: a mark reaches the store only once the cache holds the
+            # open minutes' seconds it covers (a crash between the two writes would otherwise
+            # resume past ticks of the open minute that only this process held).
+            self._rows.submit(built.rows, dict(self.marks))
+        if written:
+            self._written(built.received, built.marks)
+        else:  # not written (cache down): those ticks wait on, counted from their receipt
+            for source, ms in built.received.items():
+                if ms < self._first_received.get(source, ms + 1):
+                    self._first_received[source] = ms
+        self.queue_delay_peak_ms, self._delay_peak_ms = self._delay_peak_ms, 0
+        self.flush_duration_ms = self._clock() - now
+        self.flushes += 1
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _build(self, final: bool, sweep: bool, slices: Slices) -> FlushBuild:
+        """What a flush writes, taken from the windows in slices of the loop (nothing is
+        folded meanwhile: see ``_fold_open``): changed latest prices and seconds, the
+        receipts they were folded from, closed minute rows (``sweep``) and the marks."""
         now = self._clock()
         if self.on_flush is not None:
             self.on_flush(now)
@@ -391,7 +450,7 @@ class Aggregator:
         changed_windows = list(self._changed)
         self._changed.clear()
         received, self._first_received = self._first_received, {}
-        for w in changed_windows:
+        for i, w in enumerate(changed_windows, 1):
             w.active_ms = now
             if w.dirty_seconds:
                 lp = w.latest()
@@ -406,28 +465,15 @@ class Aggregator:
                         got.add(w)
                 newly.clear()
             w.evict(retention)  # the floor follows the newest second at once: late is late
+            if i % CHECK_EVERY == 0 and slices.spent():
+                await slices.pause()
         if latest and self._on_latest is not None:
             self._on_latest(latest)  # once per flush, never per tick
-        rows = self._sweep(now, final) if sweep or final else []
+        rows = await self._sweep(now, final, slices) if sweep or final else []
         changed = {source: (pos, now) for source, pos in self._positions.items()}
         self.marks.update(changed)
         self._positions.clear()
-        self.flush_build_s = time.perf_counter() - started
-        written = await self._write_cache(latest, seconds, changed, now, force=final)
-        if rows or final:
-            # After the cache write: a mark reaches the store only once the cache holds the
-            # open minutes' seconds it covers (a crash between the two writes would otherwise
-            # resume past ticks of the open minute that only this process held).
-            self._rows.submit(rows, dict(self.marks))
-        if written:
-            self._written(received, changed)
-        else:  # not written (cache down): those ticks wait on, counted from their receipt
-            for source, ms in received.items():
-                if ms < self._first_received.get(source, ms + 1):
-                    self._first_received[source] = ms
-        self.queue_delay_peak_ms, self._delay_peak_ms = self._delay_peak_ms, 0
-        self.flush_duration_ms = self._clock() - now
-        self.flushes += 1
+        return FlushBuild(now, latest, seconds, received, rows, changed)
 
     def _written(self, received: dict[str, int], marks: dict[str, Mark]) -> None:
         """The cache acknowledged a flush: latency observed, marks' listener told."""
@@ -435,7 +481,7 @@ class Aggregator:
         if self.on_flushed is not None and marks:
             self.on_flushed(marks)
 
-    def _sweep(self, now: int, final: bool) -> list[MinuteRow]:
+    async def _sweep(self, now: int, final: bool, slices: Slices) -> list[MinuteRow]:
         """Closed minutes (all pending ones when final) and eviction.
 
         Only windows with a pending minute that has closed are visited (``_due``: windows
@@ -463,7 +509,9 @@ class Aggregator:
             visit = picked
         rows: list[MinuteRow] = []
         postponed: list[int] = []
-        for w in visit:
+        for i, w in enumerate(visit, 1):
+            if i % CHECK_EVERY == 0 and slices.spent():
+                await slices.pause()
             covered = self.coverage.get(w.exchange, {})
             if final:
                 rows.extend(w.open_minutes(covered))

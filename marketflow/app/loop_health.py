@@ -12,10 +12,15 @@ from __future__ import annotations
 import asyncio
 import bisect
 import gc
+import logging
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # Upper bounds (seconds) of the lag and pause histograms exported to Prometheus.
 BUCKETS_S: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0)
@@ -81,6 +86,8 @@ class LoopLagMonitor:
         self._current = 0.0
         self._previous = 0.0
         self.max_ever = 0.0
+        # (due time, lag, CPU part) of the latest beats, for the stall tracer
+        self.recent: deque[tuple[float, float, float]] = deque(maxlen=256)
         self.histogram = Histogram()
         self._handle: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -111,6 +118,7 @@ class LoopLagMonitor:
         # CPU spent since scheduling, less the tick it could have spent on time: the part
         # of the lateness that was the loop's own work.
         cpu = max(0.0, min(lag, self._cpu_clock() - self._cpu_at - self.tick_s))
+        self.recent.append((self._due, lag, cpu))
         self.record(now, lag, cpu)
         self._schedule(now)
 
@@ -228,19 +236,108 @@ class GcPauses:
         }
 
 
-class LoopHealth:
-    """The loop-lag monitor and the GC pause timer of one running daemon."""
+class StallTracer:
+    """Where the loop is while it is held: a thread that looks at the loop thread's stack
+    while a ``LoopLagMonitor`` beat is ``threshold_s`` overdue and, once the beat has run,
+    logs the stall (``loop_held``): its length and the loop thread's CPU time in it (about
+    the length when the loop's own work held it, about 0 when the OS ran something else on
+    the core), the stack first seen (innermost frame last) and the innermost frames seen
+    after it.
 
-    def __init__(self, lag: LoopLagMonitor | None = None, pauses: GcPauses | None = None):
+    A lag figure says that the loop was held; this says by what. The thread wakes every
+    ``threshold_s / 4`` and takes the GIL only for that look.
+    """
+
+    def __init__(self, monitor: LoopLagMonitor, threshold_s: float, frames: int = 10) -> None:
+        self.monitor = monitor
+        self.threshold_s = threshold_s
+        self.frames = frames
+        self.stalls = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop_thread = 0
+
+    def start(self) -> None:
+        if self._thread is not None or self.threshold_s <= 0:
+            return
+        self._loop_thread = threading.get_ident()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, name="stall-tracer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _watch(self) -> None:
+        monitor = self.monitor
+        stalled_due = -1.0
+        first = ""
+        then: list[str] = []
+        while not self._stop.wait(self.threshold_s / 4):
+            due = monitor._due  # float reads: atomic under the GIL
+            if stalled_due >= 0 and due != stalled_due:  # that beat has run: report it
+                self.stalls += 1
+                lag, cpu = next(
+                    ((lag, cpu) for d, lag, cpu in reversed(monitor.recent) if d == stalled_due),
+                    (monitor._clock() - stalled_due, 0.0),  # aged out: an upper bound
+                )
+                log.warning(
+                    "loop_held ms=%.0f cpu_ms=%.0f at=%s then=%s",
+                    lag * 1000,
+                    cpu * 1000,
+                    first,
+                    ",".join(then) or "-",
+                )
+                stalled_due = -1.0
+            if monitor._clock() - due < self.threshold_s:
+                continue
+            frame = sys._current_frames().get(self._loop_thread)
+            if frame is None:
+                return
+            if stalled_due != due:
+                stalled_due, first, then = due, stack_line(frame, self.frames), []
+            else:
+                inner = stack_line(frame, 1)
+                if not then or then[-1] != inner:
+                    then.append(inner)
+
+
+def stack_line(frame: Any, depth: int) -> str:
+    """``file:line:function`` of ``frame`` and its ``depth - 1`` callers joined by ``>``,
+    outermost first: the innermost frame (what runs) comes last."""
+    out: list[str] = []
+    while frame is not None and len(out) < depth:
+        code = frame.f_code
+        out.append(f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}:{code.co_name}")
+        frame = frame.f_back
+    return ">".join(reversed(out))
+
+
+class LoopHealth:
+    """The loop-lag monitor and the GC pause timer of one running daemon, and (when
+    ``stall_log_s`` > 0) the stall tracer on that monitor."""
+
+    def __init__(
+        self,
+        lag: LoopLagMonitor | None = None,
+        pauses: GcPauses | None = None,
+        stall_log_s: float = 0.0,
+    ):
         self.lag = lag or LoopLagMonitor()
         self.gc = pauses or GcPauses()
+        self.stalls = StallTracer(self.lag, stall_log_s)
 
     def start(self) -> None:
         self.lag.start()
         self.gc.install()
+        self.stalls.start()
 
     async def aclose(self) -> None:
         """Stop measuring (safe to call twice)."""
+        self.stalls.stop()
         self.lag.stop()
         self.gc.uninstall()
 

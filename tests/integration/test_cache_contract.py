@@ -308,3 +308,21 @@ async def test_redis_load_in_chunks_reads_what_one_pipeline_reads(
     chunked = await redis_cache.load(0)
     assert sorted(chunked[1]) == sorted(whole[1]) == sorted(buckets)
     assert chunked[0] == whole[0]
+
+
+async def test_a_write_larger_than_one_encoded_part_keeps_every_second(cache: Cache) -> None:
+    """A big flush is encoded a part at a time (redis_cache.ENCODE_PART_SECONDS), with the
+    loop served between parts: every second still lands, under its own minute key, whether
+    the window's names are the same objects or equal copies."""
+    from marketflow.adapters.redis_cache import ENCODE_PART_SECONDS
+
+    n = 2 * ENCODE_PART_SECONDS + 7
+    assert n < 6000
+    buckets = [  # names joined anew for each second: equal, not the same objects
+        SecondBucket(f"ex{i // 500}", "".join(["BTC", "USDT"]), S0 + i % 500, 1.0, 2.0, i, 1)
+        for i in range(n)
+    ]
+    await cache.write([latest(1.0, 1)], buckets)
+    _, seconds = await cache.load(S0)
+    key = lambda b: (b.exchange, b.second)  # noqa: E731
+    assert sorted(seconds, key=key) == sorted(buckets, key=key)

@@ -13,13 +13,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2] / "marketflow"
 
-# Modules every layer above the domain may use: the reconnect policy, `async with`, settings and
-# log configuration (each of them imports at most the domain).
-SHARED = {"backoff", "lifecycle", "settings", "logs"}
+# Modules every layer above the domain may use: the reconnect policy, `async with`, settings,
+# log configuration and loop slicing (each of them imports at most the domain).
+SHARED = {"backoff", "lifecycle", "settings", "logs", "loop_slices"}
 # Which top-level parts of marketflow each part may import (its own part always).
 ALLOWED: dict[str, set[str]] = {
     "domain": set(),
     "backoff": set(),
+    "loop_slices": set(),
     "lifecycle": set(),
     "logs": set(),
     "settings": {"domain"},

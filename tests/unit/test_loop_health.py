@@ -151,3 +151,38 @@ async def test_loop_health_snapshot_has_both_parts_and_closes_twice() -> None:
     assert set(doc) == {"loop_lag", "gc"}
     assert doc["loop_lag"]["beats"] >= 1
     assert doc["gc"]["threshold"] == list(gc.get_threshold())
+
+
+def _hold_the_loop(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+async def test_the_stall_tracer_logs_how_long_the_loop_was_held_and_where(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    health = LoopHealth(LoopLagMonitor(tick_s=0.002), stall_log_s=0.02)
+    health.start()
+    try:
+        await asyncio.sleep(0.05)
+        _hold_the_loop(0.15)
+        await asyncio.sleep(0.05)  # the beat runs, and the tracer reports the stall
+        await asyncio.sleep(0.05)
+    finally:
+        await health.aclose()
+    held = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loop_held ")]
+    assert len(held) == 1, held
+    assert health.stalls.stalls == 1
+    fields = dict(part.split("=", 1) for part in held[0].split()[1:])
+    assert 140 <= float(fields["ms"]) < 1000
+    assert float(fields["cpu_ms"]) < 20  # held by a sleep: off the CPU, the OS's doing
+    assert fields["at"].endswith("_hold_the_loop")  # the innermost frame comes last
+    assert "test_the_stall_tracer_logs" in fields["at"]
+
+
+async def test_no_stall_tracer_runs_when_its_threshold_is_zero() -> None:
+    health = LoopHealth(stall_log_s=0.0)
+    health.start()
+    try:
+        assert health.stalls._thread is None
+    finally:
+        await health.aclose()
