@@ -52,7 +52,7 @@ class MinuteParts:
         self.changed: set[int] = set()  # seconds changed since the last row
         self.built_ms = 0  # our clock when its row was last emitted (set by the window)
 
-    def refresh(self, seconds: Mapping[int, list[float]]) -> bool:
+    def refresh(self, seconds: Mapping[int, Sequence[float]]) -> bool:
         """Take the changed seconds from the window's open ``seconds``; False when one is no
         longer there (then the caller builds the row in full)."""
         states, at, totals, packed = self.states, self.at, self.totals, self.packed

@@ -6,8 +6,8 @@ T0 = 1_795_482_600_000  # a minute boundary
 def test_min_max_sum_count_per_second_and_latest_by_exchange_time() -> None:
     w = PairWindow("ex", "BTCUSDT")
     w.add([(10.0, T0 + 10), (12.0, T0 + 20), (8.0, T0 + 999), (11.0, T0 + 1000)], T0)
-    assert w.seconds[T0 // 1000] == [8.0, 12.0, 30.0, 3]
-    assert w.seconds[T0 // 1000 + 1] == [11.0, 11.0, 11.0, 1]
+    assert w.seconds[T0 // 1000] == (8.0, 12.0, 30.0, 3)
+    assert w.seconds[T0 // 1000 + 1] == (11.0, 11.0, 11.0, 1)
     lp = w.latest()
     assert lp is not None
     assert (lp.price, lp.timestamp_ms) == (11.0, T0 + 1000)
@@ -139,7 +139,7 @@ def test_closed_minutes_are_packed_and_a_late_tick_reopens_its_minute_exactly() 
     # A late tick for the packed minute: unpacked, folded, emitted again whole, packed again.
     w.add([(5.0, T0 + 1_200)], T0 + 63_000)
     assert w.packed == {}
-    assert w.seconds[T0 // 1000 + 1] == [5.0, 10.0, 15.0, 2]
+    assert w.seconds[T0 // 1000 + 1] == (5.0, 10.0, 15.0, 2)
     w.take_dirty_seconds()
     again = w.closed_minutes(T0 + 63_000, 2_000)
     assert [(r.minute_ms, r.count, r.low, r.high) for r in again] == [(T0, 3, 5.0, 12.0)]
@@ -160,6 +160,6 @@ def test_restored_seconds_of_closed_minutes_are_packed_at_the_next_close() -> No
     assert not w.loose
     # Seeding a fuller version of a packed second unpacks its minute first.
     assert w.seed_second(T0 // 1000 + 5, 0.5, 2.0, 5.0, 3)
-    assert w.seconds == {T0 // 1000 + 5: [0.5, 2.0, 5.0, 3]}
+    assert w.seconds == {T0 // 1000 + 5: (0.5, 2.0, 5.0, 3)}
     assert w.packed == {}
     assert not w.seed_second(T0 // 1000 + 5, 1.0, 2.0, 3.0, 2)  # the older version loses

@@ -10,16 +10,16 @@ from marketflow.domain.window import PairWindow
 def test_low_and_high_of_a_second_follow_every_tick() -> None:
     w = PairWindow("ex", "BTC")
     w.add([(2.0, 1_000), (3.0, 1_100), (2.5, 1_200), (1.5, 1_300), (3.0, 1_400)], 7)
-    assert w.seconds == {1: [1.5, 3.0, 12.0, 5]}
+    assert w.seconds == {1: (1.5, 3.0, 12.0, 5)}
     w.add([(2.0, 2_000), (1.0, 2_100), (1.5, 2_200), (4.0, 2_300), (0.5, 2_400)], 8)
-    assert w.seconds[2] == [0.5, 4.0, 9.0, 5]
+    assert w.seconds[2] == (0.5, 4.0, 9.0, 5)
 
 
 def test_late_ticks_are_counted_each_and_the_rest_of_the_batch_still_folds() -> None:
     w = PairWindow("ex", "BTC", floor_second=10)
     w.add([(1.0, 9_000), (2.0, 9_999), (3.0, 10_000), (4.0, 5_000), (5.0, 11_000)], 0)
     assert w.late == 3
-    assert w.seconds == {10: [3.0, 3.0, 3.0, 1], 11: [5.0, 5.0, 5.0, 1]}
+    assert w.seconds == {10: (3.0, 3.0, 3.0, 1), 11: (5.0, 5.0, 5.0, 1)}
     w.add([(1.0, 1_000)], 0)
     assert w.late == 4
 
@@ -134,8 +134,8 @@ def test_folded_seconds_give_the_window_what_single_ticks_give_it() -> None:
         assert (by_second.late, by_second.newest_second) == (by_tick.late, by_tick.newest_second)
         assert by_second.dirty_seconds == by_tick.dirty_seconds
     assert by_second.seconds == {
-        10: [0.5, 0.5, 0.5, 1], 11: [2.0, 5.0, 10.0, 3], 12: [1.0, 5.0, 14.0, 4],
-        13: [7.0, 7.0, 7.0, 1],
+        10: (0.5, 0.5, 0.5, 1), 11: (2.0, 5.0, 10.0, 3), 12: (1.0, 5.0, 14.0, 4),
+        13: (7.0, 7.0, 7.0, 1),
     }  # fmt: skip
     assert by_second.latest() == LatestPrice("ex", "BTC", 7.0, 13_000, 3)
     assert by_second.late == 1

@@ -20,9 +20,9 @@ def test_seed_second_fuller_version_wins_and_moves_the_newest_second() -> None:
     assert w.newest_second == 130
     assert w.seed_second(130, 9.0, 9.0, 9.0, 1) is False  # fewer ticks: older
     assert w.seed_second(130, 9.0, 9.0, 18.0, 2) is False  # as many: kept
-    assert w.seconds[130] == [2.0, 3.0, 5.0, 2]
+    assert w.seconds[130] == (2.0, 3.0, 5.0, 2)
     assert w.seed_second(130, 1.0, 4.0, 7.0, 3) is True
-    assert w.seconds[130] == [1.0, 4.0, 7.0, 3]
+    assert w.seconds[130] == (1.0, 4.0, 7.0, 3)
     assert w.seed_second(100, 5.0, 5.0, 5.0, 1) is True  # the floor itself is held
     assert w.newest_second == 130  # an older second does not move it back
 
@@ -32,7 +32,7 @@ def test_seed_second_is_refused_in_a_minute_restored_from_an_older_format_row() 
     assert w.seed_row(MinuteRow("ex", "BTC", 120_000, 2.0, 1.0, 3.0, 5)) is False
     assert w.seed_second(150, 1.0, 1.0, 1.0, 9) is False
     assert w.seed_second(180, 1.0, 1.0, 1.0, 1) is True  # the next minute is not
-    assert w.seconds == {180: [1.0, 1.0, 1.0, 1]}
+    assert w.seconds == {180: (1.0, 1.0, 1.0, 1)}
 
 
 def test_seed_row_with_seconds_merges_by_second_and_says_when_the_window_holds_more() -> None:
@@ -43,7 +43,7 @@ def test_seed_row_with_seconds_merges_by_second_and_says_when_the_window_holds_m
         seconds=((121, 1.0, 3.0, 4.0, 2), (179, 2.0, 2.0, 2.0, 1)),
     )  # fmt: skip
     assert w.seed_row(row) is True  # 4 ticks held > 3 in the row: write it again
-    assert w.seconds == {121: [1.0, 3.0, 4.0, 2], 125: [7.0, 7.0, 7.0, 1], 179: [2.0, 2.0, 2.0, 1]}
+    assert w.seconds == {121: (1.0, 3.0, 4.0, 2), 125: (7.0, 7.0, 7.0, 1), 179: (2.0, 2.0, 2.0, 1)}
     assert w.newest_second == 179
     fresh = PairWindow("ex", "BTC")
     assert fresh.seed_row(row) is False  # holds exactly the row
