@@ -167,8 +167,13 @@ class GcPauses:
         clock: Callable[[], float] = time.perf_counter,
         summary_every_s: float = 1.0,
         cpu_clock: Callable[[], float] = time.thread_time,
+        log_above_s: float = 0.0,
     ) -> None:
+        """``log_above_s`` > 0: a collection that long logs ``gc_pause`` with what it
+        collected (a young collection freeing a big cycle of garbage takes as long as the
+        freeing: with the stall tracer, GC is where that shows)."""
         self._clock = clock
+        self._log_above_s = log_above_s
         self._cpu_clock = cpu_clock
         self._summary_every_s = summary_every_s
         self._summary: tuple[float, dict[str, Any]] | None = None
@@ -199,7 +204,16 @@ class GcPauses:
             self._cpu_started = self._cpu_clock()
         else:
             cpu = self._cpu_clock() - self._cpu_started
-            self.record(info["generation"], self._clock() - self._started, cpu)
+            pause = self._clock() - self._started
+            self.record(info["generation"], pause, cpu)
+            if 0 < self._log_above_s <= pause:
+                log.warning(
+                    "gc_pause ms=%.0f cpu_ms=%.0f generation=%d collected=%d",
+                    pause * 1000,
+                    cpu * 1000,
+                    info["generation"],
+                    info.get("collected", 0),
+                )
 
     def record(self, generation: int, pause_s: float, cpu_s: float | None = None) -> None:
         self.collections[generation] += 1
@@ -327,7 +341,7 @@ class LoopHealth:
         stall_log_s: float = 0.0,
     ):
         self.lag = lag or LoopLagMonitor()
-        self.gc = pauses or GcPauses()
+        self.gc = pauses or GcPauses(log_above_s=stall_log_s)
         self.stalls = StallTracer(self.lag, stall_log_s)
 
     def start(self) -> None:

@@ -186,3 +186,17 @@ async def test_no_stall_tracer_runs_when_its_threshold_is_zero() -> None:
         assert health.stalls._thread is None
     finally:
         await health.aclose()
+
+
+def test_a_long_collection_is_logged_with_what_it_freed(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    pauses = GcPauses(clock=lambda: now[0], cpu_clock=lambda: now[0], log_above_s=0.02)
+    pauses._callback("start", {"generation": 0})
+    now[0] = 0.01
+    pauses._callback("stop", {"generation": 0, "collected": 3})  # 10 ms: under the bar
+    pauses._callback("start", {"generation": 0})
+    now[0] = 0.05
+    pauses._callback("stop", {"generation": 0, "collected": 250_000})
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("gc_pause")]
+    assert logged == ["gc_pause ms=40 cpu_ms=40 generation=0 collected=250000"]
+    assert pauses.collections == [2, 0, 0]
