@@ -463,7 +463,10 @@ class Daemon:
         s = self.settings
         guard = ControlGuard(s.http.control_token)
         # How late the loop runs, and GC pauses: /health, /metrics; what holds it: the log.
-        loop = LoopHealth(stall_log_s=s.pipeline.loop_stall_log_ms / 1000)
+        loop = LoopHealth(
+            stall_log_s=s.pipeline.loop_stall_log_ms / 1000,
+            young_every_s=s.pipeline.gc_young_every_ms / 1000,
+        )
         loop.start()
         self._exit.push_async_callback(loop.aclose)
         report = HealthReport(

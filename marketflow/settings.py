@@ -216,6 +216,10 @@ class PipelineSettings(_Frozen):
     # 10). Raised, the collector runs ~70x less often for a somewhat longer pause each
     # (README "Measured figures": bench.api measures both).
     gc_gen0_threshold: int = Field(50_000, ge=0, le=10_000_000)
+    # Young and middle GC generations collected on this clock too (loop_health.
+    # YoungCollections); 0: CPython's allocation count alone, which frees of old objects
+    # hold back (young collections of 30-600 ms at 500 pairs x 10 exchanges).
+    gc_young_every_ms: int = Field(100, ge=0, le=60_000)
     # A loop held this long logs where it is held (loop_held, with the stack); 0: off.
     loop_stall_log_ms: int = Field(0, ge=0, le=60_000)
     # A price above this is counted as price_out_of_range. Capped so that no sum of prices

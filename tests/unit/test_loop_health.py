@@ -7,7 +7,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from marketflow.app.loop_health import GcPauses, Histogram, LoopHealth, LoopLagMonitor
+from marketflow.app.loop_health import (
+    GcPauses,
+    Histogram,
+    LoopHealth,
+    LoopLagMonitor,
+    YoungCollections,
+)
 
 
 @pytest.fixture
@@ -198,5 +204,37 @@ def test_a_long_collection_is_logged_with_what_it_freed(caplog: pytest.LogCaptur
     now[0] = 0.05
     pauses._callback("stop", {"generation": 0, "collected": 250_000})
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("gc_pause")]
-    assert logged == ["gc_pause ms=40 cpu_ms=40 generation=0 collected=250000"]
+    assert len(logged) == 1
+    assert logged[0].startswith("gc_pause ms=40 cpu_ms=40 generation=0 collected=250000 young=")
     assert pauses.collections == [2, 0, 0]
+
+
+async def test_young_collections_run_on_their_clock_with_the_middle_generation() -> None:
+    done: list[int] = []
+
+    def collect(generation: int) -> int:
+        done.append(generation)
+        return 0
+
+    young = YoungCollections(0.001, collect=collect)
+    young.start()
+    young.start()  # one timer
+    try:
+        for _ in range(200):
+            await asyncio.sleep(0.001)
+            if len(done) >= 20:
+                break
+    finally:
+        young.stop()
+    n = len(done)
+    assert n >= 20
+    assert set(done) == {1}
+    assert young.runs == n
+    await asyncio.sleep(0.01)
+    assert len(done) == n  # stopped
+
+
+def test_young_collections_are_off_at_zero(idle_loop: asyncio.AbstractEventLoop) -> None:
+    young = YoungCollections(0.0)
+    young.start(idle_loop)
+    assert young._handle is None
