@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
@@ -211,28 +210,22 @@ class Aggregator:
         the loop run (HTTP requests, reads) every ``FOLD_SLICE_S`` of folding: a backlog of
         a thousand batches is folded in slices, not in one 100 ms step."""
         queue = self._fanin
-        clock = time.perf_counter
         open_ = self._fold_open
         while True:
             batch = await queue.get()
-            try:  # a batch that fails is still done: stop() joins on this queue
-                if not open_.is_set():
-                    await open_.wait()
-                self.fold(batch)
-            finally:
-                queue.task_done()
-            until = clock() + FOLD_SLICE_S
-            while not queue.empty():
-                if not open_.is_set():
-                    await open_.wait()
-                batch = queue.get_nowait()
-                try:
+            slices = Slices(FOLD_SLICE_S)
+            while True:
+                try:  # a batch that fails is still done: stop() joins on this queue
+                    if not open_.is_set():  # a flush is building (see _flush)
+                        await open_.wait()
                     self.fold(batch)
                 finally:
                     queue.task_done()
-                if clock() > until:
-                    await asyncio.sleep(0)
-                    until = clock() + FOLD_SLICE_S
+                if slices.spent():
+                    await slices.pause()
+                if queue.empty():
+                    break
+                batch = queue.get_nowait()
             if not self.parse_backlog():
                 self._folded.set()  # idle: the flusher may write what was folded
 

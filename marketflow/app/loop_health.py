@@ -302,8 +302,9 @@ class StallTracer:
             due = monitor._due  # float reads: atomic under the GIL
             if stalled_due >= 0 and due != stalled_due:  # that beat has run: report it
                 self.stalls += 1
+                beats = list(monitor.recent)  # one C call: the loop thread may append
                 lag, cpu = next(
-                    ((lag, cpu) for d, lag, cpu in reversed(monitor.recent) if d == stalled_due),
+                    ((lag, cpu) for d, lag, cpu in reversed(beats) if d == stalled_due),
                     (monitor._clock() - stalled_due, 0.0),  # aged out: an upper bound
                 )
                 log.warning(

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from marketflow import loop_slices
 from marketflow.app import aggregator as aggregator_module
 from marketflow.app.aggregator import Aggregator
 from marketflow.domain.ticks import TickBatch
@@ -238,7 +239,7 @@ async def test_within_one_slice_a_backlog_is_folded_without_yielding(
     # A clock that never moves: the slice never ends, so the other task cannot run between
     # two batches (a slice end that came early, or at equality, would let it).
     monkeypatch.setattr(aggregator_module, "FOLD_SLICE_S", 0.0)
-    monkeypatch.setattr(aggregator_module, "time", SimpleNamespace(perf_counter=lambda: 5.0))
+    monkeypatch.setattr(loop_slices, "time", SimpleNamespace(perf_counter=lambda: 5.0))
     fanin: asyncio.Queue[TickBatch] = asyncio.Queue()
     agg = Aggregator(
         fanin, FakeCache(), RecordingSink(FakeStore()), PipelineSettings(), ManualClock(T0)
