@@ -25,14 +25,17 @@ Key layout (other tools read it; change it only with a new prefix):
     its data (restarted without persistence), and the daemon writes everything it holds.
 
 ``marketflow:staging:{token}:window:...`` (hash, short-lived)
-    a refill of more than ``STAGE_ABOVE_SECONDS`` seconds (``write(whole=True)``, after an
-    outage: with 500 pairs x 10 exchanges, 3 million) goes in scripts of
+    a write of more than ``STAGE_ABOVE_SECONDS`` seconds goes in scripts of
     ``STAGE_CHUNK_SECONDS`` to these keys first, then one script renames them to their
-    minute keys with the latest prices, marks and sentinel. One script of everything ran
-    past Redis's 5 s script limit (other clients get BUSY meanwhile) and the daemon's 2 s
-    read timeout, so the refill never landed; staged, the marks still become visible only
-    with the seconds they cover, and a refill cut short leaves only staging keys, which
-    expire after ``STAGE_TTL_S``.
+    minute keys with the latest prices, marks and sentinel. That is a refill after an
+    outage (``write(whole=True)``; with 500 pairs x 10 exchanges, 3 million seconds), or a
+    flush of a backfill's changed seconds, whose staging keys start as a COPY of their
+    minute keys. One script of everything ran past Redis's 5 s script limit (other
+    clients get BUSY meanwhile) and the daemon's 2 s read timeout, so the write never
+    landed and the cache was taken as down; staged, the marks still become visible only
+    with the seconds they cover, and a write cut short leaves only staging keys, which
+    expire as the minute keys would have. Writes are one at a time (the flush lock), so nothing
+    changes a minute key between its copy and the rename.
 
 A ``write()`` is one round trip, one script (atomic, like MULTI/EXEC): every latest price,
 HSET (and EXPIRE once per half TTL) per minute key, the marks, and the sentinel. It goes over
@@ -75,9 +78,8 @@ WINDOW_PREFIX = "marketflow:window:"
 MARKS_KEY = "marketflow:marks"
 ALIVE_KEY = "marketflow:alive"
 STAGING_PREFIX = "marketflow:staging:"  # outside WINDOW_PREFIX: never loaded as a window
-STAGE_ABOVE_SECONDS = 100_000  # larger writes are staged (see the module's docstring)
+STAGE_ABOVE_SECONDS = 50_000  # larger writes are staged (~45 ms of Redis's time in one)
 STAGE_CHUNK_SECONDS = 10_000  # ~20 ms of Redis's time, and of the loop's, per staging script
-STAGE_TTL_S = 600  # a staging key outlives any refill, and then goes
 EXPIRY_MARGIN_S = 120
 ENCODE_PART_SECONDS = 2048  # seconds encoded between two looks at the loop's slice clock
 SCAN_COUNT = 1000
@@ -99,23 +101,36 @@ LOAD_CHUNK_KEYS = 200  # minute keys read (and parsed) per round trip by load():
 # ARGV[3]: ``[[second, low, high, total, count], ...]`` the same way, grouped by minute key:
 #   field ``second``, value the text ``low,high,total,count``.
 # ARGV[4] (optional): ``n`` staged keys to publish first: the last 2n KEYS are (staging,
-#   minute key) pairs, renamed, each given the TTL ARGV[5]; when one is gone (it expired,
-#   Redis restarted) nothing is written and the script returns 2. ``-1``: a staging write
-#   (its minute keys are staging keys; the sentinel is left alone).
+#   minute key) pairs, renamed (a staging key has its minute key's TTL already); when one
+#   is gone (it expired, Redis restarted) nothing is written and the script returns 2.
+#   ``-1``: a staging write (its minute keys are staging keys; the sentinel is left alone)
+#   whose last 2 x ARGV[5] KEYS are (minute key, staging key) pairs: each staging key
+#   starts as a COPY of its minute key, so a staged write of changed seconds keeps the
+#   minute's others.
 # A latest value that is not ours (no numeric "timestamp") is replaced rather than blocking.
 WRITE_SCRIPT = """
 local staged = tonumber(ARGV[4] or '0')
 if staged > 0 then
   local base = #KEYS - 2 * staged
+  local stages = {}
   for j = 1, staged do
-    if redis.call('EXISTS', KEYS[base + 2 * j - 1]) == 0 then
+    stages[j] = KEYS[base + 2 * j - 1]
+  end
+  for j = 1, staged, 4000 do  -- EXISTS of many keys at once (unpack: <= 8000 values)
+    local upto = math.min(j + 3999, staged)
+    if redis.call('EXISTS', unpack(stages, j, upto)) ~= upto - j + 1 then
       return 2
     end
   end
-  local ttl = tonumber(ARGV[5])
   for j = 1, staged do
-    redis.call('RENAME', KEYS[base + 2 * j - 1], KEYS[base + 2 * j])
-    redis.call('EXPIRE', KEYS[base + 2 * j], ttl)
+    redis.call('RENAME', stages[j], KEYS[base + 2 * j])
+  end
+end
+if staged < 0 then
+  local copies = tonumber(ARGV[5])
+  local base = #KEYS - 2 * copies
+  for j = 1, copies do
+    redis.call('COPY', KEYS[base + 2 * j - 1], KEYS[base + 2 * j])
   end
 end
 local missing = false
@@ -286,8 +301,8 @@ class RedisPriceCache(Closing):
         if not latest and not seconds and not marks:
             return False
         self._check_open()
-        if whole and len(seconds) > STAGE_ABOVE_SECONDS:
-            return await self._write_staged(latest, seconds, marks)
+        if len(seconds) > STAGE_ABOVE_SECONDS:
+            return await self._write_staged(latest, seconds, marks, whole=whole)
         lost = False
         now = time.monotonic()
         refresh_before = now - self._ttl / 2
@@ -362,39 +377,58 @@ class RedisPriceCache(Closing):
         latest: Sequence[LatestPrice],
         seconds: Collection[SecondBucket],
         marks: Mapping[str, Mark] | None,
+        *,
+        whole: bool,
     ) -> bool:
-        """A big refill: the seconds to staging keys in chunks, each chunk one script, then
-        one script publishes them with the latest prices and the marks. Publishing renames
-        a staging key over its minute key, which is right only because a refill holds every
-        second of each minute it writes: a big write of changed seconds alone (a backlog
-        folded between two flushes) would drop the minute's other seconds, so it goes as
-        one script like any other."""
+        """A big write: the seconds to staging keys in chunks, each chunk one script, then
+        one script publishes them with the latest prices and the marks, renaming each
+        staging key over its minute key. A refill (``whole``) holds every second of each
+        minute it writes; a write of changed seconds alone (a backfill replaying minutes
+        faster than the flushes) starts each staging key as a copy of its minute key, so
+        the minute's other seconds stay. Either way each script's work is bounded: one of
+        3 million changed seconds took longer than the 2 s read timeout, and the cache was
+        taken as down."""
         prefix = f"{STAGING_PREFIX}{secrets.token_hex(8)}:"
         staged: dict[str, str] = {}  # minute key -> its staging key, in order
         lost = False
+        now = time.monotonic()  # a staging key's TTL runs from its chunk on: noted as now
         fixed = [LATEST_KEY, ALIVE_KEY, MARKS_KEY]
         # Built chunk by chunk (a refill's seconds are read lazily: SecondsSnapshot), so the
         # loop runs between the chunks' round trips.
         pending = iter(seconds)
         while chunk := list(islice(pending, STAGE_CHUNK_SECONDS)):
             keys, prev = list(fixed), ""
+            copies: list[str] = []  # (minute key, staging key) pairs, copied first
             minutes: list[list[int]] = []
+            prev_ex = prev_sym = ""
+            prev_minute = -1
             for b in chunk:
-                sec = b[2]
-                key = window_key(b[0], b[1], sec - sec % 60)
+                ex, sym, sec = b[0], b[1], b[2]
+                minute = sec - sec % 60
+                if minute == prev_minute and sym is prev_sym and ex is prev_ex:
+                    minutes[-1][1] += 1
+                    continue
+                prev_ex, prev_sym, prev_minute = ex, sym, minute
+                key = window_key(ex, sym, minute)
                 if key == prev:
                     minutes[-1][1] += 1
                     continue
                 prev = key
-                keys.append(staged.setdefault(key, prefix + key[len(WINDOW_PREFIX) :]))
-                minutes.append([STAGE_TTL_S, 1])
+                stage = staged.get(key)
+                if stage is None:
+                    stage = staged[key] = prefix + key[len(WINDOW_PREFIX) :]
+                    if not whole:
+                        copies += (key, stage)
+                keys.append(stage)
+                minutes.append([self._ttl, 1])
             stage_argv = (
                 orjson.dumps(([], minutes, [])),
                 b"[]",
                 orjson.dumps([b[2:] for b in chunk]),
                 "-1",
+                str(len(copies) // 2),
             )
-            _, reloaded = await self._run(keys, stage_argv)
+            _, reloaded = await self._run([*keys, *copies], stage_argv)
             lost = lost or reloaded
         pairs = [k for real, stage in staged.items() for k in (stage, real)]
         argv = (
@@ -402,9 +436,7 @@ class RedisPriceCache(Closing):
             orjson.dumps([p[2:] for p in latest]),
             b"[]",
             str(len(staged)),
-            str(self._ttl),
         )
-        now = time.monotonic()
         missing, reloaded = await self._run([*fixed, *pairs], argv)
         if missing == 2:
             # Redis lost staging keys meanwhile (restarted, or the refill outlived them):

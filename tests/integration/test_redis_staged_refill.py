@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -109,7 +110,7 @@ async def test_a_refill_cut_short_publishes_nothing_and_its_staging_keys_expire(
     staging = [k for k in after if k.startswith(STAGING_PREFIX)]
     assert len(staging) == 2 * 2 * 3
     for key in staging:
-        assert 0 < await client.ttl(key) <= redis_cache.STAGE_TTL_S
+        assert 0 < await client.ttl(key) <= RETENTION_S + redis_cache.EXPIRY_MARGIN_S
 
 
 async def test_a_publish_that_finds_a_staging_key_gone_writes_nothing(
@@ -138,17 +139,65 @@ async def test_a_publish_that_finds_a_staging_key_gone_writes_nothing(
     assert "marketflow:alive" not in after
 
 
-async def test_a_big_write_of_changed_seconds_alone_is_not_staged_and_keeps_the_others(
-    cache: RedisPriceCache, client: aioredis.Redis, small_stages: None
+async def test_a_big_write_of_changed_seconds_is_staged_and_keeps_the_minutes_others(
+    cache: RedisPriceCache,
+    client: aioredis.Redis,
+    small_stages: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Staging renames over a minute key: right for a refill (every second held), wrong
-    for a backlog's changed seconds, which must join the minute's other seconds."""
+    """A backfill's flush (changed seconds alone, more than the threshold) is staged too,
+    each staging key starting as a copy of its minute key: the minute's other seconds
+    stay, and no script carries more than a chunk."""
     latest, seconds = state()
     early = [b for b in seconds if b.second < S0 + 60]
     later = [b for b in seconds if b.second >= S0 + 60]
     await cache.write(latest, early)
-    await cache.write(latest, [b for b in later if b.second % 2 == 0])
-    await cache.write(latest, [b for b in later if b.second % 2 == 1])  # both > the threshold
+    scripts: list[int] = []
+    run = RedisPriceCache._run
+
+    async def counted(self: RedisPriceCache, keys: list[str], argv: Sequence[Any]) -> Any:
+        if len(argv) > 3 and argv[3] == "-1":
+            scripts.append(len(orjson.loads(argv[2])))
+        return await run(self, keys, argv)
+
+    monkeypatch.setattr(RedisPriceCache, "_run", counted)
+    evens = [b for b in later if b.second % 2 == 0]
+    odds = [b for b in later if b.second % 2 == 1]
+    assert min(len(evens), len(odds)) > 10  # both over the threshold
+    await cache.write(latest, evens, MARKS)
+    await cache.write(latest, odds, MARKS)
+    assert len(scripts) >= 2 * 2  # staged,
+    assert max(scripts) <= 9  # a chunk per script
     _, loaded = await cache.load(0)
     assert sorted(loaded) == sorted(seconds)
+    assert await cache.load_marks() == MARKS
     assert not [k async for k in client.scan_iter(match=f"{STAGING_PREFIX}*")]
+    for key in [k async for k in client.scan_iter(match="marketflow:window:*")]:
+        assert 0 < await client.ttl(key) <= RETENTION_S + redis_cache.EXPIRY_MARGIN_S
+
+
+async def test_a_staged_write_of_changed_seconds_cut_short_changes_no_minute(
+    cache: RedisPriceCache,
+    client: aioredis.Redis,
+    small_stages: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Copied and changed in staging, then the daemon dies before the publish: the minute
+    keys and the marks are as the last whole write left them."""
+    latest, seconds = state()
+    await cache.write(latest, seconds, MARKS)
+    before = await dump(client)
+    run = RedisPriceCache._run
+
+    async def dies_at_publish(self: RedisPriceCache, keys: list[str], argv: Sequence[Any]) -> Any:
+        if argv[3] != "-1":
+            raise CacheUnavailable("redis: the daemon died here")
+        return await run(self, keys, argv)
+
+    monkeypatch.setattr(RedisPriceCache, "_run", dies_at_publish)
+    changed = [b._replace(count=b.count + 1, total=b.total + 1.0) for b in seconds]
+    with pytest.raises(CacheUnavailable):
+        await cache.write(latest, changed, {"exchange1": (99, 1_700_000_300_000)})
+    after = await dump(client)
+    assert {k: v for k, v in after.items() if not k.startswith(STAGING_PREFIX)} == before
+    assert [k for k in after if k.startswith(STAGING_PREFIX)]
