@@ -21,6 +21,7 @@ store transaction as the next batch (and spilled with the rows).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -32,6 +33,8 @@ from marketflow.backoff import Backoff
 from marketflow.domain.aggregates import Mark, MinuteRow
 from marketflow.domain.errors import StoreUnavailable
 from marketflow.domain.ports import MinuteStore, RowSpill
+from marketflow.domain.seconds_pack import pack
+from marketflow.loop_slices import CHECK_EVERY, Slices
 
 log = logging.getLogger("marketflow.minute_writer")
 
@@ -269,6 +272,7 @@ class MinuteWriter:
     async def _timed_upsert(self, rows: list[MinuteRow], marks: Mapping[str, Mark]) -> None:
         """One write batch; its duration is observed when it succeeds (a failure's duration
         says more about the timeout than about the store)."""
+        rows = await packed(rows)  # before the clock: the figure is the store's
         started = self._timer()
         await self.store.upsert_minutes(rows, marks)
         self.metrics.minute_written(self._timer() - started)
@@ -371,3 +375,19 @@ class MinuteWriter:
         for _, fut in self._waiters:
             if not fut.done():
                 fut.set_exception(exc)
+
+
+async def packed(rows: list[MinuteRow]) -> list[MinuteRow]:
+    """``rows`` with their seconds packed for the store (``MinuteRow.packed``), in slices of
+    the loop: a backfill closes 50,000 minutes at once at 500 pairs x 10 exchanges, and the
+    store packing 3 million seconds in one go held the loop for 200-600 ms."""
+    slices = Slices()
+    out = rows
+    for i, row in enumerate(rows):
+        if row.seconds is not None and row.packed is None:
+            if out is rows:
+                out = list(rows)
+            out[i] = dataclasses.replace(row, packed=pack(row.minute_ms // 1000, row.seconds))
+        if i % CHECK_EVERY == 0 and slices.spent():
+            await slices.pause()
+    return out
