@@ -301,19 +301,22 @@ class StallTracer:
         while not self._stop.wait(self.threshold_s / 4):
             due = monitor._due  # float reads: atomic under the GIL
             if stalled_due >= 0 and due != stalled_due:  # that beat has run: report it
-                self.stalls += 1
                 beats = list(monitor.recent)  # one C call: the loop thread may append
                 lag, cpu = next(
                     ((lag, cpu) for d, lag, cpu in reversed(beats) if d == stalled_due),
                     (monitor._clock() - stalled_due, 0.0),  # aged out: an upper bound
                 )
-                log.warning(
-                    "loop_held ms=%.0f cpu_ms=%.0f at=%s then=%s",
-                    lag * 1000,
-                    cpu * 1000,
-                    first,
-                    ",".join(then) or "-",
-                )
+                # This thread may itself have waited for the core between reading the due
+                # time and the clock: a beat that in fact ran on time is no stall.
+                if lag >= self.threshold_s:
+                    self.stalls += 1
+                    log.warning(
+                        "loop_held ms=%.0f cpu_ms=%.0f at=%s then=%s",
+                        lag * 1000,
+                        cpu * 1000,
+                        first,
+                        ",".join(then) or "-",
+                    )
                 stalled_due = -1.0
             if monitor._clock() - due < self.threshold_s:
                 continue

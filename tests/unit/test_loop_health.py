@@ -12,6 +12,7 @@ from marketflow.app.loop_health import (
     Histogram,
     LoopHealth,
     LoopLagMonitor,
+    StallTracer,
     YoungCollections,
 )
 
@@ -183,6 +184,25 @@ async def test_the_stall_tracer_logs_how_long_the_loop_was_held_and_where(
     assert float(fields["cpu_ms"]) < 20  # held by a sleep: off the CPU, the OS's doing
     assert fields["at"].endswith("_hold_the_loop")  # the innermost frame comes last
     assert "test_the_stall_tracer_logs" in fields["at"]
+
+
+def test_a_beat_that_ran_on_time_is_no_stall_though_the_tracer_saw_it_late(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The tracer's own thread waited for the core: it saw the due time 1 s past, but the
+    # beat had run 0.1 ms late meanwhile.
+    now = [1.0]
+    monitor = LoopLagMonitor(tick_s=0.002, clock=lambda: now[0])
+    monitor._due = 0.0
+    tracer = StallTracer(monitor, threshold_s=0.004)
+    tracer.start()  # looks at this thread's stack as the loop's
+    time.sleep(0.02)  # the tracer takes the due time as stalled
+    monitor.recent.append((0.0, 0.0001, 0.0))
+    monitor._due = 2.0
+    time.sleep(0.02)
+    tracer.stop()
+    assert tracer.stalls == 0
+    assert not [r for r in caplog.records if r.getMessage().startswith("loop_held ")]
 
 
 async def test_no_stall_tracer_runs_when_its_threshold_is_zero() -> None:
