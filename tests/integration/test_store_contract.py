@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from marketflow.adapters.capture.postgres_store import PostgresCaptureStore
+from marketflow.adapters.postgres import minute_store
 from marketflow.adapters.postgres.minute_store import PostgresMinuteStore, open_postgres
 from marketflow.adapters.sqlite.minute_store import SqliteMinuteStore, open_sqlite
 from marketflow.domain.aggregates import MinuteRow
@@ -223,6 +224,28 @@ async def test_postgres_nul_byte_symbol_is_rejected_alone(pg_dsn: str) -> None:
         await store.upsert_minutes([good[0], row(symbol="BAD\x00SYM"), good[1]])
         assert await store.minutes_since(0) == good
         assert store.rejected_rows == 1
+
+
+async def test_postgres_batch_goes_in_statements_of_statement_rows_in_one_transaction(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(minute_store, "STATEMENT_ROWS", 2)
+    async with await open_postgres(PostgresSettings(dsn=pg_dsn)) as store:
+        statements: list[int] = []
+        write = store._write
+
+        async def counted(conn: object, batch: list[MinuteRow]) -> None:
+            statements.append(len(batch))
+            await write(conn, batch)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store, "_write", counted)
+        good = [row(M0 + i * MIN) for i in range(4)]
+        bad = row(M0 + 9 * MIN, average=math.nan)
+        await store.upsert_minutes([*good[:2], bad, *good[2:]], {"feed": (7, 1)})
+        assert statements == [2, 2, 1, 1, 1]  # the refused pair split in two, the last row
+        assert sorted(await store.minutes_since(0), key=key) == good
+        assert store.rejected_rows == 1
+        assert await store.load_marks() == {"feed": (7, 1)}
 
 
 async def test_postgres_schema_is_versioned_and_reopening_migrates_nothing(pg_dsn: str) -> None:

@@ -10,7 +10,8 @@ Schema (``minute_prices``, primary key ``(exchange, pair_name, timestamp)``)::
 ``source_marks`` (source, position, made_ms): where each source resumes, written in the
 same transaction as the rows.
 
-A batch is ONE ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO UPDATE ... WHERE`` the
+A batch is one transaction of ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO UPDATE ...
+WHERE`` statements (one per ``STATEMENT_ROWS`` rows, so the loop runs between them), where the
 stored row has no more ticks than the new one: a retry or a restart rewrites a row, never
 doubles it, and never shrinks it. A batch refused for its data (a constraint, a NUL
 byte) is split until the bad rows are isolated, so one bad row never takes the rest with it.
@@ -93,6 +94,8 @@ WHERE timestamp >= to_timestamp($1::bigint / 1000.0)
 ORDER BY timestamp, exchange, pair_name
 """  # noqa: S608
 
+STATEMENT_ROWS = 5000  # rows per INSERT of a batch (~25 ms of encoding; see _write_all)
+
 if TYPE_CHECKING:
     from marketflow.adapters.postgres.database import Conn
 
@@ -160,8 +163,11 @@ class PostgresMinuteStore(Closing):
         async with conn.transaction():
             if batch:
                 batch = await self._refuse_archived(conn, batch)
-            if batch:
-                await self._write(conn, batch)
+            # One statement per STATEMENT_ROWS rows: asyncpg encodes a statement's arguments
+            # in one go, and 50,000 rows (a backfill's minutes closing together at 500 pairs
+            # x 10 exchanges) held the loop 160-360 ms; between two the loop runs.
+            for i in range(0, len(batch), STATEMENT_ROWS):
+                await self._write(conn, batch[i : i + STATEMENT_ROWS])
             if marks:
                 names = list(marks)
                 await conn.execute(
