@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 
-from marketflow.domain.aggregates import LatestPrice, Mark, SecondBucket
+from marketflow.domain.aggregates import LatestPrice, Mark, SecondBucket, SecondRow
 from marketflow.domain.errors import CacheUnavailable
 from marketflow.lifecycle import Closing
 
@@ -28,7 +28,7 @@ class MemoryPriceCache(Closing):
         self._ttl = retention_s + EXPIRY_MARGIN_S
         self._clock = clock
         self._latest: dict[tuple[str, str], LatestPrice] = {}
-        self._minutes: dict[_MinuteKey, dict[int, SecondBucket]] = {}
+        self._minutes: dict[_MinuteKey, dict[int, SecondRow]] = {}
         self._expires: dict[_MinuteKey, float] = {}
         self._marks: dict[str, Mark] = {}
         self._closed = False
@@ -36,7 +36,7 @@ class MemoryPriceCache(Closing):
     async def write(
         self,
         latest: Sequence[LatestPrice],
-        seconds: Collection[SecondBucket],
+        seconds: Collection[SecondRow],
         marks: Mapping[str, Mark] | None = None,
         *,
         whole: bool = False,
@@ -52,8 +52,8 @@ class MemoryPriceCache(Closing):
                 self._latest[key] = p
         expires = self._clock() + self._ttl
         for b in seconds:
-            mkey = (b.exchange, b.symbol, b.second // 60 * 60)
-            self._minutes.setdefault(mkey, {})[b.second] = b
+            mkey = (b[0], b[1], b[2] // 60 * 60)
+            self._minutes.setdefault(mkey, {})[b[2]] = b
             self._expires[mkey] = expires
         self._evict()
         return False  # it lives and dies with the process: never lost while we run
@@ -71,7 +71,7 @@ class MemoryPriceCache(Closing):
         self._check_open()
         self._evict()
         seconds = [
-            b
+            SecondBucket(*b)
             for (ex, sym, minute), buckets in self._minutes.items()
             if minute + 60 > since_second and (wanted is None or wanted(ex, sym))
             for b in buckets.values()

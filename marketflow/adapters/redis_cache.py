@@ -65,7 +65,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
 
-from marketflow.domain.aggregates import LatestPrice, Mark, SecondBucket
+from marketflow.domain.aggregates import LatestPrice, Mark, SecondBucket, SecondRow
 from marketflow.domain.errors import CacheUnavailable
 from marketflow.lifecycle import Closing
 from marketflow.loop_slices import Slices
@@ -289,7 +289,7 @@ class RedisPriceCache(Closing):
     async def write(
         self,
         latest: Sequence[LatestPrice],
-        seconds: Collection[SecondBucket],
+        seconds: Collection[SecondRow],
         marks: Mapping[str, Mark] | None = None,
         *,
         whole: bool = False,
@@ -375,7 +375,7 @@ class RedisPriceCache(Closing):
     async def _write_staged(
         self,
         latest: Sequence[LatestPrice],
-        seconds: Collection[SecondBucket],
+        seconds: Collection[SecondRow],
         marks: Mapping[str, Mark] | None,
         *,
         whole: bool,

@@ -23,7 +23,7 @@ from typing import NamedTuple, Protocol
 from marketflow.app.pipeline_metrics import PipelineMetrics
 from marketflow.app.restore import restore
 from marketflow.backoff import Backoff
-from marketflow.domain.aggregates import LatestPrice, Mark, MinuteRow, SecondBucket
+from marketflow.domain.aggregates import LatestPrice, Mark, MinuteRow, SecondRow
 from marketflow.domain.errors import CacheUnavailable
 from marketflow.domain.ports import MinuteStore, PriceCache
 from marketflow.domain.seconds_snapshot import SecondsSnapshot
@@ -51,7 +51,7 @@ class FlushBuild(NamedTuple):
 
     now: int
     latest: list[LatestPrice]
-    seconds: list[SecondBucket]
+    seconds: list[SecondRow]
     received: dict[str, int]  # source -> receipt of its oldest batch folded since the last
     rows: list[MinuteRow]
     marks: dict[str, Mark]  # the positions this flush took (the marks it carries)
@@ -120,7 +120,7 @@ class Aggregator:
         # What the cache was not given while it failed or was down, newest value per key:
         # written with the next write that gets through (whole seconds and newest-wins latest
         # prices: writing a superseded one again changes nothing), never by a refill.
-        self._unwritten: dict[tuple[str, str, int], SecondBucket] = {}
+        self._unwritten: dict[tuple[str, str, int], SecondRow] = {}
         self._unwritten_latest: dict[tuple[str, str], LatestPrice] = {}
         # False until a write got through or a restore seeded windows: before, everything
         # held was in the write being made, and a cache found empty by it needs no refill.
@@ -436,7 +436,7 @@ class Aggregator:
             self.on_flush(now)
         self._cover(now)
         latest: list[LatestPrice] = []
-        seconds: list[SecondBucket] = []
+        seconds: list[SecondRow] = []
         due = self._due
         newly: list[int] = []
         retention = self._pipeline.window_retention_s
@@ -519,7 +519,7 @@ class Aggregator:
     async def _write_cache(
         self,
         latest: list[LatestPrice],
-        seconds: Collection[SecondBucket],
+        seconds: Collection[SecondRow],
         marks: dict[str, Mark],
         now: int,
         *,
@@ -570,7 +570,7 @@ class Aggregator:
         return True
 
     def _keep_unwritten(
-        self, latest: Sequence[LatestPrice], seconds: Collection[SecondBucket]
+        self, latest: Sequence[LatestPrice], seconds: Collection[SecondRow]
     ) -> None:
         """Owe the cache what a failed or skipped write carried, so that a cache that comes
         back with its data (a timeout, a dropped connection, a restart that kept its AOF: the

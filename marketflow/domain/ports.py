@@ -10,7 +10,14 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from marketflow.domain.aggregates import History, LatestPrice, Mark, MinuteRow, SecondBucket
+from marketflow.domain.aggregates import (
+    History,
+    LatestPrice,
+    Mark,
+    MinuteRow,
+    SecondBucket,
+    SecondRow,
+)
 
 
 class MinuteStore(Protocol):
@@ -62,7 +69,7 @@ class PriceCache(Protocol):
     async def write(
         self,
         latest: Sequence[LatestPrice],
-        seconds: Collection[SecondBucket],
+        seconds: Collection[SecondRow],
         marks: Mapping[str, Mark] | None = None,
         *,
         whole: bool = False,

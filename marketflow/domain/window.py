@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 
-from marketflow.domain.aggregates import Aggregate, LatestPrice, MinuteRow, SecondBucket
+from marketflow.domain.aggregates import Aggregate, LatestPrice, MinuteRow, SecondBucket, SecondRow
 from marketflow.domain.minute_parts import MinuteParts
 from marketflow.domain.seconds_pack import pack, unpack
 from marketflow.domain.seconds_snapshot import WindowCapture
@@ -276,10 +276,11 @@ class PairWindow:
 
     # -- flushing ---------------------------------------------------------------------------
 
-    def take_dirty_seconds(self, newly_pending: list[int] | None = None) -> list[SecondBucket]:
+    def take_dirty_seconds(self, newly_pending: list[int] | None = None) -> list[SecondRow]:
         """Seconds changed since the last call; their minutes become pending (those that were
         not are appended to ``newly_pending``)."""
-        out = []
+        out: list[SecondRow] = []
+        exchange, symbol = self.exchange, self.symbol
         seconds = self.seconds
         pending = self.pending_minutes
         parts = self.parts
@@ -287,7 +288,7 @@ class PairWindow:
             b = seconds.get(sec)
             if b is None:
                 continue
-            out.append(SecondBucket(self.exchange, self.symbol, sec, b[0], b[1], b[2], int(b[3])))
+            out.append((exchange, symbol, sec, b[0], b[1], b[2], int(b[3])))
             minute = sec // 60 * 60_000
             if parts and (kept := parts.get(minute)) is not None:
                 kept.changed.add(sec)

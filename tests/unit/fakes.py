@@ -14,6 +14,7 @@ from marketflow.domain.aggregates import (
     Mark,
     MinuteRow,
     SecondBucket,
+    SecondRow,
 )
 from marketflow.domain.errors import CacheUnavailable, StoreUnavailable
 
@@ -104,7 +105,7 @@ class FakeCache:
     async def write(
         self,
         latest: Sequence[LatestPrice],
-        seconds: Collection[SecondBucket],
+        seconds: Collection[SecondRow],
         marks: Mapping[str, Mark] | None = None,
         *,
         whole: bool = False,
@@ -113,7 +114,7 @@ class FakeCache:
             raise CacheUnavailable("fake cache is down")
         self.writes += 1
         self.wholes.append(whole)
-        self.carried.append([(b.exchange, b.symbol, b.second) for b in seconds])
+        self.carried.append([(b[0], b[1], b[2]) for b in seconds])
         self.marks.update(marks or {})
         lost, self.lost = self.lost, False
         for lp in latest:
@@ -121,7 +122,7 @@ class FakeCache:
             if old is None or lp.timestamp_ms >= old.timestamp_ms:
                 self.latest[(lp.exchange, lp.symbol)] = lp
         for b in seconds:
-            self.seconds[(b.exchange, b.symbol, b.second)] = b
+            self.seconds[(b[0], b[1], b[2])] = SecondBucket(*b)
         return lost
 
     async def load(

@@ -13,7 +13,7 @@ import pytest
 from marketflow.app.aggregator import Aggregator
 from marketflow.app.minute_writer import MinuteWriter
 from marketflow.app.partitions import PartitionOwner
-from marketflow.domain.aggregates import LatestPrice, Mark, SecondBucket
+from marketflow.domain.aggregates import LatestPrice, Mark, SecondBucket, SecondRow
 from marketflow.domain.errors import ConfigError
 from marketflow.domain.ticks import TickBatch
 from marketflow.settings import PipelineSettings, load_settings
@@ -113,7 +113,7 @@ class _SlowCache(FakeCache):
     async def write(
         self,
         latest: Sequence[LatestPrice],
-        seconds: Collection[SecondBucket],
+        seconds: Collection[SecondRow],
         marks: Mapping[str, Mark] | None = None,
         *,
         whole: bool = False,

@@ -57,7 +57,7 @@ def test_dirty_seconds_carry_their_bucket_and_make_their_minute_pending() -> Non
     w = PairWindow("ex", "BTC")
     w.add([(2.0, 1_000), (1.0, 1_500), (3.0, 61_000)], 0)
     w.dirty_seconds.add(99)  # a second evicted meanwhile: skipped, the rest still taken
-    got = sorted(w.take_dirty_seconds(), key=lambda b: b.second)
+    got = sorted(w.take_dirty_seconds(), key=lambda b: b[2])
     assert got == [
         SecondBucket("ex", "BTC", 1, 1.0, 2.0, 3.0, 2),
         SecondBucket("ex", "BTC", 61, 3.0, 3.0, 3.0, 1),
