@@ -18,7 +18,7 @@ from pathlib import Path
 
 # (stage, markers in a frame "function (file:line)"), innermost match wins.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("decode (msgspec / orjson)", ("_typed_chunk", "_decode_lines", "orjson")),
+    ("decode (msgspec / orjson)", ("_typed_piece", "_decode_lines", "orjson")),
     ("fold in the parser", ("JsonLinesParser._fold", "fold_points")),
     ("validate per tick (orjson path)", ("JsonLinesParser._validate",)),
     ("join / line handling", ("JsonLinesParser.parse",)),

@@ -10,7 +10,12 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from marketflow.adapters.feeds.tcp_json import AUTO_GROWTH_PAIRS, TcpJsonProducer, build_json_source
+from marketflow.adapters.feeds.tcp_json import (
+    AUTO_GROWTH_FACTOR,
+    AUTO_GROWTH_PAIRS,
+    TcpJsonProducer,
+    build_json_source,
+)
 from marketflow.domain.feeds import FeedStatus
 from marketflow.settings import DEFAULT_PAIRS, ExchangeSettings, PipelineSettings
 from tests.harness.services import free_port
@@ -375,11 +380,11 @@ def test_reads_grow_by_default_only_for_a_feed_of_hundreds_of_pairs() -> None:
     assert p.read_chunk_max_bytes == 0  # auto
     small = TcpJsonProducer("127.0.0.1", 1, p, time.time_ns, pairs=len(DEFAULT_PAIRS))
     many = TcpJsonProducer("127.0.0.1", 1, p, time.time_ns, pairs=AUTO_GROWTH_PAIRS)
-    assert (small.max_read_bytes(), many.max_read_bytes()) == (65536, 4 * 65536)
+    assert (small.max_read_bytes(), many.max_read_bytes()) == (65536, AUTO_GROWTH_FACTOR * 65536)
     fixed = p.model_copy(update={"read_chunk_max_bytes": 131072})
     assert TcpJsonProducer("127.0.0.1", 1, fixed, time.time_ns, pairs=5).max_read_bytes() == 131072
     source = build_json_source(
         ExchangeSettings(name="ex", port=1), [f"P{i}" for i in range(150)], p, time.time_ns
     )
     assert isinstance(source.producer, TcpJsonProducer)
-    assert source.producer.max_read_bytes() == 4 * 65536
+    assert source.producer.max_read_bytes() == AUTO_GROWTH_FACTOR * 65536

@@ -56,6 +56,8 @@ from marketflow.domain.ticks import (
 _TICK_KEYS = ("symbol", "price", "timestamp")
 _QUOTE_KEYS = ("bid", "ask", "bid_size", "ask_size")
 _SEPARATOR = b",0,\n"  # see the module docstring: why exactly this
+# A grown read is decoded in pieces of about this many bytes of whole lines (_typed_chunk).
+PIECE_BYTES = 65536
 _Timestamp = Annotated[int, msgspec.Meta(ge=MIN_TS_MS, le=MAX_TS_MS)]
 
 
@@ -114,11 +116,7 @@ class JsonLinesParser:
     def parse(self, chunk: bytes, received_ms: int) -> TickBatch:
         """Parse complete lines (the last one may lack its newline)."""
         if chunk.endswith(b"\n"):
-            # Every line break becomes a separator, and a last 0 closes the array after the
-            # last one: 2 * lines + 1 values. Blank lines, like any other broken rule, fail.
-            joined = b"".join((b"[", chunk.replace(b"\n", _SEPARATOR), b"0]"))
-            lines = (len(joined) - len(chunk) - 3) // (len(_SEPARATOR) - 1)
-            batch = self._typed_chunk(joined, lines, received_ms)
+            batch = self._typed_chunk(chunk, received_ms)
             if batch is not None:
                 return batch
         data = chunk
@@ -141,61 +139,112 @@ class JsonLinesParser:
                     return self._validate(values[0::2], received_ms)
         return self._validate(self._decode_lines(data), received_ms)
 
-    def _typed_chunk(self, joined: bytes, lines: int, received_ms: int) -> TickBatch | None:
-        """The fast path; None when the chunk breaks a rule (then it is validated per tick).
+    def _typed_chunk(self, chunk: bytes, received_ms: int) -> TickBatch | None:
+        """The fast path; None when a line breaks a rule (then the chunk is validated per
+        tick, and nothing of it was counted yet).
 
-        No array can decode into the typed values at all (a tick has no array field and
-        unknown fields are refused), so unlike the orjson path no separator can hide inside
-        one: ``[`` and ``]`` need no scan here."""
+        A chunk beyond ``PIECE_BYTES`` (a grown read) is decoded a piece of whole lines at a
+        time, each piece folded into the chunk's one fold: the decoded structs of a piece
+        stay in the core's cache while they are folded, and the fold still spans the whole
+        read (more ticks per (pair, second) for the aggregator)."""
+        by_symbol: dict[str, dict[int, SecondFold]] = {}
+        careful: list[object] = []
+        quotes: dict[str, object] = {}
+        max_ts = min(MAX_TS_MS, received_ms + self.max_ahead_ms)
+        lines = 0
+        start, size = 0, len(chunk)
+        while start < size:
+            end = size
+            if size - start > 2 * PIECE_BYTES:  # the chunk ends with a line break: found
+                end = chunk.find(b"\n", start + PIECE_BYTES) + 1
+            piece = chunk[start:end] if start or end < size else chunk
+            start = end
+            n = self._typed_piece(piece, by_symbol, careful, quotes, max_ts)
+            if n < 0:
+                return None
+            lines += n
+        folded: dict[FoldKey, SecondFold] = {
+            (symbol, second): f for symbol, secs in by_symbol.items() for second, f in secs.items()
+        }
+        refused = 0
+        for t in careful:
+            ts, price = t.timestamp, t.price  # type: ignore[attr-defined]
+            if ts > max_ts or t.symbol not in self.symbols:  # type: ignore[attr-defined]
+                reason = "timestamp_in_future" if ts > max_ts else "unknown_symbol"
+                self.rejects.add(reason, msgspec.json.encode(t))
+                refused += 1
+                continue
+            fold_points(folded, t.symbol, [(price, ts)])  # type: ignore[attr-defined]
+        batch = TickBatch(self.exchange, {}, received_ms, lines - refused, folded=folded)
+        if quotes:
+            batch.books = [
+                BookUpdate(self.exchange, sym, t.bid, t.ask, t.timestamp, t.bid_size, t.ask_size)  # type: ignore[attr-defined]
+                for sym, t in quotes.items()
+            ]
+        return batch
+
+    def _typed_piece(
+        self,
+        piece: bytes,
+        by_symbol: dict[str, dict[int, SecondFold]],
+        careful: list[object],
+        quotes: dict[str, object],
+        max_ts: int,
+    ) -> int:
+        """Decode and fold one piece of whole lines; its line count, or -1 when a line
+        breaks a rule. No array can decode into the typed values at all (a tick has no array
+        field and unknown fields are refused), so unlike the orjson path no separator can
+        hide inside one: ``[`` and ``]`` need no scan here."""
+        # Every line break becomes a separator, and a last 0 closes the array after the last
+        # one: 2 * lines + 1 values. Blank lines, like any other broken rule, fail.
+        joined = b"".join((b"[", piece.replace(b"\n", _SEPARATOR), b"0]"))
+        lines = (len(joined) - len(piece) - 3) // (len(_SEPARATOR) - 1)
         quoted = False
         try:
             typed = self._typed.decode(joined)
         except msgspec.DecodeError:  # ValidationError is one: a rule broken, or not JSON
             if b'"bid"' not in joined and b'"ask"' not in joined:
-                return None
+                return -1
             try:  # a quoting venue: its first line failed the plain decoder at once
                 typed = self._quoted.decode(joined)
             except msgspec.DecodeError:
-                return None
+                return -1
             quoted = True
-        if len(typed) != 2 * lines + 1:
-            return None
-        batch = self._fold(typed, lines, received_ms)
-        if batch is not None and quoted:
-            self._fold_quotes(batch, typed, received_ms)
-        return batch
+        if len(typed) != 2 * lines + 1 or not self._fold(typed, by_symbol, careful, max_ts):
+            return -1
+        if quoted:
+            self._last_quotes(typed, quotes, max_ts)
+        return lines
 
-    def _fold_quotes(self, batch: TickBatch, typed: list[object], received_ms: int) -> None:
-        """The last quote per symbol of the chunk, of the lines the fold accepted (a known
-        symbol, a timestamp not ahead): the batch's book updates."""
-        last: dict[str, object] = {}
-        max_ts = min(MAX_TS_MS, received_ms + self.max_ahead_ms)
+    def _last_quotes(self, typed: list[object], last: dict[str, object], max_ts: int) -> None:
+        """The last quote per symbol, of the lines the fold accepted (a known symbol, a
+        timestamp not ahead): the batch's book updates."""
         symbols = self.symbols
         for t in typed[0:-1:2]:
             if t.bid is not None or t.ask is not None:  # type: ignore[attr-defined]
                 sym = t.symbol  # type: ignore[attr-defined]
                 if sym in symbols and t.timestamp <= max_ts:  # type: ignore[attr-defined]
                     last[sym] = t
-        batch.books = [
-            BookUpdate(self.exchange, sym, t.bid, t.ask, t.timestamp, t.bid_size, t.ask_size)  # type: ignore[attr-defined]
-            for sym, t in last.items()
-        ]
 
-    def _fold(self, typed: list[object], lines: int, received_ms: int) -> TickBatch | None:
-        """Fold the typed ticks (the even indices but the last) into their seconds; None when
-        one of them is a plain number (a line ``0``): the chunk is then validated per tick.
+    def _fold(
+        self,
+        typed: list[object],
+        by_symbol: dict[str, dict[int, SecondFold]],
+        careful: list[object],
+        max_ts: int,
+    ) -> bool:
+        """Fold the typed ticks (the even indices but the last) into their seconds, per
+        symbol then per second (two lookups of a str and an int are cheaper than building
+        and hashing a (symbol, second) tuple per tick); False when one of them is a plain
+        number (a line ``0``): the chunk is then validated per tick.
 
         A tick of an unknown symbol, or of a new second where the future starts (``max_ts``),
-        is handled after the loop, tick by tick in arrival order: the hot loop compares a
-        timestamp with ``max_ts`` only for a new second, and checks a symbol once a chunk."""
-        # Per symbol, then per second: two lookups of a str and an int are cheaper than
-        # building and hashing a (symbol, second) tuple per tick; flattened once at the end.
-        by_symbol: dict[str, dict[int, SecondFold]] = {}
+        goes to ``careful``, handled after the chunk tick by tick in arrival order: the hot
+        loop compares a timestamp with ``max_ts`` only for a new second, and checks a symbol
+        once a chunk."""
         get_seconds = by_symbol.get
         symbols = self.symbols
-        max_ts = min(MAX_TS_MS, received_ms + self.max_ahead_ms)
         max_sec = max_ts // 1000
-        careful: list[object] = []
         try:
             for t in typed[0:-1:2]:
                 ts = t.timestamp  # type: ignore[attr-defined]
@@ -224,20 +273,8 @@ class JsonLinesParser:
                     f[4] = ts
                     f[5] = price
         except AttributeError:
-            return None
-        folded: dict[FoldKey, SecondFold] = {
-            (symbol, second): f for symbol, secs in by_symbol.items() for second, f in secs.items()
-        }
-        refused = 0
-        for t in careful:
-            ts, price = t.timestamp, t.price  # type: ignore[attr-defined]
-            if ts > max_ts or t.symbol not in self.symbols:  # type: ignore[attr-defined]
-                reason = "timestamp_in_future" if ts > max_ts else "unknown_symbol"
-                self.rejects.add(reason, msgspec.json.encode(t))
-                refused += 1
-                continue
-            fold_points(folded, t.symbol, [(price, ts)])  # type: ignore[attr-defined]
-        return TickBatch(self.exchange, {}, received_ms, lines - refused, folded=folded)
+            return False
+        return True
 
     def _decode_lines(self, data: bytes) -> list[object]:
         objs: list[object] = []

@@ -23,7 +23,8 @@ from marketflow.settings import ExchangeSettings, PipelineSettings
 
 log = logging.getLogger("marketflow.feeds.json")
 
-AUTO_GROWTH_PAIRS = 100  # from this many pairs on, reads grow to 4 x read_chunk_bytes when behind
+AUTO_GROWTH_PAIRS = 100  # from this many pairs on, reads grow to 8 x read_chunk_bytes when behind
+AUTO_GROWTH_FACTOR = 8
 
 
 class _Stale(Exception):
@@ -128,7 +129,7 @@ class TcpJsonProducer:
         p = self.pipeline
         if p.read_chunk_max_bytes:
             return max(p.read_chunk_bytes, p.read_chunk_max_bytes)
-        return p.read_chunk_bytes * (4 if self.pairs >= AUTO_GROWTH_PAIRS else 1)
+        return p.read_chunk_bytes * (AUTO_GROWTH_FACTOR if self.pairs >= AUTO_GROWTH_PAIRS else 1)
 
     async def _connection(self, out: asyncio.Queue[tuple[bytes, int]], status: FeedStatus) -> bool:
         """One connection until EOF; True when it delivered any data. Raises on failures."""
