@@ -66,6 +66,12 @@ class Proc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def terminate(self) -> None:
+        """SIGTERM, and assert a clean exit within the stop timeout; a process that had to
+        be killed says where it stood (its log's tail)."""
+        code = self.stop(signal.SIGTERM)
+        assert code == 0, f"exit {code} on SIGTERM\n--- log tail ---\n{self.log()[-4000:]}"
+
 
 class Simulator(Proc):
     def __init__(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import re
-import signal
 import socket
 import threading
 import time
@@ -242,7 +241,7 @@ def test_hostile_feed_is_counted_per_reason_and_valid_ticks_after_it_are_stored(
     _, latest = d.get(f"/prices/latest/{FEED}/BTCUSDT")
     assert latest["price"] == 119.0
 
-    assert d.stop(signal.SIGTERM) == 0
+    d.terminate()
     expected: dict[tuple[str, int], list[float]] = {}
     for symbol, price, ts in hostile.valid:
         expected.setdefault((symbol, ts // 60_000 * 60_000), []).append(price)

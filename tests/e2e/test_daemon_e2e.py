@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,7 +81,7 @@ def test_every_endpoint_answers_from_three_simulators(stack: Stack) -> None:
     assert d.request("POST", "/mode/live") == (200, {"mode": "live"})
     d.wait_for("/prices/latest/BTCUSDT", lambda s, b: s == 200 and "test-" not in b["source"])
 
-    assert d.stop(signal.SIGTERM) == 0
+    d.terminate()
     rows = asyncio.run(minute_rows(stack.postgres.dsn))
     # The partial minute was written at shutdown, for every live exchange and pair.
     live = {(r["exchange"], r["pair_name"]) for r in rows if not r["exchange"].startswith("test-")}

@@ -195,7 +195,7 @@ def test_fix_session_survives_venue_restart_and_gaps_and_aggregates_match_trade_
             assert _ms(hi["timestamp"]) // 1000 in hi_seconds
 
     # Shutdown writes the partial minute: every minute row equals the log's minute.
-    assert d.stop(signal.SIGTERM) == 0
+    d.terminate()
     rows = asyncio.run(minute_rows(fix_stack.postgres.dsn, VENUE))
     expected_minutes = aggregate(trades, lambda t: (t[0], t[2] // 60_000 * 60_000))
     got = {(r["pair_name"], r["minute_ms"]): r for r in rows}
@@ -268,7 +268,7 @@ def test_daemon_sigkilled_mid_session_resends_exactly_what_was_not_durable(
     d.wait_for("/health", lambda s, b: venue_status(d)["ticks"] > 100)
     venue.stop()  # freeze the oracle
     trades = read_trade_log(fix_stack.trade_log)
-    assert d.stop(signal.SIGTERM) == 0  # writes the partial minute
+    d.terminate()  # writes the partial minute
     rows = asyncio.run(minute_rows(fix_stack.postgres.dsn, VENUE))
     expected = aggregate(trades, lambda t: (t[0], t[2] // 60_000 * 60_000))
     got = {(r["pair_name"], r["minute_ms"]): r for r in rows}

@@ -4,7 +4,6 @@ message: reconnect backoff, a dead (silent) link probed and reconnected, Logout 
 from __future__ import annotations
 
 import re
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +116,7 @@ def test_fix_backoff_dead_link_reconnect_and_logout_on_sigterm(link: Link) -> No
     health = d.get("/health")[1]["exchanges"][VENUE]
     assert health["connected"] is True
     assert health["reconnects"] >= len(slammed)
-    assert d.stop(signal.SIGTERM) == 0
+    d.terminate()
     logout = [m for m in live.received if m[35] == b"5"]
     assert len(logout) == 1, live.types()
     assert (logout[0][49], logout[0][56]) == (b"MARKETFLOW", b"VENUE")

