@@ -198,7 +198,7 @@ class PipelineSettings(_Frozen):
     # up after a reconnect) reads twice as much next time, up to this; a read that does not
     # fill returns it to read_chunk_bytes. Bigger chunks fold more ticks per (pair, second)
     # bucket in the parser (which decodes a grown read 64 KiB at a time): with 500 pairs x
-    # 10 exchanges saturated, 524288 sustains 1.6-1.8x what 262144 does, 4 MiB more still
+    # 10 exchanges saturated, 524288 sustains ~1.8x what 262144 does, 4 MiB more still
     # but with 4 GB of backlog; with a handful of pairs it gains nothing and buffers more.
     # 0 (the default): 8 x read_chunk_bytes for a feed of AUTO_GROWTH_PAIRS pairs or more,
     # else no growth.
