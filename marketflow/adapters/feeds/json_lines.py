@@ -19,7 +19,10 @@ That array is first decoded by msgspec into typed structs (``_Tick``: ``symbol``
 ms range), and each tick is folded inline into its (symbol, second) bucket: no dict per line,
 no tuple per tick, no second pass in the aggregator. Only when the chunk breaks a type or range
 rule is it decoded again by orjson and validated tick by tick with a reason per line, so one
-bad line costs only itself and gets the same reason whichever path saw it.
+bad line costs only itself and gets the same reason whichever path saw it. A grown read (up to
+512 KiB while behind, see tcp_json) is decoded ``PIECE_BYTES`` of whole lines at a time into
+the read's one fold, each piece proving its own count: the structs of one piece are folded
+while they are still in the core's cache.
 
 A line may also carry the venue's top of book: optional ``bid`` and ``ask`` (and
 ``bid_size``, ``ask_size``) numbers, validated like prices (a bad one rejects the line, as
