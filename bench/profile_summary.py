@@ -19,9 +19,9 @@ from pathlib import Path
 # (stage, markers in a frame "function (file:line)"), innermost match wins.
 STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("decode (msgspec / orjson)", ("_typed_piece", "_decode_lines", "orjson")),
-    ("fold in the parser", ("JsonLinesParser._fold", "fold_points")),
+    ("fold in the parser", ("JsonLinesParser._fold", "fold_points", "_typed_chunk")),
     ("validate per tick (orjson path)", ("JsonLinesParser._validate",)),
-    ("join / line handling", ("JsonLinesParser.parse",)),
+    ("join / line handling", ("_array_of", "JsonLinesParser.parse")),
     ("merge into windows", ("Aggregator.fold", "PairWindow.add")),
     ("flush: build + Redis encode", ("Aggregator.flush", "RedisPriceCache", "redis/")),
     ("minute rows + PostgreSQL", ("MinuteWriter", "minute_store", "asyncpg")),

@@ -100,6 +100,13 @@ def _quoted_decoder(max_price: float) -> msgspec.json.Decoder[list[object]]:
     return msgspec.json.Decoder(list[tick | int])  # type: ignore[valid-type]
 
 
+def _array_of(piece: bytes) -> bytes:
+    """Lines ending in a line break as one JSON array: every line break becomes a separator,
+    and a last 0 closes the array after the last one, so ``2 * lines + 1`` values. Blank
+    lines, like any other broken rule, fail the decode."""
+    return b"".join((b"[", piece.replace(b"\n", _SEPARATOR), b"0]"))
+
+
 @dataclass(slots=True, eq=False)
 class JsonLinesParser:
     """Validates ``{"symbol","price","timestamp"}`` objects of one exchange; counts rejects."""
@@ -198,9 +205,7 @@ class JsonLinesParser:
         breaks a rule. No array can decode into the typed values at all (a tick has no array
         field and unknown fields are refused), so unlike the orjson path no separator can
         hide inside one: ``[`` and ``]`` need no scan here."""
-        # Every line break becomes a separator, and a last 0 closes the array after the last
-        # one: 2 * lines + 1 values. Blank lines, like any other broken rule, fail.
-        joined = b"".join((b"[", piece.replace(b"\n", _SEPARATOR), b"0]"))
+        joined = _array_of(piece)
         lines = (len(joined) - len(piece) - 3) // (len(_SEPARATOR) - 1)
         quoted = False
         try:
