@@ -47,12 +47,11 @@ class Counting:
         return self.decoder.decode(data)
 
 
-def whole(chunk: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[TickBatch, RejectCounts]:
+def whole(chunk: bytes, monkeypatch: pytest.MonkeyPatch) -> TickBatch:
     """The chunk decoded at once (pieces as big as the chunk)."""
     with monkeypatch.context() as m:
         m.setattr(json_lines, "PIECE_BYTES", len(chunk))
-        p = parser()
-        return p.parse(chunk, NOW), p.rejects
+        return parser().parse(chunk, NOW)
 
 
 def test_a_grown_read_is_decoded_in_pieces_into_the_batch_of_one_decode(
@@ -67,7 +66,7 @@ def test_a_grown_read_is_decoded_in_pieces_into_the_batch_of_one_decode(
     assert len(counting.sizes) >= 4  # in pieces of whole lines, none over twice a piece
     assert max(counting.sizes) < 2 * PIECE_BYTES * 1.1
     assert sum(counting.sizes) > len(chunk)
-    want, _ = whole(chunk, monkeypatch)
+    want = whole(chunk, monkeypatch)
     assert batch.count == want.count == 12_000
     assert batch.folded == want.folded  # low, high, sum, count and the newest tick per second
     assert batch.by_symbol == {}
@@ -86,7 +85,7 @@ def test_a_bad_line_in_any_piece_costs_only_itself_and_rejects_count_once(
     batch = p.parse(chunk, NOW)
     assert p.rejects.counts == {"unknown_symbol": 1, "price_not_number": 1}
     assert batch.count == 12_000
-    assert batch.seconds() == whole(b"".join(good), monkeypatch)[0].seconds()
+    assert batch.seconds() == whole(b"".join(good), monkeypatch).seconds()
 
 
 def test_quotes_across_pieces_give_the_last_quote_per_symbol() -> None:

@@ -23,8 +23,8 @@ from marketflow.settings import ExchangeSettings, PipelineSettings
 
 log = logging.getLogger("marketflow.feeds.json")
 
-AUTO_GROWTH_PAIRS = 100  # from this many pairs on, reads grow to 8 x read_chunk_bytes when behind
-AUTO_GROWTH_FACTOR = 8
+AUTO_GROWTH_PAIRS = 100  # from this many pairs on, reads grow while behind ...
+AUTO_GROWTH_FACTOR = 8  # ... to this many times read_chunk_bytes (see max_read_bytes)
 
 
 class _Stale(Exception):
